@@ -1,0 +1,44 @@
+# `make serve` and `make test` each set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install serve test lint format bench gpu-check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev,loadtest]"
+	# Reference-only packages whose own pins (old timm/fairscale deps) we do not want.
+	$(PIP) install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/rnnserve serve $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check rnnserve tests scripts
+	$(VENV)/bin/ruff format --check rnnserve tests scripts
+	$(PY) -m pytest -q -ra $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rnnserve tests scripts
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format rnnserve tests scripts
+	$(VENV)/bin/ruff check --fix rnnserve tests scripts
+
+bench: $(STAMP)
+	$(VENV)/bin/rnnserve bench throughput $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

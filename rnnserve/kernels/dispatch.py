@@ -1,0 +1,58 @@
+"""The one place that picks a kernel implementation.
+
+Triton on CUDA, the PyTorch path elsewhere; ``--kernels torch|triton`` overrides it. Models resolve
+their functions once at construction (``get_kernel``), never per call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+Backend = Literal["torch", "triton"]
+
+# (op, backend) -> "module:function". An op without a Triton entry uses its torch entry.
+_KERNELS: dict[tuple[str, Backend], str] = {
+    ("causal_conv1d.chunk", "torch"): "rnnserve.kernels.causal_conv1d.chunk:causal_conv1d_varlen",
+    ("causal_conv1d.recurrent", "torch"): "rnnserve.kernels.causal_conv1d.recurrent:causal_conv1d_update",
+    ("selective_scan.chunk", "torch"): "rnnserve.kernels.selective_scan.chunk:selective_scan_varlen",
+    ("selective_scan.recurrent", "torch"): "rnnserve.kernels.selective_scan.recurrent:selective_state_update",
+}
+
+
+def register(op: str, backend: Backend, target: str) -> None:
+    """Families add their ops here at import time of their kernel package (static table only)."""
+    _KERNELS[(op, backend)] = target
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(requested: str, device: torch.device) -> Backend:
+    """Map ``auto|torch|triton`` and a device to the backend that will run."""
+    if requested == "torch":
+        return "torch"
+    if requested == "triton":
+        if not triton_available():
+            raise RuntimeError("--kernels triton was requested but the triton package is not installed")
+        return "triton"
+    if requested != "auto":
+        raise ValueError(f"unknown kernel backend {requested!r} (expected auto, torch or triton)")
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+def get_kernel(op: str, backend: Backend) -> Callable:
+    """The function for ``op`` (e.g. ``"selective_scan.chunk"``) on ``backend``."""
+    target = _KERNELS.get((op, backend)) or _KERNELS.get((op, "torch"))
+    if target is None:
+        raise KeyError(f"no kernel registered for {op!r}")
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)

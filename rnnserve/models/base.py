@@ -1,0 +1,128 @@
+"""The interface every model family implements.
+
+A family declares the recurrent state each layer keeps per sequence (``StateSpec``) and implements
+two named calls over packed batches:
+
+- ``prefill(batch, states)``: any number of tokens per sequence, packed variable-length
+  (``cu_seqlens``, no padding), each sequence starting from the state in its slot (zero for a fresh
+  request, or whatever an earlier chunk or a restored snapshot left there). Writes each sequence's
+  final state back to its slot, in place.
+- ``decode(batch, states)``: exactly one token per sequence, a single recurrent step per layer, in
+  place by slot index. This is the call that is captured as a CUDA graph on a GPU, so it must not
+  synchronise with the host, allocate data-dependent shapes, or branch on tensor values.
+
+States live in the engine's ``StatePool``: ``states[layer][name]`` is a tensor ``[num_slots, *shape]``.
+Slot 0 is the padding slot: CUDA-graph padding rows read and write it, never a real slot.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# states[layer][state_name] -> [num_slots, *spec.shape]
+LayerStates = dict[str, torch.Tensor]
+States = list[LayerStates]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One per-sequence state tensor of one layer (the pool allocates ``[num_slots, *shape]``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    # Value a fresh slot holds (RWKV-4's running max ``pp`` starts at -1e30, everything else at 0).
+    fill: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class PrefillBatch:
+    """A packed variable-length batch of prompt chunks.
+
+    input_ids:      [T] int64, the tokens of all sequences, concatenated.
+    positions:      [T] int64, each token's absolute position in its sequence (RetNet rotation,
+                    the Transformer baseline's KV cache); equals num_computed_tokens + offset.
+    cu_seqlens:     [B + 1] int32, sequence boundaries in input_ids (cu_seqlens[0] = 0).
+    slot_ids:       [B] int64, the state slot of each sequence (never 0 for a real sequence).
+    logits_indices: [M] int64, indices into the T tokens whose logits are returned, usually each
+                    sequence's last token (cu_seqlens[1:] - 1); all tokens for prompt logprobs.
+    max_seqlen:     longest sequence in the batch (host int, so kernels need not sync to get it).
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    slot_ids: torch.Tensor
+    logits_indices: torch.Tensor
+    max_seqlen: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.slot_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class DecodeBatch:
+    """One token per sequence.
+
+    input_ids: [B] int64, positions: [B] int64 (absolute), slot_ids: [B] int64.
+    Padding rows (CUDA-graph buckets) use slot 0 and any token id.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_ids: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return self.slot_ids.shape[0]
+
+
+class RecurrentLM(nn.Module, ABC):
+    """A causal LM whose per-sequence memory is a fixed set of state tensors per layer.
+
+    Subclasses set ``vocab_size`` and implement the three abstract methods. Logits are returned
+    in float32 whatever the model dtype: the sampler and logprobs need the precision.
+    """
+
+    vocab_size: int
+
+    @abstractmethod
+    def state_specs(self) -> list[list[StateSpec]]:
+        """Per layer, the state tensors one sequence keeps."""
+
+    @abstractmethod
+    def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
+        """Run prompt chunks from their slots' states; return logits [M, vocab] (float32)."""
+
+    @abstractmethod
+    def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
+        """Run one token per sequence from its slot's state; return logits [B, vocab] (float32)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+def last_token_indices(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[B] int64: index of each sequence's last token in the packed batch."""
+    return (cu_seqlens[1:] - 1).long()
