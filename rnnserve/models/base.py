@@ -18,10 +18,13 @@ Slot 0 is the padding slot: CUDA-graph padding rows read and write it, never a r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from rnnserve.kernels.dispatch import Backend
 
 # states[layer][state_name] -> [num_slots, *spec.shape]
 LayerStates = dict[str, torch.Tensor]
@@ -113,6 +116,23 @@ class RecurrentLM(nn.Module, ABC):
     @abstractmethod
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
         """Run one token per sequence from its slot's state; return logits [B, vocab] (float32)."""
+
+    @classmethod
+    @abstractmethod
+    def from_hf_config(cls, config: dict, *, backend: Backend) -> RecurrentLM:
+        """Build the module (uninitialised weights are fine) from a config.json dict.
+
+        The loader calls this under ``with torch.device(device)`` and casts to the model dtype
+        afterwards, then calls ``load_weights`` and ``post_load``.
+        """
+
+    @abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (checkpoint names) into parameters; return the parameter names
+        filled. The loader fails with a clear error if any parameter was not filled."""
+
+    def post_load(self) -> None:
+        """Hook after weights are loaded (e.g. keep A = -exp(A_log) as an fp32 buffer)."""
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,161 @@
+"""Shared checks every family runs: chunked prefill == one-shot prefill == token-by-token decode,
+and a batch of sequences == each sequence alone. Operates on the bare model interface."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, last_token_indices
+
+
+def alloc_states(model: RecurrentLM, num_slots: int) -> States:
+    """Fresh per-layer states [num_slots, *shape], filled with each spec's initial value."""
+    device = model.device
+    return [
+        {s.name: torch.full((num_slots, *s.shape), s.fill, dtype=s.dtype, device=device) for s in layer}
+        for layer in model.state_specs()
+    ]
+
+
+def snapshot(states: States, slot: int) -> list[dict[str, torch.Tensor]]:
+    return [{k: v[slot].detach().clone() for k, v in layer.items()} for layer in states]
+
+
+def prefill_batch(
+    seqs: Sequence[Sequence[int]], slots: Sequence[int], starts: Sequence[int], device: torch.device, all_logits=False
+) -> PrefillBatch:
+    """Pack token lists; ``starts`` are each sequence's absolute position of its first token."""
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)
+    pos = torch.tensor([st + i for s, st in zip(seqs, starts) for i in range(len(s))], dtype=torch.long, device=device)
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lens, 0)
+    cu = cu.to(device)
+    idx = torch.arange(ids.shape[0], device=device) if all_logits else last_token_indices(cu)
+    return PrefillBatch(
+        input_ids=ids,
+        positions=pos,
+        cu_seqlens=cu,
+        slot_ids=torch.tensor(list(slots), dtype=torch.long, device=device),
+        logits_indices=idx,
+        max_seqlen=int(lens.max()),
+    )
+
+
+@torch.no_grad()
+def prefill_in_chunks(
+    model: RecurrentLM, states: States, seqs: Sequence[Sequence[int]], slots: Sequence[int], chunk: int | None
+) -> torch.Tensor:
+    """Prefill all sequences together, ``chunk`` tokens per sequence per call (None: one shot).
+    Returns the logits [B, V] of each sequence's last token."""
+    chunk = chunk or max(len(s) for s in seqs)
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    start = 0
+    while start < max(len(s) for s in seqs):
+        live = [i for i, s in enumerate(seqs) if start < len(s)]
+        batch = prefill_batch(
+            [seqs[i][start : start + chunk] for i in live], [slots[i] for i in live], [start] * len(live), model.device
+        )
+        logits = model.prefill(batch, states)
+        for j, i in enumerate(live):
+            out[i] = logits[j]
+        start += chunk
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def decode_one_by_one(
+    model: RecurrentLM, states: States, seq: Sequence[int], slot: int, start: int = 0
+) -> torch.Tensor:
+    """Feed ``seq`` through ``decode`` one token at a time; logits [len(seq), V]."""
+    dev = model.device
+    rows = []
+    for i, t in enumerate(seq):
+        batch = DecodeBatch(
+            input_ids=torch.tensor([t], device=dev),
+            positions=torch.tensor([start + i], device=dev),
+            slot_ids=torch.tensor([slot], device=dev),
+        )
+        rows.append(model.decode(batch, states)[0])
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def greedy_generate(model: RecurrentLM, prompt: Sequence[int], steps: int, chunk: int | None = None) -> list[int]:
+    """Prefill then greedy decode with our model, one sequence in slot 1."""
+    states = alloc_states(model, 2)
+    logits = prefill_in_chunks(model, states, [prompt], [1], chunk)[0]
+    out = []
+    pos = len(prompt)
+    for _ in range(steps):
+        tok = int(logits.argmax())
+        out.append(tok)
+        batch = DecodeBatch(
+            input_ids=torch.tensor([tok], device=model.device),
+            positions=torch.tensor([pos], device=model.device),
+            slot_ids=torch.tensor([1], device=model.device),
+        )
+        logits = model.decode(batch, states)[0]
+        pos += 1
+    return out
+
+
+def assert_states_close(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]], atol: float, rtol: float):
+    for layer, (la, lb) in enumerate(zip(a, b)):
+        for name in la:
+            torch.testing.assert_close(
+                la[name].float(), lb[name].float(), atol=atol, rtol=rtol, msg=lambda m, n=name, l=layer: f"{l}.{n}: {m}"
+            )
+
+
+def check_chunked_prefill(
+    model: RecurrentLM,
+    prompt: Sequence[int],
+    chunk_sizes: Sequence[int] = (1, 2, 3, 7, 64),
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> None:
+    """Chunked prefill for every chunk size == one-shot prefill == token-by-token decode:
+    last-token logits and every final state."""
+    ref_states = alloc_states(model, 2)
+    ref_logits = prefill_in_chunks(model, ref_states, [prompt], [1], None)[0]
+    ref = snapshot(ref_states, 1)
+    for chunk in chunk_sizes:
+        states = alloc_states(model, 3)
+        logits = prefill_in_chunks(model, states, [prompt], [2], chunk)[0]
+        torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=rtol, msg=lambda m, c=chunk: f"chunk {c}: {m}")
+        assert_states_close(snapshot(states, 2), ref, atol, rtol)
+    states = alloc_states(model, 2)
+    step_logits = decode_one_by_one(model, states, prompt, 1)[-1]
+    torch.testing.assert_close(step_logits, ref_logits, atol=atol, rtol=rtol)
+    assert_states_close(snapshot(states, 1), ref, atol, rtol)
+
+
+def check_batch_equals_alone(
+    model: RecurrentLM, prompts: Sequence[Sequence[int]], atol: float = 1e-4, rtol: float = 1e-4
+) -> None:
+    """A packed batch (slots not 0..B-1) gives each sequence the logits and states it gets alone,
+    then a batched decode step does too."""
+    n = len(prompts)
+    slots = [2 * i + 3 for i in range(n)]
+    states = alloc_states(model, 2 * n + 4)
+    batch_logits = prefill_in_chunks(model, states, prompts, slots, None)
+    next_tok = batch_logits.argmax(-1)
+    dev = model.device
+    dec = model.decode(
+        DecodeBatch(
+            input_ids=next_tok,
+            positions=torch.tensor([len(p) for p in prompts], device=dev),
+            slot_ids=torch.tensor(slots, device=dev),
+        ),
+        states,
+    )
+    for i, p in enumerate(prompts):
+        alone_states = alloc_states(model, 2)
+        alone = prefill_in_chunks(model, alone_states, [p], [1], None)[0]
+        torch.testing.assert_close(batch_logits[i], alone, atol=atol, rtol=rtol)
+        alone_dec = decode_one_by_one(model, alone_states, [int(next_tok[i])], 1, start=len(p))[0]
+        torch.testing.assert_close(dec[i], alone_dec, atol=atol, rtol=rtol)
+        assert_states_close(snapshot(states, slots[i]), snapshot(alone_states, 1), atol, rtol)
