@@ -14,18 +14,20 @@ import torch
 
 Backend = Literal["torch", "triton"]
 
-# (op, backend) -> "module:function". An op without a Triton entry uses its torch entry.
+# (op, backend) -> "module:function". An op without a Triton entry uses its torch entry. A static
+# table: a new op or backend is one line here.
 _KERNELS: dict[tuple[str, Backend], str] = {
     ("causal_conv1d.chunk", "torch"): "rnnserve.kernels.causal_conv1d.chunk:causal_conv1d_varlen",
     ("causal_conv1d.recurrent", "torch"): "rnnserve.kernels.causal_conv1d.recurrent:causal_conv1d_update",
     ("selective_scan.chunk", "torch"): "rnnserve.kernels.selective_scan.chunk:selective_scan_varlen",
     ("selective_scan.recurrent", "torch"): "rnnserve.kernels.selective_scan.recurrent:selective_state_update",
+    ("linear_recurrence.chunk", "torch"): "rnnserve.kernels.linear_recurrence.chunk:linear_recurrence_varlen",
+    ("linear_recurrence.recurrent", "torch"): "rnnserve.kernels.linear_recurrence.recurrent:linear_recurrence_step",
+    ("wkv4.chunk", "torch"): "rnnserve.kernels.wkv4.chunk:wkv4_varlen",
+    ("wkv4.recurrent", "torch"): "rnnserve.kernels.wkv4.recurrent:wkv4_step",
+    ("wkv7.chunk", "torch"): "rnnserve.kernels.wkv7.chunk:wkv7_varlen",
+    ("wkv7.recurrent", "torch"): "rnnserve.kernels.wkv7.recurrent:wkv7_step",
 }
-
-
-def register(op: str, backend: Backend, target: str) -> None:
-    """Families add their ops here at import time of their kernel package (static table only)."""
-    _KERNELS[(op, backend)] = target
 
 
 def triton_available() -> bool:
