@@ -1,0 +1,62 @@
+"""Varlen causal conv for prefill: every sequence of the packed batch at once.
+
+Each sequence is extended with its slot's cached K-1 inputs in front (one gather over the whole
+packed batch), then the depthwise conv is K shifted multiply-adds over the extended rows, and the
+last K-1 rows of each extended sequence become the new cache. Outputs are taken only at rows whose
+K-1 predecessors belong to the same extended sequence, so sequences never leak into each other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d_varlen(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slot_ids: torch.Tensor,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """x [T, C], weight [C, K], bias [C] | None, conv_state [S, C, K-1] (updated in place),
+    cu_seqlens [B+1] int32, slot_ids [B] int64 -> y [T, C] in x's dtype."""
+    T, C = x.shape
+    K = weight.shape[1]
+    L = K - 1
+    B = slot_ids.shape[0]
+    dev = x.device
+    cu = cu_seqlens.to(device=dev, dtype=torch.long)
+    lens = cu[1:] - cu[:-1]  # [B]
+
+    # Rows of the extended batch: sequence b occupies ext_cu[b] : ext_cu[b+1] = its L cached inputs,
+    # then its tokens. Source rows: x first (0..T-1), then the B gathered caches (T + b*L + j).
+    cached = conv_state[slot_ids].transpose(1, 2).reshape(B * L, C)  # [B*L, C]
+    src = torch.cat([x, cached.to(x.dtype)], dim=0)  # [T + B*L, C]
+    seq_of_ext = torch.repeat_interleave(torch.arange(B, device=dev), lens + L)  # [T + B*L]
+    ext_cu = cu + torch.arange(B + 1, device=dev) * L  # [B+1]
+    offset = torch.arange(T + B * L, device=dev) - ext_cu[:-1][seq_of_ext]  # position in the extended seq
+    src_row = torch.where(offset < L, T + seq_of_ext * L + offset, cu[:-1][seq_of_ext] + offset - L)
+    xe = src[src_row].float()  # [T + B*L, C]
+
+    # Convolve every window of L+1 consecutive extended rows (contiguous slices, no gathers); row i of
+    # `full` is the window ending at extended row i + L. Token t of sequence b ends at extended row
+    # t + (b+1)*L, so its output is full[t + b*L]; windows straddling two sequences are never taken.
+    n = T + B * L - L
+    w = weight.float()  # [C, K]
+    full = xe[L:] * w[:, L]  # [n, C]
+    for k in range(L):
+        full.addcmul_(xe[k : k + n], w[:, k])
+    seq_of_tok = torch.repeat_interleave(torch.arange(B, device=dev), lens)  # [T]
+    y = full[torch.arange(T, device=dev) + seq_of_tok * L]  # [T, C]
+    if bias is not None:
+        y = y + bias.float()
+    if activation == "silu":
+        y = F.silu(y)
+
+    # New cache: the last L rows of each extended sequence (old cache rows when the prompt is shorter).
+    last = ext_cu[1:, None] - L + torch.arange(L, device=dev)  # [B, L]
+    conv_state[slot_ids] = xe[last].transpose(1, 2).to(conv_state.dtype)  # [B, C, L]
+    return y.to(x.dtype)
