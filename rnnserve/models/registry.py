@@ -12,11 +12,15 @@ from rnnserve.models.base import RecurrentLM
 # config.json "architectures" entry -> "module:Class"
 _ARCHITECTURES: dict[str, str] = {
     "MambaForCausalLM": "rnnserve.models.mamba:MambaLM",
+    "LlamaForCausalLM": "rnnserve.models.transformer:TransformerLM",
+    "GPT2LMHeadModel": "rnnserve.models.transformer:TransformerLM",
 }
 
 # config.json "model_type" -> "module:Class", for configs that name no architecture
 _MODEL_TYPES: dict[str, str] = {
     "mamba": "rnnserve.models.mamba:MambaLM",
+    "llama": "rnnserve.models.transformer:TransformerLM",
+    "gpt2": "rnnserve.models.transformer:TransformerLM",
 }
 
 # Classes that can recognise a bare state dict (classmethod ``config_from_state_dict(sd) -> dict | None``).
