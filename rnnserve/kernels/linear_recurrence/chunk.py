@@ -1,0 +1,143 @@
+"""Chunked (SSD) prefill of the scalar-decay linear recurrence over a packed variable-length batch.
+
+Each sequence is cut into chunks of ``chunk_size`` tokens that never cross a sequence boundary; all
+chunks of the batch are gathered into one zero-padded ``[NC, L, ...]`` block so that the work inside
+chunks is a handful of batched matrix multiplies. Only the carry of the state from one chunk to the
+next is sequential: a loop over chunk index (``ceil(max_seqlen / L)`` steps), batched over sequences.
+See README.md for the maths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rnnserve.kernels.linear_recurrence.naive import _check_groups
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+@dataclass(frozen=True)
+class _ChunkLayout:
+    """Where every chunk's tokens live in the packed batch.
+
+    gather:      [NC * L] int64, token index of each chunk position; padding points at index T
+                 (a zero row appended to every input).
+    first_chunk: per sequence, the index of its first chunk (host ints).
+    num_chunks:  per sequence, its number of chunks (host ints).
+    """
+
+    gather: torch.Tensor
+    first_chunk: list[int]
+    num_chunks: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.num_chunks)
+
+
+def _layout(cu_seqlens: torch.Tensor, chunk_size: int, device: torch.device) -> _ChunkLayout:
+    bounds = cu_seqlens.tolist()
+    lens = [bounds[b + 1] - bounds[b] for b in range(len(bounds) - 1)]
+    num_chunks = [(n + chunk_size - 1) // chunk_size for n in lens]
+    first_chunk = [0] * len(lens)
+    for b in range(1, len(lens)):
+        first_chunk[b] = first_chunk[b - 1] + num_chunks[b - 1]
+    total = sum(num_chunks)
+    # Chunk c is chunk j of sequence b: its tokens are bounds[b] + j*L + [0, L), valid while < bounds[b+1].
+    seq_of_chunk = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(num_chunks, dtype=torch.long))
+    first = torch.tensor(first_chunk, dtype=torch.long)
+    j = torch.arange(total) - first[seq_of_chunk]  # [NC]
+    start = torch.tensor(bounds[:-1], dtype=torch.long)[seq_of_chunk] + j * chunk_size  # [NC]
+    end = torch.tensor(bounds[1:], dtype=torch.long)[seq_of_chunk]  # [NC]
+    pos = start[:, None] + torch.arange(chunk_size)[None, :]  # [NC, L]
+    valid = pos < end[:, None]
+    gather = torch.where(valid, pos, torch.full_like(pos, bounds[-1]))
+    return _ChunkLayout(gather.view(-1).to(device), first_chunk, num_chunks)
+
+
+def _to_chunks(x: torch.Tensor, layout: _ChunkLayout, chunk_size: int) -> torch.Tensor:
+    """[T, ...] -> [NC, L, ...] fp32, zero on padding."""
+    padded = torch.cat([x.float(), x.new_zeros((1, *x.shape[1:]), dtype=torch.float32)])
+    return padded.index_select(0, layout.gather).view(layout.total, chunk_size, *x.shape[1:])
+
+
+def linear_recurrence_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slot_ids: torch.Tensor,
+    scale: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """``S_t = exp(log_decay_t) S_{t-1} + k_tᵀ v_t``, ``o_t = scale · q_t S_t``, chunked.
+
+    q, k: [T, G, K]; v: [T, H, V] with H % G == 0 (head h reads group h // (H // G)); log_decay: [T, H]
+    (<= 0); state: [S, H, K, V] fp32: sequence b starts from ``state[slot_ids[b]]`` and its final state
+    is written back there; cu_seqlens: [B + 1] int32. Returns o [T, H, V] in v's dtype.
+    """
+    rep = _check_groups(q, v)
+    num_tokens, groups, dk = q.shape
+    heads, dv = v.shape[1], v.shape[2]
+    bsz = slot_ids.shape[0]
+    L = chunk_size
+    lay = _layout(cu_seqlens, L, q.device)
+    nc = lay.total
+
+    qc = _to_chunks(q, lay, L).permute(0, 2, 1, 3)  # [NC, G, L, K]
+    kc = _to_chunks(k, lay, L).permute(0, 2, 1, 3)  # [NC, G, L, K]
+    vc = _to_chunks(v, lay, L).permute(0, 2, 1, 3).reshape(nc, groups, rep, L, dv)  # [NC, G, R, L, V]
+    # Padding has log-decay 0 (decay 1) and k = v = 0, so it leaves a chunk's carried state unchanged.
+    a = _to_chunks(log_decay, lay, L).transpose(1, 2).reshape(nc, groups, rep, L)  # [NC, G, R, L]
+    acum = a.cumsum(-1)  # [NC, G, R, L], A_i
+
+    # seg[i, j] = A_i - A_j = Σ_{j<m<=i} a_m, summed directly rather than subtracted: A_i - A_j loses
+    # all precision when both are large. Masked to -inf above the diagonal *before* exp (there it is
+    # positive, could overflow, and inf·0 is nan).
+    strict = torch.ones(L, L, dtype=torch.bool, device=q.device).tril(-1)
+    seg = a.unsqueeze(-1).expand(*a.shape, L).masked_fill(~strict, 0.0).cumsum(-2)  # [NC, G, R, L, L]
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    decay_ij = torch.exp(seg.masked_fill(~causal, float("-inf")))
+
+    # Intra-chunk: o_i = Σ_{j<=i} (q_i·k_j) exp(A_i - A_j) v_j.
+    scores = torch.matmul(qc, kc.transpose(-1, -2)).unsqueeze(2)  # [NC, G, 1, L, L]
+    o = torch.matmul(scores * decay_ij, vc)  # [NC, G, R, L, V]
+
+    # Each chunk's own contribution to the state at its end: Σ_j exp(A_L - A_j) k_jᵀ v_j; the last row
+    # of decay_ij is exp(A_L - A_j).
+    v_to_end = vc * decay_ij[..., -1, :].unsqueeze(-1)  # [NC, G, R, L, V]
+    chunk_kv = torch.matmul(kc.transpose(-1, -2).unsqueeze(2), v_to_end)  # [NC, G, R, K, V]
+    a_last = acum[..., -1:]  # [NC, G, R, 1]
+    chunk_decay = torch.exp(a_last).view(nc, heads, 1, 1)  # [NC, H, 1, 1]
+    chunk_kv = chunk_kv.view(nc, heads, dk, dv)
+
+    # Carry the state across chunks: S_in[c] is the state entering chunk c. Sequential over the chunk
+    # index only, batched over all sequences still running at that index.
+    s_cur = state.index_select(0, slot_ids).float()  # [B, H, K, V]
+    s_in = torch.empty(nc, heads, dk, dv, dtype=torch.float32, device=q.device)
+    max_chunks = max(lay.num_chunks, default=0)
+    for j in range(max_chunks):
+        live = [b for b in range(bsz) if lay.num_chunks[b] > j]
+        chunk_ids = torch.tensor([lay.first_chunk[b] + j for b in live], dtype=torch.long, device=q.device)
+        if len(live) == bsz:
+            s_in[chunk_ids] = s_cur
+            s_cur = chunk_decay[chunk_ids] * s_cur + chunk_kv[chunk_ids]
+        else:
+            rows = torch.tensor(live, dtype=torch.long, device=q.device)
+            prev = s_cur[rows]
+            s_in[chunk_ids] = prev
+            s_cur[rows] = chunk_decay[chunk_ids] * prev + chunk_kv[chunk_ids]
+    state.index_copy_(0, slot_ids, s_cur.to(state.dtype))
+
+    # Inter-chunk: o_i += exp(a_i) q_i S_in.
+    o = o + torch.matmul(qc.unsqueeze(2), s_in.view(nc, groups, rep, dk, dv)) * torch.exp(acum).unsqueeze(-1)
+
+    o = (scale * o).reshape(nc, heads, L, dv).transpose(1, 2).reshape(nc * L, heads, dv)  # [NC*L, H, V]
+    # Scatter back; every padding row lands on the extra row T, which is dropped.
+    out = torch.empty(num_tokens + 1, heads, dv, dtype=torch.float32, device=q.device)
+    out.index_copy_(0, lay.gather, o)
+    return out[:num_tokens].to(v.dtype)
