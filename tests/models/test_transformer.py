@@ -46,7 +46,11 @@ def _gpt2_config() -> GPT2Config:
     )
 
 
+@torch.no_grad()
 def _save(hf_model: torch.nn.Module, folder: Path) -> Path:
+    # Jitter every weight so norm scales and biases (1 and 0 at init) are checked too.
+    for p in hf_model.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
     hf_model.save_pretrained(folder)
     return folder
 
