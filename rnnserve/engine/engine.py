@@ -1,0 +1,433 @@
+"""The engine: ``LLMEngine`` (synchronous step loop) and ``AsyncEngine`` (its asyncio front).
+
+``LLMEngine.step`` is schedule -> run -> sample -> update. ``AsyncEngine`` runs that loop in one
+background thread, which sleeps on a condition while there is nothing to do; requests and aborts
+cross into it through a locked command list, outputs cross back with ``loop.call_soon_threadsafe``
+into one ``asyncio.Queue`` per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from rnnserve.config import ModelConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
+from rnnserve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
+from rnnserve.engine.runner import ModelRunner, RunnerOutput
+from rnnserve.engine.sampler import Sampler, SamplerOutput, logprob_entries
+from rnnserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from rnnserve.engine.state_pool import StatePool
+from rnnserve.models.base import RecurrentLM
+from rnnserve.models.loader import LoadedModel, load_model
+
+logger = logging.getLogger(__name__)
+
+
+class EngineInputError(ValueError):
+    """A prompt the engine cannot take (empty, token id out of vocab, longer than max_model_len)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for /metrics; immutable, so handing it to another thread is safe."""
+
+    num_running: int
+    num_waiting: int
+    num_slots: int  # real slots (the padding slot excluded)
+    slots_used: int
+    state_bytes_per_slot: int
+    state_pool_usage: float  # used real slots / real slots (0..1)
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_steps: int
+    last_step_seconds: float
+
+
+def _min_len(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+class LLMEngine:
+    """The synchronous core. Not thread-safe: one thread calls everything (``AsyncEngine`` sees to it)."""
+
+    def __init__(
+        self,
+        model: RecurrentLM,
+        pool_config: StatePoolConfig,
+        scheduler_config: SchedulerConfig,
+        runner_config: RunnerConfig,
+        eos_token_id: int | None,
+        model_max_len: int | None = None,
+    ) -> None:
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.vocab_size = model.vocab_size
+        self.max_model_len = _min_len(scheduler_config.max_model_len, model_max_len)
+        self.pool = StatePool(model.state_specs(), pool_config, model.device)
+        self.scheduler = Scheduler(scheduler_config, self.pool)
+        self.runner = ModelRunner(model, self.pool, runner_config)
+        self.sampler = Sampler(model.vocab_size, model.device)
+        self._pending: list[RequestOutput] = []  # outputs made outside a step (aborts), sent with the next
+        self._prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._num_steps = 0
+        self._last_step_seconds = 0.0
+
+    def validate(self, prompt_token_ids: list[int]) -> None:
+        """Raise EngineInputError for a prompt the engine cannot serve."""
+        if not prompt_token_ids:
+            raise EngineInputError("the prompt is empty", "prompt")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise EngineInputError(f"token id {bad} is out of the vocabulary (0..{self.vocab_size - 1})", "prompt")
+        if self.max_model_len is not None and len(prompt_token_ids) > self.max_model_len:
+            raise EngineInputError(
+                f"the prompt has {len(prompt_token_ids)} tokens, more than max_model_len={self.max_model_len}",
+                "prompt",
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.validate(prompt_token_ids)
+        if request_id in self.scheduler:
+            raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
+        req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id)
+        self.scheduler.add(req)
+        if params.prompt_logprobs is not None:
+            self._prompt_logprobs[request_id] = [None]
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.scheduler.abort(request_id)
+        if req is not None:
+            self._release(req)
+            self._pending.append(self._output(req, [], None))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule -> run -> sample -> update; the outputs (deltas) of every request that moved."""
+        t0 = time.perf_counter()
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if not sched.is_empty:
+            try:
+                run = self.runner.execute(sched)
+                to_sample = [s for s in sched.scheduled if s.completes_prompt]
+                logits = torch.cat([run.logits[s.request.request_id][-1:] for s in to_sample]) if to_sample else None
+                sampled = self.sampler(logits, [s.request for s in to_sample]) if to_sample else None
+            except Exception as exc:
+                logger.exception("engine step failed; finishing its %d requests", len(sched.scheduled))
+                return outputs + self._fail(sched, exc)
+            outputs += self._update(sched, run, to_sample, sampled)
+            self._num_steps += 1
+            self._last_step_seconds = time.perf_counter() - t0
+        return outputs
+
+    def _update(
+        self,
+        sched: SchedulerOutput,
+        run: RunnerOutput,
+        to_sample: list[ScheduledRequest],
+        sampled: SamplerOutput | None,
+    ) -> list[RequestOutput]:
+        """Advance progress, record prompt logprobs, append sampled tokens, stop and free finished requests."""
+        for s in sched.scheduled:
+            if s.request.is_prefilling:
+                self._prompt_tokens_total += s.num_tokens
+            if s.request.request_id in self._prompt_logprobs and s.request.is_prefilling:
+                self._record_prompt_logprobs(s, run.logits.get(s.request.request_id))
+            s.request.num_computed_tokens += s.num_tokens
+        outputs = []
+        if sampled is None:
+            return outputs
+        for b, s in enumerate(to_sample):
+            req = s.request
+            token = sampled.token_ids[b]
+            req.output_token_ids.append(token)
+            self._generation_tokens_total += 1
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                self._release(req)
+            lp = sampled.logprobs[b]
+            outputs.append(self._output(req, [token], None if lp is None else [lp]))
+        return outputs
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if not p.ignore_eos and token == req.eos_token_id:
+            return FinishReason.STOP
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
+            return FinishReason.LENGTH
+        if self.max_model_len is not None and req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _record_prompt_logprobs(self, s: ScheduledRequest, logits: torch.Tensor | None) -> None:
+        """Logits at prompt position i give the logprob of prompt token i + 1 (raw log_softmax)."""
+        req = s.request
+        if logits is None:
+            return
+        targets = [req.token_at(i + 1) for i in range(s.start, s.start + s.num_tokens) if i + 1 < req.num_prompt_tokens]
+        if not targets:
+            return
+        n = len(targets)
+        lp = torch.log_softmax(logits[:n].float(), dim=-1)
+        chosen = torch.tensor(targets, device=lp.device)
+        num_top = min(req.params.prompt_logprobs or 0, lp.shape[-1])
+        self._prompt_logprobs[req.request_id].extend(logprob_entries(lp, chosen, num_top))
+
+    def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        outputs = []
+        for s in sched.scheduled:
+            self.scheduler.finish(s.request, FinishReason.ERROR)
+            self._release(s.request)
+            outputs.append(self._output(s.request, [], None, error=f"{type(exc).__name__}: {exc}"))
+        return outputs
+
+    def fail_all(self, exc: BaseException) -> list[RequestOutput]:
+        """Finish every request with ERROR (the step loop hit something it cannot attribute)."""
+        outputs = []
+        for req in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.finish(req, FinishReason.ERROR)
+            self._release(req)
+            outputs.append(self._output(req, [], None, error=f"{type(exc).__name__}: {exc}"))
+        return outputs
+
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort every request (shutdown); their final outputs, and any still pending."""
+        for req in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.abort_request(req.request_id)
+        outputs, self._pending = self._pending, []
+        return outputs
+
+    def _release(self, req: Request) -> None:
+        self.sampler.release(req.request_id)
+
+    def _output(
+        self, req: Request, tokens: list[int], logprobs: list[TokenLogprob] | None, error: str | None = None
+    ) -> RequestOutput:
+        finished = req.finish_reason is not None
+        prompt_lps = None
+        # Prompt logprobs go out once, with the request's first output.
+        if req.request_id in self._prompt_logprobs and (tokens or finished):
+            prompt_lps = self._prompt_logprobs.pop(req.request_id)
+        if logprobs is None and req.params.logprobs is not None:
+            logprobs = []
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=tokens,
+            new_logprobs=logprobs,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids),
+            finished=finished,
+            finish_reason=req.finish_reason,
+            prompt_logprobs=prompt_lps,
+            error=error,
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_slots=self.pool.capacity,
+            slots_used=self.pool.num_used,
+            state_bytes_per_slot=self.pool.bytes_per_slot,
+            state_pool_usage=self.pool.usage,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            num_steps=self._num_steps,
+            last_step_seconds=self._last_step_seconds,
+        )
+
+
+def _final_output(request_id: str, reason: FinishReason, error: str | None) -> RequestOutput:
+    """A closing output for a request the engine never saw or no longer holds."""
+    return RequestOutput(
+        request_id=request_id,
+        new_token_ids=[],
+        new_logprobs=None,
+        num_prompt_tokens=0,
+        num_output_tokens=0,
+        finished=True,
+        finish_reason=reason,
+        error=error,
+    )
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """Runs ``LLMEngine.step`` in one background thread; per-request async output streams."""
+
+    def __init__(self, engine: LLMEngine, loaded: LoadedModel | None = None) -> None:
+        self.engine = engine
+        self.loaded = loaded
+        self.max_model_len: int | None = engine.max_model_len
+        self.vocab_size: int = engine.vocab_size
+        self._cond = threading.Condition()
+        self._commands: list[_Add | _Abort] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._stats = engine.stats()
+
+    @classmethod
+    def from_configs(
+        cls,
+        model_config: ModelConfig,
+        pool_config: StatePoolConfig,
+        scheduler_config: SchedulerConfig,
+        runner_config: RunnerConfig,
+    ) -> AsyncEngine:
+        loaded = load_model(model_config)
+        engine = LLMEngine(
+            loaded.model,
+            pool_config,
+            scheduler_config,
+            runner_config,
+            loaded.eos_token_id,
+            model_max_len=loaded.max_model_len,
+        )
+        return cls(engine, loaded)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self) -> None:
+        if self.is_running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run_loop, name="rnnserve-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the loop thread; requests still in flight end with FinishReason.ABORT."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        with self._cond:
+            self._commands = []
+        self.engine.abort_all()
+        for request_id, queue in list(self._queues.items()):
+            queue.put_nowait(_final_output(request_id, FinishReason.ABORT, "the engine was shut down"))
+        self._stats = self.engine.stats()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Validation errors raise EngineInputError at the first __anext__.
+        Stopping early (aclose, cancellation) aborts the request and frees its slot."""
+        return self._generate(request_id, list(prompt_token_ids), params)
+
+    async def _generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        self.engine.validate(prompt_token_ids)
+        if request_id in self._queues:
+            raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
+        if not self.is_running:
+            await self.start()
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._submit(_Add(request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._submit(_Abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._submit(_Abort(request_id))
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    def _run_loop(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._stopping and not self._commands and not engine.has_unfinished():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                commands, self._commands = self._commands, []
+            outputs: list[RequestOutput] = []
+            for cmd in commands:
+                outputs += self._apply(cmd)
+            try:
+                outputs += engine.step()
+            except Exception as exc:  # a bug outside the model call: fail what is in flight, keep serving
+                logger.exception("engine step crashed")
+                outputs += engine.fail_all(exc)
+            self._stats = engine.stats()
+            self._deliver_threadsafe(outputs)
+
+    def _apply(self, cmd: _Add | _Abort) -> list[RequestOutput]:
+        engine = self.engine
+        if isinstance(cmd, _Abort):
+            engine.abort_request(cmd.request_id)
+            return []
+        try:
+            engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
+        except Exception as exc:
+            return [_final_output(cmd.request_id, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")]
+        return []
+
+    def _deliver_threadsafe(self, outputs: list[RequestOutput]) -> None:
+        if outputs and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)

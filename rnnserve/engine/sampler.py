@@ -1,0 +1,185 @@
+"""Logits -> tokens, batched over a step's requests.
+
+Order of processing (as vLLM): penalties on the raw logits (repetition: HF semantics over prompt +
+output tokens; presence / frequency: OpenAI semantics over output tokens), EOS and stop tokens masked
+until ``min_tokens``, temperature, then truncation (top_k, top_p, min_p) and sampling.
+
+Logprobs are the log_softmax of the logits after penalties and temperature, before truncation
+(vLLM's ``processed_logprobs`` mode): finite for every token, and they describe the distribution
+the request actually samples from, up to truncation. Greedy rows use temperature 1 for them.
+
+Randomness: a seeded request gets its own ``torch.Generator``, seeded once at its first token, and
+draws one exponential vector per token from it (the exponential race: argmax(p / q), q ~ Exp(1),
+samples from p). So its tokens depend on its seed and its own logits only, never on what else is in
+the batch. Unseeded requests share the sampler's generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rnnserve.engine.request import Request, TokenLogprob
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # [B]
+    logprobs: list[TokenLogprob | None]  # [B]; None where the request asked for no logprobs
+
+
+def logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: int) -> list[TokenLogprob]:
+    """TokenLogprobs for rows of ``logprobs`` [R, V] and chosen ids [R], with the top ``num_top`` each."""
+    chosen_lp = logprobs.gather(1, chosen.view(-1, 1)).squeeze(1).tolist()
+    ids = chosen.tolist()
+    if num_top > 0:
+        top_lp, top_ids = logprobs.topk(num_top, dim=-1)
+        top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
+    entries = []
+    for r in range(len(ids)):
+        top = dict(zip(top_ids_l[r], top_lp_l[r])) if num_top > 0 else {}
+        entries.append(TokenLogprob(token_id=ids[r], logprob=chosen_lp[r], top=top))
+    return entries
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device | str, seed: int | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self._shared = torch.Generator(device=self.device)
+        if seed is None:
+            self._shared.seed()
+        else:
+            self._shared.manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's generator."""
+        self._generators.pop(request_id, None)
+
+    def _generator(self, request: Request) -> torch.Generator:
+        seed = request.params.seed
+        if seed is None:
+            return self._shared
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self._generators[request.request_id] = gen
+        return gen
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+        """``logits`` [B, V] float32, row b for ``requests[b]``, which has not got its new token yet."""
+        logits = logits.float()
+        if logits.shape[-1] != self.vocab_size:
+            logits = logits[:, : self.vocab_size]
+        logits = self._apply_penalties(logits.clone(), requests)
+        self._mask_early_stops(logits, requests)
+
+        params = [r.params for r in requests]
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
+        logits = logits / temps.unsqueeze(1)
+        want_logprobs = [p.logprobs is not None for p in params]
+        logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        if bool(greedy.all()):
+            tokens = logits.argmax(dim=-1)
+        else:
+            truncated = self._truncate(logits, requests)
+            probs = torch.softmax(truncated, dim=-1)
+            q = self._exponentials(probs.shape, requests)
+            sampled = (probs / q).argmax(dim=-1)
+            tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+        out_logprobs: list[TokenLogprob | None] = [None] * len(requests)
+        if logprobs is not None:
+            rows = [b for b, w in enumerate(want_logprobs) if w]
+            num_top = max(params[b].logprobs or 0 for b in rows)
+            idx = torch.tensor(rows, device=logits.device)
+            entries = logprob_entries(logprobs[idx], tokens[idx], min(num_top, self.vocab_size))
+            for b, entry in zip(rows, entries):
+                n = params[b].logprobs or 0
+                entry.top = dict(list(entry.top.items())[:n])
+                out_logprobs[b] = entry
+        return SamplerOutput(token_ids=tokens.tolist(), logprobs=out_logprobs)
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """In place on a private copy [B, V]; only rows that ask for a penalty are touched."""
+        vocab = logits.shape[-1]
+        dev = logits.device
+        for b, req in enumerate(requests):
+            p = req.params
+            if p.repetition_penalty != 1.0:
+                # HF: over every token seen so far, divide positive logits and multiply negative ones.
+                seen = torch.tensor(_in_vocab(req.prompt_token_ids + req.output_token_ids, vocab), device=dev)
+                vals = logits[b, seen]
+                logits[b, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and req.output_token_ids:
+                # OpenAI: logit -= frequency * count + presence * [count > 0], over output tokens.
+                out = torch.tensor(_in_vocab(req.output_token_ids, vocab), device=dev)
+                counts = torch.zeros(vocab, device=dev).index_add_(0, out, torch.ones(out.shape[0], device=dev))
+                logits[b] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        return logits
+
+    def _mask_early_stops(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
+        """Before ``min_tokens`` outputs, EOS (unless ignore_eos) and stop tokens cannot be picked."""
+        vocab = logits.shape[-1]
+        for b, req in enumerate(requests):
+            p = req.params
+            if len(req.output_token_ids) >= p.min_tokens:
+                continue
+            banned = list(p.stop_token_ids)
+            if req.eos_token_id is not None and not p.ignore_eos:
+                banned.append(req.eos_token_id)
+            banned = _in_vocab(banned, vocab)
+            if banned:
+                logits[b, banned] = _NEG_INF
+
+    def _truncate(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """top_k, top_p and min_p masks (-inf) over [B, V]; the top token always survives."""
+        params = [r.params for r in requests]
+        vocab = logits.shape[-1]
+        dev = logits.device
+        ks = [p.top_k if p.top_k > 0 else vocab for p in params]
+        top_ps = [p.top_p for p in params]
+        min_ps = [p.min_p for p in params]
+        if all(k >= vocab for k in ks) and all(tp >= 1.0 for tp in top_ps) and all(mp <= 0.0 for mp in min_ps):
+            return logits
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        ranks = torch.arange(vocab, device=dev).unsqueeze(0)
+        drop = ranks >= torch.tensor(ks, device=dev).clamp(max=vocab).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # top_p: drop a token when the tokens ranked above it already hold top_p of the mass.
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop = mass_before >= torch.tensor(top_ps, device=dev).unsqueeze(1)
+        # min_p: drop a token whose probability is below min_p times the top token's.
+        drop |= probs < torch.tensor(min_ps, device=dev).unsqueeze(1) * probs[:, :1]
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
+        return torch.full_like(logits, _NEG_INF).scatter(1, order, sorted_logits)
+
+    def _exponentials(self, shape: torch.Size, requests: Sequence[Request]) -> torch.Tensor:
+        """q [B, V] ~ Exp(1); a seeded request's row comes from its own generator only."""
+        q = torch.empty(shape, device=self.device)
+        unseeded = [b for b, r in enumerate(requests) if r.params.seed is None and not r.params.greedy]
+        if unseeded:
+            q[unseeded] = torch.empty((len(unseeded), shape[1]), device=self.device).exponential_(
+                generator=self._shared
+            )
+        for b, req in enumerate(requests):
+            if req.params.seed is not None and not req.params.greedy:
+                q[b].exponential_(generator=self._generator(req))
+            elif req.params.greedy:
+                q[b] = 1.0
+        return q
+
+
+def _in_vocab(token_ids: Sequence[int], vocab: int) -> list[int]:
+    return [t for t in token_ids if 0 <= t < vocab]
