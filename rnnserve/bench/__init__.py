@@ -1,0 +1,1 @@
+"""Benchmarks: ``rnnserve bench <name>`` runs ``rnnserve.bench.<name>:main``."""
