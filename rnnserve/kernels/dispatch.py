@@ -27,6 +27,8 @@ _KERNELS: dict[tuple[str, Backend], str] = {
     ("wkv4.recurrent", "torch"): "rnnserve.kernels.wkv4.recurrent:wkv4_step",
     ("wkv7.chunk", "torch"): "rnnserve.kernels.wkv7.chunk:wkv7_varlen",
     ("wkv7.recurrent", "torch"): "rnnserve.kernels.wkv7.recurrent:wkv7_step",
+    ("causal_conv1d.chunk", "triton"): "rnnserve.kernels.causal_conv1d.chunk_triton:causal_conv1d_varlen",
+    ("causal_conv1d.recurrent", "triton"): "rnnserve.kernels.causal_conv1d.recurrent_triton:causal_conv1d_update",
 }
 
 
