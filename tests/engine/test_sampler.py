@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+
+from rnnserve.engine.request import Request, SamplingParams
+from rnnserve.engine.sampler import Sampler
+
+V = 10
+
+
+def mk(rid: str, prompt=(1, 2), out=(), eos: int | None = None, **kw) -> Request:
+    r = Request(rid, list(prompt), SamplingParams(**kw), eos_token_id=eos)
+    r.output_token_ids = list(out)
+    return r
+
+
+def full_logprobs(sampler: Sampler, logits: torch.Tensor, r: Request) -> torch.Tensor:
+    """The sampler's logprobs of every token for one request (top = whole vocab)."""
+    res = sampler(logits.view(1, -1), [r])
+    lp = res.logprobs[0]
+    assert lp is not None and len(lp.top) == V
+    return torch.tensor([lp.top[i] for i in range(V)])
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(6, V)
+    s = Sampler(V, "cpu", seed=0)
+    reqs = [mk(f"g{i}", temperature=0.0) for i in range(3)] + [mk(f"k{i}", top_k=1, temperature=1.5) for i in range(3)]
+    out = s(logits, reqs)
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_seeded_sampling_is_independent_of_the_batch():
+    torch.manual_seed(1)
+    steps = [torch.randn(4, V) for _ in range(12)]
+
+    def run(batch_order: list[int], with_others: bool) -> list[int]:
+        s = Sampler(V, "cpu")
+        target = mk("t", seed=1234, temperature=1.0, top_p=0.95)
+        others = [mk("u", temperature=1.0), mk("v", seed=7, temperature=0.7), mk("w", temperature=0.0)]
+        toks = []
+        for logits in steps:
+            rows = [0] + ([1, 2, 3] if with_others else [])
+            rows = [rows[i] for i in batch_order if i < len(rows)]
+            reqs = [([target, *others])[r] for r in rows]
+            out = s(logits[rows], reqs)
+            for req, tok in zip(reqs, out.token_ids):
+                req.output_token_ids.append(tok)
+            toks.append(out.token_ids[rows.index(0)])
+        return toks
+
+    alone = run([0], with_others=False)
+    assert run([0, 1, 2, 3], with_others=True) == alone
+    assert run([3, 1, 0, 2], with_others=True) == alone
+    assert len(set(alone)) > 1  # it really sampled
+    other_seed = Sampler(V, "cpu")
+    r = mk("t", seed=99, temperature=1.0)
+    assert [other_seed(steps[i][:1], [r]).token_ids[0] for i in range(12)] != alone
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(4000, 1)
+    s = Sampler(4, "cpu", seed=0)
+    toks = torch.tensor(s(logits, [mk(f"r{i}") for i in range(4000)]).token_ids)
+    freq = torch.bincount(toks, minlength=4).float() / 4000
+    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
+
+
+def test_top_p_min_p_and_temperature_truncate():
+    logits = torch.tensor([[3.0, 2.5, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0]]).repeat(300, 1)
+    p = torch.softmax(logits[0], -1)
+    s = Sampler(V, "cpu", seed=0)
+    # top_p just above p0 keeps tokens 0 and 1 only.
+    toks = set(s(logits, [mk(f"p{i}", top_p=float(p[0]) + 0.01) for i in range(300)]).token_ids)
+    assert toks == {0, 1}
+    # min_p: token 1 has p1/p0 = exp(-0.5) ~ 0.61, token 2 ~ 0.05.
+    toks = set(s(logits, [mk(f"m{i}", min_p=0.5) for i in range(300)]).token_ids)
+    assert toks == {0, 1}
+    toks = set(s(logits, [mk(f"k{i}", top_k=2, temperature=5.0) for i in range(300)]).token_ids)
+    assert toks == {0, 1}
+
+
+def test_repetition_penalty_hf_semantics():
+    torch.manual_seed(2)
+    logits = torch.randn(V) * 2
+    r = mk("r", prompt=(1, 2), out=(2, 5), temperature=0.0, repetition_penalty=1.7, logprobs=V)
+    want = logits.clone()
+    for t in (1, 2, 5):
+        want[t] = want[t] / 1.7 if want[t] > 0 else want[t] * 1.7
+    got = full_logprobs(Sampler(V, "cpu"), logits, r)
+    torch.testing.assert_close(got, torch.log_softmax(want, -1))
+
+
+def test_presence_and_frequency_penalties_openai_semantics():
+    torch.manual_seed(3)
+    logits = torch.randn(V)
+    r = mk(
+        "r", prompt=(1, 4), out=(2, 2, 2, 6), temperature=0.0, presence_penalty=0.5, frequency_penalty=0.3, logprobs=V
+    )
+    want = logits.clone()
+    want[2] -= 0.5 + 3 * 0.3
+    want[6] -= 0.5 + 0.3  # prompt tokens 1 and 4 are not penalised
+    got = full_logprobs(Sampler(V, "cpu"), logits, r)
+    torch.testing.assert_close(got, torch.log_softmax(want, -1))
+
+
+def test_temperature_scales_logprobs():
+    logits = torch.randn(V)
+    got = full_logprobs(Sampler(V, "cpu"), logits, mk("r", temperature=2.0, logprobs=V))
+    torch.testing.assert_close(got, torch.log_softmax(logits / 2.0, -1))
+
+
+def test_min_tokens_masks_eos_and_stop_tokens():
+    logits = torch.zeros(1, V)
+    logits[0, 3] = 10.0  # eos
+    logits[0, 4] = 9.0  # stop token
+    s = Sampler(V, "cpu")
+    early = mk("r", eos=3, out=(1,), temperature=0.0, min_tokens=2, stop_token_ids=(4,))
+    assert s(logits, [early]).token_ids[0] not in (3, 4)
+    late = mk("r", eos=3, out=(1, 1), temperature=0.0, min_tokens=2, stop_token_ids=(4,))
+    assert s(logits, [late]).token_ids == [3]
+
+
+def test_logprobs_shapes_and_chosen_token():
+    torch.manual_seed(4)
+    logits = torch.randn(3, V)
+    s = Sampler(V, "cpu", seed=0)
+    reqs = [mk("a", logprobs=3, temperature=0.0), mk("b"), mk("c", logprobs=0, temperature=0.8, seed=3)]
+    out = s(logits, reqs)
+    assert out.logprobs[1] is None
+    a, c = out.logprobs[0], out.logprobs[2]
+    assert a is not None and c is not None
+    assert a.token_id == out.token_ids[0] and len(a.top) == 3 and c.top == {}
+    ref = torch.log_softmax(logits[0], -1)
+    assert a.logprob == pytest.approx(float(ref.max()), abs=1e-5)
+    assert list(a.top) == ref.topk(3).indices.tolist()
+    assert c.logprob == pytest.approx(float(torch.log_softmax(logits[2] / 0.8, -1)[out.token_ids[2]]), abs=1e-5)
+    full = full_logprobs(s, logits[0], mk("d", logprobs=V))
+    assert math.isclose(float(full.exp().sum()), 1.0, abs_tol=1e-5)

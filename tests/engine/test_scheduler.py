@@ -1,0 +1,132 @@
+"""Scheduler unit tests, with a fake runner that only advances progress and appends a token."""
+
+import pytest
+import torch
+
+from rnnserve.config import SchedulerConfig, StatePoolConfig
+from rnnserve.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from rnnserve.engine.scheduler import Scheduler, SchedulerOutput
+from rnnserve.engine.state_pool import StatePool
+from rnnserve.models.base import StateSpec
+
+SPECS = [[StateSpec("h", (4,), torch.float32)]]
+
+
+def make(budget: int, slots: int = 4, max_num_seqs: int = 64) -> Scheduler:
+    pool = StatePool(SPECS, StatePoolConfig(max_num_seqs=slots), "cpu")
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs), pool)
+
+
+def req(rid: str, n_prompt: int, max_tokens: int = 3) -> Request:
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens))
+
+
+def fake_run(sched: Scheduler, out: SchedulerOutput) -> list[Request]:
+    """Advance each scheduled request; requests whose tokens are all computed get a new token and
+    finish at max_tokens. Returns the finished ones."""
+    done = []
+    for s in out.scheduled:
+        completes = s.completes_prompt
+        s.request.num_computed_tokens += s.num_tokens
+        if completes:
+            s.request.output_token_ids.append(7)
+            if len(s.request.output_token_ids) >= s.request.params.max_tokens:
+                sched.finish(s.request, FinishReason.LENGTH)
+                done.append(s.request)
+    return done
+
+
+def plan(out: SchedulerOutput) -> list[tuple[str, int]]:
+    return [(s.request.request_id, s.num_tokens) for s in out.scheduled]
+
+
+def test_budget_decodes_first_and_chunked_prefill():
+    sched = make(budget=8)
+    sched.add(req("a", 3))
+    sched.add(req("long", 20))
+    out = sched.schedule()
+    assert plan(out) == [("a", 3), ("long", 5)]
+    fake_run(sched, out)
+    # "a" decodes first (1 token), the long prompt takes the rest of the budget.
+    out = sched.schedule()
+    assert plan(out) == [("a", 1), ("long", 7)]
+    assert out.scheduled[0].is_decode and not out.scheduled[1].is_decode
+    fake_run(sched, out)
+    sched.add(req("b", 2))
+    out = sched.schedule()
+    assert plan(out) == [("a", 1), ("long", 7)]  # no budget left for "b"
+    assert out.num_batched_tokens == 8
+    fake_run(sched, out)  # "a" finishes (3 tokens), "long" has 1 prompt token left
+    out = sched.schedule()
+    assert plan(out) == [("long", 1), ("b", 2)]
+    assert out.scheduled[0].completes_prompt and not out.scheduled[0].is_decode
+
+
+def test_every_step_respects_budget_and_everything_finishes():
+    sched = make(budget=5, slots=3)
+    lengths = [1, 9, 4, 13, 2, 6]
+    for i, n in enumerate(lengths):
+        sched.add(req(f"r{i}", n, max_tokens=4))
+    finished = []
+    for _ in range(200):
+        out = sched.schedule()
+        if out.is_empty:
+            break
+        assert out.num_batched_tokens <= 5
+        assert len(sched.running) <= 3
+        kinds = [s.is_decode for s in out.scheduled]
+        assert kinds == sorted(kinds, reverse=True)  # decodes before prefill chunks
+        finished += fake_run(sched, out)
+    assert sorted(r.request_id for r in finished) == [f"r{i}" for i in range(len(lengths))]
+    assert all(len(r.output_token_ids) == 4 for r in finished)
+    assert sched.pool.num_used == 0 and sched.pool.num_free == 3
+
+
+def test_admission_needs_a_free_slot():
+    sched = make(budget=100, slots=2)
+    for i in range(3):
+        sched.add(req(f"r{i}", 2, max_tokens=2))
+    out = sched.schedule()
+    assert plan(out) == [("r0", 2), ("r1", 2)]
+    assert sched.num_waiting == 1 and sched.pool.num_free == 0
+    fake_run(sched, out)
+    out = sched.schedule()
+    assert plan(out) == [("r0", 1), ("r1", 1)]  # still no slot for r2
+    fake_run(sched, out)  # both finish
+    out = sched.schedule()
+    assert plan(out) == [("r2", 2)]
+    assert out.scheduled[0].request.slot in (1, 2)
+
+
+def test_max_num_seqs_limits_running():
+    sched = make(budget=100, slots=8, max_num_seqs=2)
+    for i in range(3):
+        sched.add(req(f"r{i}", 2))
+    assert [rid for rid, _ in plan(sched.schedule())] == ["r0", "r1"]
+
+
+def test_abort_waiting_running_and_prefilling_frees_slots():
+    sched = make(budget=6, slots=2)
+    sched.add(req("dec", 2))
+    sched.add(req("pre", 30))
+    sched.add(req("wait", 3))
+    fake_run(sched, sched.schedule())  # dec -> decoding, pre -> 4 of 30 prompt tokens
+    assert sched.pool.num_used == 2
+    pre = sched.get("pre")
+    assert pre is not None and pre.is_prefilling
+    assert sched.abort("wait") is not None
+    assert sched.abort("pre").finish_reason is FinishReason.ABORT
+    assert pre.status is RequestStatus.FINISHED and pre.slot is None
+    assert sched.pool.num_used == 1
+    assert sched.abort("dec") is not None
+    assert sched.abort("dec") is None  # unknown now: a no-op
+    assert sched.abort("never") is None
+    assert sched.pool.num_used == 0 and not sched.has_unfinished()
+    assert sched.schedule().is_empty
+
+
+def test_duplicate_request_id_rejected():
+    sched = make(budget=4)
+    sched.add(req("a", 2))
+    with pytest.raises(ValueError, match="already"):
+        sched.add(req("a", 2))
