@@ -29,6 +29,10 @@ _KERNELS: dict[tuple[str, Backend], str] = {
     ("wkv7.recurrent", "torch"): "rnnserve.kernels.wkv7.recurrent:wkv7_step",
     ("causal_conv1d.chunk", "triton"): "rnnserve.kernels.causal_conv1d.chunk_triton:causal_conv1d_varlen",
     ("causal_conv1d.recurrent", "triton"): "rnnserve.kernels.causal_conv1d.recurrent_triton:causal_conv1d_update",
+    ("linear_recurrence.chunk", "triton"): "rnnserve.kernels.linear_recurrence.chunk_triton:linear_recurrence_varlen",
+    ("linear_recurrence.recurrent", "triton"): (
+        "rnnserve.kernels.linear_recurrence.recurrent_triton:linear_recurrence_step"
+    ),
 }
 
 
