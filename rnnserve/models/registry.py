@@ -12,19 +12,36 @@ from rnnserve.models.base import RecurrentLM
 # config.json "architectures" entry -> "module:Class"
 _ARCHITECTURES: dict[str, str] = {
     "MambaForCausalLM": "rnnserve.models.mamba:MambaLM",
+    "RwkvForCausalLM": "rnnserve.models.rwkv4:Rwkv4LM",
+    "RWKV7ForCausalLM": "rnnserve.models.rwkv7:Rwkv7LM",
+    "Mamba2ForCausalLM": "rnnserve.models.mamba2:Mamba2LM",
     "LlamaForCausalLM": "rnnserve.models.transformer:TransformerLM",
     "GPT2LMHeadModel": "rnnserve.models.transformer:TransformerLM",
+    "RetNetForCausalLM": "rnnserve.models.retnet:RetNetLM",
+    "DenseMambaForCausalLM": "rnnserve.models.dense_mamba:DenseMambaLM",
 }
 
 # config.json "model_type" -> "module:Class", for configs that name no architecture
 _MODEL_TYPES: dict[str, str] = {
     "mamba": "rnnserve.models.mamba:MambaLM",
+    "rwkv": "rnnserve.models.rwkv4:Rwkv4LM",
+    "rwkv7": "rnnserve.models.rwkv7:Rwkv7LM",
+    "mamba2": "rnnserve.models.mamba2:Mamba2LM",
     "llama": "rnnserve.models.transformer:TransformerLM",
     "gpt2": "rnnserve.models.transformer:TransformerLM",
+    "retnet": "rnnserve.models.retnet:RetNetLM",
+    "dense_mamba": "rnnserve.models.dense_mamba:DenseMambaLM",
+}
+
+# config.json "auto_map" AutoModelForCausalLM target ("module.Class", any "repo--" prefix dropped) ->
+# "module:Class". Checked first: the public DenseSSM configs say model_type "llama" (and a saved copy
+# "LlamaForCausalLM") while their remote code is a DenseRetNet.
+_AUTO_MAP: dict[str, str] = {
+    "modeling_dense_gau_retnet.LlamaForCausalLM": "rnnserve.models.dense_retnet:DenseRetNetLM",
 }
 
 # Classes that can recognise a bare state dict (classmethod ``config_from_state_dict(sd) -> dict | None``).
-_STATE_DICT_SNIFFERS: list[str] = []
+_STATE_DICT_SNIFFERS: list[str] = ["rnnserve.models.rwkv4:Rwkv4LM", "rnnserve.models.rwkv7:Rwkv7LM"]
 
 
 class UnsupportedModelError(ValueError):
@@ -37,10 +54,13 @@ def _import(target: str) -> type[RecurrentLM]:
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    return sorted([*_ARCHITECTURES, *_AUTO_MAP])
 
 
 def resolve_class(hf_config: dict) -> type[RecurrentLM]:
+    remote = (hf_config.get("auto_map") or {}).get("AutoModelForCausalLM")
+    if isinstance(remote, str) and remote.rpartition("--")[2] in _AUTO_MAP:
+        return _import(_AUTO_MAP[remote.rpartition("--")[2]])
     for arch in hf_config.get("architectures") or []:
         if arch in _ARCHITECTURES:
             return _import(_ARCHITECTURES[arch])

@@ -1,0 +1,322 @@
+"""Mamba-2 (SSD): transformers ``Mamba2ForCausalLM`` checkpoints.
+
+Per layer and sequence the state is the conv cache ``conv [E + 2GN, K-1]`` (model dtype; the last K-1
+inputs of the depthwise conv over the concatenated x, B, C channels) and the SSM state
+``ssm [H, N, P]`` (fp32; the shared ``linear_recurrence`` layout ``[H, K, V]`` with K = N, V = P).
+
+One mixer step, per token (H heads of dim P, G groups of B/C of size N, head h reads group h // (H/G)):
+
+    z, xBC, dt = in_proj(norm(h))                 # [E], [E + 2GN], [H]
+    x, B, C    = split(silu(conv1d(xBC)))         # [H, P], [G, N], [G, N]
+    Δ          = clamp(softplus(dt + dt_bias), *time_step_limit)            # [H] fp32
+    S_h        ← exp(Δ_h A_h) S_h + B_gᵀ (Δ_h x_h)                          # [N, P], A = -exp(A_log)
+    y_h        = C_g S_h + D_h x_h                                          # [P]
+    h         += out_proj(rms_norm_per_group(y ⊙ silu(z)) ⊙ norm.weight)
+
+which is the scalar-decay linear recurrence with q = C, k = B, v = Δx, log-decay = ΔA. The gated norm
+multiplies by the gate before normalising (``norm_before_gate=False``) and normalises each of the G
+groups of E/G channels separately, as transformers 5.x does (4.x normalised over all E channels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnserve.kernels.dispatch import Backend, get_kernel
+from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    """The numbers a Mamba-2 checkpoint's config.json fixes (transformers ``Mamba2Config`` names)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    state_size: int
+    n_groups: int
+    conv_kernel: int
+    norm_eps: float = 1e-5
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    residual_in_fp32: bool = True
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.n_groups:
+            raise ValueError(f"mamba2: num_heads {self.num_heads} is not a multiple of n_groups {self.n_groups}")
+        if self.conv_kernel < 2:
+            raise ValueError(f"mamba2: conv_kernel must be >= 2, got {self.conv_kernel}")
+
+    @property
+    def intermediate_size(self) -> int:
+        """E = num_heads * head_dim (= expand * hidden_size, checked by from_hf)."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the conv: x (E), B and C (G*N each)."""
+        return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+    @classmethod
+    def from_hf(cls, c: dict) -> Mamba2Config:
+        hidden = c["hidden_size"]
+        heads = c["num_heads"]
+        head_dim = c["head_dim"]
+        expand = c.get("expand", 2)
+        if int(expand * hidden) != heads * head_dim:
+            raise ValueError(
+                f"mamba2 config: expand * hidden_size ({int(expand * hidden)}) != num_heads * head_dim "
+                f"({heads * head_dim})"
+            )
+        act = c.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"mamba2 config: hidden_act {act!r} is not supported (only silu)")
+        limit = c.get("time_step_limit") or (0.0, math.inf)
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=hidden,
+            num_layers=c["num_hidden_layers"],
+            num_heads=heads,
+            head_dim=head_dim,
+            state_size=c["state_size"],
+            n_groups=c.get("n_groups", 1),
+            conv_kernel=c.get("conv_kernel", 4),
+            norm_eps=c.get("layer_norm_epsilon", 1e-5),
+            use_bias=c.get("use_bias", False),
+            use_conv_bias=c.get("use_conv_bias", True),
+            residual_in_fp32=c.get("residual_in_fp32", True),
+            time_step_limit=(_json_float(limit[0]), _json_float(limit[1])),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+        )
+
+
+def _json_float(value: float | str | dict) -> float:
+    """A float from config.json: a number, "Infinity", or transformers 5's ``{"__float__": "Infinity"}``
+    (JSON itself has no infinity)."""
+    if isinstance(value, dict):
+        value = value["__float__"]
+    return float(value)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, cast to the weight's dtype before scaling (as transformers does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(weight.dtype)
+
+
+def gated_group_rms_norm(
+    y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, groups: int, eps: float
+) -> torch.Tensor:
+    """``rms_norm_per_group(y ⊙ silu(gate)) ⊙ weight``: y, gate [T, E], normalised over each of
+    ``groups`` contiguous blocks of E / groups channels (gate applied before the norm)."""
+    t, e = y.shape
+    h = y.float() * F.silu(gate.float())  # [T, E]
+    h = h.view(t, groups, e // groups)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.view(t, e).to(weight.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """One SSD mixer; parameter names are the checkpoint's (``backbone.layers.{i}.mixer.*``)."""
+
+    def __init__(self, cfg: Mamba2Config, backend: Backend) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e, c, h = cfg.intermediate_size, cfg.conv_dim, cfg.num_heads
+        self.in_proj = nn.Linear(cfg.hidden_size, e + c + h, bias=cfg.use_bias)  # -> z, xBC, dt
+        self.conv1d = nn.Module()
+        self.conv1d.weight = nn.Parameter(torch.empty(c, 1, cfg.conv_kernel))  # [C, 1, K] as nn.Conv1d
+        self.conv1d.bias = nn.Parameter(torch.empty(c)) if cfg.use_conv_bias else None
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        self.A_log = nn.Parameter(torch.empty(h))
+        self.D = nn.Parameter(torch.empty(h))
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.empty(e))
+        self.out_proj = nn.Linear(e, cfg.hidden_size, bias=cfg.use_bias)
+        self.conv_chunk = get_kernel("causal_conv1d.chunk", backend)
+        self.conv_step = get_kernel("causal_conv1d.recurrent", backend)
+        self.scan_chunk = get_kernel("linear_recurrence.chunk", backend)
+        self.scan_step = get_kernel("linear_recurrence.recurrent", backend)
+        # fp32 copies of the per-head SSM parameters (set by ``set_fp32_params``): A = -exp(A_log),
+        # dt_bias and D stay exact when the model runs in bf16/fp16.
+        self.A = torch.empty(0)
+        self.dt_bias_f = torch.empty(0)
+        self.D_f = torch.empty(0)
+
+    def set_fp32_params(self, a_log: torch.Tensor, dt_bias: torch.Tensor, d: torch.Tensor) -> None:
+        dev = self.A_log.device
+        self.A = -torch.exp(a_log.to(device=dev, dtype=torch.float32))  # [H]
+        self.dt_bias_f = dt_bias.to(device=dev, dtype=torch.float32)  # [H]
+        self.D_f = d.to(device=dev, dtype=torch.float32)  # [H]
+
+    def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """in_proj -> z [T, E], xBC [T, E + 2GN], Δ [T, H] (fp32, softplus and clamped)."""
+        cfg = self.cfg
+        z, xbc, dt = self.in_proj(h).split([cfg.intermediate_size, cfg.conv_dim, cfg.num_heads], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias_f).clamp(cfg.time_step_limit[0], cfg.time_step_limit[1])
+        return z, xbc, dt
+
+    def _ssm_inputs(
+        self, xbc: torch.Tensor, dt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conv output [T, E + 2GN] and Δ [T, H] -> x [T, H, P], q = C [T, G, N], k = B [T, G, N],
+        v = Δx [T, H, P] fp32, log_decay = ΔA [T, H] fp32."""
+        cfg = self.cfg
+        t = xbc.shape[0]
+        gn = cfg.n_groups * cfg.state_size
+        x, b, c = xbc.split([cfg.intermediate_size, gn, gn], dim=-1)
+        x = x.reshape(t, cfg.num_heads, cfg.head_dim)
+        v = x.float() * dt.unsqueeze(-1)
+        return (
+            x,
+            c.reshape(t, cfg.n_groups, cfg.state_size),
+            b.reshape(t, cfg.n_groups, cfg.state_size),
+            v,
+            dt * self.A,
+        )
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y [T, H, P] (fp32 scan output) + D x, gated group norm, out_proj -> [T, D]."""
+        cfg = self.cfg
+        y = y.float() + self.D_f.unsqueeze(-1) * x.float()  # [T, H, P]
+        y = gated_group_rms_norm(y.flatten(1), z, self.norm.weight, cfg.n_groups, cfg.norm_eps)
+        return self.out_proj(y)
+
+    def prefill(
+        self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, batch: PrefillBatch
+    ) -> torch.Tensor:
+        """h [T, D] packed normalised hidden states -> [T, D]; states updated in place by slot."""
+        z, xbc, dt = self._split(h)
+        bias = self.conv1d.bias
+        xbc = self.conv_chunk(
+            xbc, self.conv1d.weight.squeeze(1), bias, conv_state, batch.cu_seqlens, batch.slot_ids, "silu"
+        )
+        x, q, k, v, log_decay = self._ssm_inputs(xbc, dt)
+        y = self.scan_chunk(q, k, v, log_decay, ssm_state, batch.cu_seqlens, batch.slot_ids)  # [T, H, P]
+        return self._output(y, x, z)
+
+    def decode(
+        self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slot_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """h [B, D], one token per sequence -> [B, D]; states updated in place by slot."""
+        z, xbc, dt = self._split(h)
+        xbc = self.conv_step(xbc, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, slot_ids, "silu")
+        x, q, k, v, log_decay = self._ssm_inputs(xbc, dt)
+        y = self.scan_step(q, k, v, log_decay, ssm_state, slot_ids)  # [B, H, P]
+        return self._output(y, x, z)
+
+
+class Mamba2Block(nn.Module):
+    def __init__(self, cfg: Mamba2Config, backend: Backend) -> None:
+        super().__init__()
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.mixer = Mamba2Mixer(cfg, backend)
+
+
+class Mamba2Backbone(nn.Module):
+    def __init__(self, cfg: Mamba2Config, backend: Backend) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Mamba2Block(cfg, backend) for _ in range(cfg.num_layers)])
+        self.norm_f = nn.Module()
+        self.norm_f.weight = nn.Parameter(torch.empty(cfg.hidden_size))
+
+
+class Mamba2LM(RecurrentLM):
+    """Mamba-2 causal LM; module names follow transformers (``backbone.*``, ``lm_head``)."""
+
+    def __init__(self, cfg: Mamba2Config, backend: Backend = "torch") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.max_model_len = None
+        self.backbone = Mamba2Backbone(cfg, backend)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+        # Exact fp32 copies of A_log, dt_bias and D seen by load_weights, per layer (see post_load).
+        self._fp32_ssm_params: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_hf_config(cls, config: dict, *, backend: Backend) -> Mamba2LM:
+        return cls(Mamba2Config.from_hf(config), backend)
+
+    def state_specs(self) -> list[list[StateSpec]]:
+        cfg = self.cfg
+        conv = StateSpec("conv", (cfg.conv_dim, cfg.conv_kernel - 1), self.dtype)
+        ssm = StateSpec("ssm", (cfg.num_heads, cfg.state_size, cfg.head_dim), torch.float32)
+        return [[conv, ssm] for _ in range(cfg.num_layers)]
+
+    # ------------------------------------------------------------------ loading
+
+    @staticmethod
+    def _our_name(ckpt_name: str) -> str:
+        # Original mamba_ssm checkpoints say ``backbone.embedding``; transformers renames it on load too.
+        if ckpt_name.startswith("backbone.embedding."):
+            return "backbone.embeddings." + ckpt_name[len("backbone.embedding.") :]
+        return ckpt_name
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        filled: set[str] = set()
+        for ckpt_name, tensor in weights:
+            name = self._our_name(ckpt_name)
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue  # tied: the embedding is the head
+            if name not in params:
+                raise KeyError(f"unexpected checkpoint tensor {ckpt_name!r} for Mamba2ForCausalLM")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{ckpt_name}: checkpoint shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            if name.endswith(("mixer.A_log", "mixer.dt_bias", "mixer.D")):
+                self._fp32_ssm_params[name] = tensor.detach().to(torch.float32, copy=True)
+            filled.add(name)
+        return filled
+
+    def post_load(self) -> None:
+        for i, layer in enumerate(self.backbone.layers):
+            mixer: Mamba2Mixer = layer.mixer
+            prefix = f"backbone.layers.{i}.mixer."
+            exact = {
+                n: self._fp32_ssm_params.get(prefix + n, getattr(mixer, n).detach()) for n in ("A_log", "dt_bias", "D")
+            }
+            mixer.set_fp32_params(exact["A_log"], exact["dt_bias"], exact["D"])
+        self._fp32_ssm_params = {}
+
+    # ------------------------------------------------------------------ forward
+
+    def _residual_dtype(self) -> torch.dtype:
+        return torch.float32 if self.cfg.residual_in_fp32 else self.dtype
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(h, self.backbone.norm_f.weight, self.cfg.norm_eps)
+        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+
+    @torch.no_grad()
+    def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
+        h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [T, D]
+        for layer, st in zip(self.backbone.layers, states):
+            normed = rms_norm(h, layer.norm.weight, self.cfg.norm_eps)
+            h = h + layer.mixer.prefill(normed, st["conv"], st["ssm"], batch)
+        return self._logits(h.index_select(0, batch.logits_indices))
+
+    @torch.no_grad()
+    def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
+        h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [B, D]
+        for layer, st in zip(self.backbone.layers, states):
+            normed = rms_norm(h, layer.norm.weight, self.cfg.norm_eps)
+            h = h + layer.mixer.decode(normed, st["conv"], st["ssm"], batch.slot_ids)
+        return self._logits(h)
