@@ -86,7 +86,12 @@ class ServerConfig:
     api_key: str | None = None
     max_request_bytes: int = 4 * 1024 * 1024
     log_requests: bool = False
+    log_level: str = "info"  # --log-level: debug, info, warning, error, critical
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port must be in 0..65535")
         _require(self.max_request_bytes > 0, "max_request_bytes must be > 0")
+        _require(
+            self.log_level in ("debug", "info", "warning", "error", "critical"),
+            f"bad log_level {self.log_level!r}; expected debug, info, warning, error or critical",
+        )
