@@ -33,6 +33,8 @@ _KERNELS: dict[tuple[str, Backend], str] = {
     ("linear_recurrence.recurrent", "triton"): (
         "rnnserve.kernels.linear_recurrence.recurrent_triton:linear_recurrence_step"
     ),
+    ("wkv7.chunk", "triton"): "rnnserve.kernels.wkv7.chunk_triton:wkv7_varlen",
+    ("wkv7.recurrent", "triton"): "rnnserve.kernels.wkv7.recurrent_triton:wkv7_step",
 }
 
 
