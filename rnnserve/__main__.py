@@ -1,0 +1,5 @@
+"""``python -m rnnserve`` is the ``rnnserve`` command."""
+
+from rnnserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""What both endpoints share: prompts -> engine requests, outputs -> text deltas per choice.
+
+A request with P prompts and ``n`` choices becomes P*n engine requests (choice index
+``prompt * n + i``, as OpenAI orders them). Each choice turns engine outputs into text with an
+incremental detokenizer, applies stop strings (stopping the engine request when one matches),
+keeps logprobs, and feeds the latency metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from rnnserve.engine.request import FinishReason, RequestOutput, SamplingParams, SamplingParamsError, TokenLogprob
+from rnnserve.server.detokenizer import IncrementalDetokenizer, StopMatcher
+from rnnserve.server.engine_client import EngineClient
+from rnnserve.server.errors import APIError, bad_request
+from rnnserve.server.metrics import ServerMetrics
+from rnnserve.server.protocol import SamplingRequest
+from rnnserve.server.streaming import InputRejected, MergedStreams
+from rnnserve.server.tokenizer import Tokenizer
+
+# Bound for a request without max_tokens on a model without a context limit (a recurrent model
+# has none): an untrained model may never emit EOS.
+DEFAULT_MAX_TOKENS_UNBOUNDED = 4096
+
+
+class EngineFailure(Exception):
+    """The engine failed while running a request (HTTP 500)."""
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str | None  # the text as given (or decoded), for echo
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]  # of the tokens whose text is (at least partly) in this delta
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class ChoiceState:
+    """One choice's progress: detokenizer, stop strings, logprobs and timings."""
+
+    index: int
+    prompt: Prompt
+    detok: IncrementalDetokenizer | None
+    stops: StopMatcher
+    want_logprobs: bool
+    start_time: float
+    token_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_output_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def text(self) -> str:
+        return self.stops.text[: self.stops.emitted]
+
+
+def finish_reason_name(reason: FinishReason | None) -> str | None:
+    return None if reason is None else reason.value
+
+
+class Generation:
+    """Runs all choices of one HTTP request and yields their deltas."""
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        tokenizer: Tokenizer | None,
+        metrics: ServerMetrics,
+        request_id: str,
+        prompts: list[Prompt],
+        body: SamplingRequest,
+        params: SamplingParams,
+        *,
+        n: int,
+        want_logprobs: bool,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.request_id = request_id
+        self.start_time = time.monotonic()
+        self.stop_token_ids = set(params.stop_token_ids)
+        self.prompts = prompts
+        self.choices: list[ChoiceState] = []
+        streams: list[AsyncIterator[RequestOutput]] = []
+        stops = body.stop_strings()
+        for p_idx, prompt in enumerate(prompts):
+            for i in range(n):
+                index = p_idx * n + i
+                # n > 1 with a seed: every choice reproducible, yet the choices differ.
+                choice_params = params
+                if params.seed is not None and i > 0:
+                    choice_params = _replace_seed(params, params.seed + i)
+                detok = (
+                    IncrementalDetokenizer(tokenizer, prompt.token_ids, body.skip_special_tokens)
+                    if tokenizer is not None
+                    else None
+                )
+                self.choices.append(
+                    ChoiceState(
+                        index=index,
+                        prompt=prompt,
+                        detok=detok,
+                        stops=StopMatcher(stops, body.include_stop_str_in_output),
+                        want_logprobs=want_logprobs,
+                        start_time=self.start_time,
+                    )
+                )
+                streams.append(engine.generate(f"{request_id}-{index}", list(prompt.token_ids), choice_params))
+        self.streams = MergedStreams(streams)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        # Usage counts each prompt once, whatever n is (as OpenAI and vLLM do).
+        return sum(len(p.token_ids) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(c.num_output_tokens for c in self.choices)
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """Deltas of every choice in arrival order; the last delta of a choice has finish_reason set."""
+        try:
+            async for index, output in self.streams:
+                choice = self.choices[index]
+                delta = self._process(choice, output)
+                if delta.finish_reason is not None and not output.finished:
+                    await self.streams.stop(index)  # a stop string matched: abort in the engine
+                if delta.finish_reason is not None or delta.text or delta.logprobs:
+                    yield delta
+        except InputRejected as exc:
+            raise bad_request(str(exc), param=exc.param) from exc
+        finally:
+            await self.streams.aclose()
+            for choice in self.choices:
+                if choice.finish_reason is None:
+                    choice.finish_reason = "abort"
+                    self.metrics.observe_finish("abort", time.monotonic() - choice.start_time)
+
+    async def aclose(self) -> None:
+        await self.streams.aclose()
+
+    def _process(self, choice: ChoiceState, output: RequestOutput) -> ChoiceDelta:
+        now = time.monotonic()
+        if output.error is not None or output.finish_reason == FinishReason.ERROR:
+            raise EngineFailure(output.error or "the engine failed on this request")
+        if output.prompt_logprobs is not None and choice.prompt_logprobs is None:
+            choice.prompt_logprobs = output.prompt_logprobs
+        new_ids = list(output.new_token_ids)
+        if new_ids:
+            if choice.first_token_time is None:
+                choice.first_token_time = now
+                self.metrics.observe_ttft(now - choice.start_time)
+            elif choice.last_token_time is not None:
+                gap = (now - choice.last_token_time) / len(new_ids)
+                for _ in new_ids:
+                    self.metrics.observe_itl(gap)
+            choice.last_token_time = now
+        choice.token_ids.extend(new_ids)
+        choice.num_output_tokens = output.num_output_tokens or len(choice.token_ids)
+        if choice.want_logprobs and output.new_logprobs:
+            choice.pending_logprobs.extend(output.new_logprobs)
+
+        text = ""
+        if choice.detok is not None:
+            piece = choice.detok.step(new_ids)
+            if output.finished:
+                piece += choice.detok.flush()
+            text = choice.stops.feed(piece)
+        finish: str | None = None
+        if choice.stops.match is not None:
+            finish = "stop"
+            choice.stop_reason = choice.stops.match.stop
+        elif output.finished:
+            text += choice.stops.flush()
+            finish = finish_reason_name(output.finish_reason) or "stop"
+            if finish == "stop" and new_ids and new_ids[-1] in self.stop_token_ids:
+                choice.stop_reason = new_ids[-1]
+        logprobs: list[TokenLogprob] = []
+        if text or finish is not None or choice.detok is None:
+            logprobs, choice.pending_logprobs = choice.pending_logprobs, []
+        if finish is not None:
+            choice.finish_reason = finish
+            self.metrics.observe_finish(finish, now - choice.start_time)
+        return ChoiceDelta(choice.index, text, new_ids, logprobs, finish, choice.stop_reason)
+
+
+def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return dataclasses.replace(params, seed=seed)
+
+
+def build_sampling_params(
+    body: SamplingRequest,
+    *,
+    max_tokens: int | None,
+    default_max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None,
+) -> SamplingParams:
+    """SamplingParams from the OpenAI fields; range errors come back as 400 with the parameter."""
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+            min_tokens=body.min_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=0 if body.top_k is None else body.top_k,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            min_p=0.0 if body.min_p is None else body.min_p,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            presence_penalty=0.0 if body.presence_penalty is None else body.presence_penalty,
+            frequency_penalty=0.0 if body.frequency_penalty is None else body.frequency_penalty,
+            seed=body.seed,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+    except SamplingParamsError as exc:
+        raise bad_request(str(exc), param=exc.param) from exc
+
+
+def check_prompt(
+    token_ids: list[int], *, vocab_size: int, max_model_len: int | None, max_tokens: int | None, param: str
+) -> None:
+    """400 for an empty prompt, an id outside the vocabulary, or a request over the context limit."""
+    if not token_ids:
+        raise bad_request("the prompt is empty", param=param)
+    bad = next((t for t in token_ids if t < 0 or t >= vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is out of the vocabulary (0..{vocab_size - 1})", param=param)
+    if max_model_len is not None:
+        if len(token_ids) > max_model_len:
+            raise bad_request(
+                f"this model's maximum context length is {max_model_len} tokens, "
+                f"but the prompt has {len(token_ids)} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and len(token_ids) + max_tokens > max_model_len:
+            raise bad_request(
+                f"this model's maximum context length is {max_model_len} tokens, but you requested "
+                f"{len(token_ids) + max_tokens} tokens ({len(token_ids)} in the prompt, {max_tokens} "
+                "for the completion); reduce the prompt or max_tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+
+
+def default_max_tokens(max_model_len: int | None) -> int | None:
+    """max_tokens when the client gives none: the engine stops at max_model_len when there is one."""
+    return DEFAULT_MAX_TOKENS_UNBOUNDED if max_model_len is None else None
+
+
+def engine_error(exc: EngineFailure) -> APIError:
+    return APIError(500, f"the engine failed: {exc}", code="engine_error")

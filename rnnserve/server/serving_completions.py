@@ -1,0 +1,223 @@
+"""/v1/completions: text or token-id prompts, n choices each, echo, legacy logprobs, SSE."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from rnnserve.engine.request import TokenLogprob
+from rnnserve.server.context import ServingContext
+from rnnserve.server.errors import APIError, bad_request
+from rnnserve.server.generation import (
+    ChoiceDelta,
+    EngineFailure,
+    Generation,
+    Prompt,
+    build_sampling_params,
+    check_prompt,
+    engine_error,
+)
+from rnnserve.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    now,
+    random_id,
+)
+from rnnserve.server.streaming import SSE_DONE, sse
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def parse_prompts(ctx: ServingContext, body: CompletionRequest) -> list[Prompt]:
+    """The four prompt forms -> token ids (and text, for echo)."""
+    p = body.prompt
+    if isinstance(p, str):
+        items: list[str | list[int]] = [p]
+    elif not p:
+        raise bad_request("the prompt is empty", param="prompt")
+    elif all(isinstance(x, int) for x in p):
+        items = [list(p)]  # type: ignore[arg-type]
+    else:
+        items = list(p)  # type: ignore[arg-type]
+    prompts: list[Prompt] = []
+    for item in items:
+        if isinstance(item, str):
+            tok = ctx.require_tokenizer("text prompts", param="prompt")
+            prompts.append(Prompt(tok.encode(item), item))
+        else:
+            ids = list(item)
+            text = ctx.tokenizer.decode(ids) if (ctx.tokenizer is not None and body.echo) else None
+            prompts.append(Prompt(ids, text))
+    return prompts
+
+
+class _LegacyLogprobs:
+    """Accumulates OpenAI's legacy logprobs lists for one choice, with text offsets."""
+
+    def __init__(self, ctx: ServingContext) -> None:
+        self._ctx = ctx
+        self.offset = 0
+
+    def build(self, entries: list[tuple[int, TokenLogprob | None]]) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for token_id, lp in entries:
+            token = self._ctx.token_str(token_id)
+            out.tokens.append(token)
+            out.text_offset.append(self.offset)
+            self.offset += len(token)
+            if lp is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(lp.logprob)
+            top = {self._ctx.token_str(t): v for t, v in sorted(lp.top.items(), key=lambda kv: -kv[1])}
+            top.setdefault(token, lp.logprob)
+            out.top_logprobs.append(top)
+        return out
+
+
+def _prompt_entries(prompt: Prompt, prompt_logprobs: list[TokenLogprob | None] | None) -> list:
+    lps = prompt_logprobs or []
+    return [(t, lps[i] if i < len(lps) else None) for i, t in enumerate(prompt.token_ids)]
+
+
+async def create_completion(ctx: ServingContext, body: CompletionRequest) -> JSONResponse | StreamingResponse:
+    ctx.check_model(body.model)
+    if body.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    prompts = parse_prompts(ctx, body)
+    max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+    for i, prompt in enumerate(prompts):
+        check_prompt(
+            prompt.token_ids,
+            vocab_size=ctx.vocab_size,
+            max_model_len=ctx.max_model_len,
+            max_tokens=max_tokens,
+            param="prompt" if len(prompts) == 1 else f"prompt.{i}",
+        )
+    if body.stop_strings():
+        ctx.require_tokenizer("stop strings", param="stop")
+    want_logprobs = body.logprobs is not None
+    params = build_sampling_params(
+        body,
+        max_tokens=max_tokens,
+        default_max_tokens=None,
+        logprobs=body.logprobs,
+        prompt_logprobs=body.logprobs if (body.echo and want_logprobs) else None,
+    )
+    request_id = random_id("cmpl")
+    gen = Generation(
+        ctx.engine,
+        ctx.tokenizer,
+        ctx.metrics,
+        request_id,
+        prompts,
+        body,
+        params,
+        n=body.n,
+        want_logprobs=want_logprobs,
+    )
+    if body.stream:
+        return await _stream(ctx, body, gen, request_id)
+    return await _complete(ctx, body, gen, request_id)
+
+
+async def _complete(ctx: ServingContext, body: CompletionRequest, gen: Generation, request_id: str) -> JSONResponse:
+    entries: list[list[tuple[int, TokenLogprob | None]]] = [[] for _ in gen.choices]
+    try:
+        async for delta in gen.deltas():
+            entries[delta.index].extend((lp.token_id, lp) for lp in delta.logprobs)
+    except EngineFailure as exc:
+        raise engine_error(exc) from exc
+    choices = []
+    for choice in gen.choices:
+        text = choice.text
+        token_entries = entries[choice.index]
+        if body.echo:
+            text = (choice.prompt.text or "") + text
+            token_entries = _prompt_entries(choice.prompt, choice.prompt_logprobs) + token_entries
+        logprobs = _LegacyLogprobs(ctx).build(token_entries) if choice.want_logprobs else None
+        choices.append(
+            CompletionChoice(
+                index=choice.index,
+                text=text,
+                logprobs=logprobs,
+                finish_reason=choice.finish_reason,
+                stop_reason=choice.stop_reason,
+            )
+        )
+    usage = UsageInfo(
+        prompt_tokens=gen.num_prompt_tokens,
+        completion_tokens=gen.num_output_tokens,
+        total_tokens=gen.num_prompt_tokens + gen.num_output_tokens,
+    )
+    response = CompletionResponse(id=request_id, created=now(), model=ctx.model_name, choices=choices, usage=usage)
+    return JSONResponse(response.model_dump())
+
+
+async def _stream(ctx: ServingContext, body: CompletionRequest, gen: Generation, request_id: str) -> StreamingResponse:
+    created = now()
+    deltas = gen.deltas()
+    # The first delta is awaited before the response starts, so a request the engine rejects
+    # still gets a proper 400 rather than an error event in a 200 stream.
+    try:
+        first = await deltas.__anext__()
+    except EngineFailure as exc:
+        raise engine_error(exc) from exc
+    logprob_state = [_LegacyLogprobs(ctx) for _ in gen.choices]
+    started = [False] * len(gen.choices)
+
+    def chunk(delta: ChoiceDelta) -> bytes:
+        choice = gen.choices[delta.index]
+        text = delta.text
+        token_entries: list[tuple[int, TokenLogprob | None]] = [(lp.token_id, lp) for lp in delta.logprobs]
+        if not started[delta.index]:
+            started[delta.index] = True
+            if body.echo:
+                text = (choice.prompt.text or "") + text
+                token_entries = _prompt_entries(choice.prompt, choice.prompt_logprobs) + token_entries
+        logprobs = logprob_state[delta.index].build(token_entries) if choice.want_logprobs else None
+        return sse(
+            CompletionResponse(
+                id=request_id,
+                created=created,
+                model=ctx.model_name,
+                choices=[
+                    CompletionChoice(
+                        index=delta.index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=delta.finish_reason,
+                        stop_reason=delta.stop_reason,
+                    )
+                ],
+            )
+        )
+
+    async def body_iter() -> AsyncIterator[bytes]:
+        try:
+            yield chunk(first)
+            async for delta in deltas:
+                yield chunk(delta)
+            if body.include_usage:
+                usage = UsageInfo(
+                    prompt_tokens=gen.num_prompt_tokens,
+                    completion_tokens=gen.num_output_tokens,
+                    total_tokens=gen.num_prompt_tokens + gen.num_output_tokens,
+                )
+                yield sse(
+                    CompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=[], usage=usage)
+                )
+        except APIError as exc:
+            yield sse(exc.body())
+        except EngineFailure as exc:
+            yield sse(engine_error(exc).body())
+        finally:
+            await deltas.aclose()
+        yield SSE_DONE
+
+    return StreamingResponse(body_iter(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
