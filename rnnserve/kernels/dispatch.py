@@ -33,6 +33,8 @@ _KERNELS: dict[tuple[str, Backend], str] = {
     ("linear_recurrence.recurrent", "triton"): (
         "rnnserve.kernels.linear_recurrence.recurrent_triton:linear_recurrence_step"
     ),
+    ("selective_scan.chunk", "triton"): "rnnserve.kernels.selective_scan.chunk_triton:selective_scan_varlen",
+    ("selective_scan.recurrent", "triton"): "rnnserve.kernels.selective_scan.recurrent_triton:selective_state_update",
     ("wkv7.chunk", "triton"): "rnnserve.kernels.wkv7.chunk_triton:wkv7_varlen",
     ("wkv7.recurrent", "triton"): "rnnserve.kernels.wkv7.recurrent_triton:wkv7_step",
 }
