@@ -53,6 +53,8 @@ class RetentionConfig:
     style: RetentionStyle = "fla"
     norm: RetentionNorm = "none"
     rope_theta: float = 10000.0
+    # Factor on q·k; None: d_k^{-1/2}. DenseRetNet scales k itself before its dense fusion and passes 1.
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.style not in ("fla", "torchscale"):
@@ -76,7 +78,7 @@ class Retention(nn.Module):
     def __init__(self, cfg: RetentionConfig, backend: Backend) -> None:
         super().__init__()
         self.cfg = cfg
-        self.scale = cfg.head_k_dim**-0.5
+        self.scale = cfg.head_k_dim**-0.5 if cfg.scale is None else cfg.scale
         self._chunk = get_kernel("linear_recurrence.chunk", backend)
         self._step = get_kernel("linear_recurrence.recurrent", backend)
         self.register_buffer("inv_freq", torch.empty(cfg.head_k_dim // 2), persistent=False)
