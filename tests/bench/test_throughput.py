@@ -1,0 +1,55 @@
+"""``rnnserve bench throughput`` on a tiny random Mamba: figures are produced and our greedy tokens
+equal transformers' generate() (float32). Nothing here asserts on speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rnnserve.bench import throughput
+
+pytest.importorskip("rnnserve.models.mamba")
+
+
+@pytest.fixture
+def mamba_dir(hf_model_dir):
+    from transformers import MambaConfig
+
+    folder, _ = hf_model_dir(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=120, state_size=8))
+    return folder
+
+
+def test_bench_writes_json_and_matches_transformers(mamba_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--model", str(mamba_dir), "--batch-sizes", "1,3", "--prompt-len", "9", "--gen-len", "5"]
+    assert throughput.main([*argv, "--dtype", "float32", "--device", "cpu", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["architecture"] == "MambaForCausalLM" and report["device_type"] == "cpu"
+    assert report["torch"] and report["dtype"] == "float32"
+    assert [r["batch_size"] for r in report["results"]] == [1, 3]
+    for r in report["results"]:
+        b = r["batch_size"]
+        assert r["engine"]["prefill_tokens"] == 9 * b and r["engine"]["decode_tokens"] == 4 * b
+        assert r["engine"]["prefill_tok_s"] > 0 and r["engine"]["decode_tok_s"] > 0
+        assert r["hf"]["prefill_tokens"] == 9 * b and r["ratio"]["decode"] > 0
+        assert r["greedy_match"] == 1.0  # every sequence: same 5 greedy tokens as generate()
+    text = capsys.readouterr().out
+    assert "prefill tok/s" in text and "decode tok/s" in text
+
+
+def test_bench_without_baseline_and_bad_args(mamba_dir, tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["--model", str(mamba_dir), "--batch-sizes", "2", "--prompt-len", "4", "--gen-len", "3", "--no-baseline"]
+    assert throughput.main([*argv, "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["hf"] is None and row["ratio"] is None and row["engine"]["decode_tokens"] == 4
+    assert throughput.main(["--model", str(mamba_dir), "--batch-sizes", "x"]) == 2
+    assert throughput.main(["--model", str(mamba_dir), "--gen-len", "1"]) == 2
+
+
+def test_bench_does_not_import_fastapi():
+    code = "import sys, rnnserve.bench.throughput; sys.exit('fastapi' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
