@@ -12,6 +12,7 @@ through our loader. Typical use::
 from __future__ import annotations
 
 import importlib.resources
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,13 @@ import pytest
 import torch
 
 NEOX_EOS = "<|endoftext|>"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run torch single-threaded in tests (override with RNNSERVE_TEST_THREADS). Test shapes are tiny,
+    and when other processes share the 2 cores a multi-threaded op waits for a descheduled thread at
+    every OpenMP barrier: transformers' tiny depthwise conv1d goes from 0.07 ms to ~90 ms per call."""
+    torch.set_num_threads(int(os.environ.get("RNNSERVE_TEST_THREADS", "1")))
 
 
 def build_random_hf_model(config, model_cls: type | None = None, *, seed: int = 0, jitter: float = 0.0):

@@ -40,6 +40,12 @@ _AUTO_MAP: dict[str, str] = {
     "modeling_dense_gau_retnet.LlamaForCausalLM": "rnnserve.models.dense_retnet:DenseRetNetLM",
 }
 
+# config.json keys that identify a family whose config names neither architecture nor model_type:
+# original mamba_ssm checkpoints ({"d_model", "n_layer", "ssm_cfg", ...}).
+_CONFIG_KEYS: list[tuple[frozenset[str], str]] = [
+    (frozenset({"d_model", "n_layer"}), "rnnserve.models.mamba:MambaLM"),
+]
+
 # Classes that can recognise a bare state dict (classmethod ``config_from_state_dict(sd) -> dict | None``).
 _STATE_DICT_SNIFFERS: list[str] = ["rnnserve.models.rwkv4:Rwkv4LM", "rnnserve.models.rwkv7:Rwkv7LM"]
 
@@ -67,6 +73,10 @@ def resolve_class(hf_config: dict) -> type[RecurrentLM]:
     model_type = hf_config.get("model_type")
     if model_type in _MODEL_TYPES:
         return _import(_MODEL_TYPES[model_type])
+    if not hf_config.get("architectures") and not model_type:
+        for keys, target in _CONFIG_KEYS:
+            if keys <= hf_config.keys():
+                return _import(target)
     named = hf_config.get("architectures") or model_type or "nothing"
     raise UnsupportedModelError(
         f"unsupported model architecture {named!r}; rnnserve supports: {', '.join(supported_architectures())}"

@@ -1,0 +1,56 @@
+"""Small pieces several families share: RMS norms (plain and gated) and the LM head helper.
+Parameter names match the checkpoints (``norm.weight``), so families can load by name."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] normalised in fp32, cast to the weight's dtype, then scaled (as transformers'
+    Mamba/LLaMA RMSNorm do when the input is already in the model dtype)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(weight.dtype)
+
+
+def gated_rms_norm(
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    groups: int = 1,
+    norm_before_gate: bool = False,
+) -> torch.Tensor:
+    """RMSNorm with a SiLU gate, over ``groups`` contiguous blocks of the last dim (y, gate [..., E]).
+
+    norm_before_gate=False: ``norm(y ⊙ silu(gate)) ⊙ weight`` (Mamba-2); True: ``norm(y) ⊙ weight ⊙
+    silu(gate)``."""
+    shape = y.shape
+    h = y.float()
+    if not norm_before_gate:
+        h = h * F.silu(gate.float())
+    h = h.view(*shape[:-1], groups, shape[-1] // groups)
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).view(shape)
+    if norm_before_gate:
+        return (weight * h.to(weight.dtype)) * F.silu(gate.float()).to(weight.dtype)
+    return weight * h.to(weight.dtype)
+
+
+class RMSNorm(nn.Module):
+    """An RMSNorm whose only parameter is ``weight [D]`` (checkpoint name ``<prefix>.weight``)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def lm_logits(h: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """Logits [M, V] in float32 (the sampler and logprobs need the precision) from h [M, D]."""
+    return head(h.to(head.weight.dtype)).float()
