@@ -141,7 +141,7 @@ import sys, torch
 from rwkv.model import RWKV
 path, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 prompt = [int(t) for t in sys.argv[4].split(",")]
-model = RWKV(model=path, strategy="cpu fp32", verbose=False)
+model = RWKV(model=path, strategy="cpu fp32")
 logits, state = model.forward(prompt, None, full_output=True)
 tokens, step_logits = [], []
 tok = int(logits[-1].argmax())
