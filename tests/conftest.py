@@ -66,7 +66,12 @@ def hf_model_dir(tmp_path: Path) -> Callable[..., tuple[Path, torch.nn.Module]]:
     ) -> tuple[Path, torch.nn.Module]:
         model = build_random_hf_model(config, model_cls, seed=seed, jitter=jitter)
         folder = tmp_path / name
-        model.save_pretrained(folder, safe_serialization=safe_serialization)
+        model.save_pretrained(folder)
+        if not safe_serialization:
+            # transformers 5 always writes safetensors; write the legacy pickled format ourselves.
+            torch.save(model.state_dict(), folder / "pytorch_model.bin")
+            for f in folder.glob("*.safetensors*"):
+                f.unlink()
         return folder, model
 
     return make
