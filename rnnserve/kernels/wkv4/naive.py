@@ -18,14 +18,16 @@ def wkv4_naive(
     slot_ids: torch.Tensor,
 ) -> torch.Tensor:
     """w [C] (= -exp(time_decay), < 0), u [C] (time_first), k, v [T, C]; aa, bb, pp [S, C] fp32 updated in
-    place at ``slot_ids`` [B]; cu_seqlens [B + 1]. Returns wkv [T, C] fp32."""
-    w, u = w.float(), u.float()
-    out = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    place at ``slot_ids`` [B]; cu_seqlens [B + 1]. Returns wkv [T, C] in fp32, or fp64 for fp64 inputs
+    (tests use that as a tighter reference)."""
+    dtype = torch.promote_types(k.dtype, torch.float32)
+    w, u = w.to(dtype), u.to(dtype)
+    out = torch.empty(k.shape, dtype=dtype, device=k.device)
     bounds = cu_seqlens.tolist()
     for b, slot in enumerate(slot_ids.tolist()):
-        a, bs, p = aa[slot].clone(), bb[slot].clone(), pp[slot].clone()  # [C] each
+        a, bs, p = aa[slot].to(dtype), bb[slot].to(dtype), pp[slot].to(dtype)  # [C] each
         for t in range(bounds[b], bounds[b + 1]):
-            kt, vt = k[t].float(), v[t].float()
+            kt, vt = k[t].to(dtype), v[t].to(dtype)
             q = torch.maximum(p, u + kt)
             e1, e2 = torch.exp(p - q), torch.exp(u + kt - q)
             out[t] = (e1 * a + e2 * vt) / (e1 * bs + e2)
