@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rnnserve import __version__
@@ -31,6 +31,7 @@ from rnnserve.server.protocol import (
 )
 from rnnserve.server.serving_chat import create_chat_completion, render_chat_prompt
 from rnnserve.server.serving_completions import create_completion
+from rnnserve.server.streaming import cancel_on_disconnect
 from rnnserve.server.tokenizer import Tokenizer
 
 logger = logging.getLogger("rnnserve.server")
@@ -182,12 +183,14 @@ def build_app(
         return ModelCard(id=model_name, created=now(), root=model_root, max_model_len=engine.max_model_len).model_dump()
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> JSONResponse | StreamingResponse:
-        return await create_completion(ctx, body)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        response = await cancel_on_disconnect(request.receive, create_completion(ctx, body))
+        return response if response is not None else Response(status_code=499)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
-        return await create_chat_completion(ctx, body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        response = await cancel_on_disconnect(request.receive, create_chat_completion(ctx, body))
+        return response if response is not None else Response(status_code=499)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from pydantic import BaseModel
+from starlette.types import Receive
 
 from rnnserve.engine.request import RequestOutput
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+T = TypeVar("T")
 
 
 def sse(payload: BaseModel | dict[str, Any]) -> bytes:
@@ -128,3 +131,34 @@ class MergedStreams:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def cancel_on_disconnect(receive: Receive, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run ``work`` (a handler's generation) but cancel it if the client goes away first.
+
+    Returns None when the client disconnected: its engine requests were aborted by the cancellation
+    and there is nobody left to answer. Used until a response starts; StreamingResponse watches for
+    the disconnect itself afterwards.
+    """
+    task: asyncio.Task[T] = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(watcher, return_exceptions=True)
+            if task.cancelled() or not task.done():
+                await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()

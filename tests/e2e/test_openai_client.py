@@ -146,6 +146,15 @@ def test_disconnect_mid_stream_frees_the_slot(live_server: LiveServer) -> None:
     assert metric(live_server, "vllm:request_success_total", finished_reason="abort") >= 1
 
 
+def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_the_slot(live_server: LiveServer) -> None:
+    body = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 100000, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live_server.v1 + "/completions", json=body, headers=headers, timeout=httpx.Timeout(1.5, connect=5))
+    assert wait_for(lambda: metric(live_server, "vllm:num_requests_running") == 0)
+    assert wait_for(lambda: metric(live_server, "rnnserve:state_pool_usage") == 0)
+
+
 def test_metrics_after_traffic(live_server: LiveServer) -> None:
     text = httpx.get(live_server.base_url + "/metrics", timeout=5).text
     for name in (
