@@ -137,6 +137,7 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Deltas of every choice in arrival order; the last delta of a choice has finish_reason set."""
+        rejected = False
         try:
             async for index, output in self.streams:
                 choice = self.choices[index]
@@ -146,16 +147,15 @@ class Generation:
                 if delta.finish_reason is not None or delta.text or delta.logprobs:
                     yield delta
         except InputRejected as exc:
+            rejected = True
             raise bad_request(str(exc), param=exc.param) from exc
         finally:
             await self.streams.aclose()
+            # Choices cut short (client gone, another choice failed) count as aborted requests.
             for choice in self.choices:
-                if choice.finish_reason is None:
+                if choice.finish_reason is None and not rejected:
                     choice.finish_reason = "abort"
                     self.metrics.observe_finish("abort", time.monotonic() - choice.start_time)
-
-    async def aclose(self) -> None:
-        await self.streams.aclose()
 
     def _process(self, choice: ChoiceState, output: RequestOutput) -> ChoiceDelta:
         now = time.monotonic()

@@ -210,7 +210,8 @@ class WorldTokenizer:
         return self._tok.decode(ids)
 
     def token_str(self, token_id: int) -> str:
-        return self._tok.decode([token_id])
+        id_to_token = getattr(self._tok, "id_to_token", None)
+        return id_to_token(token_id) if callable(id_to_token) else self._tok.decode([token_id])
 
     def token_bytes(self, token_id: int) -> list[int]:
         raw = getattr(self._tok, "token_bytes", None)
@@ -237,7 +238,10 @@ def _load_world(folder: Path | None, chat_template: str | None) -> WorldTokenize
     except ImportError as exc:
         raise TokenizerLoadError(f"the RWKV world tokenizer is not available: {exc}") from exc
     vocab = folder / WORLD_VOCAB_FILE if folder is not None else None
-    tok = RwkvWorldTokenizer(vocab) if vocab is not None and vocab.is_file() else RwkvWorldTokenizer()
+    try:
+        tok = RwkvWorldTokenizer(vocab) if vocab is not None and vocab.is_file() else RwkvWorldTokenizer()
+    except (OSError, ValueError) as exc:
+        raise TokenizerLoadError(f"cannot load the RWKV world tokenizer: {exc}") from exc
     return WorldTokenizer(tok, chat_template)
 
 

@@ -73,3 +73,29 @@ def test_no_tokenizer_and_bad_names(tmp_path: Path) -> None:
         load_tokenizer(tmp_path, "no-such-tokenizer")
     with pytest.raises(TokenizerLoadError, match="does not exist"):
         load_tokenizer(tmp_path, NEOX_NAME, chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_world_tokenizer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from rnnserve.server import tokenizer as tokenizer_module
+    from rnnserve.server.detokenizer import IncrementalDetokenizer
+    from rnnserve.server.tokenizer import WORLD_NAME, WORLD_VOCAB_FILE, WorldTokenizer
+
+    tok = load_tokenizer(None, WORLD_NAME)
+    assert isinstance(tok, WorldTokenizer)
+    assert tok.eos_token_id == 0 and tok.vocab_size == 65536 and tok.chat_template is None
+    text = "héllo wörld 日本語 🙂"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert [b for i in ids for b in tok.token_bytes(i)] == list(text.encode())
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.step([i]) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+    # A model folder holding the world vocabulary file is served with the world tokenizer, from that file.
+    seen: list[Path | None] = []
+    monkeypatch.setattr(tokenizer_module, "_load_world", lambda folder, template: seen.append(folder) or tok)
+    (tmp_path / WORLD_VOCAB_FILE).write_text("")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert load_tokenizer(tmp_path) is tok and seen == [tmp_path]
