@@ -296,8 +296,9 @@ class AsyncEngine:
         self._commands: list[_Add | _Abort] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        # request id -> (the event loop its consumer runs on, its output queue). Written only on the
+        # loop, read by the engine thread with single dict lookups.
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._stats = engine.stats()
 
     @classmethod
@@ -326,7 +327,6 @@ class AsyncEngine:
     async def start(self) -> None:
         if self.is_running:
             return
-        self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._thread = threading.Thread(target=self._run_loop, name="rnnserve-engine", daemon=True)
         self._thread.start()
@@ -342,7 +342,7 @@ class AsyncEngine:
         with self._cond:
             self._commands = []
         self.engine.abort_all()
-        for request_id, queue in list(self._queues.items()):
+        for request_id, (_, queue) in list(self._queues.items()):
             queue.put_nowait(_final_output(request_id, FinishReason.ABORT, "the engine was shut down"))
         self._stats = self.engine.stats()
 
@@ -364,15 +364,13 @@ class AsyncEngine:
             raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
         if not self.is_running:
             await self.start()
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._queues[request_id] = queue
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)
         self._submit(_Add(request_id, prompt_token_ids, params))
         finished = False
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
                 if item.finished:
                     finished = True
                 yield item
@@ -423,11 +421,20 @@ class AsyncEngine:
         return []
 
     def _deliver_threadsafe(self, outputs: list[RequestOutput]) -> None:
-        if outputs and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
+        """From the engine thread: hand each output to its consumer's event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[RequestOutput]] = {}
+        for out in outputs:
+            entry = self._queues.get(out.request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append(out)
+        for loop, outs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._deliver, outs)
+            except RuntimeError:  # that loop is closed: nobody is left to read these
+                logger.debug("dropping %d outputs for a closed event loop", len(outs))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            queue = self._queues.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
+            entry = self._queues.get(out.request_id)
+            if entry is not None:
+                entry[1].put_nowait(out)

@@ -152,3 +152,20 @@ def test_shutdown_ends_open_streams():
         assert ae.stats().slots_used == 0
 
     asyncio.run(main())
+
+
+def test_serves_consumers_on_a_later_event_loop():
+    ae = make(FakeRecurrentLM(VOCAB))
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+
+    async def first() -> list[RequestOutput]:
+        await ae.start()
+        return await collect(ae, "a", [1, 2], params)
+
+    async def second() -> list[RequestOutput]:
+        outs = await collect(ae, "b", [1, 2], params)
+        await ae.shutdown()
+        return outs
+
+    a, b = asyncio.run(first()), asyncio.run(second())
+    assert [o.new_token_ids for o in a] == [o.new_token_ids for o in b] and b[-1].finished
