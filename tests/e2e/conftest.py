@@ -41,11 +41,12 @@ class LiveServer:
         return self.log.read_text(errors="replace")
 
 
-def start_server(args: list[str], log: Path, timeout: float = 120.0) -> LiveServer:
+def start_server(args: list[str], log: Path, timeout: float = 120.0, env: dict[str, str] | None = None) -> LiveServer:
     port = free_port()
     cmd = [sys.executable, "-m", "rnnserve", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RNNSERVE_API_KEY", None)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    full_env.pop("RNNSERVE_API_KEY", None)
+    env = {**full_env, **(env or {})}
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     server = LiveServer(f"http://127.0.0.1:{port}", proc, log)

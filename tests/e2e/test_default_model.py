@@ -1,0 +1,34 @@
+"""``rnnserve serve`` with no arguments serves the embedded default model, chat included."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.e2e.conftest import LiveServer, start_server, stop_server
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    cache = tmp_path_factory.mktemp("rnnserve-cache")
+    server = start_server([], cache / "server.log", env={"RNNSERVE_CACHE": str(cache)})
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+def test_default_model_chats_out_of_the_box(default_server: LiveServer) -> None:
+    client = openai.OpenAI(base_url=default_server.v1, api_key="unused", max_retries=0, timeout=60)
+    models = client.models.list().data
+    assert len(models) == 1
+    assert Path((models[0].model_extra or {})["root"]).name == models[0].id
+    r = client.chat.completions.create(
+        model=models[0].id, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0
+    )
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens >= 1
+    assert f"{default_server.base_url}/v1" in default_server.log_text()
