@@ -9,6 +9,7 @@ keeps logprobs, and feeds the latency metrics.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from rnnserve.server.metrics import ServerMetrics
 from rnnserve.server.protocol import SamplingRequest
 from rnnserve.server.streaming import InputRejected, MergedStreams
 from rnnserve.server.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 # Bound for a request without max_tokens on a model without a context limit (a recurrent model
 # has none): an untrained model may never emit EOS.
@@ -270,3 +273,13 @@ def default_max_tokens(max_model_len: int | None) -> int | None:
 
 def engine_error(exc: EngineFailure) -> APIError:
     return APIError(500, f"the engine failed: {exc}", code="engine_error")
+
+
+def stream_error(exc: Exception) -> APIError:
+    """The error event for a failure after a stream has started."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineFailure):
+        return engine_error(exc)
+    logger.error("stream failed", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")

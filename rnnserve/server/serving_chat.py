@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from rnnserve.engine.request import TokenLogprob
 from rnnserve.server.context import ServingContext
-from rnnserve.server.errors import APIError, bad_request
+from rnnserve.server.errors import bad_request
 from rnnserve.server.generation import (
     ChoiceDelta,
     EngineFailure,
@@ -24,6 +24,7 @@ from rnnserve.server.generation import (
     check_prompt,
     default_max_tokens,
     engine_error,
+    stream_error,
 )
 from rnnserve.server.protocol import (
     ChatChoice,
@@ -218,10 +219,8 @@ async def _stream(
                 yield sse(
                     ChatCompletionChunk(id=request_id, created=created, model=ctx.model_name, choices=[], usage=usage)
                 )
-        except APIError as exc:
-            yield sse(exc.body())
-        except EngineFailure as exc:
-            yield sse(engine_error(exc).body())
+        except Exception as exc:  # headers are sent: the error goes out as an event, then [DONE]
+            yield sse(stream_error(exc).body())
         finally:
             await deltas.aclose()
         yield SSE_DONE

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from rnnserve.engine.request import TokenLogprob
 from rnnserve.server.context import ServingContext
-from rnnserve.server.errors import APIError, bad_request
+from rnnserve.server.errors import bad_request
 from rnnserve.server.generation import (
     ChoiceDelta,
     EngineFailure,
@@ -17,6 +17,7 @@ from rnnserve.server.generation import (
     build_sampling_params,
     check_prompt,
     engine_error,
+    stream_error,
 )
 from rnnserve.server.protocol import (
     CompletionChoice,
@@ -92,11 +93,12 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest) -> JSO
     prompts = parse_prompts(ctx, body)
     max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
     for i, prompt in enumerate(prompts):
+        # Only an explicit max_tokens can overrun max_model_len; the default stops at the limit.
         check_prompt(
             prompt.token_ids,
             vocab_size=ctx.vocab_size,
             max_model_len=ctx.max_model_len,
-            max_tokens=max_tokens,
+            max_tokens=body.max_tokens,
             param="prompt" if len(prompts) == 1 else f"prompt.{i}",
         )
     if body.stop_strings():
@@ -212,10 +214,8 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, gen: Generation,
                 yield sse(
                     CompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=[], usage=usage)
                 )
-        except APIError as exc:
-            yield sse(exc.body())
-        except EngineFailure as exc:
-            yield sse(engine_error(exc).body())
+        except Exception as exc:  # headers are sent: the error goes out as an event, then [DONE]
+            yield sse(stream_error(exc).body())
         finally:
             await deltas.aclose()
         yield SSE_DONE

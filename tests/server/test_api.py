@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from rnnserve.config import ServerConfig
 from rnnserve.engine.request import FinishReason, RequestOutput, SamplingParams
 from rnnserve.server.app import build_app
+from rnnserve.server.tokenizer import load_tokenizer
 from tests.server.conftest import make_app
 
 GREEDY = {"temperature": 0.0}
@@ -324,6 +325,9 @@ def test_context_length_limit(model_dir: Path) -> None:
         assert err["code"] == "context_length_exceeded"
         assert_error(client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 23}), 400, "max_tokens")
         assert complete(client, prompt=[5, 6], max_tokens=22)["usage"]["completion_tokens"] == 22
+        # Without max_tokens (OpenAI's default of 16), generation just stops at the limit.
+        r = complete(client, prompt=list(range(100, 120)))
+        assert r["usage"]["completion_tokens"] == 4 and r["choices"][0]["finish_reason"] == "length"
         # Chat with no max_tokens stops at the context limit.
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}]}).json()
         assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["total_tokens"] == 24
@@ -378,8 +382,9 @@ class FailingEngine:
     max_model_len = None
     vocab_size = 50280
 
-    def __init__(self, reject: bool = False) -> None:
+    def __init__(self, reject: bool = False, tokens_before_failing: int = 0) -> None:
         self.reject = reject
+        self.tokens_before_failing = tokens_before_failing
 
     async def start(self) -> None:
         pass
@@ -398,6 +403,8 @@ class FailingEngine:
     ) -> AsyncIterator[RequestOutput]:
         if self.reject:
             raise ValueError("the engine does not like this prompt")
+        for i in range(self.tokens_before_failing):
+            yield RequestOutput(request_id, [(25521, 1533)[i % 2]], None, len(prompt_token_ids), i + 1, False)
         yield RequestOutput(request_id, [], None, len(prompt_token_ids), 0, True, FinishReason.ERROR, error="boom")
 
 
@@ -411,3 +418,13 @@ def test_engine_failure_is_500_and_engine_rejection_is_400() -> None:
         for stream_it in (False, True):
             err = assert_error(client.post("/v1/completions", json={"prompt": [1, 2], "stream": stream_it}), 400)
             assert "does not like" in err["message"]
+
+
+def test_engine_failure_mid_stream_is_an_error_event(neox_tokenizer_dir: Path) -> None:
+    tok = load_tokenizer(neox_tokenizer_dir)
+    app = build_app(FailingEngine(tokens_before_failing=2), tok, model_name="f", model_root="/f")
+    with TestClient(app) as client:
+        events = stream(client, "/v1/completions", {"prompt": "x"})
+        assert [e["choices"][0]["text"] for e in events[:2]] == ["hello", " world"]
+        assert "boom" in events[2]["error"]["message"] and events[2]["error"]["code"] == "engine_error"
+        assert events[3:] == ["[DONE]"]
