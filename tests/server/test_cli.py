@@ -60,3 +60,17 @@ def test_dispatch_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     with pytest.raises(SystemExit):
         main(["serve", "--max-num-seqs", "0"])
+
+
+def test_bench_and_chat_dispatch_to_their_modules(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["bench", "throughput", "--help"], ["chat", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_serve_reports_a_missing_model_clearly(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert "rnnserve serve: error:" in err and "nowhere" in err
