@@ -8,7 +8,7 @@ loader by the real engine, exactly as ``rnnserve serve --model DIR`` does.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -89,14 +89,3 @@ def app_client(model_dir: Path) -> Iterator:
 
     with TestClient(make_app(model_dir)) as client:
         yield client
-
-
-@pytest.fixture(scope="session")
-def client_factory(model_dir: Path) -> Callable[..., object]:
-    """``client_factory(**make_app_kwargs)`` -> a context manager yielding a TestClient."""
-    from fastapi.testclient import TestClient
-
-    def make(**kwargs) -> TestClient:
-        return TestClient(make_app(kwargs.pop("folder", model_dir), **kwargs))
-
-    return make
