@@ -1,16 +1,60 @@
-"""RWKV-4 WKV prefill over a packed variable-length batch: a log-depth parallel scan in log space.
+"""RWKV-4 WKV prefill over a packed variable-length batch, in chunked form.
 
-Each token t is the affine map ``s ← e^{w} s + e^{k_t} (v_t, 1)`` on the pair (numerator, denominator).
-An element ``(a, b, p)`` stands for "decay by n steps, then add e^p (a, b)"; composing an element with
-the d-step element after it gives ``p = max(p1 + d w, p2)``, ``a = e^{p1 + d w - p} a1 + e^{p2 - p} a2``
-(likewise b): the same max trick as the recurrence, so nothing overflows. A Hillis-Steele scan applies
-it in ceil(log2(max_seqlen)) vectorised steps over all tokens and channels at once; a step never
-combines across a sequence boundary. See README.md.
+Every sequence is cut into chunks of ``chunk_size`` tokens (never crossing a sequence boundary) and all
+chunks of the batch are gathered into one ``[NC, L, C]`` block. Three vectorised passes:
+
+1. inside every chunk at once, the recurrence from an empty state: a loop over the L positions of a
+   chunk, each step on ``[NC, C]`` (the max-trick update of the reference);
+2. the carry of each sequence's state from chunk to chunk: a loop over the chunk index, each step
+   combining the decayed carry with a chunk's local end state, batched over sequences;
+3. every output at once, from the carry decayed by the token's offset, the local state before the
+   token and the token's own bonus term.
+
+So a prompt of T tokens takes L + ceil(T / L) small vectorised steps (96 for T = 2048, L = 32), not T.
+Combining two partial states uses the same max trick as the recurrence, so nothing overflows. See
+README.md.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+DEFAULT_CHUNK_SIZE = 32
+# Exponent of an empty partial state (the recurrence's fresh ``pp``): e^{EMPTY - anything real} = 0.
+_EMPTY = -1e30
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """gather: [NC * L] token index of every chunk position (padding points at row T);
+    valid: [NC] number of real tokens per chunk; first / count: per sequence its first chunk and number
+    of chunks (host ints)."""
+
+    gather: torch.Tensor
+    valid: torch.Tensor
+    first: list[int]
+    count: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.count)
+
+
+def _chunks(cu_seqlens: torch.Tensor, size: int, device: torch.device) -> _Chunks:
+    bounds = cu_seqlens.tolist()
+    count = [(bounds[i + 1] - bounds[i] + size - 1) // size for i in range(len(bounds) - 1)]
+    first = [sum(count[:i]) for i in range(len(count))]
+    starts, ends = [], []
+    for i, n in enumerate(count):
+        starts += [bounds[i] + j * size for j in range(n)]
+        ends += [bounds[i + 1]] * n
+    start_t, end_t = torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long)
+    pos = start_t.unsqueeze(1) + torch.arange(size)  # [NC, L]
+    gather = torch.where(pos < end_t.unsqueeze(1), pos, bounds[-1])
+    valid = (end_t - start_t).clamp(max=size)
+    return _Chunks(gather.reshape(-1).to(device), valid.to(device), first, count)
 
 
 def _combine(
@@ -33,56 +77,65 @@ def wkv4_varlen(
     cu_seqlens: torch.Tensor,
     slot_ids: torch.Tensor,
     max_seqlen: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """w [C] (= -exp(time_decay)), u [C] (time_first), k, v [T, C]; aa, bb, pp [S, C] fp32: sequence b
-    starts from row ``slot_ids[b]`` and its final state is written back there. cu_seqlens [B + 1] int32
-    (every sequence at least one token). Returns wkv [T, C] fp32."""
-    num_tokens = k.shape[0]
+    """w [C] (= -exp(time_decay)), u [C] (time_first), k, v [T, C]; aa, bb, pp [S, C] fp32: sequence i
+    starts from row ``slot_ids[i]`` and its final state is written back there. cu_seqlens [B + 1] int32
+    (every sequence at least one token). ``max_seqlen`` is accepted for interface symmetry (the chunk
+    layout reads the lengths on the host anyway). Returns wkv [T, C] fp32."""
+    num_tokens, channels = k.shape
+    L = chunk_size
     dev = k.device
     w, u = w.float(), u.float()
-    k, v = k.float(), v.float()
-    cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]  # [B]
-    if max_seqlen is None:
-        max_seqlen = int(lens.max()) if lens.numel() else 0
-    seq_of_tok = torch.repeat_interleave(torch.arange(lens.shape[0], device=dev), lens, output_size=num_tokens)  # [T]
-    pos = torch.arange(num_tokens, device=dev) - cu[:-1][seq_of_tok]  # [T], position inside its sequence
+    ch = _chunks(cu_seqlens, L, dev)
+    nc = ch.total
 
-    # Inclusive scan: after the step with offset d, element t covers tokens [max(start, t - 2d + 1), t].
-    a, b, p = v, torch.ones_like(v), k  # [T, C] each
-    d = 1
-    while d < max_seqlen:
-        take = (pos[d:] >= d).unsqueeze(-1)  # [T-d, 1]: the element d back is in the same sequence
-        na, nb, np_ = _combine(a[:-d], b[:-d], p[:-d] + d * w, a[d:], b[d:], p[d:])
-        a = torch.cat([a[:d], torch.where(take, na, a[d:])])
-        b = torch.cat([b[:d], torch.where(take, nb, b[d:])])
-        p = torch.cat([p[:d], torch.where(take, np_, p[d:])])
-        d *= 2
+    # Padding (after the last token of a sequence) adds nothing: e^{k} = 0, v = 0.
+    kc = torch.cat([k.float(), k.new_full((1, channels), _EMPTY, dtype=torch.float32)]).index_select(0, ch.gather)
+    vc = torch.cat([v.float(), v.new_zeros((1, channels), dtype=torch.float32)]).index_select(0, ch.gather)
+    kc, vc = kc.view(nc, L, channels), vc.view(nc, L, channels)
 
-    a0 = aa.index_select(0, slot_ids).float()  # [B, C]
-    b0 = bb.index_select(0, slot_ids).float()
-    p0 = pp.index_select(0, slot_ids).float()
+    # 1. Local states inside every chunk, from empty: la/lb/lp[:, i] is the state before position i,
+    # [:, L] the state after the last position.
+    la = torch.empty(nc, L + 1, channels, dtype=torch.float32, device=dev)
+    lb, lp = torch.empty_like(la), torch.empty_like(la)
+    la[:, 0], lb[:, 0], lp[:, 0] = 0.0, 0.0, _EMPTY
+    ones = torch.ones(nc, channels, dtype=torch.float32, device=dev)
+    for i in range(L):
+        la[:, i + 1], lb[:, i + 1], lp[:, i + 1] = _combine(la[:, i], lb[:, i], lp[:, i] + w, vc[:, i], ones, kc[:, i])
 
-    # State before token t: the initial state decayed by pos steps, combined with tokens [start, t-1].
-    posf = pos.unsqueeze(-1).float()  # [T, 1]
-    first = (pos == 0).unsqueeze(-1)  # [T, 1]
-    prev_a = torch.cat([a[:1], a[:-1]])
-    prev_b = torch.cat([b[:1], b[:-1]])
-    prev_p = torch.cat([p[:1], p[:-1]]).masked_fill(first, float("-inf"))
-    sa, sb, sp = _combine(
-        a0[seq_of_tok], b0[seq_of_tok], p0[seq_of_tok] + posf * w, prev_a.masked_fill(first, 0.0), prev_b, prev_p
-    )
+    # 2. Carry across chunks. A chunk's local end is its state after its last real token.
+    last = ch.valid.view(nc, 1, 1).expand(nc, 1, channels)
+    end_a, end_b, end_p = (x.gather(1, last).squeeze(1) for x in (la, lb, lp))  # [NC, C]
+    span = ch.valid.unsqueeze(-1).float() * w  # [NC, C], decay across a chunk's real tokens
+    bsz = slot_ids.shape[0]
+    ca = aa.index_select(0, slot_ids).float()  # [B, C]
+    cb = bb.index_select(0, slot_ids).float()
+    cp = pp.index_select(0, slot_ids).float()
+    in_a, in_b, in_p = (torch.empty(nc, channels, dtype=torch.float32, device=dev) for _ in range(3))
+    for j in range(max(ch.count, default=0)):
+        live = [i for i in range(bsz) if ch.count[i] > j]
+        ids = torch.tensor([ch.first[i] + j for i in live], dtype=torch.long, device=dev)
+        rows = torch.tensor(live, dtype=torch.long, device=dev)
+        pa, pb, pq = ca[rows], cb[rows], cp[rows]
+        in_a[ids], in_b[ids], in_p[ids] = pa, pb, pq
+        na, nb, np_ = _combine(pa, pb, pq + span[ids], end_a[ids], end_b[ids], end_p[ids])
+        ca[rows], cb[rows], cp[rows] = na, nb, np_
+    aa.index_copy_(0, slot_ids, ca.to(aa.dtype))
+    bb.index_copy_(0, slot_ids, cb.to(bb.dtype))
+    pp.index_copy_(0, slot_ids, cp.to(pp.dtype))
 
-    # wkv_t = (e^{sp} sa + e^{u + k_t} v_t) / (e^{sp} sb + e^{u + k_t}), with the max trick.
-    uk = u + k
-    q = torch.maximum(sp, uk)
-    e1, e2 = torch.exp(sp - q), torch.exp(uk - q)
-    out = (e1 * sa + e2 * v) / (e1 * sb + e2)
-
-    # Final state: the initial state decayed by the whole length, combined with all of the sequence.
-    last = cu[1:] - 1  # [B]
-    fa, fb, fp = _combine(a0, b0, p0 + lens.unsqueeze(-1).float() * w, a[last], b[last], p[last])
-    aa.index_copy_(0, slot_ids, fa.to(aa.dtype))
-    bb.index_copy_(0, slot_ids, fb.to(bb.dtype))
-    pp.index_copy_(0, slot_ids, fp.to(pp.dtype))
-    return out
+    # 3. Outputs. Before token i of a chunk the state is the carry decayed by i steps plus the local
+    # state before i; the token itself enters with the bonus u. One three-way max trick:
+    # wkv = (e^{p_c} a_c + e^{p_l} a_l + e^{u+k} v) / (e^{p_c} b_c + e^{p_l} b_l + e^{u+k}).
+    p_c = in_p.unsqueeze(1) + torch.arange(L, device=dev, dtype=torch.float32).view(1, L, 1) * w  # [NC, L, C]
+    p_l = lp[:, :L]
+    uk = u + kc
+    q = torch.maximum(torch.maximum(p_c, p_l), uk)
+    e_c, e_l, e_b = torch.exp(p_c - q), torch.exp(p_l - q), torch.exp(uk - q)
+    num = e_c * in_a.unsqueeze(1) + e_l * la[:, :L] + e_b * vc
+    den = e_c * in_b.unsqueeze(1) + e_l * lb[:, :L] + e_b
+    o = (num / den).view(nc * L, channels)
+    out = torch.empty(num_tokens + 1, channels, dtype=torch.float32, device=dev)
+    out.index_copy_(0, ch.gather, o)  # padding rows all land on row T, dropped below
+    return out[:num_tokens]
