@@ -50,17 +50,18 @@ def _clone(states):
 
 
 @pytest.mark.parametrize(
-    ("lens", "fresh", "key_scale"),
+    ("lens", "fresh", "key_scale", "chunk_size"),
     [
-        ([1], False, 3.0),
-        ([63], True, 3.0),
-        ([500], False, 3.0),
-        ([500], True, 60.0),  # e^k far beyond fp32 range: only the max trick keeps it finite
-        ([5, 1, 63, 130, 2], False, 3.0),
-        ([64, 1, 128], True, 10.0),
+        ([1], False, 3.0, 32),
+        ([63], True, 3.0, 32),
+        ([500], False, 3.0, 32),
+        ([500], True, 60.0, 32),  # e^k far beyond fp32 range: only the max trick keeps it finite
+        ([500], False, 3.0, 7),
+        ([5, 1, 63, 130, 2], False, 3.0, 16),
+        ([64, 1, 128], True, 10.0, 64),
     ],
 )
-def test_chunk_matches_naive(lens: list[int], fresh: bool, key_scale: float) -> None:
+def test_chunk_matches_naive(lens: list[int], fresh: bool, key_scale: float, chunk_size: int) -> None:
     channels = 7
     w, u, k, v = _inputs(sum(lens), channels, key_scale)
     num_slots = 2 * len(lens) + 3
@@ -68,7 +69,7 @@ def test_chunk_matches_naive(lens: list[int], fresh: bool, key_scale: float) -> 
     slots = torch.tensor([2 * i + 3 for i in range(len(lens))][::-1])  # not 0..B-1, not increasing
     ref_st, st = tuple(s.double() for s in states), _clone(states)
     ref = wkv4_naive(w.double(), u.double(), k.double(), v.double(), *ref_st, _cu(lens), slots)
-    out = wkv4_varlen(w, u, k, v, *st, _cu(lens), slots)
+    out = wkv4_varlen(w, u, k, v, *st, _cu(lens), slots, chunk_size=chunk_size)
     assert torch.isfinite(ref).all()
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, atol=ATOL, rtol=RTOL)
