@@ -45,8 +45,9 @@ class ServingContext:
             )
         return self.tokenizer
 
-    def token_str(self, token_id: int) -> str:
-        if self.tokenizer is None:
+    def token_str(self, token_id: int, as_id: bool = False) -> str:
+        """A token for logprobs: its text, or ``token_id:N`` when asked or without a tokenizer."""
+        if self.tokenizer is None or as_id:
             return f"token_id:{token_id}"
         return self.tokenizer.token_str(token_id)
 

@@ -44,8 +44,8 @@ class Prompt:
 class ChoiceDelta:
     index: int
     text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]  # of the tokens whose text is (at least partly) in this delta
+    token_ids: list[int]  # the tokens whose text is (at least partly) in this delta
+    logprobs: list[TokenLogprob]  # of those tokens, when asked for
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -61,6 +61,7 @@ class ChoiceState:
     want_logprobs: bool
     start_time: float
     token_ids: list[int] = field(default_factory=list)
+    pending_token_ids: list[int] = field(default_factory=list)  # held back with their text
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_output_tokens: int = 0
@@ -147,7 +148,7 @@ class Generation:
                 delta = self._process(choice, output)
                 if delta.finish_reason is not None and not output.finished:
                     await self.streams.stop(index)  # a stop string matched: abort in the engine
-                if delta.finish_reason is not None or delta.text or delta.logprobs:
+                if delta.finish_reason is not None or delta.text or delta.logprobs or delta.token_ids:
                     yield delta
         except InputRejected as exc:
             rejected = True
@@ -177,6 +178,7 @@ class Generation:
                     self.metrics.observe_itl(gap)
             choice.last_token_time = now
         choice.token_ids.extend(new_ids)
+        choice.pending_token_ids.extend(new_ids)
         choice.num_output_tokens = output.num_output_tokens or len(choice.token_ids)
         if choice.want_logprobs and output.new_logprobs:
             choice.pending_logprobs.extend(output.new_logprobs)
@@ -197,12 +199,14 @@ class Generation:
             if finish == "stop" and new_ids and new_ids[-1] in self.stop_token_ids:
                 choice.stop_reason = new_ids[-1]
         logprobs: list[TokenLogprob] = []
+        token_ids: list[int] = []
         if text or finish is not None or choice.detok is None:
             logprobs, choice.pending_logprobs = choice.pending_logprobs, []
+            token_ids, choice.pending_token_ids = choice.pending_token_ids, []
         if finish is not None:
             choice.finish_reason = finish
             self.metrics.observe_finish(finish, now - choice.start_time)
-        return ChoiceDelta(choice.index, text, new_ids, logprobs, finish, choice.stop_reason)
+        return ChoiceDelta(choice.index, text, token_ids, logprobs, finish, choice.stop_reason)
 
 
 def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -54,6 +54,8 @@ class SamplingRequest(OpenAIRequest):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     skip_special_tokens: bool = True
+    return_token_ids: bool = False  # vLLM: add prompt_token_ids and token_ids to the choices
+    return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:N"
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -124,6 +126,8 @@ class CompletionChoice(OpenAIResponse):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(OpenAIResponse):
@@ -163,6 +167,7 @@ class ChatChoice(OpenAIResponse):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(OpenAIResponse):
@@ -172,6 +177,7 @@ class ChatCompletionResponse(OpenAIResponse):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = None
 
 
 class DeltaMessage(OpenAIResponse):
@@ -185,6 +191,7 @@ class ChatStreamChoice(OpenAIResponse):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionChunk(OpenAIResponse):

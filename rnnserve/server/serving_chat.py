@@ -81,16 +81,18 @@ def render_chat_prompt(ctx: ServingContext, body: ChatCompletionRequest | Any) -
     return Prompt(tokenizer.encode(text, add_special_tokens=False), text)
 
 
-def _chat_logprobs(ctx: ServingContext, entries: list[TokenLogprob], top_n: int) -> ChatLogprobs:
+def _chat_logprobs(ctx: ServingContext, entries: list[TokenLogprob], top_n: int, as_ids: bool) -> ChatLogprobs:
     content = []
     for lp in entries:
         top = sorted(lp.top.items(), key=lambda kv: -kv[1])[:top_n]
         content.append(
             ChatTokenLogprob(
-                token=ctx.token_str(lp.token_id),
+                token=ctx.token_str(lp.token_id, as_ids),
                 logprob=lp.logprob,
                 bytes=ctx.token_bytes(lp.token_id),
-                top_logprobs=[TopLogprob(token=ctx.token_str(t), logprob=v, bytes=ctx.token_bytes(t)) for t, v in top],
+                top_logprobs=[
+                    TopLogprob(token=ctx.token_str(t, as_ids), logprob=v, bytes=ctx.token_bytes(t)) for t, v in top
+                ],
             )
         )
     return ChatLogprobs(content=content)
@@ -131,10 +133,12 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     )
     if body.stream:
         return await _stream(ctx, body, gen, request_id, top_n)
-    return await _complete(ctx, gen, request_id, top_n)
+    return await _complete(ctx, body, gen, request_id, top_n)
 
 
-async def _complete(ctx: ServingContext, gen: Generation, request_id: str, top_n: int) -> JSONResponse:
+async def _complete(
+    ctx: ServingContext, body: ChatCompletionRequest, gen: Generation, request_id: str, top_n: int
+) -> JSONResponse:
     entries: list[list[TokenLogprob]] = [[] for _ in gen.choices]
     try:
         async for delta in gen.deltas():
@@ -145,9 +149,12 @@ async def _complete(ctx: ServingContext, gen: Generation, request_id: str, top_n
         ChatChoice(
             index=c.index,
             message=ChatResponseMessage(content=c.text),
-            logprobs=_chat_logprobs(ctx, entries[c.index], top_n) if c.want_logprobs else None,
+            logprobs=_chat_logprobs(ctx, entries[c.index], top_n, body.return_tokens_as_token_ids)
+            if c.want_logprobs
+            else None,
             finish_reason=c.finish_reason,
             stop_reason=c.stop_reason,
+            token_ids=c.token_ids if body.return_token_ids else None,
         )
         for c in gen.choices
     ]
@@ -156,7 +163,14 @@ async def _complete(ctx: ServingContext, gen: Generation, request_id: str, top_n
         completion_tokens=gen.num_output_tokens,
         total_tokens=gen.num_prompt_tokens + gen.num_output_tokens,
     )
-    response = ChatCompletionResponse(id=request_id, created=now(), model=ctx.model_name, choices=choices, usage=usage)
+    response = ChatCompletionResponse(
+        id=request_id,
+        created=now(),
+        model=ctx.model_name,
+        choices=choices,
+        usage=usage,
+        prompt_token_ids=gen.prompts[0].token_ids if body.return_token_ids else None,
+    )
     return JSONResponse(response.model_dump())
 
 
@@ -181,15 +195,20 @@ async def _stream(
     def chunks(delta: ChoiceDelta) -> list[bytes]:
         out = []
         choice = gen.choices[delta.index]
-        logprobs = _chat_logprobs(ctx, delta.logprobs, top_n) if choice.want_logprobs and delta.logprobs else None
+        logprobs = (
+            _chat_logprobs(ctx, delta.logprobs, top_n, body.return_tokens_as_token_ids)
+            if choice.want_logprobs and delta.logprobs
+            else None
+        )
         if delta.text or logprobs is not None or not role_sent[delta.index]:
             message = DeltaMessage(content=delta.text)
             if not role_sent[delta.index]:
                 role_sent[delta.index] = True
                 message = DeltaMessage(role="assistant", content=delta.text)
-            out.append(
-                make_chunk(ChatStreamChoice(index=delta.index, delta=message, logprobs=logprobs, finish_reason=None))
-            )
+            content_choice = ChatStreamChoice(index=delta.index, delta=message, logprobs=logprobs, finish_reason=None)
+            if body.return_token_ids:
+                content_choice.token_ids = delta.token_ids
+            out.append(make_chunk(content_choice))
         if delta.finish_reason is not None:
             out.append(
                 make_chunk(

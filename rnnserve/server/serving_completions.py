@@ -59,14 +59,15 @@ def parse_prompts(ctx: ServingContext, body: CompletionRequest) -> list[Prompt]:
 class _LegacyLogprobs:
     """Accumulates OpenAI's legacy logprobs lists for one choice, with text offsets."""
 
-    def __init__(self, ctx: ServingContext) -> None:
+    def __init__(self, ctx: ServingContext, as_ids: bool = False) -> None:
         self._ctx = ctx
+        self._as_ids = as_ids
         self.offset = 0
 
     def build(self, entries: list[tuple[int, TokenLogprob | None]]) -> CompletionLogprobs:
         out = CompletionLogprobs()
         for token_id, lp in entries:
-            token = self._ctx.token_str(token_id)
+            token = self._ctx.token_str(token_id, self._as_ids)
             out.tokens.append(token)
             out.text_offset.append(self.offset)
             self.offset += len(token)
@@ -75,7 +76,7 @@ class _LegacyLogprobs:
                 out.top_logprobs.append(None)
                 continue
             out.token_logprobs.append(lp.logprob)
-            top = {self._ctx.token_str(t): v for t, v in sorted(lp.top.items(), key=lambda kv: -kv[1])}
+            top = {self._ctx.token_str(t, self._as_ids): v for t, v in sorted(lp.top.items(), key=lambda kv: -kv[1])}
             top.setdefault(token, lp.logprob)
             out.top_logprobs.append(top)
         return out
@@ -142,7 +143,8 @@ async def _complete(ctx: ServingContext, body: CompletionRequest, gen: Generatio
         if body.echo:
             text = (choice.prompt.text or "") + text
             token_entries = _prompt_entries(choice.prompt, choice.prompt_logprobs) + token_entries
-        logprobs = _LegacyLogprobs(ctx).build(token_entries) if choice.want_logprobs else None
+        as_ids = body.return_tokens_as_token_ids
+        logprobs = _LegacyLogprobs(ctx, as_ids).build(token_entries) if choice.want_logprobs else None
         choices.append(
             CompletionChoice(
                 index=choice.index,
@@ -150,6 +152,8 @@ async def _complete(ctx: ServingContext, body: CompletionRequest, gen: Generatio
                 logprobs=logprobs,
                 finish_reason=choice.finish_reason,
                 stop_reason=choice.stop_reason,
+                prompt_token_ids=choice.prompt.token_ids if body.return_token_ids else None,
+                token_ids=choice.token_ids if body.return_token_ids else None,
             )
         )
     usage = UsageInfo(
@@ -170,14 +174,15 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, gen: Generation,
         first = await deltas.__anext__()
     except EngineFailure as exc:
         raise engine_error(exc) from exc
-    logprob_state = [_LegacyLogprobs(ctx) for _ in gen.choices]
+    logprob_state = [_LegacyLogprobs(ctx, body.return_tokens_as_token_ids) for _ in gen.choices]
     started = [False] * len(gen.choices)
 
     def chunk(delta: ChoiceDelta) -> bytes:
         choice = gen.choices[delta.index]
         text = delta.text
         token_entries: list[tuple[int, TokenLogprob | None]] = [(lp.token_id, lp) for lp in delta.logprobs]
-        if not started[delta.index]:
+        first_chunk = not started[delta.index]
+        if first_chunk:
             started[delta.index] = True
             if body.echo:
                 text = (choice.prompt.text or "") + text
@@ -195,6 +200,8 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, gen: Generation,
                         logprobs=logprobs,
                         finish_reason=delta.finish_reason,
                         stop_reason=delta.stop_reason,
+                        prompt_token_ids=choice.prompt.token_ids if (body.return_token_ids and first_chunk) else None,
+                        token_ids=delta.token_ids if body.return_token_ids else None,
                     )
                 ],
             )

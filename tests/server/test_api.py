@@ -428,3 +428,48 @@ def test_engine_failure_mid_stream_is_an_error_event(neox_tokenizer_dir: Path) -
         assert [e["choices"][0]["text"] for e in events[:2]] == ["hello", " world"]
         assert "boom" in events[2]["error"]["message"] and events[2]["error"]["code"] == "engine_error"
         assert events[3:] == ["[DONE]"]
+
+
+def test_token_ids_match_transformers_greedy_generate(app_client: TestClient, model_dir: Path) -> None:
+    """Served greedily, the tokens are transformers' own greedy ``generate()`` tokens."""
+    import torch
+    from transformers import MambaForCausalLM
+
+    prompt = [510, 3158, 8516, 30013, 27287, 689, 253, 22658]
+    ref = MambaForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    expected = out[0, len(prompt) :].tolist()
+    body = {"prompt": prompt, "max_tokens": 16, "ignore_eos": True, "return_token_ids": True, **GREEDY}
+    choice = complete(app_client, **body)["choices"][0]
+    assert choice["prompt_token_ids"] == prompt
+    assert choice["token_ids"] == expected
+    tok = load_tokenizer(model_dir)
+    assert choice["text"] == tok.decode(expected)
+    events = stream(app_client, "/v1/completions", body)
+    assert [t for e in events[:-1] for t in e["choices"][0]["token_ids"]] == expected
+    assert events[0]["choices"][0]["prompt_token_ids"] == prompt
+
+
+def test_return_token_ids_in_chat_and_as_logprob_tokens(app_client: TestClient) -> None:
+    r = chat(app_client, messages=MESSAGES, max_tokens=5, return_token_ids=True, logprobs=True, **GREEDY)
+    ids = r["choices"][0]["token_ids"]
+    assert (
+        len(ids) == 5
+        and r["prompt_token_ids"] == app_client.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    )
+    events = stream(
+        app_client, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 5, "return_token_ids": True, **GREEDY}
+    )
+    assert [t for e in events[:-1] for t in e["choices"][0].get("token_ids", [])] == ids
+    as_ids = complete(
+        app_client,
+        prompt="abc",
+        max_tokens=3,
+        logprobs=1,
+        return_tokens_as_token_ids=True,
+        return_token_ids=True,
+        **GREEDY,
+    )
+    choice = as_ids["choices"][0]
+    assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in choice["token_ids"]]
