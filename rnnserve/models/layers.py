@@ -11,6 +11,8 @@ from torch import nn
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] normalised in fp32, cast to the weight's dtype, then scaled (as transformers'
     Mamba/LLaMA RMSNorm do when the input is already in the model dtype)."""
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op, same maths
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(weight.dtype)
