@@ -16,8 +16,9 @@ Run headless (a server on :8000)::
 
 Options (after the locust ones, or as environment variables): ``--model`` / ``RNNSERVE_MODEL``
 (default: the first of /v1/models), ``--endpoint completions|chat``, ``--input-len`` (words, ~tokens),
-``--output-len``, ``--api-key`` / ``OPENAI_API_KEY``. This file imports nothing of rnnserve, so the
-stock ``locustio/locust`` image runs it as is (see docker-compose.yml, profile ``loadtest``).
+``--output-len``, ``--api-key`` / ``OPENAI_API_KEY``, ``--max-requests`` / ``RNNSERVE_MAX_REQUESTS``
+(stop the run after that many requests). This file imports nothing of rnnserve, so the stock
+``locustio/locust`` image runs it as is (see docker-compose.yml, profile ``loadtest``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import random
 import time
 
+import gevent
 from locust import HttpUser, between, events, task
 
 _WORD_TEXT = (
@@ -49,6 +51,12 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--input-len", type=int, default=int(os.environ.get("RNNSERVE_INPUT_LEN", "128")))
     parser.add_argument("--output-len", type=int, default=int(os.environ.get("RNNSERVE_OUTPUT_LEN", "64")))
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""), help="bearer token")
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=int(os.environ.get("RNNSERVE_MAX_REQUESTS", "0")),
+        help="stop the run after this many streamed requests, done or failed (0: run for --run-time)",
+    )
 
 
 def _text_of(chunk: dict) -> str:
@@ -78,6 +86,19 @@ class OpenAIStreamingUser(HttpUser):
             listed = (resp.json().get("data") if resp.ok else None) or [{}]
             self.model = listed[0].get("id", "")
 
+    def _count_request(self) -> None:
+        """Stop the whole run once ``--max-requests`` requests have ended (the count lives on the
+        environment, shared by every user of this process)."""
+        env = self.environment
+        limit = getattr(env.parsed_options, "max_requests", 0)
+        if not limit or env.runner is None:
+            return
+        done = getattr(env, "rnnserve_requests_done", 0) + 1
+        env.rnnserve_requests_done = done
+        if done == limit:
+            # From a separate greenlet: quitting stops every user, this one included.
+            gevent.spawn(env.runner.quit)
+
     def _metric(self, name: str, value: float, length: int = 0) -> None:
         self.environment.events.request.fire(
             request_type="METRIC", name=name, response_time=value, response_length=length, exception=None, context={}
@@ -85,6 +106,12 @@ class OpenAIStreamingUser(HttpUser):
 
     @task
     def stream(self) -> None:
+        try:
+            self._stream()
+        finally:
+            self._count_request()
+
+    def _stream(self) -> None:
         prompt = " ".join(random.choice(_WORDS) for _ in range(self.input_len))
         body: dict = {
             "model": self.model,

@@ -48,7 +48,7 @@ def test_bench_serve_against_rnnserve(live_server: str, tmp_path: Path) -> None:
 
 
 def test_locust_against_rnnserve(live_server: str, tmp_path: Path) -> None:
-    stats = run_headless(live_server, tmp_path, ["--input-len", "24", "--output-len", "6"], seconds=4)
+    stats = run_headless(live_server, tmp_path, ["--input-len", "24", "--output-len", "6"], requests=8)
     check_stats(stats, "/v1/completions")
 
 
