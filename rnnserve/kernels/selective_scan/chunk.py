@@ -6,12 +6,11 @@ f: its slot's initial state is folded in (b_f += a_f ⊙ s0) and a_f = 0, so not
 sequence boundary. The stream is cut into blocks (bounding the [L, E, N] working set) and each block
 into chunks of ``chunk_size`` tokens:
 
-1. local scans, all chunks in parallel: b_i ← a_i ⊙ b_{i-1} + b_i for i = 1 .. chunk_size-1;
-2. each chunk's cumulative decay, exp(A ⊗ Σ Δ) from a cumsum of Δ (products of numbers in (0, 1]
-   that may underflow to 0, which is the right limit; nothing is ever divided by them), set to 0
-   after a sequence start inside the chunk;
-3. the state entering each chunk, carried chunk to chunk (one small [E, N] op per chunk);
-4. s_t = local_t + cumdecay_t ⊙ s_enter, then y_t = s_t · C_t + D x_t, gated by silu(z_t).
+1. local scans, all chunks in parallel: b_i ← a_i ⊙ b_{i-1} + b_i and the running decay
+   a_i ← a_i ⊙ a_{i-1}, for i = 1 .. chunk_size-1 (products of numbers in [0, 1] that may underflow
+   to 0, which is the right limit; nothing is ever divided by them);
+2. the state entering each chunk, carried chunk to chunk (one small [E, N] op per chunk);
+3. s_t = local_t + decay_t ⊙ s_enter, then y_t = s_t · C_t + D x_t, gated by silu(z_t).
 
 Python loops run over chunk offsets and chunks, never over tokens one by one: for a block of L tokens
 that is chunk_size + L / chunk_size small ops instead of L.
@@ -54,8 +53,6 @@ def selective_scan_varlen(
     last = [cu[b + 1] - 1 for b in nonempty]
     slots = slot_ids[nonempty] if len(nonempty) < slot_ids.shape[0] else slot_ids
     s0 = ssm_state[slots].float()  # [B', E, N], read before any write
-    is_first = torch.zeros(T, dtype=torch.bool, device=dev)
-    is_first[first] = True
 
     Lc = chunk_size
     block = max(Lc, (_BLOCK_ELEMENTS // (E * N)) // Lc * Lc)
@@ -78,9 +75,8 @@ def selective_scan_varlen(
             delta = F.pad(delta, (0, 0, 0, pad))
             xb = F.pad(xb, (0, 0, 0, pad))
             Bb = F.pad(Bb, (0, 0, 0, pad))
-        starts = F.pad(is_first[t0:t1], (0, pad))  # [nC*Lc]
 
-        a = torch.exp(delta.unsqueeze(-1) * A)  # [nC*Lc, E, N]
+        a = torch.mul(delta.unsqueeze(-1), A).exp_()  # [nC*Lc, E, N], in (0, 1]
         b = (delta * xb).unsqueeze(-1) * Bb.unsqueeze(1)  # [nC*Lc, E, N]
         local_first = [(f - t0, i) for i, f in enumerate(first) if t0 <= f < t1]
         if local_first:
@@ -89,17 +85,14 @@ def selective_scan_varlen(
             b[rows] += a[rows] * s0[seqs]
             a[rows] = 0.0
 
+        # Local scans of all chunks at once; a becomes the decay from the chunk's start (a running
+        # product of factors in [0, 1]: it underflows towards 0, never overflows, and is exactly 0
+        # from a sequence's first token on, which cuts the carry from before it).
         av = a.view(nC, Lc, E, N)
         bv = b.view(nC, Lc, E, N)
         for i in range(1, Lc):
             bv[:, i].addcmul_(av[:, i], bv[:, i - 1])
-
-        # Cumulative decay from each chunk's start, zero from a sequence start on (Δ sum -> +inf).
-        cum = delta.view(nC, Lc, E).cumsum(1)
-        reset = starts.view(nC, Lc).cumsum(1).bool()
-        cum.masked_fill_(reset.unsqueeze(-1), float("inf"))
-        torch.mul(cum.unsqueeze(-1), A, out=av)
-        av.exp_()  # [nC, Lc, E, N]
+            av[:, i].mul_(av[:, i - 1])
 
         enter = torch.empty(nC, E, N, device=dev)
         for c in range(nC):
