@@ -165,6 +165,9 @@ class TransformerLM(RecurrentLM):
     """LLaMA-style or GPT-2 decoder with a per-slot KV cache as its state."""
 
     decode_graph_safe = False
+    # "auto": per-sequence attention on the CPU, batched over a gathered window elsewhere;
+    # "per_seq" / "batched" force one (tests compare them).
+    decode_attention: str = "auto"
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -284,8 +287,8 @@ class TransformerLM(RecurrentLM):
             raise ValueError(f"position {end - 1} is beyond the KV cache (max_model_len {self.max_model_len})")
         return end
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [B, H, Q, hd], k/v [B, Hkv, K, hd], mask [B, 1, Q, K] bool -> [B, H, Q, hd]."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [B, H, Q, hd], k/v [B, Hkv, K, hd], mask [B, 1, Q, K] bool or None -> [B, H, Q, hd]."""
         group = self.cfg.num_heads // self.cfg.num_kv_heads
         if group > 1:
             k = k.repeat_interleave(group, dim=1)
@@ -329,22 +332,43 @@ class TransformerLM(RecurrentLM):
 
     @torch.no_grad()
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
-        # Read the cache only up to the longest context in the batch: decode cost grows with it.
+        # Read each cache only up to its own position: decode cost grows with context, as a paged
+        # Transformer server's does.
         kv_len = self._check_positions(batch.positions)
         positions, slots = batch.positions, batch.slot_ids
         rope = self._rope(positions)
         h = self._embed(batch.input_ids, positions)  # [B, D]
-        key_pos = torch.arange(kv_len, device=positions.device)
-        mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, K]
+        # CPU: one attention per sequence over views of its own cache (no copy, no padding keys).
+        # Elsewhere: one batched attention over a gathered [B, K] window, fewer kernel launches.
+        per_seq = self.decode_attention == "per_seq" or (self.decode_attention == "auto" and h.device.type == "cpu")
+        if per_seq:
+            lengths = (positions + 1).tolist()
+            slot_list = slots.tolist()
+        else:
+            key_pos = torch.arange(kv_len, device=positions.device)
+            mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, K]
         for layer, st in zip(self.layers, states):
             x = layer.input_layernorm(h)
             q, k, v = layer.qkv(x, rope)  # [B, H, hd], [B, Hkv, hd]
             kc, vc = st["k"], st["v"]  # [S, L, Hkv, hd]
             kc[slots, positions] = k
             vc[slots, positions] = v
-            keys = kc[slots, :kv_len].transpose(1, 2)  # [B, Hkv, K, hd]
-            vals = vc[slots, :kv_len].transpose(1, 2)
-            o = self._attend(q[:, :, None, :], keys, vals, mask)  # [B, H, 1, hd]
+            if per_seq:
+                o = torch.cat(
+                    [
+                        self._attend(
+                            q[b, :, None, :][None],  # [1, H, 1, hd]
+                            kc[slot, :n].transpose(0, 1)[None],  # [1, Hkv, n, hd]
+                            vc[slot, :n].transpose(0, 1)[None],
+                            None,
+                        )
+                        for b, (slot, n) in enumerate(zip(slot_list, lengths))
+                    ]
+                )  # [B, H, 1, hd]
+            else:
+                keys = kc[slots, :kv_len].transpose(1, 2)  # [B, Hkv, K, hd]
+                vals = vc[slots, :kv_len].transpose(1, 2)
+                o = self._attend(q[:, :, None, :], keys, vals, mask)  # [B, H, 1, hd]
             h = h + layer.o_proj(o.flatten(1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm_head(self.norm(h)).float()

@@ -112,23 +112,29 @@ def test_chunked_prefill_and_batching(family: str, request) -> None:
     harness.check_batch_equals_alone(model, [_prompt(n, seed=n) for n in (1, 9, 30)])
 
 
-def test_decode_batch_mixed_contexts(llama) -> None:
+@pytest.mark.parametrize("attention", ["per_seq", "batched"])
+def test_decode_batch_mixed_contexts(llama, attention: str) -> None:
     """A decode batch whose sequences sit at very different positions attends each over its own
-    prefix only (the mask stops the long context's keys leaking into the short one)."""
+    prefix only, in both decode attention paths (per-sequence views, batched gathered window)."""
     _, model = llama
-    prompts = [_prompt(3, seed=5), _prompt(60, seed=6)]
+    prompts = [_prompt(3, seed=5), _prompt(60, seed=6), _prompt(17, seed=7)]
+    slots = [7, 4, 2]
     states = harness.alloc_states(model, 8)
-    harness.prefill_in_chunks(model, states, prompts, [7, 4], None)
-    toks = torch.tensor([11, 12])
-    batched = model.decode(
-        DecodeBatch(input_ids=toks, positions=torch.tensor([3, 60]), slot_ids=torch.tensor([7, 4])), states
-    )
-    for i, (p, slot) in enumerate(zip(prompts, [7, 4])):
+    harness.prefill_in_chunks(model, states, prompts, slots, None)
+    toks = torch.tensor([11, 12, 13])
+    try:
+        model.decode_attention = attention
+        batched = model.decode(
+            DecodeBatch(input_ids=toks, positions=torch.tensor([3, 60, 17]), slot_ids=torch.tensor(slots)), states
+        )
+    finally:
+        model.decode_attention = "auto"
+    for i, p in enumerate(prompts):
         alone = harness.alloc_states(model, 2)
         harness.prefill_in_chunks(model, alone, [p], [1], None)
         one = harness.decode_one_by_one(model, alone, [int(toks[i])], 1, start=len(p))[0]
         torch.testing.assert_close(batched[i], one, atol=1e-4, rtol=1e-4)
-        assert slot in (7, 4)
+        torch.testing.assert_close(states[0]["k"][slots[i], : len(p) + 1], alone[0]["k"][1, : len(p) + 1])
 
 
 def test_kv_cache_bytes_grow_with_max_model_len(tmp_path: Path) -> None:
