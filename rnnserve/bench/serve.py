@@ -357,9 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--input-len", type=int, default=128, help="prompt length in tokens (approximate)")
     p.add_argument("--output-len", type=int, default=128, help="tokens to generate per request")
-    rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrival rate, req/s (default inf)")
-    rate.add_argument("--max-concurrency", type=int, default=None, help="keep this many requests in flight")
+    p.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrival rate, req/s (default inf)")
+    p.add_argument(
+        "--max-concurrency", type=int, default=None, help="at most this many requests in flight (with a rate: a cap)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", help="let requests stop at EOS")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
