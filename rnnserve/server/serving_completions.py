@@ -91,15 +91,21 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest) -> JSO
     ctx.check_model(body.model)
     if body.suffix:
         raise bad_request("suffix is not supported", param="suffix")
+    # echo + max_tokens=0 scores the prompt without generating (how lm-eval-harness asks for
+    # loglikelihoods): the engine generates one token, which the response leaves out.
+    score_only = body.max_tokens == 0
+    if score_only and (not body.echo or body.stream):
+        raise bad_request("max_tokens=0 is only for scoring a prompt: it needs echo=true and no stream", "max_tokens")
     prompts = parse_prompts(ctx, body)
     max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+    max_tokens = 1 if score_only else max_tokens
     for i, prompt in enumerate(prompts):
         # Only an explicit max_tokens can overrun max_model_len; the default stops at the limit.
         check_prompt(
             prompt.token_ids,
             vocab_size=ctx.vocab_size,
             max_model_len=ctx.max_model_len,
-            max_tokens=body.max_tokens,
+            max_tokens=None if body.max_tokens is None else max_tokens,
             param="prompt" if len(prompts) == 1 else f"prompt.{i}",
         )
     if body.stop_strings():
@@ -126,10 +132,12 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest) -> JSO
     )
     if body.stream:
         return await _stream(ctx, body, gen, request_id)
-    return await _complete(ctx, body, gen, request_id)
+    return await _complete(ctx, body, gen, request_id, score_only)
 
 
-async def _complete(ctx: ServingContext, body: CompletionRequest, gen: Generation, request_id: str) -> JSONResponse:
+async def _complete(
+    ctx: ServingContext, body: CompletionRequest, gen: Generation, request_id: str, score_only: bool
+) -> JSONResponse:
     entries: list[list[tuple[int, TokenLogprob | None]]] = [[] for _ in gen.choices]
     try:
         async for delta in gen.deltas():
@@ -138,8 +146,10 @@ async def _complete(ctx: ServingContext, body: CompletionRequest, gen: Generatio
         raise engine_error(exc) from exc
     choices = []
     for choice in gen.choices:
-        text = choice.text
-        token_entries = entries[choice.index]
+        if score_only:
+            choice.token_ids, choice.num_output_tokens = [], 0
+        text = "" if score_only else choice.text
+        token_entries = [] if score_only else entries[choice.index]
         if body.echo:
             text = (choice.prompt.text or "") + text
             token_entries = _prompt_entries(choice.prompt, choice.prompt_logprobs) + token_entries
@@ -150,8 +160,8 @@ async def _complete(ctx: ServingContext, body: CompletionRequest, gen: Generatio
                 index=choice.index,
                 text=text,
                 logprobs=logprobs,
-                finish_reason=choice.finish_reason,
-                stop_reason=choice.stop_reason,
+                finish_reason="length" if score_only else choice.finish_reason,
+                stop_reason=None if score_only else choice.stop_reason,
                 prompt_token_ids=choice.prompt.token_ids if body.return_token_ids else None,
                 token_ids=choice.token_ids if body.return_token_ids else None,
             )

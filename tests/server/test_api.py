@@ -473,3 +473,15 @@ def test_return_token_ids_in_chat_and_as_logprob_tokens(app_client: TestClient) 
     )
     choice = as_ids["choices"][0]
     assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in choice["token_ids"]]
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(app_client: TestClient) -> None:
+    body = {"prompt": "Score this prompt", "echo": True, "logprobs": 1, **GREEDY}
+    scored = complete(app_client, **body, max_tokens=0)
+    generated = complete(app_client, **body, max_tokens=3)
+    choice = scored["choices"][0]
+    assert choice["text"] == "Score this prompt" and choice["finish_reason"] == "length"
+    assert scored["usage"]["completion_tokens"] == 0
+    n = scored["usage"]["prompt_tokens"]
+    assert choice["logprobs"]["token_logprobs"] == generated["choices"][0]["logprobs"]["token_logprobs"][:n]
+    assert_error(app_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}), 400, "max_tokens")
