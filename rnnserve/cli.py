@@ -91,6 +91,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=d_sched.max_num_batched_tokens)
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit (default: none)")
     g.add_argument("--enforce-eager", action="store_true", default=d_run.enforce_eager, help="no CUDA graphs")
+    g.add_argument(
+        "--compile", action="store_true", default=d_run.compile_cpu_decode, help="torch.compile the CPU decode step"
+    )
+    g.add_argument(
+        "--max-graph-batch-size", type=int, default=d_run.max_graph_batch_size, help="largest CUDA-graph batch"
+    )
     g = p.add_argument_group("server")
     g.add_argument("--host", default=d_srv.host)
     g.add_argument("--port", type=int, default=d_srv.port)
@@ -117,7 +123,11 @@ def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
         ),
-        runner=RunnerConfig(enforce_eager=args.enforce_eager),
+        runner=RunnerConfig(
+            enforce_eager=args.enforce_eager,
+            compile_cpu_decode=args.compile,
+            max_graph_batch_size=args.max_graph_batch_size,
+        ),
         server=ServerConfig(
             host=args.host,
             port=args.port,

@@ -29,7 +29,7 @@ def test_every_serve_flag_maps_to_its_config_field(monkeypatch: pytest.MonkeyPat
         "serve --model /m --served-model-name nm --dtype bfloat16 --device cpu --kernels torch --host 0.0.0.0 "
         "--port 9001 --max-num-seqs 5 --state-memory 2GiB --max-num-batched-tokens 777 --max-model-len 900 "
         "--api-key k --chat-template t.jinja --tokenizer gpt-neox-20b --enforce-eager --max-request-bytes 1MiB "
-        "--log-level debug"
+        "--log-level debug --compile --max-graph-batch-size 64"
     )
     args = build_parser().parse_args(flags.split(" "))
     c = configs_from_args(args)
@@ -43,7 +43,7 @@ def test_every_serve_flag_maps_to_its_config_field(monkeypatch: pytest.MonkeyPat
     assert (c.model.tokenizer, c.model.chat_template) == ("gpt-neox-20b", "t.jinja")
     assert (c.pool.max_num_seqs, c.pool.state_memory) == (5, 2 * 1024**3)
     assert (c.scheduler.max_num_seqs, c.scheduler.max_num_batched_tokens, c.scheduler.max_model_len) == (5, 777, 900)
-    assert c.runner.enforce_eager is True
+    assert (c.runner.enforce_eager, c.runner.compile_cpu_decode, c.runner.max_graph_batch_size) == (True, True, 64)
     assert (c.server.host, c.server.port, c.server.api_key) == ("0.0.0.0", 9001, "k")
     assert (c.server.max_request_bytes, c.server.log_level) == (1024**2, "debug")
 
