@@ -97,7 +97,10 @@ def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tens
 def _read_config(path: Path, files: list[Path]) -> dict:
     config_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if config_file.exists():
-        return json.loads(config_file.read_text())
+        try:
+            return json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
     if len(files) == 1 and files[0].suffix in (".pth", ".pt"):
         state_dict = torch.load(str(files[0]), map_location="cpu", weights_only=True)
         return registry.config_from_state_dict(state_dict)
@@ -116,15 +119,21 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     backend = resolve_backend(cfg.kernels, device)
 
-    with torch.device(device):
-        model = cls.from_hf_config(hf_config, backend=backend)
+    try:
+        with torch.device(device):
+            model = cls.from_hf_config(hf_config, backend=backend)
+    except (KeyError, ValueError, TypeError) as exc:  # a config key missing or out of range
+        raise ModelLoadError(f"{path}: not a valid {cls.__name__} config ({type(exc).__name__}: {exc})") from exc
     model = model.to(dtype)
     expected = {name for name, _ in model.named_parameters()}
     total = sum(os.path.getsize(f) for f in files)
     filled: set[str] = set()
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {path.name}", leave=False) as bar:
         for file in files:
-            filled |= model.load_weights(iter_checkpoint_tensors([file]))
+            try:
+                filled |= model.load_weights(iter_checkpoint_tensors([file]))
+            except (KeyError, ValueError) as exc:  # a tensor the family does not know, or a wrong shape
+                raise ModelLoadError(f"{file} does not fit {cls.__name__}: {exc}") from exc
             bar.update(os.path.getsize(file))
     missing = expected - filled
     if missing:

@@ -85,8 +85,27 @@ def test_mamba_ssm_mamba2_layer_is_refused(tmp_path: Path) -> None:
         json.dumps({"d_model": 32, "n_layer": 2, "vocab_size": 96, "ssm_cfg": {"layer": "Mamba2"}})
     )
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="Mamba2"):
+    with pytest.raises(ModelLoadError, match="Mamba2"):
         _load(tmp_path)
+
+
+def test_unexpected_tensor_is_a_clear_error(hf_model_dir) -> None:
+    folder, _ = hf_model_dir(tiny_config())
+    file = folder / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors["backbone.layers.0.mixer.surprise"] = torch.zeros(2)
+    save_file(tensors, str(file))
+    with pytest.raises(ModelLoadError, match="surprise"):
+        _load(folder)
+
+
+def test_wrong_shape_is_a_clear_error(hf_model_dir) -> None:
+    folder, _ = hf_model_dir(tiny_config())
+    config = json.loads((folder / "config.json").read_text())
+    config["state_size"] = 5  # the checkpoint holds A_log [64, 4], x_proj for N = 4
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="checkpoint shape"):
+        _load(folder)
 
 
 def test_bfloat16_loads_and_runs(hf_model_dir) -> None:
