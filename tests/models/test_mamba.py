@@ -90,3 +90,21 @@ def test_state_specs(pair) -> None:
     conv, ssm = specs[0]
     assert (conv.name, conv.shape, conv.dtype) == ("conv", (64, 3), torch.float32)
     assert (ssm.name, ssm.shape, ssm.dtype) == ("ssm", (64, 8), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"use_bias": True, "use_conv_bias": False, "time_step_rank": 5, "residual_in_fp32": False},
+        {"conv_kernel": 2, "expand": 3, "state_size": 3, "tie_word_embeddings": False},
+    ],
+)
+@torch.no_grad()
+def test_config_variants_match_transformers(hf_model_dir, overrides: dict) -> None:
+    folder, ref = hf_model_dir(tiny_config(**overrides), MambaForCausalLM, seed=3, jitter=0.05)
+    model = load_model(ModelConfig(model=str(folder), dtype="float32", device="cpu", kernels="torch")).model
+    prompt = _prompt(30, seed=9)
+    states = harness.alloc_states(model, 3)
+    logits = model.prefill(harness.prefill_batch([prompt], [2], [0], model.device, all_logits=True), states)
+    torch.testing.assert_close(logits, ref(torch.tensor([prompt])).logits[0], atol=1e-4, rtol=1e-4)
+    harness.check_chunked_prefill(model, prompt, chunk_sizes=(1, 7))
