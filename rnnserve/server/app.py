@@ -118,6 +118,20 @@ class BodyLimitMiddleware:
         await self.app(scope, replay_receive, send)
 
 
+class AssumeJSONMiddleware:
+    """POST bodies are JSON whatever their Content-Type says, so ``curl -d '{...}'`` (which sends a
+    form Content-Type) works without ``-H 'Content-Type: application/json'``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def build_app(
     engine: EngineClient,
     tokenizer: Tokenizer | None,
@@ -152,6 +166,7 @@ def build_app(
     app.state.ctx = ctx
     install_error_handlers(app)
     # Starlette runs the last-added middleware first: the key is checked before a body is read.
+    app.add_middleware(AssumeJSONMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes)
     if cfg.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=cfg.api_key)

@@ -30,6 +30,10 @@ class OpenAIResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# vLLM's extra fields (return_token_ids) appear only when asked for, not as nulls in every response.
+_ONLY_IF_SET: Any = Field(default=None, exclude_if=lambda v: v is None)
+
+
 class StreamOptions(OpenAIRequest):
     include_usage: bool = False
 
@@ -126,8 +130,8 @@ class CompletionChoice(OpenAIResponse):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    prompt_token_ids: list[int] | None = None
-    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = _ONLY_IF_SET
+    token_ids: list[int] | None = _ONLY_IF_SET
 
 
 class CompletionResponse(OpenAIResponse):
@@ -167,7 +171,7 @@ class ChatChoice(OpenAIResponse):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    token_ids: list[int] | None = None
+    token_ids: list[int] | None = _ONLY_IF_SET
 
 
 class ChatCompletionResponse(OpenAIResponse):
@@ -177,7 +181,7 @@ class ChatCompletionResponse(OpenAIResponse):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
-    prompt_token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = _ONLY_IF_SET
 
 
 class DeltaMessage(OpenAIResponse):
@@ -191,7 +195,7 @@ class ChatStreamChoice(OpenAIResponse):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    token_ids: list[int] | None = None
+    token_ids: list[int] | None = _ONLY_IF_SET
 
 
 class ChatCompletionChunk(OpenAIResponse):

@@ -314,7 +314,11 @@ def test_malformed_json_unknown_model_and_unknown_fields(app_client: TestClient)
     err = assert_error(app_client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"}), 404, "model")
     assert err["code"] == "model_not_found"
     ok = complete(app_client, prompt="x", max_tokens=2, some_future_field={"a": 1}, best_of=1)
-    assert len(ok["choices"]) == 1
+    assert len(ok["choices"]) == 1 and "token_ids" not in ok["choices"][0]
+    # curl -d sends a form Content-Type; the body is JSON all the same.
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    r = app_client.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 1}', headers=form)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
     wait_idle(app_client)
 
 
