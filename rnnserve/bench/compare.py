@@ -275,7 +275,57 @@ class CompareConfig:
     seed: int
 
 
-def _serve_args(cfg: CompareConfig, max_model_len: int | None) -> list[str]:
+def resolve_state_memory(value: str | None, device: str) -> str | None:
+    """``--state-memory``: ``auto`` = half the memory free now (the GPU's on CUDA, else the host's),
+    ``none`` = no budget (pool size from --max-num-seqs alone), anything else as given."""
+    if value is None or value.lower() == "none":
+        return None
+    if value.lower() != "auto":
+        return value
+    try:
+        import torch
+
+        if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+            free, _ = torch.cuda.mem_get_info()
+            return str(free // 2)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return str(int(line.split()[1]) * 1024 // 2)
+    except OSError:
+        pass
+    return None
+
+
+def state_bytes_per_slot(folder: Path, dtype: str, device: str) -> int:
+    """Bytes of state one sequence takes in a server of this checkpoint (built on the meta device:
+    no memory, no weights)."""
+    import torch
+
+    from rnnserve.models import registry
+    from rnnserve.models.loader import resolve_device, resolve_dtype
+
+    config = json.loads((folder / "config.json").read_text())
+    with torch.device("meta"):
+        model = registry.resolve_class(config).from_hf_config(config, backend="torch")
+    model = model.to(resolve_dtype(dtype, resolve_device(device)))
+    return sum(spec.nbytes for layer in model.state_specs() for spec in layer)
+
+
+def pool_budget(budget: str | None, folder: Path, cfg: CompareConfig) -> str | None:
+    """``--state-memory`` for one server: the budget when ``max(concurrency)`` sequences would not
+    fit in it (the pool then holds fewer), else None (the pool holds exactly that many). A budget
+    alone would size the pool to fill it, however small the state."""
+    if budget is None or not budget.isdigit():
+        return budget
+    need = max(cfg.concurrency) * state_bytes_per_slot(folder, cfg.dtype, cfg.device)
+    return budget if int(budget) < need else None
+
+
+def _serve_args(cfg: CompareConfig, max_model_len: int | None, state_memory: str | None) -> list[str]:
     args = [
         "--dtype",
         cfg.dtype,
@@ -290,15 +340,17 @@ def _serve_args(cfg: CompareConfig, max_model_len: int | None) -> list[str]:
     ]
     if max_model_len is not None:
         args += ["--max-model-len", str(max_model_len)]
-    if cfg.state_memory:
-        args += ["--state-memory", cfg.state_memory]
+    if state_memory:
+        args += ["--state-memory", state_memory]
     if cfg.tokenizer:
         args += ["--tokenizer", cfg.tokenizer]
     return args
 
 
 def _row(kind: str, name: str, context: int, conc: int, s: dict, metrics: dict[str, float]) -> dict:
-    tpot = s["median_tpot_ms"]
+    # Median ITL is one decode step of the batch: the gaps where a newcomer's prefill chunk ran
+    # are the tail, not the median (TPOT, a per-request mean, includes them).
+    itl = s["median_itl_ms"]
     return {
         "model": kind,
         "model_name": name,
@@ -308,9 +360,9 @@ def _row(kind: str, name: str, context: int, conc: int, s: dict, metrics: dict[s
         "failed": s["failed"],
         "mean_input_tokens": s["total_input_tokens"] / s["completed"] if s["completed"] else 0.0,
         "output_throughput": s["output_throughput"],
-        # Steady-state decode rate of a full batch: every sequence advances one token per TPOT.
-        "decode_throughput": conc * 1000.0 / tpot if tpot > 0 else 0.0,
-        "decode_tok_s_per_seq": 1000.0 / tpot if tpot > 0 else 0.0,
+        # Steady-state decode rate of a full batch: every sequence advances one token per step.
+        "decode_throughput": conc * 1000.0 / itl if itl > 0 else 0.0,
+        "decode_tok_s_per_seq": 1000.0 / itl if itl > 0 else 0.0,
         **{
             f"{stat}_{m}_ms": s[f"{stat}_{m}_ms"] for m in ("ttft", "tpot", "itl", "e2el") for stat in ("median", "p99")
         },
@@ -364,18 +416,35 @@ def run_sweep(cfg: CompareConfig) -> dict:
     rows: list[dict] = []
     started = time.perf_counter()
 
+    problems: list[dict] = []
+    state_memory = resolve_state_memory(cfg.state_memory, cfg.device)
+    if state_memory:
+        print(f"state pool budget per server: {_fmt_bytes(state_memory)}", flush=True)
+
     print(f"recurrent: {recurrent} ({params.get('recurrent')} parameters)", flush=True)
-    with launch_server(recurrent, _serve_args(cfg, None), logs / "recurrent.log", cfg.startup_timeout_s) as url:
-        for context in cfg.contexts:
-            _measure(cfg, "recurrent", url, recurrent.name, context, rows)
+    try:
+        args = _serve_args(cfg, None, pool_budget(state_memory, recurrent, cfg))
+        with launch_server(recurrent, args, logs / "recurrent.log", cfg.startup_timeout_s) as url:
+            for context in cfg.contexts:
+                _measure(cfg, "recurrent", url, recurrent.name, context, rows)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        print(f"  recurrent: {exc}", flush=True)
+        problems.append({"model": "recurrent", "context": None, "error": str(exc)[-2000:]})
 
     print(f"transformer: {baseline} ({params.get('transformer')} parameters)", flush=True)
     for context in cfg.contexts:
         max_len = math.ceil((context + cfg.output_len) * _CONTEXT_MARGIN) + _CONTEXT_PAD
         view = baseline_for_context(baseline, max_len, models_dir / "views")
         log = logs / f"transformer-ctx{context}.log"
-        with launch_server(view, _serve_args(cfg, max_len), log, cfg.startup_timeout_s) as url:
-            _measure(cfg, "transformer", url, baseline.name, context, rows)
+        # One server per context length: its KV cache is sized for that context. A failure (out of
+        # memory, say) is recorded and the sweep goes on.
+        try:
+            args = _serve_args(cfg, max_len, pool_budget(state_memory, view, cfg))
+            with launch_server(view, args, log, cfg.startup_timeout_s) as url:
+                _measure(cfg, "transformer", url, baseline.name, context, rows)
+        except (RuntimeError, httpx.HTTPError) as exc:
+            print(f"  transformer ctx {context}: {exc}", flush=True)
+            problems.append({"model": "transformer", "context": context, "error": str(exc)[-2000:]})
 
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -393,9 +462,10 @@ def run_sweep(cfg: CompareConfig) -> dict:
             "dtype": cfg.dtype,
             "device": cfg.device,
             "max_num_batched_tokens": cfg.max_num_batched_tokens,
-            "state_memory": cfg.state_memory,
+            "state_memory": state_memory,
         },
         "rows": rows,
+        "problems": problems,
     }
 
 
@@ -446,7 +516,7 @@ def draw_plots(result: dict, out: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, ax, title in (
-        ("decode_throughput", axes[0], "Decode throughput (concurrency / median TPOT)"),
+        ("decode_throughput", axes[0], "Decode throughput (concurrency / median ITL)"),
         ("output_throughput", axes[1], "Output throughput incl. prefill (tokens / wall time)"),
     ):
         for m in models:
@@ -530,6 +600,10 @@ def draw_plots(result: dict, out: Path) -> list[Path]:
     return paths
 
 
+def _fmt_bytes(value: str) -> str:
+    return f"{int(value) / 2**30:.1f} GiB" if value.isdigit() else value
+
+
 def _fmt_params(n: int | None) -> str:
     return "?" if not n else f"{n / 1e6:.1f}M"
 
@@ -550,8 +624,8 @@ def markdown_report(result: dict, images: list[Path]) -> str:
         f"- Prompt lengths {c['contexts']}, concurrency {c['concurrency']}, {c['output_len']} output tokens "
         f"(ignore_eos), {c['prompts_per_concurrency']} prompts per unit of concurrency, dtype {c['dtype']}, "
         f"--max-num-batched-tokens {c['max_num_batched_tokens']}"
-        + (f", --state-memory {c['state_memory']}" if c.get("state_memory") else ""),
-        "- Decode tok/s = concurrency / median TPOT (the steady-state rate of a full batch); output tok/s = "
+        + (f", --state-memory {_fmt_bytes(c['state_memory'])}" if c.get("state_memory") else ""),
+        "- Decode tok/s = concurrency / median ITL (the steady-state rate of a full batch); output tok/s = "
         "generated tokens / wall time, prefill included. Memory per sequence is the server's "
         "`rnnserve:state_bytes_per_slot`; the Transformer's KV cache is sized for context + output (+10%).",
         "",
@@ -570,6 +644,10 @@ def markdown_report(result: dict, images: list[Path]) -> str:
     errors = sorted({e for r in result["rows"] for e in r.get("errors", [])})
     if errors:
         lines += ["", "Errors seen:", *[f"- `{e}`" for e in errors[:10]]]
+    for prob in result.get("problems", []):
+        where = f" at prompt length {prob['context']}" if prob.get("context") else ""
+        last = prob["error"].strip().splitlines()[-1] if prob["error"].strip() else "?"
+        lines += ["", f"The {prob['model']} server failed{where}: `{last}` (full log in logs/)."]
     lines += ["", *[f"![{p.stem}]({p.name})" for p in images], ""]
     return "\n".join(lines)
 
@@ -609,7 +687,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--state-memory", default=None, help="state pool budget passed to both servers, e.g. 8GiB")
+    p.add_argument(
+        "--state-memory",
+        default="auto",
+        help="state pool budget for each server, e.g. 8GiB; auto (default): half the memory free at the start; "
+        "none: no budget. A Transformer at long context then holds fewer sequences, as it would in production",
+    )
     p.add_argument("--tokenizer", default=None, help="--tokenizer for both servers (default: the model folders')")
     p.add_argument("--timeout", type=float, default=1800.0, help="per-request timeout (s)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for each server")
@@ -653,8 +736,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = write_report(result, cfg.out)
     failed = sum(r["failed"] for r in result["rows"])
-    print(f"wrote {report} ({len(result['rows'])} points, {failed} failed requests)")
-    return 0 if failed == 0 else 1
+    problems = len(result["problems"])
+    print(f"wrote {report} ({len(result['rows'])} points, {failed} failed requests, {problems} servers failed)")
+    return 0 if failed == 0 and problems == 0 else 1
 
 
 if __name__ == "__main__":
