@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -153,6 +154,39 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_the_slot(live_
         httpx.post(live_server.v1 + "/completions", json=body, headers=headers, timeout=httpx.Timeout(1.5, connect=5))
     assert wait_for(lambda: metric(live_server, "vllm:num_requests_running") == 0)
     assert wait_for(lambda: metric(live_server, "rnnserve:state_pool_usage") == 0)
+
+
+def test_many_clients_leaving_and_stopping_leak_no_slot(live_server: LiveServer) -> None:
+    """12 concurrent streams on 4 slots (so most wait for one first): a third leave after their first
+    chunk, a third stop on a stop string, the rest finish; afterwards nothing runs or waits."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def one(http: httpx.AsyncClient, i: int) -> str:
+        body = {"model": MODEL_NAME, "prompt": f"Client {i} says", "stream": True, "temperature": 1.0, "seed": i}
+        if i % 3 == 0:
+            body.update(max_tokens=100000, ignore_eos=True)  # leaves after its first chunk
+        elif i % 3 == 1:
+            body.update(max_tokens=64, stop=["e", "a"])  # almost surely stops early
+        else:
+            body.update(max_tokens=8)
+        async with http.stream("POST", live_server.v1 + "/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if i % 3 == 0 and line.startswith("data: {"):
+                    return "left"
+                if line == "data: [DONE]":
+                    return "done"
+        return "eof"
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(12)))
+
+    results = asyncio.run(run())
+    assert results == ["left" if i % 3 == 0 else "done" for i in range(12)]
+    assert wait_for(lambda: metric(live_server, "vllm:num_requests_running") == 0)
+    assert metric(live_server, "vllm:num_requests_waiting") == 0
+    assert metric(live_server, "rnnserve:state_pool_usage") == 0
 
 
 def test_metrics_after_traffic(live_server: LiveServer) -> None:
