@@ -47,8 +47,13 @@ class Timing:
     def decode_tok_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
-    def as_dict(self) -> dict:
-        return {**asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+    def as_dict(self, gen_len: int) -> dict:
+        return {
+            **asdict(self),
+            "prefill_tok_s": self.prefill_tok_s,
+            "decode_tok_s": self.decode_tok_s,
+            "decode_ms_per_step": 1000 * self.decode_s / (gen_len - 1),
+        }
 
 
 def _sync(device: torch.device) -> None:
@@ -163,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine token budget per step (default: the whole batch's prompts, prefilled in one step)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs at each batch's shapes first (default 1)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers' generate()")
     return p
@@ -191,20 +197,25 @@ def main(argv: list[str] | None = None) -> int:
     hf = None if args.no_baseline else load_hf(loaded.path, dtype, device)
     pad = loaded.eos_token_id if loaded.eos_token_id is not None else 0
 
-    # Warm-up: first calls allocate, pick kernels, compile Triton.
-    warm = make_prompts(2, min(args.prompt_len, 16), vocab, args.seed + 1)
-    run_engine(loaded, warm, 3, None)
-    if hf is not None:
-        run_hf(hf, warm, 3, device, pad)
-
     results = []
     for b in batch_sizes:
         prompts = make_prompts(b, args.prompt_len, vocab, args.seed)
+        # Warm-up at the timed shapes: first calls allocate, pick kernels, compile Triton variants.
+        for _ in range(args.warmup):
+            run_engine(loaded, prompts, 2, args.max_num_batched_tokens)
+            if hf is not None:
+                run_hf(hf, prompts, 2, device, pad)
         ours, our_tokens = run_engine(loaded, prompts, args.gen_len, args.max_num_batched_tokens)
-        row: dict = {"batch_size": b, "engine": ours.as_dict(), "hf": None, "ratio": None, "greedy_match": None}
+        row: dict = {
+            "batch_size": b,
+            "engine": ours.as_dict(args.gen_len),
+            "hf": None,
+            "ratio": None,
+            "greedy_match": None,
+        }
         if hf is not None:
             theirs, hf_tokens = run_hf(hf, prompts, args.gen_len, device, pad)
-            row["hf"] = theirs.as_dict()
+            row["hf"] = theirs.as_dict(args.gen_len)
             row["ratio"] = {
                 "prefill": ours.prefill_tok_s / theirs.prefill_tok_s,
                 "decode": ours.decode_tok_s / theirs.decode_tok_s,
@@ -225,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": _transformers_version(),
         "prompt_len": args.prompt_len,
         "gen_len": args.gen_len,
+        "warmup": args.warmup,
         "results": results,
     }
     print(_table(report))

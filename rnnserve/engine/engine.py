@@ -127,9 +127,9 @@ class LLMEngine:
         if not sched.is_empty:
             try:
                 run = self.runner.execute(sched)
-                to_sample = [s for s in sched.scheduled if s.completes_prompt]
-                logits = torch.cat([run.logits[s.request.request_id][-1:] for s in to_sample]) if to_sample else None
-                sampled = self.sampler(logits, [s.request for s in to_sample]) if to_sample else None
+                to_sample = run.sampled
+                logits = run.sample_logits
+                sampled = self.sampler(logits, [s.request for s in to_sample]) if logits is not None else None
             except Exception as exc:
                 logger.exception("engine step failed; finishing its %d requests", len(sched.scheduled))
                 return outputs + self._fail(sched, exc)
@@ -150,7 +150,7 @@ class LLMEngine:
             if s.request.is_prefilling:
                 self._prompt_tokens_total += s.num_tokens
             if s.request.request_id in self._prompt_logprobs and s.request.is_prefilling:
-                self._record_prompt_logprobs(s, run.logits.get(s.request.request_id))
+                self._record_prompt_logprobs(s, run.prompt_logits.get(s.request.request_id))
             s.request.num_computed_tokens += s.num_tokens
         outputs = []
         if sampled is None:

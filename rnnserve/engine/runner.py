@@ -9,21 +9,30 @@ request asked for prompt logprobs.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from rnnserve.config import RunnerConfig
+from rnnserve.engine.compiled import CompiledDecoder
+from rnnserve.engine.cuda_graph import CUDAGraphDecoder, eager_decoder
 from rnnserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from rnnserve.engine.state_pool import StatePool
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class RunnerOutput:
-    # request id -> logits [n, V] float32: n = 1 for a decode or a completed prompt (the token to
-    # sample from is the last row), n = chunk length with prompt logprobs. Absent: no logits needed.
-    logits: dict[str, torch.Tensor]
+    # The requests that get a new token this step (every known token of theirs is now computed), in
+    # the row order of sample_logits: decodes first, then prompts completed by this step's chunk.
+    sampled: list[ScheduledRequest]
+    sample_logits: torch.Tensor | None  # [len(sampled), V] float32; None when nobody samples
+    # request id -> logits [n, V] of every token of its prompt chunk, for requests with prompt_logprobs.
+    prompt_logits: dict[str, torch.Tensor]
 
 
 class ModelRunner:
@@ -32,27 +41,38 @@ class ModelRunner:
         self.pool = pool
         self.config = config
         self.device = pool.device
+        self._decoder = self._make_decoder()
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         decodes = [s for s in sched.scheduled if s.is_decode]
         prefills = [s for s in sched.scheduled if not s.is_decode]
-        out: dict[str, torch.Tensor] = {}
+        parts: list[torch.Tensor] = []
+        sampled = list(decodes)
+        prompt_logits: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
             if decodes:
-                logits = self._run_decode(self._decode_batch(decodes))  # [B, V]
-                for i, s in enumerate(decodes):
-                    out[s.request.request_id] = logits[i : i + 1]
+                parts.append(self._run_decode(self._decode_batch(decodes)))  # [B, V]
             if prefills:
                 batch, rows = self._prefill_batch(prefills)
                 logits = self.model.prefill(batch, self.pool.states)  # [M, V]
+                last_rows = []
                 for s, (lo, hi) in zip(prefills, rows):
-                    if hi > lo:
-                        out[s.request.request_id] = logits[lo:hi]
-        return RunnerOutput(logits=out)
+                    if s.request.params.prompt_logprobs is not None and hi > lo:
+                        prompt_logits[s.request.request_id] = logits[lo:hi]
+                    if s.completes_prompt:
+                        sampled.append(s)
+                        last_rows.append(hi - 1)
+                if last_rows and last_rows != list(range(logits.shape[0])):
+                    logits = logits[torch.tensor(last_rows, device=logits.device)]
+                if last_rows:
+                    parts.append(logits)
+        # One [S, V] tensor for the sampler, copied only when decodes and prompts both sample.
+        sample_logits = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
+        return RunnerOutput(sampled=sampled, sample_logits=sample_logits, prompt_logits=prompt_logits)
 
     def _run_decode(self, batch: DecodeBatch) -> torch.Tensor:
         """One decode step: logits [B, V]. The single seam a compiled / CUDA-graph runner replaces."""
-        return self.model.decode(batch, self.pool.states)
+        return self._decoder(batch)
 
     def _decode_batch(self, decodes: list[ScheduledRequest]) -> DecodeBatch:
         ids = [s.request.token_at(s.start) for s in decodes]
@@ -95,3 +115,23 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _make_decoder(self) -> Callable[[DecodeBatch], torch.Tensor]:
+        """CUDA graphs on CUDA, the compiled decode on the CPU when asked (``compile_cpu_decode``),
+        eager otherwise or with ``enforce_eager``. Capture / compilation happens here, at start-up."""
+        states = self.pool.states
+        if self.config.enforce_eager:
+            return eager_decoder(self.model, states)
+        if self.device.type == "cuda":
+            graphs = CUDAGraphDecoder(self.model, states, min(self.config.max_graph_batch_size, self.pool.capacity))
+            try:
+                graphs.capture()
+            except Exception:  # a decode that syncs with the host cannot be captured: serve it eagerly
+                logger.exception("CUDA-graph capture failed; decoding eagerly")
+                return eager_decoder(self.model, states)
+            return graphs
+        if self.config.compile_cpu_decode:
+            compiled = CompiledDecoder(self.model, states)
+            compiled.warmup()
+            return compiled
+        return eager_decoder(self.model, states)

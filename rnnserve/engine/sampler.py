@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rnnserve.engine.request import Request, TokenLogprob
+from rnnserve.engine.request import Request, SamplingParams, TokenLogprob
 
 _NEG_INF = float("-inf")
 
@@ -78,19 +78,24 @@ class Sampler:
         logits = logits.float()
         if logits.shape[-1] != self.vocab_size:
             logits = logits[:, : self.vocab_size]
-        logits = self._apply_penalties(logits.clone(), requests)
-        self._mask_early_stops(logits, requests)
-
         params = [r.params for r in requests]
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
-        logits = logits / temps.unsqueeze(1)
+        # The caller's logits stay untouched: copy only when a row needs an in-place change.
+        if any(_penalised(p) or len(r.output_token_ids) < p.min_tokens for r, p in zip(requests, params)):
+            logits = logits.clone()
+            self._apply_penalties(logits, requests)
+            self._mask_early_stops(logits, requests)
+
+        all_greedy = all(p.greedy for p in params)
+        if not all_greedy:
+            temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
+            logits = logits / temps.unsqueeze(1)
         want_logprobs = [p.logprobs is not None for p in params]
         logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
-        if bool(greedy.all()):
+        if all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
+            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
             truncated = self._truncate(logits, requests)
             probs = torch.softmax(truncated, dim=-1)
             q = self._exponentials(probs.shape, requests)
@@ -109,7 +114,7 @@ class Sampler:
                 out_logprobs[b] = entry
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=out_logprobs)
 
-    def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
         """In place on a private copy [B, V]; only rows that ask for a penalty are touched."""
         vocab = logits.shape[-1]
         dev = logits.device
@@ -125,7 +130,6 @@ class Sampler:
                 out = torch.tensor(_in_vocab(req.output_token_ids, vocab), device=dev)
                 counts = torch.zeros(vocab, device=dev).index_add_(0, out, torch.ones(out.shape[0], device=dev))
                 logits[b] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-        return logits
 
     def _mask_early_stops(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
         """Before ``min_tokens`` outputs, EOS (unless ignore_eos) and stop tokens cannot be picked."""
@@ -179,6 +183,10 @@ class Sampler:
             elif req.params.greedy:
                 q[b] = 1.0
         return q
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def _in_vocab(token_ids: Sequence[int], vocab: int) -> list[int]:

@@ -201,3 +201,53 @@ def test_abort_and_validation():
     engine.add_request("dup", [1], SamplingParams())
     with pytest.raises(EngineInputError, match="already"):
         engine.add_request("dup", [1], SamplingParams())
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_random_schedules_match_alone_and_leak_nothing(trial):
+    """Random arrivals, budgets, prompt lengths, sampling modes, prompt logprobs and aborts."""
+    rng = torch.Generator().manual_seed(trial)
+
+    def rand(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=rng))
+
+    model = FakeRecurrentLM(VOCAB, seed=trial)
+    engine = make_engine(model, budget=rand(1, 24), slots=rand(1, 4))
+    n = 8
+    prompts = [torch.randint(0, VOCAB, (rand(1, 40),), generator=rng).tolist() for _ in range(n)]
+    params = [
+        SamplingParams(
+            max_tokens=rand(1, 6),
+            temperature=0.0 if i % 3 == 0 else 1.0,
+            seed=None if i % 3 == 0 else 1000 + i,
+            prompt_logprobs=1 if i % 2 else None,
+            logprobs=2 if i % 4 == 1 else None,
+            ignore_eos=True,
+        )
+        for i in range(n)
+    ]
+    arrivals = sorted(rand(0, 12) for _ in range(n))
+    abort_at = {rand(0, n - 1): rand(1, 15)}
+    outs: dict[str, list[RequestOutput]] = {}
+    step = 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for i, at in enumerate(arrivals):
+            if at == step:
+                engine.add_request(f"r{i}", prompts[i], params[i])
+        for i, at in abort_at.items():
+            if at == step:
+                engine.abort_request(f"r{i}")
+        for o in engine.step():
+            assert o.error is None, o.error
+            outs.setdefault(o.request_id, []).append(o)
+        step += 1
+        assert step < 1000
+    assert engine.pool.num_used == 0
+    for i in range(n):
+        seq = outs[f"r{i}"]
+        assert seq[-1].finished
+        if seq[-1].finish_reason is FinishReason.ABORT:
+            continue
+        assert tokens(seq) == run_alone(model, prompts[i], params[i]), i
+        if params[i].prompt_logprobs is not None:
+            assert seq[0].prompt_logprobs is not None and len(seq[0].prompt_logprobs) == len(prompts[i])
