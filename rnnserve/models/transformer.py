@@ -60,6 +60,8 @@ class TransformerConfig:
     @classmethod
     def from_hf(cls, c: dict) -> TransformerConfig:
         if c.get("model_type") == "gpt2" or "n_embd" in c:
+            if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True):
+                raise ValueError("GPT-2 attention scaling variants (scale_attn_by_inverse_layer_idx) are not supported")
             d = c["n_embd"]
             return cls(
                 arch="gpt2",

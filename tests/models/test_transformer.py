@@ -166,8 +166,11 @@ def test_lowering_max_model_len_shrinks_the_cache_and_bounds_positions(llama) ->
         model.max_model_len = full
 
 
-def test_unsupported_rope_is_a_clear_error(tmp_path: Path) -> None:
+def test_unsupported_variants_are_clear_errors() -> None:
     cfg = _llama_config().to_dict()
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
     with pytest.raises(ValueError, match="RoPE type 'yarn'"):
         TransformerLM.from_hf_config(cfg, backend="torch")
+    gpt2 = _gpt2_config().to_dict() | {"scale_attn_by_inverse_layer_idx": True}
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        TransformerLM.from_hf_config(gpt2, backend="torch")
