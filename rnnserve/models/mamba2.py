@@ -15,7 +15,8 @@ One mixer step, per token (H heads of dim P, G groups of B/C of size N, head h r
 
 which is the scalar-decay linear recurrence with q = C, k = B, v = Δx, log-decay = ΔA. The gated norm
 multiplies by the gate before normalising (``norm_before_gate=False``) and normalises each of the G
-groups of E/G channels separately, as transformers 5.x does (4.x normalised over all E channels).
+groups of E/G channels separately, as mamba_ssm and transformers 5.24 do (transformers 4.x and 5.x up
+to at least 5.17 normalise over all E channels, which differs whenever n_groups > 1).
 """
 
 from __future__ import annotations

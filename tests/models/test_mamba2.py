@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
 
 from rnnserve.config import ModelConfig
 from rnnserve.models import registry
@@ -14,9 +17,17 @@ from rnnserve.models.loader import load_model
 from rnnserve.models.mamba2 import Mamba2LM
 from tests.models import harness
 
-transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
-    pytest.skip("the grouped gated norm of Mamba-2 is only right in transformers 5.x", allow_module_level=True)
+    pytest.skip(
+        "Mamba-2 multi-token continuation from a cache is only exact in transformers 5.x", allow_module_level=True
+    )
+
+# Older transformers (4.x and 5.x up to at least 5.17) normalise the gated norm over all E channels;
+# mamba_ssm and newer transformers normalise each group separately, which is what we implement.
+_GROUPED_NORM = "group_size" in inspect.signature(MambaRMSNormGated.__init__).parameters
+needs_grouped_norm = pytest.mark.skipif(
+    not _GROUPED_NORM, reason=f"transformers {transformers.__version__} has the ungrouped gated norm"
+)
 
 VOCAB = 203
 
@@ -71,6 +82,8 @@ def small_model(hf_model_dir) -> Mamba2LM:
 @pytest.mark.parametrize(("n_groups", "tied"), [(1, True), (1, False), (2, True), (2, False)])
 def test_matches_transformers(hf_model_dir, n_groups: int, tied: bool) -> None:
     """Full-sequence logits <= 1e-4 and 64 greedy tokens identical to transformers' generate."""
+    if n_groups > 1 and not _GROUPED_NORM:
+        pytest.skip(f"transformers {transformers.__version__} has the ungrouped gated norm")
     folder, ref = hf_model_dir(_config(n_groups, tied), seed=n_groups + 2 * tied, jitter=0.05)
     model = _load(folder)
     if tied:
@@ -89,6 +102,7 @@ def test_matches_transformers(hf_model_dir, n_groups: int, tied: bool) -> None:
     assert harness.greedy_generate(model, short, 64, chunk=5) == ref_ids
 
 
+@needs_grouped_norm
 def test_time_step_limit_clamps(hf_model_dir) -> None:
     """A binding time_step_limit clamps Δ as transformers' full-sequence forward does (its decode step
     ignores the limit, so only the full forward is a reference here); our decode clamps too, so chunked
@@ -115,9 +129,9 @@ def test_default_time_step_limit_is_unbounded(hf_model_dir) -> None:
 
 
 def test_chunked_prefill(small_model: Mamba2LM) -> None:
-    """Chunk sizes 1, 2, 3, 7, 64 and whole == one shot == token by token; 150 tokens span several
+    """Chunk sizes 1, 2, 3, 7, 64 and whole == one shot == token by token; 90 tokens span two
     kernel chunks of 64, and chunks of 1 and 2 end inside the conv window (K - 1 = 3)."""
-    harness.check_chunked_prefill(small_model, _prompt(150, seed=11))
+    harness.check_chunked_prefill(small_model, _prompt(90, seed=11))
 
 
 def test_batch_equals_alone(small_model: Mamba2LM) -> None:
