@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rnnserve.kernels.dispatch import Backend, get_kernel
@@ -142,7 +143,8 @@ class MambaMixer(nn.Module):
         self.scan_chunk = get_kernel("selective_scan.chunk", backend)
         self.scan_step = get_kernel("selective_scan.recurrent", backend)
         # fp32 SSM parameters (set_fp32_params, after loading): A = -exp(A_log) [E, N], D [E],
-        # dt_bias [E]; exact whatever the model dtype. Non-persistent: never in a state dict.
+        # dt_bias [E]; exact whatever the model dtype. Non-persistent: never in a state dict. Cast the
+        # module before loading (as the loader does), not after: a later cast would round them too.
         self.register_buffer("A", torch.empty(0), persistent=False)
         self.register_buffer("D_f", torch.empty(0), persistent=False)
         self.register_buffer("dt_bias_f", torch.empty(0), persistent=False)
@@ -158,7 +160,7 @@ class MambaMixer(nn.Module):
         cfg = self.cfg
         delta, b, c = self.x_proj(x).split([cfg.dt_rank, cfg.state_size, cfg.state_size], dim=-1)
         # dt_proj's bias is added in fp32 inside the scan (as transformers does).
-        return torch.nn.functional.linear(delta, self.dt_proj.weight), b, c
+        return F.linear(delta, self.dt_proj.weight), b, c
 
     def prefill(
         self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, batch: PrefillBatch
