@@ -62,11 +62,11 @@ def test_seeded_sampling_is_independent_of_the_batch():
 
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    logits = probs.log().repeat(4000, 1)
+    logits = probs.log().repeat(1000, 1)
     s = Sampler(4, "cpu", seed=0)
-    toks = torch.tensor(s(logits, [mk(f"r{i}") for i in range(4000)]).token_ids)
-    freq = torch.bincount(toks, minlength=4).float() / 4000
-    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
+    toks = torch.tensor(s(logits, [mk(f"r{i}") for i in range(1000)]).token_ids)
+    freq = torch.bincount(toks, minlength=4).float() / 1000
+    torch.testing.assert_close(freq, probs, atol=0.05, rtol=0)
 
 
 def test_top_p_min_p_and_temperature_truncate():
