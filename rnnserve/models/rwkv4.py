@@ -232,11 +232,14 @@ class Rwkv4LM(RecurrentLM):
             param.copy_(tensor)
             filled.add(name)
             if name.endswith(("att.time_decay", "att.time_first")):
+                # Assigned, not copied: the loader casts the module (buffers included) to the model
+                # dtype before loading, and these must stay fp32, computed from the checkpoint's values.
                 att = self.get_submodule(name.rsplit(".", 1)[0])
+                exact = tensor.to(device=att.w.device, dtype=torch.float32)
                 if name.endswith("time_decay"):
-                    att.w.copy_(-torch.exp(tensor.float()))
+                    att.w = -torch.exp(exact)
                 else:
-                    att.u.copy_(tensor.float())
+                    att.u = exact.clone()
         return filled
 
     # ----------------------------------------------------------------- forward

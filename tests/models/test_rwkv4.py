@@ -194,3 +194,31 @@ def test_state_specs(odd_model) -> None:
     by_name = {s.name: s for s in specs[0]}
     assert by_name["att_x"].shape == (48,) and by_name["aa"].shape == (40,)
     assert by_name["pp"].fill == -1e30 and by_name["pp"].dtype == torch.float32
+
+
+@torch.no_grad()
+def test_bfloat16(checkpoints) -> None:
+    """In bf16 the WKV decay and bonus stay fp32 (from the checkpoint's own values), the WKV state is
+    fp32, and the output distribution stays near fp32's."""
+    _, _, pth = checkpoints
+    bf = load_model(ModelConfig(model=str(pth), dtype="bfloat16", device="cpu")).model
+    ref = load_model(ModelConfig(model=str(pth), dtype="float32", device="cpu")).model
+    assert bf.dtype == torch.bfloat16
+    raw = torch.load(pth, weights_only=True)["blocks.1.att.time_decay"]
+    assert bf.blocks[1].att.w.dtype == torch.float32
+    torch.testing.assert_close(bf.blocks[1].att.w, -torch.exp(raw.float()), atol=0, rtol=0)
+    specs = {s.name: s.dtype for s in bf.state_specs()[0]}
+    assert specs == {
+        "att_x": torch.bfloat16,
+        "aa": torch.float32,
+        "bb": torch.float32,
+        "pp": torch.float32,
+        "ffn_x": torch.bfloat16,
+    }
+    prompt = _prompt()
+    p_bf = _ours_all_logits(bf, prompt).softmax(-1)
+    p_32 = _ours_all_logits(ref, prompt).softmax(-1)
+    # Keys of ~±30 carry bf16's 0.4% rounding into the exponents, so single probabilities move by a few
+    # percent; a broken bf16 path (e.g. a bf16 WKV state) moves them by tens of percent.
+    assert (p_bf - p_32).abs().max() < 0.2
+    assert (p_bf - p_32).abs().mean() < 2e-3

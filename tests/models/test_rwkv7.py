@@ -228,3 +228,16 @@ def test_state_specs(model) -> None:
         "wkv": ((HIDDEN // HEAD, HEAD, HEAD), torch.float32),
         "ffn_x": ((HIDDEN,), torch.float32),
     }
+
+
+@torch.no_grad()
+def test_bfloat16(checkpoints, model) -> None:
+    """In bf16 the WKV state stays fp32 and the output distribution stays near fp32's."""
+    bf = load_model(ModelConfig(model=str(checkpoints[0]), dtype="bfloat16", device="cpu")).model
+    assert bf.dtype == torch.bfloat16
+    specs = {s.name: s.dtype for s in bf.state_specs()[0]}
+    assert specs == {"att_x": torch.bfloat16, "wkv": torch.float32, "ffn_x": torch.bfloat16}
+    prompt = _prompt()
+    p_bf, p_32 = _all_logits(bf, prompt).softmax(-1), _all_logits(model, prompt).softmax(-1)
+    assert (p_bf - p_32).abs().max() < 0.2
+    assert (p_bf - p_32).abs().mean() < 2e-3
