@@ -22,8 +22,6 @@ model is exactly Mamba. Checkpoint layout: transformers' Mamba names plus, on la
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,10 +29,7 @@ from torch import nn
 from rnnserve.kernels.dispatch import Backend
 from rnnserve.models.base import DecodeBatch, PrefillBatch, States
 from rnnserve.models.layers import RMSNorm, rms_norm
-from rnnserve.models.mamba import MambaConfig, MambaLM, MambaMixer
-
-# (mixer, normalised input [N, D], layer index) -> (SSM output before the gate [N, E], z [N, E])
-SsmStep = Callable[[MambaMixer, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+from rnnserve.models.mamba import MambaBlock, MambaConfig, MambaLM, MambaMixer
 
 
 class SelectGate(nn.Module):
@@ -49,30 +44,70 @@ class SelectGate(nn.Module):
         return self.fc2(F.silu(self.fc1(x)))
 
 
-def _ssm_prefill(
-    mixer: MambaMixer, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, batch: PrefillBatch
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mamba's mixer up to the SSM output, without the gate: h [T, D] -> y [T, E], z [T, E]."""
-    x, z = mixer.in_proj(h).chunk(2, dim=-1)
-    x = mixer.conv_chunk(
-        x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, conv_state, batch.cu_seqlens, batch.slot_ids, "silu"
-    )
-    dt, b, c = mixer._x_dbl(x)
-    y = mixer.scan_chunk(
-        x, dt, mixer.A, b, c, mixer.D_f, None, mixer.dt_bias_f, ssm_state, batch.cu_seqlens, batch.slot_ids, True
-    )
-    return y, z
+class DenseMambaBlock(nn.Module):
+    """One Mamba block (its own ``norm`` and ``mixer``, so parameter names stay Mamba's) with the dense
+    fusion. Its ``prefill`` / ``decode`` run the whole layer; ``decode`` is the unit the engine's CPU
+    fast path compiles."""
 
+    def __init__(self, block: MambaBlock, cfg: MambaConfig, fuse: bool) -> None:
+        super().__init__()
+        self.norm = block.norm
+        self.mixer: MambaMixer = block.mixer
+        self.eps = cfg.norm_eps
+        self.fuse = fuse
+        if fuse:
+            self.mixer.y_select = SelectGate(cfg.hidden_size, cfg.intermediate_size)
+            self.mixer.y_norm = RMSNorm(cfg.intermediate_size, cfg.norm_eps)
 
-def _ssm_decode(
-    mixer: MambaMixer, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slot_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per sequence: h [B, D] -> y [B, E], z [B, E]; states updated in place by slot."""
-    x, z = mixer.in_proj(h).chunk(2, dim=-1)
-    x = mixer.conv_step(x, conv_state, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, slot_ids, "silu")
-    dt, b, c = mixer._x_dbl(x)
-    y = mixer.scan_step(ssm_state, x, dt, mixer.A, b, c, mixer.D_f, None, mixer.dt_bias_f, slot_ids, True)
-    return y, z
+    def _finish(
+        self, h: torch.Tensor, normed: torch.Tensor, y: torch.Tensor, z: torch.Tensor, past: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Dense fusion of y [N, E] with the earlier layers' ``past`` outputs, gate, out_proj, residual."""
+        if self.fuse:
+            g = F.silu(self.mixer.y_select(normed))  # [N, E]
+            for y_past in past:
+                y = y + g * y_past
+            y = self.mixer.y_norm(y)
+        return h + self.mixer.out_proj(y * F.silu(z))
+
+    def prefill(
+        self,
+        h: torch.Tensor,
+        conv_state: torch.Tensor,
+        ssm_state: torch.Tensor,
+        batch: PrefillBatch,
+        past: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, D] (residual dtype) -> (new h, this layer's pre-fusion SSM output y [T, E])."""
+        mixer = self.mixer
+        normed = rms_norm(h.to(self.norm.weight.dtype), self.norm.weight, self.eps)
+        x, z = mixer.in_proj(normed).chunk(2, dim=-1)  # [T, E] each
+        x = mixer.conv_chunk(
+            x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, conv_state, batch.cu_seqlens, batch.slot_ids, "silu"
+        )
+        dt, b, c = mixer._x_dbl(x)
+        # z = None: the scan returns y = s·C + D⊙x without the gate, which comes after the fusion.
+        y = mixer.scan_chunk(
+            x, dt, mixer.A, b, c, mixer.D_f, None, mixer.dt_bias_f, ssm_state, batch.cu_seqlens, batch.slot_ids, True
+        )
+        return self._finish(h, normed, y, z, past), y
+
+    def decode(
+        self,
+        h: torch.Tensor,
+        conv_state: torch.Tensor,
+        ssm_state: torch.Tensor,
+        slot_ids: torch.Tensor,
+        past: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per sequence: h [B, D] -> (new h, pre-fusion y [B, E]); states updated in place."""
+        mixer = self.mixer
+        normed = rms_norm(h.to(self.norm.weight.dtype), self.norm.weight, self.eps)
+        x, z = mixer.in_proj(normed).chunk(2, dim=-1)  # [B, E] each
+        x = mixer.conv_step(x, conv_state, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, slot_ids, "silu")
+        dt, b, c = mixer._x_dbl(x)
+        y = mixer.scan_step(ssm_state, x, dt, mixer.A, b, c, mixer.D_f, None, mixer.dt_bias_f, slot_ids, True)
+        return self._finish(h, normed, y, z, past), y
 
 
 class DenseMambaLM(MambaLM):
@@ -85,51 +120,49 @@ class DenseMambaLM(MambaLM):
         if dense_block_layers and cfg.hidden_size < 32:
             raise ValueError("dense fusion needs hidden_size >= 32 (its gate MLP goes through hidden_size/32)")
         self.dense_block_layers = dense_block_layers
-        if dense_block_layers:
-            # The fusion modules live on the mixers of layers 1.. (layer 0 has nothing to fuse).
-            for layer in list(self.backbone.layers)[1:]:
-                layer.mixer.y_select = SelectGate(cfg.hidden_size, cfg.intermediate_size)
-                layer.mixer.y_norm = RMSNorm(cfg.intermediate_size, cfg.norm_eps)
+        # Wrap Mamba's blocks (same modules, same names); the fusion weights live on the mixers of
+        # layers 1.. (layer 0 has nothing to fuse).
+        self.backbone.layers = nn.ModuleList(
+            DenseMambaBlock(block, cfg, fuse=dense_block_layers > 0 and i > 0)
+            for i, block in enumerate(self.backbone.layers)
+        )
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> DenseMambaLM:
-        return cls(MambaConfig.from_hf(config), config.get("dense_block_layers", 1), backend)
+        # As MambaLM: built on meta, then uninitialised storage (the checkpoint fills every parameter).
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            model = cls(MambaConfig.from_hf(config), config.get("dense_block_layers", 1), backend)
+        model = model.to_empty(device=device)
+        if model.cfg.tie_word_embeddings:
+            model.lm_head.weight = model.backbone.embeddings.weight
+        return model
 
-    def _fuse(
-        self, i: int, mixer: MambaMixer, normed: torch.Tensor, y: torch.Tensor, past: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """Layer i's SSM output after the dense connection over ``past`` (earlier layers' y, same tokens)."""
-        if not self.dense_block_layers or i == 0:
-            return y
-        g = F.silu(mixer.y_select(normed))  # [N, E]
-        for y_past in past:
-            y = y + g * y_past
-        return mixer.y_norm(y)
-
-    def _layers(self, h: torch.Tensor, step: SsmStep) -> torch.Tensor:
-        """Run every layer over h [N, D] (residual dtype), the SSM part of each by ``step``."""
+    def _keep(self, past: list[torch.Tensor], y: torch.Tensor) -> list[torch.Tensor]:
+        """The pre-fusion outputs of the last m layers (same tokens): transient, never state. Always m
+        entries once layer 0 ran: missing earlier layers are zeros, which add exactly nothing, so every
+        fusing layer runs the same code (one compiled graph for all of them)."""
         m = self.dense_block_layers
-        past: list[torch.Tensor] = []  # pre-fusion y [N, E] of the last m layers, same tokens
-        for i, layer in enumerate(self.backbone.layers):
-            mixer: MambaMixer = layer.mixer
-            normed = rms_norm(h.to(self.dtype), layer.norm.weight, self.cfg.norm_eps)
-            y_raw, z = step(mixer, normed, i)
-            y = self._fuse(i, mixer, normed, y_raw, past)
-            h = h + mixer.out_proj(y * F.silu(z))
-            if m:
-                past = [*past, y_raw][-m:]
-        return h
+        if not m:
+            return past
+        if not past:
+            past = [torch.zeros_like(y)] * m
+        return [*past[1:], y]
 
     @torch.no_grad()
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
         h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [T, D]
-        h = self._layers(h, lambda mixer, x, i: _ssm_prefill(mixer, x, states[i]["conv"], states[i]["ssm"], batch))
+        past: list[torch.Tensor] = []
+        for layer, st in zip(self.backbone.layers, states):
+            h, y = layer.prefill(h, st["conv"], st["ssm"], batch, past)
+            past = self._keep(past, y)
         return self._logits(h.index_select(0, batch.logits_indices))
 
     @torch.no_grad()
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
         h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [B, D]
-        h = self._layers(
-            h, lambda mixer, x, i: _ssm_decode(mixer, x, states[i]["conv"], states[i]["ssm"], batch.slot_ids)
-        )
+        past: list[torch.Tensor] = []
+        for layer, st in zip(self.backbone.layers, states):
+            h, y = layer.decode(h, st["conv"], st["ssm"], batch.slot_ids, past)
+            past = self._keep(past, y)
         return self._logits(h)
