@@ -86,13 +86,17 @@ class StopMatcher:
                 return n
         return 0
 
-    def feed(self, delta: str) -> str:
-        """Add generated text; return the part that can be emitted now."""
+    def feed(self, delta: str, check: bool = True) -> str:
+        """Add generated text; return the part that can be emitted now.
+
+        ``check=False`` (before ``min_tokens`` are out) lets stop strings through, as vLLM does.
+        """
         if self.match is not None or not delta:
             return ""
-        search_from = max(0, len(self.text) - self._max_len + 1)
+        # A match can start at most len(stop) - 1 characters back, and never in text already out.
+        search_from = max(self.emitted, len(self.text) - self._max_len + 1)
         self.text += delta
-        if not self._stops:
+        if not self._stops or not check:
             out = self.text[self.emitted :]
             self.emitted = len(self.text)
             return out

@@ -101,6 +101,7 @@ class Generation:
         self.request_id = request_id
         self.start_time = time.monotonic()
         self.stop_token_ids = set(params.stop_token_ids)
+        self.min_tokens = params.min_tokens
         self.prompts = prompts
         self.choices: list[ChoiceState] = []
         streams: list[AsyncIterator[RequestOutput]] = []
@@ -188,7 +189,7 @@ class Generation:
             piece = choice.detok.step(new_ids)
             if output.finished:
                 piece += choice.detok.flush()
-            text = choice.stops.feed(piece)
+            text = choice.stops.feed(piece, check=choice.num_output_tokens >= self.min_tokens)
         finish: str | None = None
         if choice.stops.match is not None:
             finish = "stop"

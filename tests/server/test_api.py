@@ -489,3 +489,13 @@ def test_echo_with_max_tokens_0_scores_the_prompt(app_client: TestClient) -> Non
     n = scored["usage"]["prompt_tokens"]
     assert choice["logprobs"]["token_logprobs"] == generated["choices"][0]["logprobs"]["token_logprobs"][:n]
     assert_error(app_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}), 400, "max_tokens")
+
+
+def test_stop_strings_wait_for_min_tokens(app_client: TestClient) -> None:
+    base = complete(app_client, prompt="The quick brown fox", max_tokens=24, logprobs=0, **GREEDY)["choices"][0]
+    stop = _boundary_stop(base["logprobs"]["tokens"], base["text"])
+    body = {"prompt": "The quick brown fox", "max_tokens": 24, "stop": stop, **GREEDY}
+    early = complete(app_client, **body)
+    late = complete(app_client, **body, min_tokens=16)
+    assert early["usage"]["completion_tokens"] < 16 <= late["usage"]["completion_tokens"]
+    assert late["choices"][0]["text"].startswith(early["choices"][0]["text"] + stop)

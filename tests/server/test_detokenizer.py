@@ -91,3 +91,15 @@ def test_include_stop_str_in_output() -> None:
 def test_no_stops_passes_through() -> None:
     m = StopMatcher([])
     assert [m.feed(p) for p in ["a", "b"]] == ["a", "b"]
+
+
+def test_stop_strings_are_not_checked_before_min_tokens() -> None:
+    m = StopMatcher(["ab"])
+    assert m.feed("xab", check=False) == "xab"
+    assert m.feed("a", check=True) == ""  # may be the start of "ab"
+    assert m.feed("b tail", check=True) == ""
+    assert m.text == "xab" and m.match is not None and m.match.index == 3
+    late = StopMatcher(["ab"])
+    assert late.feed("xa", check=False) == "xa"
+    # "ab" straddles text already out: it cannot be taken back, so it does not match there.
+    assert late.feed("b", check=True) == "b" and late.match is None
