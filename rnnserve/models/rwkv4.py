@@ -269,7 +269,7 @@ class Rwkv4LM(RecurrentLM):
         cu, slots = batch.cu_seqlens, batch.slot_ids
 
         def wkv(w, u, k, v, st: LayerStates) -> torch.Tensor:
-            return self._wkv_varlen(w, u, k, v, st["aa"], st["bb"], st["pp"], cu, slots, max_seqlen=batch.max_seqlen)
+            return self._wkv_varlen(w, u, k, v, st["aa"], st["bb"], st["pp"], cu, slots)
 
         x = self._run(self.emb(batch.input_ids), states, lambda xx, s: token_shift_varlen(xx, s, cu, slots), wkv)
         return self._logits(x.index_select(0, batch.logits_indices))

@@ -76,13 +76,12 @@ def wkv4_varlen(
     pp: torch.Tensor,
     cu_seqlens: torch.Tensor,
     slot_ids: torch.Tensor,
-    max_seqlen: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """w [C] (= -exp(time_decay)), u [C] (time_first), k, v [T, C]; aa, bb, pp [S, C] fp32: sequence i
     starts from row ``slot_ids[i]`` and its final state is written back there. cu_seqlens [B + 1] int32
-    (every sequence at least one token). ``max_seqlen`` is accepted for interface symmetry (the chunk
-    layout reads the lengths on the host anyway). Returns wkv [T, C] fp32."""
+    (every sequence at least one token; the chunk layout reads the lengths on the host). Returns
+    wkv [T, C] fp32."""
     num_tokens, channels = k.shape
     L = chunk_size
     dev = k.device
