@@ -124,7 +124,8 @@ def linear_recurrence_varlen(
     """Same contract as ``chunk.linear_recurrence_varlen``: q, k [T, G, K]; v [T, H, V]; log_decay [T, H];
     state [S, H, K, V] fp32 (updated in place for each slot). Returns o [T, H, V] in v's dtype.
 
-    ``chunk_size`` (a power of two >= 16) overrides the heuristic's chunk length."""
+    ``chunk_size`` overrides the heuristic's chunk length (rounded up to a power of two >= 16, as
+    ``tl.dot`` needs; the chunk length never changes the result, only the speed)."""
     rep = _check_groups(q, v)
     _, _, dk = q.shape
     heads, dv = v.shape[1], v.shape[2]
@@ -138,7 +139,7 @@ def linear_recurrence_varlen(
     # tl.dot needs every dim >= 16; registers bound BLOCK_K * (BLOCK_T + BLOCK_V).
     block_k = max(16, triton.next_power_of_2(dk))
     block_v = min(max(16, triton.next_power_of_2(dv)), 64 if block_k <= 64 else 32)
-    block_t = chunk_size or (64 if block_k <= 64 else 32)
+    block_t = max(16, triton.next_power_of_2(chunk_size)) if chunk_size else (64 if block_k <= 64 else 32)
     grid = (batch, heads, triton.cdiv(dv, block_v))
     _linrec_varlen_kernel[grid](
         q,
