@@ -17,6 +17,20 @@ from rwkv.rwkv_tokenizer import TRIE, TRIE_TOKENIZER
 VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
 EOS_TOKEN = "<|endoftext|>"
 
+# The chat format RWKV world models are trained on: "System: …", "User: …", "Assistant: …" turns
+# separated by a blank line (so blank lines inside a message are collapsed to one newline, as
+# BlinkDL's chat demo does), and the prompt ends with "Assistant:" without a trailing space. Only
+# {{ }} emit text, so the result is the same with or without trim_blocks / lstrip_blocks.
+CHAT_TEMPLATE = r"""{%- for message in messages -%}
+{%- set content = message['content'] | replace('\r\n', '\n') | replace('\n\n', '\n') | replace('\n\n', '\n')
+    | replace('\n\n', '\n') | trim -%}
+{%- if message['role'] == 'system' -%}{{- 'System: ' + content + '\n\n' -}}
+{%- elif message['role'] == 'user' -%}{{- 'User: ' + content + '\n\n' -}}
+{%- elif message['role'] == 'assistant' -%}{{- 'Assistant: ' + content + '\n\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"""
+
 
 def default_vocab_file() -> str:
     """The world vocabulary shipped in the ``rwkv`` package."""
@@ -48,6 +62,7 @@ class RwkvWorldTokenizer:
 
     eos_token_id: int = 0
     vocab_size: int = 65536  # the world models' embedding size; ids without an entry decode to b""
+    chat_template: str = CHAT_TEMPLATE
 
     def __init__(self, vocab_file: str | os.PathLike[str] | None = None) -> None:
         path = str(vocab_file) if vocab_file is not None else default_vocab_file()

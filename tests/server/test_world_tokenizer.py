@@ -75,3 +75,20 @@ def test_does_not_import_torch() -> None:
     code = "import sys, rnnserve.server.world_tokenizer as w; w.RwkvWorldTokenizer; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_chat_template(trim: bool) -> None:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=trim, lstrip_blocks=trim)
+    template = env.from_string(RwkvWorldTokenizer.chat_template)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi!\n\n\n\nTwo paragraphs.\r\n"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Again"},
+    ]
+    text = template.render(messages=messages, add_generation_prompt=True)
+    assert text == ("System: Be brief.\n\nUser: Hi!\nTwo paragraphs.\n\nAssistant: Hello.\n\nUser: Again\n\nAssistant:")
+    assert template.render(messages=messages[:1], add_generation_prompt=False) == "System: Be brief.\n\n"
