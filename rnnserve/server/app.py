@@ -173,7 +173,9 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        # 503 once the engine's step loop is gone, so a container healthcheck notices.
+        alive = getattr(engine, "is_running", True)
+        return Response(status_code=200 if alive else 503)
 
     @app.get("/ping")
     async def ping() -> Response:

@@ -270,6 +270,8 @@ def test_models_health_version_tokenize(app_client: TestClient, model_dir: Path)
         None,
     )
     assert app_client.get("/health").status_code == 200
+    engine = app_client.app.state.ctx.engine
+    assert engine.is_running
     assert app_client.get("/version").json()["version"]
     tok = app_client.post("/tokenize", json={"prompt": "hello world", "return_token_strs": True}).json()
     assert tok["count"] == len(tok["tokens"]) == 2 and tok["token_strs"] == ["hello", " world"]
@@ -499,3 +501,11 @@ def test_stop_strings_wait_for_min_tokens(app_client: TestClient) -> None:
     late = complete(app_client, **body, min_tokens=16)
     assert early["usage"]["completion_tokens"] < 16 <= late["usage"]["completion_tokens"]
     assert late["choices"][0]["text"].startswith(early["choices"][0]["text"] + stop)
+
+
+def test_health_is_503_when_the_engine_loop_is_gone(model_dir: Path) -> None:
+    with TestClient(make_app(model_dir)) as client:
+        engine = client.app.state.ctx.engine
+        assert client.get("/health").status_code == 200
+        client.portal.call(engine.shutdown)
+        assert client.get("/health").status_code == 503
