@@ -94,6 +94,20 @@ def test_update_matches_naive(kernels, channels, width, bias, dtype) -> None:
     torch.testing.assert_close(tri_state, ref_state, **TOL[dtype])
 
 
+def test_strided_rows(kernels) -> None:
+    """x as the models pass it: a column slice of a wider projection output (rows strided)."""
+    varlen, update = kernels
+    wide, w, b, state = _inputs(9, 48, 4, 4, torch.float32)
+    x = wide[:, :24]
+    w, ref_state, tri_state = w[:24].contiguous(), state[:, :24].clone(), state[:, :24].clone()
+    slots = torch.tensor([2, 1], device=DEV)
+    ref = conv_naive(x.contiguous(), w, b[:24], ref_state, _cu([4, 5]), slots, "silu")
+    torch.testing.assert_close(varlen(x, w, b[:24], tri_state, _cu([4, 5]), slots, "silu"), ref, atol=1e-5, rtol=1e-5)
+    ref = conv_naive(x[:2].contiguous(), w, b[:24], ref_state, _cu([1, 1]), slots, "silu")
+    torch.testing.assert_close(update(x[:2], tri_state, w, b[:24], slots, "silu"), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tri_state, ref_state, atol=1e-6, rtol=1e-6)
+
+
 def test_update_padding_rows_touch_only_slot_zero(kernels) -> None:
     """CUDA-graph padding: extra rows on slot 0 leave the real rows' outputs and slots as without them."""
     _, update = kernels

@@ -125,9 +125,11 @@ def causal_conv1d_varlen(
     channels = x.shape[1]
     width = weight.shape[1]
     batch = slot_ids.shape[0]
-    x = x.contiguous()
+    # Rows may be strided (x is usually a column slice of in_proj's output): no copy unless the
+    # channels themselves are strided.
+    x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if batch == 0:
         return y
     block_c = _block_c(channels, batch)

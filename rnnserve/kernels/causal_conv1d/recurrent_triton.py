@@ -78,9 +78,11 @@ def causal_conv1d_update(
     width = weight.shape[1]
     if width < 2:
         raise ValueError("causal_conv1d_update needs a kernel width of at least 2")
-    x = x.contiguous()
+    # Rows may be strided (x is usually a column slice of in_proj's output): no copy unless the
+    # channels themselves are strided.
+    x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if batch == 0:
         return y
     block_c = min(128 if batch >= 8 else 64, max(16, triton.next_power_of_2(channels)))
