@@ -174,18 +174,47 @@ class GauRetention(nn.Module):
         return self.to_out(o)
 
 
+# Per earlier layer, its pre-fusion (k_raw [N, qk], v_raw [N, E]) for the same tokens.
+DenseWindow = list[tuple[torch.Tensor, torch.Tensor]]
+
+
 class DenseRetNetLayer(nn.Module):
-    def __init__(self, cfg: DenseRetNetConfig, backend: Backend) -> None:
+    def __init__(self, cfg: DenseRetNetConfig, backend: Backend, fuse: bool) -> None:
         super().__init__()
+        self.fuse = fuse  # layer >= 1 with m >= 1
         self.input_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = GauRetention(cfg, backend)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        state: torch.Tensor,
+        slot_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        past: DenseWindow,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (new x, this layer's k_raw, v_raw); state updated in place by slot."""
+        attn = self.self_attn
+        h = self.input_layernorm(x)
+        q, k_raw, v_raw, gate = attn.project(h)
+        k, v = attn.fuse(h, k_raw, v_raw, past) if self.fuse else (k_raw, v_raw)
+        return x + attn.mix(q, k, v, gate, positions, state, slot_ids, cu_seqlens), k_raw, v_raw
+
+    def decode(
+        self, x: torch.Tensor, positions: torch.Tensor, state: torch.Tensor, slot_ids: torch.Tensor, past: DenseWindow
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token per sequence; the unit the engine's CPU fast path compiles."""
+        return self(x, positions, state, slot_ids, None, past)
 
 
 class _Backbone(nn.Module):
     def __init__(self, cfg: DenseRetNetConfig, backend: Backend) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DenseRetNetLayer(cfg, backend) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DenseRetNetLayer(cfg, backend, fuse=cfg.dense_block_layers > 0 and i > 0) for i in range(cfg.num_layers)
+        )
         self.norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -252,16 +281,17 @@ class DenseRetNetLM(RecurrentLM):
     ) -> torch.Tensor:
         m = self.cfg.dense_block_layers
         x = self.model.embed_tokens(input_ids)  # [N, D]
-        # Pre-fusion (k_raw [N, qk], v_raw [N, E]) of the last m layers, for the same tokens: transient.
-        past: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i, (layer, st) in enumerate(zip(self.model.layers, states)):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k_raw, v_raw, gate = attn.project(h)
-            k, v = attn.fuse(h, k_raw, v_raw, past) if m and i > 0 else (k_raw, v_raw)
-            x = x + attn.mix(q, k, v, gate, positions, st["S"], slot_ids, cu_seqlens)
+        past: DenseWindow = []  # the last m layers' pre-fusion k/v, same tokens: transient, never state
+        for layer, st in zip(self.model.layers, states):
+            if cu_seqlens is None:
+                x, k_raw, v_raw = layer.decode(x, positions, st["S"], slot_ids, past)
+            else:
+                x, k_raw, v_raw = layer(x, positions, st["S"], slot_ids, cu_seqlens, past)
             if m:
-                past = [*past, (k_raw, v_raw)][-m:]
+                # Always m entries once layer 0 ran: missing earlier layers are zeros, which add exactly
+                # nothing, so every fusing layer runs the same code (one compiled graph for all).
+                past = past or [(torch.zeros_like(k_raw), torch.zeros_like(v_raw))] * m
+                past = [*past[1:], (k_raw, v_raw)]
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

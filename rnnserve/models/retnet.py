@@ -320,6 +320,12 @@ class RetNetBlock(nn.Module):
             x = x + self.mlp(self.mlp_norm(x))
         return x
 
+    def decode(
+        self, x: torch.Tensor, positions: torch.Tensor, state: torch.Tensor, slot_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """One token per sequence (x [B, D]); the unit the engine's CPU fast path compiles."""
+        return self(x, positions, state, slot_ids, None)
+
 
 class _Backbone(nn.Module):
     def __init__(self, cfg: RetNetConfig, backend: Backend) -> None:
@@ -402,7 +408,10 @@ class RetNetLM(RecurrentLM):
     ) -> torch.Tensor:
         x = self.model.embeddings(input_ids)  # [N, D]
         for layer, st in zip(self.model.layers, states):
-            x = layer(x, positions, st["S"], slot_ids, cu_seqlens)
+            if cu_seqlens is None:
+                x = layer.decode(x, positions, st["S"], slot_ids)
+            else:
+                x = layer(x, positions, st["S"], slot_ids, cu_seqlens)
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
