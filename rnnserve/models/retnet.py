@@ -214,7 +214,7 @@ class RetNetConfig:
             key_dim=int(key_dim),
             value_dim=int(value_dim),
             intermediate_size=inter,
-            norm_eps=c.get("norm_eps", 1e-6),
+            norm_eps=c.get("norm_eps", c.get("rms_norm_eps", 1e-6)),  # early fla configs say rms_norm_eps
             retention_style=style,
             retention_norm=c.get("retention_norm", "abs_sum" if style == "torchscale" else "none"),
             feature_map=c.get("feature_map"),
