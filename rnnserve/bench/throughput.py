@@ -3,9 +3,10 @@
 For each batch size B, B random prompts of ``--prompt-len`` tokens each generate exactly
 ``--gen-len`` tokens greedily (``ignore_eos``).
 
-- Ours: through ``LLMEngine`` with a token budget that prefills the whole batch in one step.
-  Prefill = time until every request has its first token; decode = the rest
-  (B x (gen_len - 1) tokens).
+- Ours: through ``LLMEngine`` with a token budget that prefills the whole batch in one step, and
+  the runner's decode path (CUDA graphs on CUDA unless ``--enforce-eager``; ``--compile`` for the
+  torch.compile'd CPU decode). Prefill = time until every request has its first token; decode = the
+  rest (B x (gen_len - 1) tokens). One engine per batch size, warmed up at the timed shapes.
 - transformers: ``AutoModelForCausalLM`` on the same folder, same dtype and device. Prefill = one
   forward over the prompt batch; decode = ``generate()`` time minus that forward.
 
@@ -82,20 +83,22 @@ def make_prompts(batch_size: int, prompt_len: int, vocab_size: int, seed: int) -
     return torch.randint(low, vocab_size, (batch_size, prompt_len), generator=gen).tolist()
 
 
-def run_engine(
-    loaded: LoadedModel, prompts: list[list[int]], gen_len: int, budget: int | None
-) -> tuple[Timing, list[list[int]]]:
-    """Generate with our engine; return the timing and each request's tokens."""
-    model = loaded.model
-    b = len(prompts)
-    total_prompt = sum(len(p) for p in prompts)
-    engine = LLMEngine(
-        model,
-        StatePoolConfig(max_num_seqs=b),
-        SchedulerConfig(max_num_batched_tokens=budget or total_prompt, max_num_seqs=b),
-        RunnerConfig(),
+def make_engine(loaded: LoadedModel, batch_size: int, budget: int, runner_config: RunnerConfig) -> LLMEngine:
+    """An engine with one slot per sequence; CUDA-graph capture or compilation happens here, untimed."""
+    return LLMEngine(
+        loaded.model,
+        StatePoolConfig(max_num_seqs=batch_size),
+        SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=batch_size),
+        runner_config,
         eos_token_id=loaded.eos_token_id,
     )
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], gen_len: int) -> tuple[Timing, list[list[int]]]:
+    """Generate with our engine; return the timing and each request's tokens."""
+    model = engine.model
+    b = len(prompts)
+    total_prompt = sum(len(p) for p in prompts)
     params = SamplingParams(max_tokens=gen_len, temperature=0.0, ignore_eos=True)
     tokens: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -167,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="engine token budget per step (default: the whole batch's prompts, prefilled in one step)",
     )
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compiled decode")
+    p.add_argument("--compile", action="store_true", help="torch.compile the CPU decode step (RunnerConfig)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs at each batch's shapes first (default 1)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
@@ -197,15 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     hf = None if args.no_baseline else load_hf(loaded.path, dtype, device)
     pad = loaded.eos_token_id if loaded.eos_token_id is not None else 0
 
+    runner_config = RunnerConfig(enforce_eager=args.enforce_eager, compile_cpu_decode=args.compile)
     results = []
     for b in batch_sizes:
         prompts = make_prompts(b, args.prompt_len, vocab, args.seed)
+        engine = make_engine(loaded, b, args.max_num_batched_tokens or b * args.prompt_len, runner_config)
         # Warm-up at the timed shapes: first calls allocate, pick kernels, compile Triton variants.
         for _ in range(args.warmup):
-            run_engine(loaded, prompts, 2, args.max_num_batched_tokens)
+            run_engine(engine, prompts, 2)
             if hf is not None:
                 run_hf(hf, prompts, 2, device, pad)
-        ours, our_tokens = run_engine(loaded, prompts, args.gen_len, args.max_num_batched_tokens)
+        ours, our_tokens = run_engine(engine, prompts, args.gen_len)
         row: dict = {
             "batch_size": b,
             "engine": ours.as_dict(args.gen_len),
@@ -237,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_len": args.prompt_len,
         "gen_len": args.gen_len,
         "warmup": args.warmup,
+        "enforce_eager": args.enforce_eager,
+        "compile_cpu_decode": args.compile,
         "results": results,
     }
     print(_table(report))

@@ -43,6 +43,7 @@ def test_bench_writes_json_and_matches_transformers(mamba_dir, tmp_path, capsys)
 def test_bench_without_baseline_and_bad_args(mamba_dir, tmp_path):
     out = tmp_path / "b.json"
     argv = ["--model", str(mamba_dir), "--batch-sizes", "2", "--prompt-len", "4", "--gen-len", "3", "--no-baseline"]
+    argv += ["--enforce-eager", "--warmup", "0"]
     assert throughput.main([*argv, "--json", str(out)]) == 0
     row = json.loads(out.read_text())["results"][0]
     assert row["hf"] is None and row["ratio"] is None and row["engine"]["decode_tokens"] == 4
