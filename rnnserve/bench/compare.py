@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -372,30 +372,33 @@ def _row(kind: str, name: str, context: int, conc: int, s: dict, metrics: dict[s
     }
 
 
-def _measure(cfg: CompareConfig, kind: str, url: str, name: str, context: int, rows: list[dict]) -> None:
-    # One short request first: thread pools and allocator warm up outside the measurement.
+def _warm_up(url: str) -> dict[str, float]:
+    """One short request (thread pools and allocator warm up outside the measurement); then the
+    server's metrics, for its bytes per sequence and slots."""
     asyncio.run(run_benchmark(ServeBenchConfig(base_url=url, num_prompts=1, input_len=16, output_len=4)))
-    metrics = scrape_metrics(url)
-    for conc in cfg.concurrency:
-        bench = ServeBenchConfig(
-            base_url=url,
-            num_prompts=max(2, cfg.prompts_per_concurrency * conc),
-            input_len=context,
-            output_len=cfg.output_len,
-            max_concurrency=conc,
-            seed=cfg.seed,
-            timeout_s=cfg.timeout_s,
-        )
-        summary = asyncio.run(run_benchmark(bench))
-        row = _row(kind, name, context, conc, summary, metrics)
-        rows.append(row)
-        print(
-            f"  {kind:<11} ctx {context:>6} conc {conc:>3}: {row['completed']} ok {row['failed']} failed, "
-            f"output {row['output_throughput']:8.1f} tok/s, decode {row['decode_throughput']:8.1f} tok/s, "
-            f"TTFT p50 {row['median_ttft_ms']:9.1f} ms, ITL p50 {row['median_itl_ms']:7.1f} ms, "
-            f"state {row['state_bytes_per_slot'] / 2**20:9.2f} MiB/seq",
-            flush=True,
-        )
+    return scrape_metrics(url)
+
+
+def _point(cfg: CompareConfig, server: tuple[str, str, str, dict[str, float]], context: int, conc: int) -> dict:
+    kind, url, name, metrics = server
+    bench = ServeBenchConfig(
+        base_url=url,
+        num_prompts=max(2, cfg.prompts_per_concurrency * conc),
+        input_len=context,
+        output_len=cfg.output_len,
+        max_concurrency=conc,
+        seed=cfg.seed,
+        timeout_s=cfg.timeout_s,
+    )
+    row = _row(kind, name, context, conc, asyncio.run(run_benchmark(bench)), metrics)
+    print(
+        f"  {kind:<11} ctx {context:>6} conc {conc:>3}: {row['completed']} ok {row['failed']} failed, "
+        f"output {row['output_throughput']:8.1f} tok/s, decode {row['decode_throughput']:8.1f} tok/s, "
+        f"TTFT p50 {row['median_ttft_ms']:9.1f} ms, ITL p50 {row['median_itl_ms']:7.1f} ms, "
+        f"state {row['state_bytes_per_slot'] / 2**20:9.2f} MiB/seq",
+        flush=True,
+    )
+    return row
 
 
 def run_sweep(cfg: CompareConfig) -> dict:
@@ -421,30 +424,42 @@ def run_sweep(cfg: CompareConfig) -> dict:
     if state_memory:
         print(f"state pool budget per server: {_fmt_bytes(state_memory)}", flush=True)
 
-    print(f"recurrent: {recurrent} ({params.get('recurrent')} parameters)", flush=True)
-    try:
-        args = _serve_args(cfg, None, pool_budget(state_memory, recurrent, cfg))
-        with launch_server(recurrent, args, logs / "recurrent.log", cfg.startup_timeout_s) as url:
-            for context in cfg.contexts:
-                _measure(cfg, "recurrent", url, recurrent.name, context, rows)
-    except (RuntimeError, httpx.HTTPError) as exc:
-        print(f"  recurrent: {exc}", flush=True)
-        problems.append({"model": "recurrent", "context": None, "error": str(exc)[-2000:]})
+    def failed(model: str, context: int | None, exc: Exception) -> None:
+        print(f"  {model} failed{f' at ctx {context}' if context else ''}: {exc}", flush=True)
+        problems.append({"model": model, "context": context, "error": str(exc)[-2000:]})
 
+    print(f"recurrent: {recurrent} ({params.get('recurrent')} parameters)", flush=True)
     print(f"transformer: {baseline} ({params.get('transformer')} parameters)", flush=True)
-    for context in cfg.contexts:
-        max_len = math.ceil((context + cfg.output_len) * _CONTEXT_MARGIN) + _CONTEXT_PAD
-        view = baseline_for_context(baseline, max_len, models_dir / "views")
-        log = logs / f"transformer-ctx{context}.log"
-        # One server per context length: its KV cache is sized for that context. A failure (out of
-        # memory, say) is recorded and the sweep goes on.
+    # The recurrent server runs throughout; the baseline is restarted per context length (its KV
+    # cache is sized for it). Each point measures one model right after the other, so a machine
+    # whose load drifts over the sweep slows both alike. A server that fails (out of memory at a
+    # long context, say) is recorded and the sweep goes on.
+    with ExitStack() as stack:
+        rec: tuple[str, str, str, dict[str, float]] | None = None
         try:
-            args = _serve_args(cfg, max_len, pool_budget(state_memory, view, cfg))
-            with launch_server(view, args, log, cfg.startup_timeout_s) as url:
-                _measure(cfg, "transformer", url, baseline.name, context, rows)
+            args = _serve_args(cfg, None, pool_budget(state_memory, recurrent, cfg))
+            url = stack.enter_context(launch_server(recurrent, args, logs / "recurrent.log", cfg.startup_timeout_s))
+            rec = ("recurrent", url, recurrent.name, _warm_up(url))
         except (RuntimeError, httpx.HTTPError) as exc:
-            print(f"  transformer ctx {context}: {exc}", flush=True)
-            problems.append({"model": "transformer", "context": context, "error": str(exc)[-2000:]})
+            failed("recurrent", None, exc)
+        for context in cfg.contexts:
+            servers = [rec] if rec is not None else []
+            max_len = math.ceil((context + cfg.output_len) * _CONTEXT_MARGIN) + _CONTEXT_PAD
+            view = baseline_for_context(baseline, max_len, models_dir / "views")
+            log = logs / f"transformer-ctx{context}.log"
+            with ExitStack() as per_context:
+                try:
+                    args = _serve_args(cfg, max_len, pool_budget(state_memory, view, cfg))
+                    url = per_context.enter_context(launch_server(view, args, log, cfg.startup_timeout_s))
+                    servers.append(("transformer", url, baseline.name, _warm_up(url)))
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    failed("transformer", context, exc)
+                for conc in cfg.concurrency:
+                    for server in servers:
+                        try:
+                            rows.append(_point(cfg, server, context, conc))
+                        except (RuntimeError, httpx.HTTPError) as exc:
+                            failed(server[0], context, exc)
 
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

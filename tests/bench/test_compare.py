@@ -68,7 +68,9 @@ def _synthetic_result() -> dict:
 
 def test_report_and_plots_from_json(tmp_path: Path) -> None:
     src = tmp_path / "in.json"
-    src.write_text(json.dumps(_synthetic_result()))
+    result = _synthetic_result()
+    result["problems"] = [{"model": "transformer", "context": 4096, "error": "Traceback ...\nRuntimeError: OOM"}]
+    src.write_text(json.dumps(result))
     out = tmp_path / "report"
     assert compare.main(["--from-json", str(src), "--out", str(out)]) == 0
     for name in ("throughput_vs_context.png", "latency_vs_concurrency.png", "memory_vs_context.png"):
@@ -79,6 +81,7 @@ def test_report_and_plots_from_json(tmp_path: Path) -> None:
     assert len(table) == 8
     assert "| transformer | 1024 | 4 | 8/0 |" in md
     assert "3.3M parameters" in md and "![memory_vs_context](memory_vs_context.png)" in md
+    assert "The transformer server failed at prompt length 4096: `RuntimeError: OOM`" in md
     assert json.loads((out / "results.json").read_text())["rows"][0]["model"] == "recurrent"
 
 
