@@ -125,7 +125,10 @@ class Rwkv4FeedForward(nn.Module):
 
 
 class Rwkv4Block(nn.Module):
-    def __init__(self, cfg: Rwkv4Config, index: int) -> None:
+    """One block; ``prefill`` / ``decode`` run it on a packed batch / one token per sequence, reading
+    and writing the layer's states in place. ``decode`` is the unit the CPU compiled path compiles."""
+
+    def __init__(self, cfg: Rwkv4Config, index: int, backend: Backend) -> None:
         super().__init__()
         eps = cfg.layer_norm_eps
         self.ln0 = nn.LayerNorm(cfg.hidden_size, eps=eps) if index == 0 else None
@@ -133,6 +136,42 @@ class Rwkv4Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=eps)
         self.att = Rwkv4Attention(cfg)
         self.ffn = Rwkv4FeedForward(cfg)
+        self._wkv_varlen = get_kernel("wkv4.chunk", backend)
+        self._wkv_step = get_kernel("wkv4.recurrent", backend)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        st: LayerStates,
+        shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        wkv: Callable[..., torch.Tensor],
+    ) -> torch.Tensor:
+        if self.ln0 is not None:
+            x = self.ln0(x)
+        xx = self.ln1(x)
+        x = x + self.att(xx, shift(xx, st["att_x"]), wkv)
+        xx = self.ln2(x)
+        return x + self.ffn(xx, shift(xx, st["ffn_x"]))
+
+    def prefill(
+        self, x: torch.Tensor, st: LayerStates, cu_seqlens: torch.Tensor, slot_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """x [T, D] packed."""
+        return self._run(
+            x,
+            st,
+            lambda xx, s: token_shift_varlen(xx, s, cu_seqlens, slot_ids),
+            lambda w, u, k, v: self._wkv_varlen(w, u, k, v, st["aa"], st["bb"], st["pp"], cu_seqlens, slot_ids),
+        )
+
+    def decode(self, x: torch.Tensor, st: LayerStates, slot_ids: torch.Tensor) -> torch.Tensor:
+        """x [B, D], one token per sequence."""
+        return self._run(
+            x,
+            st,
+            lambda xx, s: token_shift_step(xx, s, slot_ids),
+            lambda w, u, k, v: self._wkv_step(w, u, k, v, st["aa"], st["bb"], st["pp"], slot_ids),
+        )
 
 
 # transformers name fragment -> BlinkDL (our) name fragment
@@ -154,13 +193,11 @@ class Rwkv4LM(RecurrentLM):
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
         self.emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(Rwkv4Block(cfg, i) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Rwkv4Block(cfg, i, backend) for i in range(cfg.num_layers))
         self.ln_out = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.head.weight = self.emb.weight
-        self._wkv_varlen = get_kernel("wkv4.chunk", backend)
-        self._wkv_step = get_kernel("wkv4.recurrent", backend)
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> Rwkv4LM:
@@ -244,43 +281,19 @@ class Rwkv4LM(RecurrentLM):
 
     # ----------------------------------------------------------------- forward
 
-    def _run(
-        self,
-        x: torch.Tensor,
-        states: States,
-        shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        wkv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LayerStates], torch.Tensor],
-    ) -> torch.Tensor:
-        """All blocks over x [N, D]; ``shift(xx, shift_state)`` and ``wkv(w, u, k, v, layer_states)`` are
-        the prefill or decode flavours."""
-        for block, st in zip(self.blocks, states):
-            if block.ln0 is not None:
-                x = block.ln0(x)
-            xx = block.ln1(x)
-            x = x + block.att(xx, shift(xx, st["att_x"]), lambda w, u, k, v, st=st: wkv(w, u, k, v, st))
-            xx = block.ln2(x)
-            x = x + block.ffn(xx, shift(xx, st["ffn_x"]))
-        return x
-
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.ln_out(x)).float()
 
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
-        cu, slots = batch.cu_seqlens, batch.slot_ids
-
-        def wkv(w, u, k, v, st: LayerStates) -> torch.Tensor:
-            return self._wkv_varlen(w, u, k, v, st["aa"], st["bb"], st["pp"], cu, slots)
-
-        x = self._run(self.emb(batch.input_ids), states, lambda xx, s: token_shift_varlen(xx, s, cu, slots), wkv)
+        x = self.emb(batch.input_ids)
+        for block, st in zip(self.blocks, states):
+            x = block.prefill(x, st, batch.cu_seqlens, batch.slot_ids)
         return self._logits(x.index_select(0, batch.logits_indices))
 
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
-        slots = batch.slot_ids
-
-        def wkv(w, u, k, v, st: LayerStates) -> torch.Tensor:
-            return self._wkv_step(w, u, k, v, st["aa"], st["bb"], st["pp"], slots)
-
-        x = self._run(self.emb(batch.input_ids), states, lambda xx, s: token_shift_step(xx, s, slots), wkv)
+        x = self.emb(batch.input_ids)
+        for block, st in zip(self.blocks, states):
+            x = block.decode(x, st, batch.slot_ids)
         return self._logits(x)
 
 

@@ -189,7 +189,11 @@ class Rwkv7FeedForward(nn.Module):
 
 
 class Rwkv7Block(nn.Module):
-    def __init__(self, cfg: Rwkv7Config, index: int) -> None:
+    """One block; ``prefill`` / ``decode`` run it on a packed batch / one token per sequence, reading
+    and writing the layer's states in place, and pass ``v_first`` on. ``decode`` is the unit the CPU
+    compiled path compiles."""
+
+    def __init__(self, cfg: Rwkv7Config, index: int, backend: Backend) -> None:
         super().__init__()
 
         def norm() -> nn.LayerNorm:
@@ -200,6 +204,53 @@ class Rwkv7Block(nn.Module):
         self.ln2 = norm()
         self.att = Rwkv7Attention(cfg, index)
         self.ffn = Rwkv7FeedForward(cfg)
+        self._wkv_varlen = get_kernel("wkv7.chunk", backend)
+        self._wkv_step = get_kernel("wkv7.recurrent", backend)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        v_first: torch.Tensor | None,
+        st: LayerStates,
+        shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        wkv: Callable[..., torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ln0 is not None:
+            x = self.ln0(x)
+        xx = self.ln1(x)
+        att, v_first = self.att(xx, shift(xx, st["att_x"]), v_first, wkv)
+        x = x + att
+        xx = self.ln2(x)
+        return x + self.ffn(xx, shift(xx, st["ffn_x"])), v_first
+
+    def prefill(
+        self,
+        x: torch.Tensor,
+        v_first: torch.Tensor | None,
+        st: LayerStates,
+        cu_seqlens: torch.Tensor,
+        slot_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] packed; v_first [T, D] (None in layer 0). Returns (x, v_first)."""
+        return self._run(
+            x,
+            v_first,
+            st,
+            lambda xx, s: token_shift_varlen(xx, s, cu_seqlens, slot_ids),
+            lambda r, w, k, v, a, b: self._wkv_varlen(r, w, k, v, a, b, st["wkv"], cu_seqlens, slot_ids),
+        )
+
+    def decode(
+        self, x: torch.Tensor, v_first: torch.Tensor | None, st: LayerStates, slot_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, D], one token per sequence; v_first [B, D] (None in layer 0). Returns (x, v_first)."""
+        return self._run(
+            x,
+            v_first,
+            st,
+            lambda xx, s: token_shift_step(xx, s, slot_ids),
+            lambda r, w, k, v, a, b: self._wkv_step(r, w, k, v, a, b, st["wkv"], slot_ids),
+        )
 
 
 # fla-hub name fragment -> ours, applied in order after "model.layers." -> "blocks."
@@ -228,13 +279,11 @@ class Rwkv7LM(RecurrentLM):
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
         self.emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(Rwkv7Block(cfg, i) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Rwkv7Block(cfg, i, backend) for i in range(cfg.num_layers))
         self.ln_out = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.head.weight = self.emb.weight
-        self._wkv_varlen = get_kernel("wkv7.chunk", backend)
-        self._wkv_step = get_kernel("wkv7.recurrent", backend)
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> Rwkv7LM:
@@ -334,49 +383,17 @@ class Rwkv7LM(RecurrentLM):
 
     # ----------------------------------------------------------------- forward
 
-    def _run(
-        self,
-        x: torch.Tensor,
-        states: States,
-        shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        wkv: Callable[..., torch.Tensor],
-    ) -> torch.Tensor:
-        """All blocks over x [N, D]; ``shift(xx, shift_state)`` and ``wkv(r, log_w, k, v, a, b, state)``
-        are the prefill or decode flavours."""
-        v_first: torch.Tensor | None = None
-        for block, st in zip(self.blocks, states):
-            if block.ln0 is not None:
-                x = block.ln0(x)
-            xx = block.ln1(x)
-
-            def layer_wkv(*args: torch.Tensor, st: LayerStates = st) -> torch.Tensor:
-                return wkv(*args, st["wkv"])
-
-            att, v_first = block.att(xx, shift(xx, st["att_x"]), v_first, layer_wkv)
-            x = x + att
-            xx = block.ln2(x)
-            x = x + block.ffn(xx, shift(xx, st["ffn_x"]))
-        return x
-
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.ln_out(x)).float()
 
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
-        cu, slots = batch.cu_seqlens, batch.slot_ids
-        x = self._run(
-            self.emb(batch.input_ids),
-            states,
-            lambda xx, s: token_shift_varlen(xx, s, cu, slots),
-            lambda r, w, k, v, a, b, s: self._wkv_varlen(r, w, k, v, a, b, s, cu, slots),
-        )
+        x, v_first = self.emb(batch.input_ids), None
+        for block, st in zip(self.blocks, states):
+            x, v_first = block.prefill(x, v_first, st, batch.cu_seqlens, batch.slot_ids)
         return self._logits(x.index_select(0, batch.logits_indices))
 
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
-        slots = batch.slot_ids
-        x = self._run(
-            self.emb(batch.input_ids),
-            states,
-            lambda xx, s: token_shift_step(xx, s, slots),
-            lambda r, w, k, v, a, b, s: self._wkv_step(r, w, k, v, a, b, s, slots),
-        )
+        x, v_first = self.emb(batch.input_ids), None
+        for block, st in zip(self.blocks, states):
+            x, v_first = block.decode(x, v_first, st, batch.slot_ids)
         return self._logits(x)
