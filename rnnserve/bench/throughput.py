@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:,.1f}"
 
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             "hf": None,
             "ratio": None,
             "greedy_match": None,
+            "greedy_prefix_match": None,
         }
         if hf is not None:
             theirs, hf_tokens = run_hf(hf, prompts, args.gen_len, device, pad)
@@ -228,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                 "decode": ours.decode_tok_s / theirs.decode_tok_s,
             }
             row["greedy_match"] = sum(a == h for a, h in zip(our_tokens, hf_tokens)) / b
+            # Mean share of each sequence before the first differing token (low precision drifts late).
+            row["greedy_prefix_match"] = sum(_common_prefix(a, h) for a, h in zip(our_tokens, hf_tokens)) / (
+                b * args.gen_len
+            )
         results.append(row)
         print(_row_text(row), flush=True)
 

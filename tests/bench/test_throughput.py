@@ -36,6 +36,7 @@ def test_bench_writes_json_and_matches_transformers(mamba_dir, tmp_path, capsys)
         assert r["engine"]["prefill_tok_s"] > 0 and r["engine"]["decode_tok_s"] > 0
         assert r["hf"]["prefill_tokens"] == 9 * b and r["ratio"]["decode"] > 0
         assert r["greedy_match"] == 1.0  # every sequence: same 5 greedy tokens as generate()
+        assert r["greedy_prefix_match"] == 1.0
     text = capsys.readouterr().out
     assert "prefill tok/s" in text and "decode tok/s" in text
 
