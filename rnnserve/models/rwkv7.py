@@ -9,7 +9,7 @@ is not state. Time mixing of a token, with δ = prev − x:
     log w = −e^{−1/2} σ(w0 + tanh(x_w W1) W2);  a = σ(a0 + x_a A1 A2);  g = σ(x_g G1) G2
     κ = normalize_head(k ⊙ k_k);  k ← k ⊙ (1 + (a − 1) ⊙ k_a)
     v ← v + (v_first − v) ⊙ σ(v0 + x_v V1 V2)  (layers > 0; layer 0 sets v_first = v)
-    S ← (diag(w) + b aᵀ) S + k vᵀ with a = −κ, b = κ ⊙ a  (S [K, V] per head; kernels/wkv7)
+    S ← (diag(w) − (κ ⊙ a) κᵀ) S + k vᵀ  (S [K, V] per head; the kernel's a_wkv = −κ, b_wkv = κ ⊙ a)
     o = GroupNorm_H(rᵀ S) + (Σ_head r ⊙ k ⊙ r_k) v;  out = W_o (o ⊙ g)
 
 and channel mixing ``W_v relu(W_k (x + δ ⊙ μ_k))²``. Block 0 applies LN0 to the embedding.
