@@ -22,12 +22,17 @@ def linear_recurrence_step(
     """
     bsz, groups, dk = q.shape
     heads, dv = v.shape[1], v.shape[2]
+    if heads % groups:
+        raise ValueError(f"number of heads {heads} is not a multiple of the number of q/k groups {groups}")
     rep = heads // groups
-    # Heads are laid out group-major (head h reads group h // rep), so [B, H, ...] views as [B, G, rep, ...].
-    s = state.index_select(0, slot_ids).float().view(bsz, groups, rep, dk, dv)  # [B, G, R, K, V]
-    decay = log_decay.float().exp().view(bsz, groups, rep, 1, 1)
-    kv = k.float().view(bsz, groups, 1, dk, 1) * v.float().view(bsz, groups, rep, 1, dv)  # [B, G, R, K, V]
-    s = decay * s + kv
-    o = torch.matmul(q.float().view(bsz, groups, 1, 1, dk), s)  # [B, G, R, 1, V]
-    state.index_copy_(0, slot_ids, s.view(bsz, heads, dk, dv).to(state.dtype))
+    # A decode step is bound by state memory traffic (a state is [H, K, V] fp32 per layer and sequence), so
+    # the update is done in place on one gathered copy: s *= decay, then s += kᵀv as a batched rank-1
+    # update (baddbmm) without materialising kᵀv. Heads are group-major (head h reads group h // rep).
+    s = state.index_select(0, slot_ids).float()  # [B, H, K, V]
+    s.mul_(log_decay.float().exp().view(bsz, heads, 1, 1))
+    kh = k.float().view(bsz, groups, 1, dk).expand(bsz, groups, rep, dk).reshape(bsz * heads, dk, 1)
+    s.view(bsz * heads, dk, dv).baddbmm_(kh, v.float().reshape(bsz * heads, 1, dv))
+    qh = q.float().view(bsz, groups, 1, dk).expand(bsz, groups, rep, dk).reshape(bsz * heads, 1, dk)
+    o = torch.bmm(qh, s.view(bsz * heads, dk, dv))  # [B*H, 1, V]
+    state.index_copy_(0, slot_ids, s.to(state.dtype))
     return (scale * o).view(bsz, heads, dv).to(v.dtype)
