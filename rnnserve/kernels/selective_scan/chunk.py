@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 # Working set per block: about this many fp32 elements for each of the two [L, E, N] buffers.
-_BLOCK_ELEMENTS = 1 << 23
+_BLOCK_ELEMENTS = 1 << 21
 
 
 def selective_scan_varlen(
@@ -56,6 +56,11 @@ def selective_scan_varlen(
 
     Lc = chunk_size
     block = max(Lc, (_BLOCK_ELEMENTS // (E * N)) // Lc * Lc)
+    block = min(block, -(-T // Lc) * Lc)
+    # Two [block, E, N] work buffers, allocated once per call and reused by every block: a fresh large
+    # allocation costs a page fault per 4 KiB on first touch, which is as slow as the maths itself.
+    a_buf = torch.empty(block, E, N, device=dev)
+    b_buf = torch.empty(block, E, N, device=dev)
     y = torch.empty(T, E, dtype=x.dtype, device=dev)
     carry = torch.zeros(E, N, device=dev)  # state after the previous block's last token
     for t0 in range(0, T, block):
@@ -76,8 +81,8 @@ def selective_scan_varlen(
             xb = F.pad(xb, (0, 0, 0, pad))
             Bb = F.pad(Bb, (0, 0, 0, pad))
 
-        a = torch.mul(delta.unsqueeze(-1), A).exp_()  # [nC*Lc, E, N], in (0, 1]
-        b = (delta * xb).unsqueeze(-1) * Bb.unsqueeze(1)  # [nC*Lc, E, N]
+        a = torch.mul(delta.unsqueeze(-1), A, out=a_buf[: nC * Lc]).exp_()  # [nC*Lc, E, N], in (0, 1]
+        b = torch.mul((delta * xb).unsqueeze(-1), Bb.unsqueeze(1), out=b_buf[: nC * Lc])  # [nC*Lc, E, N]
         local_first = [(f - t0, i) for i, f in enumerate(first) if t0 <= f < t1]
         if local_first:
             rows = torch.tensor([r for r, _ in local_first], device=dev)
