@@ -88,11 +88,14 @@ def linear_recurrence_varlen(
     lay = _layout(cu_seqlens, L, q.device)
     nc = lay.total
 
-    qc = _to_chunks(q, lay, L).permute(0, 2, 1, 3)  # [NC, G, L, K]
-    kc = _to_chunks(k, lay, L).permute(0, 2, 1, 3)  # [NC, G, L, K]
-    vc = _to_chunks(v, lay, L).permute(0, 2, 1, 3).reshape(nc, groups, rep, L, dv)  # [NC, G, R, L, V]
+    # Layouts: the carried state is kept as [.., G, K, R*V] (the R heads of a group side by side), so that
+    # the per-group q and k meet all R heads of their group in one matrix multiply, without broadcast
+    # copies of q or k. v's packed order [.., H, V] is already [.., G, R, V].
+    qc = _to_chunks(q, lay, L).transpose(1, 2)  # [NC, G, L, K]
+    kc = _to_chunks(k, lay, L).transpose(1, 2)  # [NC, G, L, K]
+    vl = _to_chunks(v, lay, L).view(nc, L, groups, rep, dv).transpose(1, 2)  # [NC, G, L, R, V]
     # Padding has log-decay 0 (decay 1) and k = v = 0, so it leaves a chunk's carried state unchanged.
-    a = _to_chunks(log_decay, lay, L).transpose(1, 2).reshape(nc, groups, rep, L)  # [NC, G, R, L]
+    a = _to_chunks(log_decay, lay, L).view(nc, L, groups, rep).permute(0, 2, 3, 1)  # [NC, G, R, L]
     acum = a.cumsum(-1)  # [NC, G, R, L], A_i
 
     # seg[i, j] = A_i - A_j = Σ_{j<m<=i} a_m, summed directly rather than subtracted: A_i - A_j loses
@@ -101,24 +104,23 @@ def linear_recurrence_varlen(
     strict = torch.ones(L, L, dtype=torch.bool, device=q.device).tril(-1)
     seg = a.unsqueeze(-1).expand(*a.shape, L).masked_fill(~strict, 0.0).cumsum(-2)  # [NC, G, R, L, L]
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    decay_ij = torch.exp(seg.masked_fill(~causal, float("-inf")))
+    decay_ij = torch.exp(seg.masked_fill_(~causal, float("-inf")))
 
     # Intra-chunk: o_i = Σ_{j<=i} (q_i·k_j) exp(A_i - A_j) v_j.
     scores = torch.matmul(qc, kc.transpose(-1, -2)).unsqueeze(2)  # [NC, G, 1, L, L]
-    o = torch.matmul(scores * decay_ij, vc)  # [NC, G, R, L, V]
+    o_intra = torch.matmul(scores * decay_ij, vl.transpose(2, 3))  # [NC, G, R, L, V]
 
     # Each chunk's own contribution to the state at its end: Σ_j exp(A_L - A_j) k_jᵀ v_j; the last row
     # of decay_ij is exp(A_L - A_j).
-    v_to_end = vc * decay_ij[..., -1, :].unsqueeze(-1)  # [NC, G, R, L, V]
-    chunk_kv = torch.matmul(kc.transpose(-1, -2).unsqueeze(2), v_to_end)  # [NC, G, R, K, V]
-    a_last = acum[..., -1:]  # [NC, G, R, 1]
-    chunk_decay = torch.exp(a_last).view(nc, heads, 1, 1)  # [NC, H, 1, 1]
-    chunk_kv = chunk_kv.view(nc, heads, dk, dv)
+    v_to_end = vl * decay_ij[..., -1, :].transpose(-1, -2).unsqueeze(-1)  # [NC, G, L, R, V]
+    chunk_kv = torch.matmul(kc.transpose(-1, -2), v_to_end.view(nc, groups, L, rep * dv))  # [NC, G, K, R*V]
+    chunk_kv = chunk_kv.view(nc, groups, dk, rep, dv)
+    chunk_decay = torch.exp(acum[..., -1]).view(nc, groups, 1, rep, 1)  # [NC, G, 1, R, 1]
 
     # Carry the state across chunks: S_in[c] is the state entering chunk c. Sequential over the chunk
     # index only, batched over all sequences still running at that index.
-    s_cur = state.index_select(0, slot_ids).float()  # [B, H, K, V]
-    s_in = torch.empty(nc, heads, dk, dv, dtype=torch.float32, device=q.device)
+    s_cur = state.index_select(0, slot_ids).float().view(bsz, groups, rep, dk, dv).transpose(2, 3).contiguous()
+    s_in = torch.empty(nc, groups, dk, rep, dv, dtype=torch.float32, device=q.device)  # [NC, G, K, R, V]
     max_chunks = max(lay.num_chunks, default=0)
     for j in range(max_chunks):
         live = [b for b in range(bsz) if lay.num_chunks[b] > j]
@@ -131,12 +133,12 @@ def linear_recurrence_varlen(
             prev = s_cur[rows]
             s_in[chunk_ids] = prev
             s_cur[rows] = chunk_decay[chunk_ids] * prev + chunk_kv[chunk_ids]
-    state.index_copy_(0, slot_ids, s_cur.to(state.dtype))
+    state.index_copy_(0, slot_ids, s_cur.transpose(2, 3).reshape(bsz, heads, dk, dv).to(state.dtype))
 
-    # Inter-chunk: o_i += exp(a_i) q_i S_in.
-    o = o + torch.matmul(qc.unsqueeze(2), s_in.view(nc, groups, rep, dk, dv)) * torch.exp(acum).unsqueeze(-1)
-
-    o = (scale * o).reshape(nc, heads, L, dv).transpose(1, 2).reshape(nc * L, heads, dv)  # [NC*L, H, V]
+    # Inter-chunk: o_i += exp(A_i) q_i S_in.
+    o = torch.matmul(qc, s_in.view(nc, groups, dk, rep * dv)).view(nc, groups, L, rep, dv)  # [NC, G, L, R, V]
+    o.mul_(torch.exp(acum).transpose(-1, -2).unsqueeze(-1)).add_(o_intra.transpose(2, 3))
+    o = (scale * o).transpose(1, 2).reshape(nc * L, heads, dv)  # [NC*L, H, V]
     # Scatter back; every padding row lands on the extra row T, which is dropped.
     out = torch.empty(num_tokens + 1, heads, dv, dtype=torch.float32, device=q.device)
     out.index_copy_(0, lay.gather, o)
