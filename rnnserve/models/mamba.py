@@ -289,7 +289,7 @@ class MambaLM(RecurrentLM):
         h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [T, D]
         for layer, st in zip(self.backbone.layers, states):
             normed = rms_norm(h.to(self.dtype), layer.norm.weight, self.cfg.norm_eps)
-            h = h + layer.mixer.prefill(normed, st["conv"], st["ssm"], batch)
+            h.add_(layer.mixer.prefill(normed, st["conv"], st["ssm"], batch))
         return self._logits(h.index_select(0, batch.logits_indices))
 
     @torch.no_grad()
@@ -297,5 +297,5 @@ class MambaLM(RecurrentLM):
         h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [B, D]
         for layer, st in zip(self.backbone.layers, states):
             normed = rms_norm(h.to(self.dtype), layer.norm.weight, self.cfg.norm_eps)
-            h = h + layer.mixer.decode(normed, st["conv"], st["ssm"], batch.slot_ids)
+            h.add_(layer.mixer.decode(normed, st["conv"], st["ssm"], batch.slot_ids))
         return self._logits(h)

@@ -32,29 +32,28 @@ def causal_conv1d_varlen(
     lens = cu[1:] - cu[:-1]  # [B]
 
     # Rows of the extended batch: sequence b occupies ext_cu[b] : ext_cu[b+1] = its L cached inputs,
-    # then its tokens. Source rows: x first (0..T-1), then the B gathered caches (T + b*L + j).
-    cached = conv_state[slot_ids].transpose(1, 2).reshape(B * L, C)  # [B*L, C]
-    src = torch.cat([x, cached.to(x.dtype)], dim=0)  # [T + B*L, C]
-    seq_of_ext = torch.repeat_interleave(torch.arange(B, device=dev), lens + L)  # [T + B*L]
+    # then its tokens; token t of sequence b sits at extended row t + (b+1)*L.
     ext_cu = cu + torch.arange(B + 1, device=dev) * L  # [B+1]
-    offset = torch.arange(T + B * L, device=dev) - ext_cu[:-1][seq_of_ext]  # position in the extended seq
-    src_row = torch.where(offset < L, T + seq_of_ext * L + offset, cu[:-1][seq_of_ext] + offset - L)
-    xe = src[src_row].float()  # [T + B*L, C]
+    seq_of_tok = torch.repeat_interleave(torch.arange(B, device=dev), lens)  # [T]
+    tok_rows = torch.arange(T, device=dev) + (seq_of_tok + 1) * L  # [T]
+    cache_rows = (ext_cu[:-1, None] + torch.arange(L, device=dev)).reshape(-1)  # [B*L]
+    xe = torch.empty(T + B * L, C, device=dev)  # fp32
+    xe.index_copy_(0, tok_rows, x.float())
+    xe.index_copy_(0, cache_rows, conv_state[slot_ids].transpose(1, 2).reshape(B * L, C).float())
 
     # Convolve every window of L+1 consecutive extended rows (contiguous slices, no gathers); row i of
-    # `full` is the window ending at extended row i + L. Token t of sequence b ends at extended row
-    # t + (b+1)*L, so its output is full[t + b*L]; windows straddling two sequences are never taken.
+    # `full` is the window ending at extended row i + L. Only rows ending at a token are kept, so
+    # windows straddling two sequences are never used.
     n = T + B * L - L
     w = weight.float()  # [C, K]
-    full = xe[L:] * w[:, L]  # [n, C]
+    full = torch.mul(xe[L:], w[:, L])  # [n, C]
     for k in range(L):
         full.addcmul_(xe[k : k + n], w[:, k])
-    seq_of_tok = torch.repeat_interleave(torch.arange(B, device=dev), lens)  # [T]
-    y = full[torch.arange(T, device=dev) + seq_of_tok * L]  # [T, C]
     if bias is not None:
-        y = y + bias.float()
+        full.add_(bias.float())
+    y = full[tok_rows - L]  # [T, C]
     if activation == "silu":
-        y = F.silu(y)
+        F.silu(y, inplace=True)
 
     # New cache: the last L rows of each extended sequence (old cache rows when the prompt is shorter).
     last = ext_cu[1:, None] - L + torch.arange(L, device=dev)  # [B, L]

@@ -108,10 +108,10 @@ def selective_scan_varlen(
         states = b[:L]  # [L, E, N]
         out = torch.bmm(states, C[t0:t1].float().unsqueeze(-1)).squeeze(-1)  # [L, E]
         if D is not None:
-            out = out + D * xb[:L]
+            out.addcmul_(xb[:L], D)
         if z is not None:
-            out = out * F.silu(z[t0:t1].float())
-        y[t0:t1] = out.to(y.dtype)
+            out.mul_(F.silu(z[t0:t1].float()))
+        y[t0:t1] = out
 
         local_last = [(l - t0, i) for i, l in enumerate(last) if t0 <= l < t1]
         if local_last:
