@@ -31,6 +31,7 @@ from torch import nn
 
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.layers import RMSNorm, gated_rms_norm, lm_logits
 
 
 @dataclass(frozen=True)
@@ -109,25 +110,6 @@ def _json_float(value: float | str | dict) -> float:
     return float(value)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32, cast to the weight's dtype before scaling (as transformers does)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(weight.dtype)
-
-
-def gated_group_rms_norm(
-    y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, groups: int, eps: float
-) -> torch.Tensor:
-    """``rms_norm_per_group(y ⊙ silu(gate)) ⊙ weight``: y, gate [T, E], normalised over each of
-    ``groups`` contiguous blocks of E / groups channels (gate applied before the norm)."""
-    t, e = y.shape
-    h = y.float() * F.silu(gate.float())  # [T, E]
-    h = h.view(t, groups, e // groups)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.view(t, e).to(weight.dtype)
-
-
 class Mamba2Mixer(nn.Module):
     """One SSD mixer; parameter names are the checkpoint's (``backbone.layers.{i}.mixer.*``)."""
 
@@ -142,8 +124,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(h))
         self.A_log = nn.Parameter(torch.empty(h))
         self.D = nn.Parameter(torch.empty(h))
-        self.norm = nn.Module()
-        self.norm.weight = nn.Parameter(torch.empty(e))
+        self.norm = RMSNorm(e, cfg.norm_eps)  # gated, per group: see _output
         self.out_proj = nn.Linear(e, cfg.hidden_size, bias=cfg.use_bias)
         self.conv_chunk = get_kernel("causal_conv1d.chunk", backend)
         self.conv_step = get_kernel("causal_conv1d.recurrent", backend)
@@ -191,7 +172,7 @@ class Mamba2Mixer(nn.Module):
         """y [T, H, P] (fp32 scan output) + D x, gated group norm, out_proj -> [T, D]."""
         cfg = self.cfg
         y = y.float() + self.D_f.unsqueeze(-1) * x.float()  # [T, H, P]
-        y = gated_group_rms_norm(y.flatten(1), z, self.norm.weight, cfg.n_groups, cfg.norm_eps)
+        y = gated_rms_norm(y.flatten(1), z, self.norm.weight, cfg.norm_eps, groups=cfg.n_groups)
         return self.out_proj(y)
 
     def prefill(
@@ -221,8 +202,7 @@ class Mamba2Mixer(nn.Module):
 class Mamba2Block(nn.Module):
     def __init__(self, cfg: Mamba2Config, backend: Backend) -> None:
         super().__init__()
-        self.norm = nn.Module()
-        self.norm.weight = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mixer = Mamba2Mixer(cfg, backend)
 
 
@@ -231,8 +211,7 @@ class Mamba2Backbone(nn.Module):
         super().__init__()
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([Mamba2Block(cfg, backend) for _ in range(cfg.num_layers)])
-        self.norm_f = nn.Module()
-        self.norm_f.weight = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
 
 class Mamba2LM(RecurrentLM):
@@ -303,21 +282,18 @@ class Mamba2LM(RecurrentLM):
         return torch.float32 if self.cfg.residual_in_fp32 else self.dtype
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(h, self.backbone.norm_f.weight, self.cfg.norm_eps)
-        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+        return lm_logits(self.backbone.norm_f(h), self.lm_head)
 
     @torch.no_grad()
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
         h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [T, D]
         for layer, st in zip(self.backbone.layers, states):
-            normed = rms_norm(h, layer.norm.weight, self.cfg.norm_eps)
-            h = h + layer.mixer.prefill(normed, st["conv"], st["ssm"], batch)
+            h = h + layer.mixer.prefill(layer.norm(h), st["conv"], st["ssm"], batch)
         return self._logits(h.index_select(0, batch.logits_indices))
 
     @torch.no_grad()
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
         h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [B, D]
         for layer, st in zip(self.backbone.layers, states):
-            normed = rms_norm(h, layer.norm.weight, self.cfg.norm_eps)
-            h = h + layer.mixer.decode(normed, st["conv"], st["ssm"], batch.slot_ids)
+            h = h + layer.mixer.decode(layer.norm(h), st["conv"], st["ssm"], batch.slot_ids)
         return self._logits(h)
