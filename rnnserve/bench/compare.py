@@ -30,6 +30,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -273,6 +274,7 @@ class CompareConfig:
     timeout_s: float
     startup_timeout_s: float
     seed: int
+    repeats: int = 1
 
 
 def resolve_state_memory(value: str | None, device: str) -> str | None:
@@ -401,6 +403,20 @@ def _point(cfg: CompareConfig, server: tuple[str, str, str, dict[str, float]], c
     return row
 
 
+def merge_repeats(runs: list[dict]) -> dict:
+    """One row from repeated measurements of a point: the median of each figure (robust to a
+    repeat that a burst of load on the machine slowed), request counts summed."""
+    row = dict(runs[0])
+    for key, value in row.items():
+        if key in ("completed", "failed"):
+            row[key] = sum(r[key] for r in runs)
+        elif isinstance(value, float):
+            row[key] = statistics.median(r[key] for r in runs)
+    row["errors"] = sorted({e for r in runs for e in r["errors"]})[:3]
+    row["repeats"] = len(runs)
+    return row
+
+
 def run_sweep(cfg: CompareConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     models_dir = cfg.out / "models"
@@ -455,11 +471,14 @@ def run_sweep(cfg: CompareConfig) -> dict:
                 except (RuntimeError, httpx.HTTPError) as exc:
                     failed("transformer", context, exc)
                 for conc in cfg.concurrency:
-                    for server in servers:
-                        try:
-                            rows.append(_point(cfg, server, context, conc))
-                        except (RuntimeError, httpx.HTTPError) as exc:
-                            failed(server[0], context, exc)
+                    runs: dict[str, list[dict]] = {}
+                    for _ in range(cfg.repeats):
+                        for server in servers:
+                            try:
+                                runs.setdefault(server[0], []).append(_point(cfg, server, context, conc))
+                            except (RuntimeError, httpx.HTTPError) as exc:
+                                failed(server[0], context, exc)
+                    rows.extend(merge_repeats(r) for r in runs.values())
 
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -474,6 +493,7 @@ def run_sweep(cfg: CompareConfig) -> dict:
             "concurrency": list(cfg.concurrency),
             "output_len": cfg.output_len,
             "prompts_per_concurrency": cfg.prompts_per_concurrency,
+            "repeats": cfg.repeats,
             "dtype": cfg.dtype,
             "device": cfg.device,
             "max_num_batched_tokens": cfg.max_num_batched_tokens,
@@ -637,7 +657,9 @@ def markdown_report(result: dict, images: list[Path]) -> str:
         f"Transformer baseline: `{Path(c['baseline']).name}` ({_fmt_params(params.get('transformer'))} parameters)"
         + (f"; random weights, preset `{c['size']}`" if c.get("size") else ""),
         f"- Prompt lengths {c['contexts']}, concurrency {c['concurrency']}, {c['output_len']} output tokens "
-        f"(ignore_eos), {c['prompts_per_concurrency']} prompts per unit of concurrency, dtype {c['dtype']}, "
+        f"(ignore_eos), {c['prompts_per_concurrency']} prompts per unit of concurrency"
+        + (f", each point measured {c['repeats']} times (medians shown)" if c.get("repeats", 1) > 1 else "")
+        + f", dtype {c['dtype']}, "
         f"--max-num-batched-tokens {c['max_num_batched_tokens']}"
         + (f", --state-memory {_fmt_bytes(c['state_memory'])}" if c.get("state_memory") else ""),
         "- Decode tok/s = concurrency / median ITL (the steady-state rate of a full batch); output tok/s = "
@@ -712,6 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="per-request timeout (s)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for each server")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeats", type=int, default=1, help="measure each point this many times (interleaved), report medians"
+    )
     p.add_argument("--from-json", type=Path, default=None, help="only redraw the report from a results.json")
     return p
 
@@ -739,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_s=args.timeout,
         startup_timeout_s=args.startup_timeout,
         seed=args.seed,
+        repeats=max(1, args.repeats),
     )
     for folder in (cfg.recurrent, cfg.baseline):
         if folder is not None and not (folder / "config.json").exists():

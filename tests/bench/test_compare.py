@@ -165,3 +165,16 @@ def test_pool_budget_caps_only_when_the_sweep_would_not_fit(hf_model_dir) -> Non
     assert compare.resolve_state_memory("none", "cpu") is None
     assert compare.resolve_state_memory("8GiB", "cpu") == "8GiB"
     assert int(compare.resolve_state_memory("auto", "cpu")) > 0
+
+
+def test_repeats_merge_to_medians() -> None:
+    runs = [_row("recurrent", 128, 4, 100.0) for _ in range(3)]
+    for r, itl in zip(runs, (10.0, 50.0, 12.0)):
+        r["median_itl_ms"] = itl
+    runs[1]["failed"] = 1
+    runs[2]["errors"] = ["HTTP 500"]
+    merged = compare.merge_repeats(runs)
+    assert merged["median_itl_ms"] == 12.0  # the slow repeat does not move the median
+    assert merged["completed"] == 3 * 8 and merged["failed"] == 1
+    assert merged["errors"] == ["HTTP 500"] and merged["repeats"] == 3
+    assert merged["context"] == 128 and merged["model"] == "recurrent"
