@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 
 import torch
 from torch import nn
@@ -59,7 +60,10 @@ class CompiledDecoder:
         self.compile_s: float | None = None
         if self.units:
             for unit in self.units:
-                unit.decode = torch.compile(unit.decode, dynamic=True, mode=mode, backend=backend)  # type: ignore[method-assign]
+                # From the class's method, not ``unit.decode``: a decoder built earlier on the same model
+                # (one engine per benchmark batch size) may have left its compiled wrapper there.
+                eager = types.MethodType(type(unit).decode, unit)
+                unit.decode = torch.compile(eager, dynamic=True, mode=mode, backend=backend)  # type: ignore[method-assign]
             self._decode = model.decode
         else:
             self._decode = torch.compile(model.decode, dynamic=True, mode=mode, backend=backend)
