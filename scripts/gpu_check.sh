@@ -26,6 +26,8 @@ mkdir -p "$OUT/logs" "$MODELS"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
+# The machine reaches nothing outside: never let transformers wait on the Hub (kernels, configs).
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 unset TRITON_INTERPRET
 START=$(date +%s)
 STEPS="$OUT/steps.tsv"
