@@ -93,7 +93,9 @@ def _linrec_varlen_kernel(
         # exp only where i >= j, so the masked-out upper triangle cannot overflow.
         decay = tl.exp(tl.where(causal, a[:, None] - a[None, :], float("-inf")))  # [BLOCK_T, BLOCK_T]
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay
-        o = tl.dot(q, s, input_precision=PRECISION) * tl.exp(a)[:, None]
+        # The carried state is fp32 and accumulates over the whole sequence: products with it stay
+        # exact fp32 (ieee), whatever the inputs' dtype; only the intra-chunk products may use tf32.
+        o = tl.dot(q, s, input_precision="ieee") * tl.exp(a)[:, None]
         o += tl.dot(scores, v, input_precision=PRECISION)
         tl.store(
             o_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_v[None, :],
@@ -101,7 +103,7 @@ def _linrec_varlen_kernel(
             mask=mask_t[:, None] & mask_v[None, :],
         )
         k_decayed = k * tl.exp(a_last - a)[:, None]
-        s = s * tl.exp(a_last) + tl.dot(tl.trans(k_decayed), v, input_precision=PRECISION)
+        s = s * tl.exp(a_last) + tl.dot(tl.trans(k_decayed), v, input_precision="ieee")
 
     tl.store(state_ptrs, s.to(state_ptr.dtype.element_ty), mask=mask_kv)
 
