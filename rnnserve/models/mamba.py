@@ -28,7 +28,7 @@ from torch import nn
 
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
-from rnnserve.models.layers import RMSNorm, lm_logits, rms_norm
+from rnnserve.models.layers import RMSNorm, lm_logits, rms_norm, use_column_major_weight
 
 
 @dataclass(frozen=True)
@@ -274,6 +274,11 @@ class MambaLM(RecurrentLM):
             mixer.set_fp32_params(
                 exact("A_log", mixer.A_log), exact("D", mixer.D), exact("dt_proj.bias", mixer.dt_proj.bias)
             )
+            if self.device.type == "cpu":
+                for linear in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):
+                    use_column_major_weight(linear)
+        if self.device.type == "cpu" and not self.cfg.tie_word_embeddings:
+            use_column_major_weight(self.lm_head)
         self._fp32_ssm_params = {}
 
     # ------------------------------------------------------------------ forward
