@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true", help="measure our model only")
+    p.add_argument("--skip-prefill", action="store_true", help="measure decode only")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -74,34 +76,39 @@ def main() -> None:
     from rnnserve.models.loader import load_model
 
     hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = MambaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, vocab_size=args.vocab, state_size=16)
     ref = MambaForCausalLM(cfg).eval()
-    folder = tempfile.mkdtemp(prefix="bench_mamba_")
-    ref.save_pretrained(folder)
-    model = load_model(ModelConfig(model=folder, dtype="float32", device="cpu", kernels="torch")).model
+    with tempfile.TemporaryDirectory(prefix="bench_mamba_") as folder:
+        ref.save_pretrained(folder)
+        model = load_model(ModelConfig(model=folder, dtype="float32", device="cpu", kernels="torch")).model
     results: dict[str, object] = {"threads": torch.get_num_threads(), "shape": vars(args)}
 
     prompt = torch.randint(0, args.vocab, (args.prompt_len,)).tolist()
     with torch.no_grad():
+        if not args.skip_prefill:
 
-        def ours_prefill() -> None:
-            states = alloc_states(model, 2)
-            model.prefill(prefill_batch([prompt], [1]), states)
+            def ours_prefill() -> None:
+                states = alloc_states(model, 2)
+                model.prefill(prefill_batch([prompt], [1]), states)
 
-        ours_prefill()  # warm-up
-        t_ours = best_of(ours_prefill, args.repeats)
-        results["prefill_s_ours"] = t_ours
-        print(
-            f"prefill {args.prompt_len} tokens: ours {t_ours:.3f} s ({args.prompt_len / t_ours:.0f} tok/s)", flush=True
-        )
-        if not args.skip_hf:
-            ids = torch.tensor([prompt])
-            t_hf = best_of(lambda: ref(ids, use_cache=False, logits_to_keep=1), max(1, args.repeats - 1))
-            results["prefill_s_hf"] = t_hf
+            ours_prefill()  # warm-up
+            t_ours = best_of(ours_prefill, args.repeats)
+            results["prefill_s_ours"] = t_ours
             print(
-                f"prefill {args.prompt_len} tokens: transformers {t_hf:.3f} s -> ratio {t_hf / t_ours:.2f}x", flush=True
+                f"prefill {args.prompt_len} tokens: ours {t_ours:.3f} s ({args.prompt_len / t_ours:.0f} tok/s)",
+                flush=True,
             )
+            if not args.skip_hf:
+                ids = torch.tensor([prompt])
+                t_hf = best_of(lambda: ref(ids, use_cache=False, logits_to_keep=1), max(1, args.repeats - 1))
+                results["prefill_s_hf"] = t_hf
+                print(
+                    f"prefill {args.prompt_len} tokens: transformers {t_hf:.3f} s -> ratio {t_hf / t_ours:.2f}x",
+                    flush=True,
+                )
 
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             prompts = torch.randint(0, args.vocab, (bs, args.decode_prompt_len))
