@@ -103,6 +103,20 @@ def test_matches_transformers(hf_model_dir, n_groups: int, tied: bool) -> None:
 
 
 @needs_grouped_norm
+def test_biases_and_no_conv_bias(hf_model_dir) -> None:
+    """use_bias (in_proj/out_proj biases), no conv bias, residual not in fp32: still the reference's logits."""
+    cfg = _config(2, tied=False, use_bias=True, use_conv_bias=False, residual_in_fp32=False, conv_kernel=3)
+    folder, ref = hf_model_dir(cfg, seed=8, jitter=0.05)
+    model = _load(folder)
+    assert model.backbone.layers[0].mixer.conv1d.bias is None
+    prompt = _prompt(50, seed=6)
+    with torch.no_grad():
+        ref_logits = ref(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(_all_logits(model, prompt), ref_logits, atol=1e-4, rtol=1e-4)
+    harness.check_chunked_prefill(model, prompt, chunk_sizes=(1, 4))
+
+
+@needs_grouped_norm
 def test_time_step_limit_clamps(hf_model_dir) -> None:
     """A binding time_step_limit clamps Δ as transformers' full-sequence forward does (its decode step
     ignores the limit, so only the full forward is a reference here); our decode clamps too, so chunked
