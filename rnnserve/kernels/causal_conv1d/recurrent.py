@@ -16,8 +16,10 @@ def causal_conv1d_update(
 ) -> torch.Tensor:
     """x [B, C], conv_state [S, C, K-1] (updated in place), weight [C, K], bias [C] | None,
     slot_ids [B] int64 -> y [B, C] in x's dtype."""
-    window = torch.cat([conv_state[slot_ids], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # [B, C, K]
-    conv_state[slot_ids] = window[..., 1:]
+    window = torch.cat(
+        [conv_state.index_select(0, slot_ids), x.unsqueeze(-1).to(conv_state.dtype)], dim=-1
+    )  # [B, C, K]
+    conv_state.index_copy_(0, slot_ids, window[..., 1:])
     y = (window.float() * weight.float()).sum(-1)  # [B, C]
     if bias is not None:
         y = y + bias.float()

@@ -27,9 +27,9 @@ def selective_state_update(
     if dt_softplus:
         delta = F.softplus(delta)  # [B, E]
     xf = x.float()
-    s = ssm_state[slot_ids]  # [B, E, N]
+    s = ssm_state.index_select(0, slot_ids)  # [B, E, N] (a copy; index_select is ~3x faster than [])
     s.mul_(torch.exp(delta.unsqueeze(-1) * A)).add_((delta * xf).unsqueeze(-1) * B.float().unsqueeze(1))
-    ssm_state[slot_ids] = s
+    ssm_state.index_copy_(0, slot_ids, s)
     y = torch.bmm(s, C.float().unsqueeze(-1)).squeeze(-1)  # [B, E]
     if D is not None:
         y = y + D * xf
