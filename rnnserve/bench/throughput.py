@@ -7,8 +7,9 @@ For each batch size B, B random prompts of ``--prompt-len`` tokens each generate
   the runner's decode path (CUDA graphs on CUDA unless ``--enforce-eager``; ``--compile`` for the
   torch.compile'd CPU decode). Prefill = time until every request has its first token; decode = the
   rest (B x (gen_len - 1) tokens). One engine per batch size, warmed up at the timed shapes.
-- transformers: ``AutoModelForCausalLM`` on the same folder, same dtype and device. Prefill = one
-  forward over the prompt batch; decode = ``generate()`` time minus that forward.
+- transformers: ``AutoModelForCausalLM`` on the same folder, same dtype and device. Prefill =
+  ``generate()`` of one token (a forward over the prompt batch); decode = ``generate()`` of
+  gen_len tokens minus that.
 
 Also reports whether both produced the same greedy tokens (they should in float32). Prints a table
 and, with ``--json``, writes every figure plus the device name and library versions.
@@ -137,10 +138,15 @@ def run_hf(
     model.generation_config.eos_token_id = None
     gen_config = copy.deepcopy(model.generation_config)
     gen_config.update(max_new_tokens=gen_len, min_new_tokens=None, do_sample=False, pad_token_id=pad_token_id)
+    one_config = copy.deepcopy(gen_config)
+    one_config.update(max_new_tokens=1)
     mask = torch.ones_like(ids)
+    # Prefill = generate() of one token (a forward over the prompts and one argmax); decode = the
+    # full generate() minus that, so both timings contain the same prefill and the difference is
+    # gen_len - 1 decode steps.
     _sync(device)
     t0 = time.perf_counter()
-    model(input_ids=ids, attention_mask=mask, use_cache=True)
+    model.generate(input_ids=ids, attention_mask=mask, generation_config=one_config)
     _sync(device)
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -148,7 +154,9 @@ def run_hf(
     _sync(device)
     gen_s = time.perf_counter() - t0
     b, length = ids.shape
-    timing = Timing(prefill_s, max(gen_s - prefill_s, 1e-9), b * length, b * (gen_len - 1))
+    # A noisy machine can make the difference negative: report NaN rather than an absurd rate.
+    decode_s = gen_s - prefill_s if gen_s > prefill_s else float("nan")
+    timing = Timing(prefill_s, decode_s, b * length, b * (gen_len - 1))
     return timing, out[:, length:].tolist()
 
 
