@@ -41,10 +41,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class StatePoolConfig:
-    """Capacity of the state pool (``--max-num-seqs`` or ``--state-memory`` in bytes)."""
+    """Capacity of the state pool: ``--max-num-seqs`` slots, fewer if ``--state-memory`` (bytes) holds fewer."""
 
     max_num_seqs: int = 64
-    state_memory: int | None = None  # bytes; when set, capacity = state_memory // bytes_per_slot
+    state_memory: int | None = None  # bytes; when set, capacity = min(max_num_seqs, state_memory // bytes_per_slot)
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")

@@ -302,31 +302,6 @@ def resolve_state_memory(value: str | None, device: str) -> str | None:
     return None
 
 
-def state_bytes_per_slot(folder: Path, dtype: str, device: str) -> int:
-    """Bytes of state one sequence takes in a server of this checkpoint (built on the meta device:
-    no memory, no weights)."""
-    import torch
-
-    from rnnserve.models import registry
-    from rnnserve.models.loader import resolve_device, resolve_dtype
-
-    config = json.loads((folder / "config.json").read_text())
-    with torch.device("meta"):
-        model = registry.resolve_class(config).from_hf_config(config, backend="torch")
-    model = model.to(resolve_dtype(dtype, resolve_device(device)))
-    return sum(spec.nbytes for layer in model.state_specs() for spec in layer)
-
-
-def pool_budget(budget: str | None, folder: Path, cfg: CompareConfig) -> str | None:
-    """``--state-memory`` for one server: the budget when ``max(concurrency)`` sequences would not
-    fit in it (the pool then holds fewer), else None (the pool holds exactly that many). A budget
-    alone would size the pool to fill it, however small the state."""
-    if budget is None or not budget.isdigit():
-        return budget
-    need = max(cfg.concurrency) * state_bytes_per_slot(folder, cfg.dtype, cfg.device)
-    return budget if int(budget) < need else None
-
-
 def _serve_args(cfg: CompareConfig, max_model_len: int | None, state_memory: str | None) -> list[str]:
     args = [
         "--dtype",
@@ -453,7 +428,7 @@ def run_sweep(cfg: CompareConfig) -> dict:
     with ExitStack() as stack:
         rec: tuple[str, str, str, dict[str, float]] | None = None
         try:
-            args = _serve_args(cfg, None, pool_budget(state_memory, recurrent, cfg))
+            args = _serve_args(cfg, None, state_memory)
             url = stack.enter_context(launch_server(recurrent, args, logs / "recurrent.log", cfg.startup_timeout_s))
             rec = ("recurrent", url, recurrent.name, _warm_up(url))
         except (RuntimeError, httpx.HTTPError) as exc:
@@ -465,7 +440,7 @@ def run_sweep(cfg: CompareConfig) -> dict:
             log = logs / f"transformer-ctx{context}.log"
             with ExitStack() as per_context:
                 try:
-                    args = _serve_args(cfg, max_len, pool_budget(state_memory, view, cfg))
+                    args = _serve_args(cfg, max_len, state_memory)
                     url = per_context.enter_context(launch_server(view, args, log, cfg.startup_timeout_s))
                     servers.append(("transformer", url, baseline.name, _warm_up(url)))
                 except (RuntimeError, httpx.HTTPError) as exc:

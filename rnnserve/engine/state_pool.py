@@ -27,14 +27,16 @@ class StatePool:
         self.specs = specs
         self.device = torch.device(device)
         self.bytes_per_slot = sum(spec.nbytes for layer in specs for spec in layer)
+        capacity = config.max_num_seqs
         if config.state_memory is not None:
-            capacity = config.state_memory // max(self.bytes_per_slot, 1)
-            if capacity < 1:
+            # A budget, not a target: the scheduler never runs more than max_num_seqs sequences, so
+            # slots beyond that would be memory allocated and never used.
+            fits = config.state_memory // max(self.bytes_per_slot, 1)
+            if fits < 1:
                 raise ConfigError(
                     f"state_memory={config.state_memory} bytes holds no sequence: one needs {self.bytes_per_slot} bytes"
                 )
-        else:
-            capacity = config.max_num_seqs
+            capacity = min(capacity, fits)
         self.capacity = capacity  # real slots: 1..capacity
         self.num_slots = capacity + 1  # + the padding slot 0
         with torch.no_grad():

@@ -129,39 +129,7 @@ def test_compare_end_to_end_tiny(tmp_path: Path) -> None:
     assert (out / "report.md").exists() and (out / "memory_vs_context.png").exists()
 
 
-def test_pool_budget_caps_only_when_the_sweep_would_not_fit(hf_model_dir) -> None:
-    from transformers import LlamaConfig
-
-    llama, _ = hf_model_dir(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=100,
-        ),
-        name="llama",
-    )
-    per_slot = compare.state_bytes_per_slot(llama, "float32", "cpu")
-    assert per_slot == 2 * 2 * 100 * 32 * 4  # layers x (k, v) x positions x hidden x fp32
-    cfg = compare.build_parser().parse_args(["--concurrency", "1,4"])
-    sweep = compare.CompareConfig(
-        **{f: getattr(cfg, f) for f in ("recurrent", "baseline", "size", "contexts", "concurrency", "output_len")},
-        prompts_per_concurrency=1,
-        out=Path("."),
-        dtype="float32",
-        device="cpu",
-        max_num_batched_tokens=64,
-        state_memory=None,
-        tokenizer=None,
-        timeout_s=1.0,
-        startup_timeout_s=1.0,
-        seed=0,
-    )
-    assert compare.pool_budget(str(4 * per_slot), llama, sweep) is None  # 4 sequences fit: --max-num-seqs rules
-    assert compare.pool_budget(str(3 * per_slot), llama, sweep) == str(3 * per_slot)  # they do not: cap
-    assert compare.pool_budget(None, llama, sweep) is None
+def test_state_memory_values() -> None:
     assert compare.resolve_state_memory("none", "cpu") is None
     assert compare.resolve_state_memory("8GiB", "cpu") == "8GiB"
     assert int(compare.resolve_state_memory("auto", "cpu")) > 0

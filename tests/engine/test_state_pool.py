@@ -22,8 +22,11 @@ def test_bytes_per_slot_and_shapes():
 
 
 def test_capacity_from_state_memory():
-    pool = StatePool(SPECS, StatePoolConfig(max_num_seqs=1, state_memory=BYTES * 5 + 17), "cpu")
+    pool = StatePool(SPECS, StatePoolConfig(max_num_seqs=100, state_memory=BYTES * 5 + 17), "cpu")
     assert pool.capacity == 5 and pool.num_slots == 6
+    # The budget caps the pool; it never grows it past the sequences the scheduler may run.
+    pool = StatePool(SPECS, StatePoolConfig(max_num_seqs=3, state_memory=BYTES * 5 + 17), "cpu")
+    assert pool.capacity == 3 and pool.num_slots == 4
     with pytest.raises(ConfigError, match="holds no sequence"):
         StatePool(SPECS, StatePoolConfig(state_memory=BYTES - 1), "cpu")
 
