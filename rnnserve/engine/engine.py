@@ -77,6 +77,8 @@ class LLMEngine:
         self.eos_token_id = eos_token_id
         self.vocab_size = model.vocab_size
         self.max_model_len = _min_len(scheduler_config.max_model_len, model_max_len)
+        if self.max_model_len is not None:
+            model.limit_context(self.max_model_len)
         self.pool = StatePool(model.state_specs(), pool_config, model.device)
         self.scheduler = Scheduler(scheduler_config, self.pool)
         self.runner = ModelRunner(model, self.pool, runner_config)

@@ -134,6 +134,10 @@ class RecurrentLM(nn.Module, ABC):
     def post_load(self) -> None:
         """Hook after weights are loaded (e.g. keep A = -exp(A_log) as an fp32 buffer)."""
 
+    def limit_context(self, max_model_len: int) -> None:
+        """Called before the state pool is sized, with the served ``--max-model-len``. A recurrent
+        state does not depend on it (the default does nothing); a KV cache sizes itself to it."""
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -175,7 +175,7 @@ class TransformerLM(RecurrentLM):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
-        # The engine may lower this (e.g. to --max-model-len) before it sizes the pool.
+        # limit_context lowers this to --max-model-len before the engine sizes the pool.
         self.max_model_len = cfg.max_position_embeddings
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_positions = (
@@ -206,6 +206,9 @@ class TransformerLM(RecurrentLM):
             self.cfg.rope_theta
             ** (torch.arange(0, self.cfg.head_dim, 2, dtype=torch.float32, device=self.device) / self.cfg.head_dim)
         )
+
+    def limit_context(self, max_model_len: int) -> None:
+        self.max_model_len = min(self.max_model_len, max_model_len)
 
     def state_specs(self) -> list[list[StateSpec]]:
         shape = (self.max_model_len, self.cfg.num_kv_heads, self.cfg.head_dim)

@@ -166,6 +166,27 @@ def test_lowering_max_model_len_shrinks_the_cache_and_bounds_positions(llama) ->
         model.max_model_len = full
 
 
+def test_served_max_model_len_sizes_the_pool(tmp_path: Path) -> None:
+    """--max-model-len below the checkpoint's limit shrinks every slot's KV cache (a 128k-position
+    model served at 4k must not allocate 128k positions per sequence)."""
+    from rnnserve.config import RunnerConfig, SchedulerConfig, StatePoolConfig
+    from rnnserve.engine.engine import LLMEngine
+
+    torch.manual_seed(0)
+    folder = _save(LlamaForCausalLM(_llama_config(512)), tmp_path / "llama")
+    loaded = load_model(ModelConfig(model=str(folder), dtype="float32", device="cpu"))
+    engine = LLMEngine(
+        loaded.model,
+        StatePoolConfig(max_num_seqs=2),
+        SchedulerConfig(max_model_len=96),
+        RunnerConfig(enforce_eager=True),
+        loaded.eos_token_id,
+        model_max_len=loaded.max_model_len,
+    )
+    assert engine.max_model_len == 96
+    assert engine.pool.bytes_per_slot == 2 * 2 * 96 * 2 * 16 * 4  # layers x (k, v) x 96 x kv heads x dims x fp32
+
+
 def test_unsupported_variants_are_clear_errors() -> None:
     cfg = _llama_config().to_dict()
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
