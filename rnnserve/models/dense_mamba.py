@@ -129,14 +129,7 @@ class DenseMambaLM(MambaLM):
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> DenseMambaLM:
-        # As MambaLM: built on meta, then uninitialised storage (the checkpoint fills every parameter).
-        device = torch.get_default_device()
-        with torch.device("meta"):
-            model = cls(MambaConfig.from_hf(config), config.get("dense_block_layers", 1), backend)
-        model = model.to_empty(device=device)
-        if model.cfg.tie_word_embeddings:
-            model.lm_head.weight = model.backbone.embeddings.weight
-        return model
+        return cls(MambaConfig.from_hf(config), config.get("dense_block_layers", 1), backend)
 
     def _keep(self, past: list[torch.Tensor], y: torch.Tensor) -> list[torch.Tensor]:
         """The pre-fusion outputs of the last m layers (same tokens): transient, never state. Always m

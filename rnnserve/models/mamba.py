@@ -220,15 +220,7 @@ class MambaLM(RecurrentLM):
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> MambaLM:
-        # Built on the meta device, then given uninitialised storage on the loader's device: the
-        # checkpoint overwrites every parameter, so random init would only cost time (~1 s at 130M).
-        device = torch.get_default_device()
-        with torch.device("meta"):
-            model = cls(MambaConfig.from_hf(config), backend)
-        model = model.to_empty(device=device)
-        if model.cfg.tie_word_embeddings:
-            model.lm_head.weight = model.backbone.embeddings.weight  # to_empty gives each name its own tensor
-        return model
+        return cls(MambaConfig.from_hf(config), backend)
 
     def state_specs(self) -> list[list[StateSpec]]:
         cfg = self.cfg

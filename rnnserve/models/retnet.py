@@ -353,16 +353,7 @@ class RetNetLM(RecurrentLM):
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> RetNetLM:
-        # Built on meta, then given uninitialised storage on the loader's device: the checkpoint fills
-        # every parameter, so a random init would only cost time. The fp32 constants are recomputed.
-        device = torch.get_default_device()
-        with torch.device("meta"):
-            model = cls(RetNetConfig.from_hf(config), backend)
-        model = model.to_empty(device=device)
-        if model.cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.embeddings.weight  # to_empty gives each name its own tensor
-        model.post_load()
-        return model
+        return cls(RetNetConfig.from_hf(config), backend)
 
     def state_specs(self) -> list[list[StateSpec]]:
         shape = self.cfg.retention.state_shape
