@@ -11,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
 
 from rnnserve.engine.request import FinishReason, RequestOutput, SamplingParams, SamplingParamsError, TokenLogprob
 from rnnserve.server.detokenizer import IncrementalDetokenizer, StopMatcher
 from rnnserve.server.engine_client import EngineClient
 from rnnserve.server.errors import APIError, bad_request
 from rnnserve.server.metrics import ServerMetrics
-from rnnserve.server.protocol import SamplingRequest
-from rnnserve.server.streaming import InputRejected, MergedStreams
+from rnnserve.server.protocol import SamplingRequest, UsageInfo
+from rnnserve.server.streaming import SSE_DONE, InputRejected, MergedStreams, sse
 from rnnserve.server.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -139,6 +142,10 @@ class Generation:
     @property
     def num_output_tokens(self) -> int:
         return sum(c.num_output_tokens for c in self.choices)
+
+    def usage(self) -> UsageInfo:
+        prompt, output = self.num_prompt_tokens, self.num_output_tokens
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Deltas of every choice in arrival order; the last delta of a choice has finish_reason set."""
@@ -288,3 +295,36 @@ def stream_error(exc: Exception) -> APIError:
         return engine_error(exc)
     logger.error("stream failed", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+async def stream_response(
+    gen: Generation,
+    events: Callable[[ChoiceDelta], list[bytes]],
+    usage_chunk: Callable[[UsageInfo], BaseModel] | None,
+) -> StreamingResponse:
+    """Both endpoints' SSE response: the events of every delta, then the usage chunk (when asked),
+    then ``[DONE]``. The first delta is awaited before the response starts, so a request the engine
+    rejects still gets a proper status rather than an error event in a 200 stream; a failure after
+    the headers are out goes out as an error event before ``[DONE]``."""
+    deltas = gen.deltas()
+    try:
+        first = await deltas.__anext__()
+    except EngineFailure as exc:
+        raise engine_error(exc) from exc
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            for event in events(first):
+                yield event
+            async for delta in deltas:
+                for event in events(delta):
+                    yield event
+            if usage_chunk is not None:
+                yield sse(usage_chunk(gen.usage()))
+        except Exception as exc:
+            yield sse(stream_error(exc).body())
+        finally:
+            await deltas.aclose()
+        yield SSE_DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -7,7 +7,6 @@ then content deltas, then a chunk with an empty delta and ``finish_reason``; aft
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,7 +23,7 @@ from rnnserve.server.generation import (
     check_prompt,
     default_max_tokens,
     engine_error,
-    stream_error,
+    stream_response,
 )
 from rnnserve.server.protocol import (
     ChatChoice,
@@ -42,7 +41,6 @@ from rnnserve.server.protocol import (
     now,
     random_id,
 )
-from rnnserve.server.streaming import SSE_DONE, sse
 from rnnserve.server.tokenizer import ChatTemplateError
 
 
@@ -158,11 +156,7 @@ async def _complete(
         )
         for c in gen.choices
     ]
-    usage = UsageInfo(
-        prompt_tokens=gen.num_prompt_tokens,
-        completion_tokens=gen.num_output_tokens,
-        total_tokens=gen.num_prompt_tokens + gen.num_output_tokens,
-    )
+    usage = gen.usage()
     response = ChatCompletionResponse(
         id=request_id,
         created=now(),
@@ -178,12 +172,6 @@ async def _stream(
     ctx: ServingContext, body: ChatCompletionRequest, gen: Generation, request_id: str, top_n: int
 ) -> StreamingResponse:
     created = now()
-    deltas = gen.deltas()
-    # Await the first delta before the response starts, so an engine rejection is still a 400.
-    try:
-        first = await deltas.__anext__()
-    except EngineFailure as exc:
-        raise engine_error(exc) from exc
     role_sent = [False] * len(gen.choices)
 
     def make_chunk(choice: ChatStreamChoice) -> bytes:
@@ -222,26 +210,7 @@ async def _stream(
             )
         return out
 
-    async def body_iter() -> AsyncIterator[bytes]:
-        try:
-            for c in chunks(first):
-                yield c
-            async for delta in deltas:
-                for c in chunks(delta):
-                    yield c
-            if body.include_usage:
-                usage = UsageInfo(
-                    prompt_tokens=gen.num_prompt_tokens,
-                    completion_tokens=gen.num_output_tokens,
-                    total_tokens=gen.num_prompt_tokens + gen.num_output_tokens,
-                )
-                yield sse(
-                    ChatCompletionChunk(id=request_id, created=created, model=ctx.model_name, choices=[], usage=usage)
-                )
-        except Exception as exc:  # headers are sent: the error goes out as an event, then [DONE]
-            yield sse(stream_error(exc).body())
-        finally:
-            await deltas.aclose()
-        yield SSE_DONE
+    def usage_chunk(usage: UsageInfo) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=request_id, created=created, model=ctx.model_name, choices=[], usage=usage)
 
-    return StreamingResponse(body_iter(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await stream_response(gen, chunks, usage_chunk if body.include_usage else None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from rnnserve.engine.request import TokenLogprob
@@ -17,7 +15,7 @@ from rnnserve.server.generation import (
     build_sampling_params,
     check_prompt,
     engine_error,
-    stream_error,
+    stream_response,
 )
 from rnnserve.server.protocol import (
     CompletionChoice,
@@ -28,7 +26,7 @@ from rnnserve.server.protocol import (
     now,
     random_id,
 )
-from rnnserve.server.streaming import SSE_DONE, sse
+from rnnserve.server.streaming import sse
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -166,24 +164,13 @@ async def _complete(
                 token_ids=choice.token_ids if body.return_token_ids else None,
             )
         )
-    usage = UsageInfo(
-        prompt_tokens=gen.num_prompt_tokens,
-        completion_tokens=gen.num_output_tokens,
-        total_tokens=gen.num_prompt_tokens + gen.num_output_tokens,
-    )
+    usage = gen.usage()
     response = CompletionResponse(id=request_id, created=now(), model=ctx.model_name, choices=choices, usage=usage)
     return JSONResponse(response.model_dump())
 
 
 async def _stream(ctx: ServingContext, body: CompletionRequest, gen: Generation, request_id: str) -> StreamingResponse:
     created = now()
-    deltas = gen.deltas()
-    # The first delta is awaited before the response starts, so a request the engine rejects
-    # still gets a proper 400 rather than an error event in a 200 stream.
-    try:
-        first = await deltas.__anext__()
-    except EngineFailure as exc:
-        raise engine_error(exc) from exc
     logprob_state = [_LegacyLogprobs(ctx, body.return_tokens_as_token_ids) for _ in gen.choices]
     started = [False] * len(gen.choices)
 
@@ -217,24 +204,7 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, gen: Generation,
             )
         )
 
-    async def body_iter() -> AsyncIterator[bytes]:
-        try:
-            yield chunk(first)
-            async for delta in deltas:
-                yield chunk(delta)
-            if body.include_usage:
-                usage = UsageInfo(
-                    prompt_tokens=gen.num_prompt_tokens,
-                    completion_tokens=gen.num_output_tokens,
-                    total_tokens=gen.num_prompt_tokens + gen.num_output_tokens,
-                )
-                yield sse(
-                    CompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=[], usage=usage)
-                )
-        except Exception as exc:  # headers are sent: the error goes out as an event, then [DONE]
-            yield sse(stream_error(exc).body())
-        finally:
-            await deltas.aclose()
-        yield SSE_DONE
+    def usage_chunk(usage: UsageInfo) -> CompletionResponse:
+        return CompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=[], usage=usage)
 
-    return StreamingResponse(body_iter(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await stream_response(gen, lambda delta: [chunk(delta)], usage_chunk if body.include_usage else None)
