@@ -9,58 +9,12 @@ See README.md for the maths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from rnnserve.kernels.chunking import chunk_layout
 from rnnserve.kernels.linear_recurrence.naive import _check_groups
 
 DEFAULT_CHUNK_SIZE = 64
-
-
-@dataclass(frozen=True)
-class _ChunkLayout:
-    """Where every chunk's tokens live in the packed batch.
-
-    gather:      [NC * L] int64, token index of each chunk position; padding points at index T
-                 (a zero row appended to every input).
-    first_chunk: per sequence, the index of its first chunk (host ints).
-    num_chunks:  per sequence, its number of chunks (host ints).
-    """
-
-    gather: torch.Tensor
-    first_chunk: list[int]
-    num_chunks: list[int]
-
-    @property
-    def total(self) -> int:
-        return sum(self.num_chunks)
-
-
-def _layout(cu_seqlens: torch.Tensor, chunk_size: int, device: torch.device) -> _ChunkLayout:
-    bounds = cu_seqlens.tolist()
-    lens = [bounds[b + 1] - bounds[b] for b in range(len(bounds) - 1)]
-    num_chunks = [(n + chunk_size - 1) // chunk_size for n in lens]
-    first_chunk = [0] * len(lens)
-    for b in range(1, len(lens)):
-        first_chunk[b] = first_chunk[b - 1] + num_chunks[b - 1]
-    total = sum(num_chunks)
-    # Chunk c is chunk j of sequence b: its tokens are bounds[b] + j*L + [0, L), valid while < bounds[b+1].
-    seq_of_chunk = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(num_chunks, dtype=torch.long))
-    first = torch.tensor(first_chunk, dtype=torch.long)
-    j = torch.arange(total) - first[seq_of_chunk]  # [NC]
-    start = torch.tensor(bounds[:-1], dtype=torch.long)[seq_of_chunk] + j * chunk_size  # [NC]
-    end = torch.tensor(bounds[1:], dtype=torch.long)[seq_of_chunk]  # [NC]
-    pos = start[:, None] + torch.arange(chunk_size)[None, :]  # [NC, L]
-    valid = pos < end[:, None]
-    gather = torch.where(valid, pos, torch.full_like(pos, bounds[-1]))
-    return _ChunkLayout(gather.view(-1).to(device), first_chunk, num_chunks)
-
-
-def _to_chunks(x: torch.Tensor, layout: _ChunkLayout, chunk_size: int) -> torch.Tensor:
-    """[T, ...] -> [NC, L, ...] fp32, zero on padding."""
-    padded = torch.cat([x.float(), x.new_zeros((1, *x.shape[1:]), dtype=torch.float32)])
-    return padded.index_select(0, layout.gather).view(layout.total, chunk_size, *x.shape[1:])
 
 
 def linear_recurrence_varlen(
@@ -85,17 +39,17 @@ def linear_recurrence_varlen(
     heads, dv = v.shape[1], v.shape[2]
     bsz = slot_ids.shape[0]
     L = chunk_size
-    lay = _layout(cu_seqlens, L, q.device)
+    lay = chunk_layout(cu_seqlens, L, q.device)
     nc = lay.total
 
     # Layouts: the carried state is kept as [.., G, K, R*V] (the R heads of a group side by side), so that
     # the per-group q and k meet all R heads of their group in one matrix multiply, without broadcast
     # copies of q or k. v's packed order [.., H, V] is already [.., G, R, V].
-    qc = _to_chunks(q, lay, L).transpose(1, 2)  # [NC, G, L, K]
-    kc = _to_chunks(k, lay, L).transpose(1, 2)  # [NC, G, L, K]
-    vl = _to_chunks(v, lay, L).view(nc, L, groups, rep, dv).transpose(1, 2)  # [NC, G, L, R, V]
+    qc = lay.to_chunks(q).transpose(1, 2)  # [NC, G, L, K]
+    kc = lay.to_chunks(k).transpose(1, 2)  # [NC, G, L, K]
+    vl = lay.to_chunks(v).view(nc, L, groups, rep, dv).transpose(1, 2)  # [NC, G, L, R, V]
     # Padding has log-decay 0 (decay 1) and k = v = 0, so it leaves a chunk's carried state unchanged.
-    a = _to_chunks(log_decay, lay, L).view(nc, L, groups, rep).permute(0, 2, 3, 1)  # [NC, G, R, L]
+    a = lay.to_chunks(log_decay).view(nc, L, groups, rep).permute(0, 2, 3, 1)  # [NC, G, R, L]
     acum = a.cumsum(-1)  # [NC, G, R, L], A_i
 
     # seg[i, j] = A_i - A_j = Σ_{j<m<=i} a_m, summed directly rather than subtracted: A_i - A_j loses
@@ -121,25 +75,14 @@ def linear_recurrence_varlen(
     # index only, batched over all sequences still running at that index.
     s_cur = state.index_select(0, slot_ids).float().view(bsz, groups, rep, dk, dv).transpose(2, 3).contiguous()
     s_in = torch.empty(nc, groups, dk, rep, dv, dtype=torch.float32, device=q.device)  # [NC, G, K, R, V]
-    max_chunks = max(lay.num_chunks, default=0)
-    for j in range(max_chunks):
-        live = [b for b in range(bsz) if lay.num_chunks[b] > j]
-        chunk_ids = torch.tensor([lay.first_chunk[b] + j for b in live], dtype=torch.long, device=q.device)
-        if len(live) == bsz:
-            s_in[chunk_ids] = s_cur
-            s_cur = chunk_decay[chunk_ids] * s_cur + chunk_kv[chunk_ids]
-        else:
-            rows = torch.tensor(live, dtype=torch.long, device=q.device)
-            prev = s_cur[rows]
-            s_in[chunk_ids] = prev
-            s_cur[rows] = chunk_decay[chunk_ids] * prev + chunk_kv[chunk_ids]
+    for rows, chunk_ids in lay.carry_steps():
+        prev = s_cur[rows]
+        s_in[chunk_ids] = prev
+        s_cur[rows] = chunk_decay[chunk_ids] * prev + chunk_kv[chunk_ids]
     state.index_copy_(0, slot_ids, s_cur.transpose(2, 3).reshape(bsz, heads, dk, dv).to(state.dtype))
 
     # Inter-chunk: o_i += exp(A_i) q_i S_in.
     o = torch.matmul(qc, s_in.view(nc, groups, dk, rep * dv)).view(nc, groups, L, rep, dv)  # [NC, G, L, R, V]
     o.mul_(torch.exp(acum).transpose(-1, -2).unsqueeze(-1)).add_(o_intra.transpose(2, 3))
     o = (scale * o).transpose(1, 2).reshape(nc * L, heads, dv)  # [NC*L, H, V]
-    # Scatter back; every padding row lands on the extra row T, which is dropped.
-    out = torch.empty(num_tokens + 1, heads, dv, dtype=torch.float32, device=q.device)
-    out.index_copy_(0, lay.gather, o)
-    return out[:num_tokens].to(v.dtype)
+    return lay.from_chunks(o, num_tokens).to(v.dtype)

@@ -17,44 +17,13 @@ README.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from rnnserve.kernels.chunking import chunk_layout
 
 DEFAULT_CHUNK_SIZE = 32
 # Exponent of an empty partial state (the recurrence's fresh ``pp``): e^{EMPTY - anything real} = 0.
 _EMPTY = -1e30
-
-
-@dataclass(frozen=True)
-class _Chunks:
-    """gather: [NC * L] token index of every chunk position (padding points at row T);
-    valid: [NC] number of real tokens per chunk; first / count: per sequence its first chunk and number
-    of chunks (host ints)."""
-
-    gather: torch.Tensor
-    valid: torch.Tensor
-    first: list[int]
-    count: list[int]
-
-    @property
-    def total(self) -> int:
-        return sum(self.count)
-
-
-def _chunks(cu_seqlens: torch.Tensor, size: int, device: torch.device) -> _Chunks:
-    bounds = cu_seqlens.tolist()
-    count = [(bounds[i + 1] - bounds[i] + size - 1) // size for i in range(len(bounds) - 1)]
-    first = [sum(count[:i]) for i in range(len(count))]
-    starts, ends = [], []
-    for i, n in enumerate(count):
-        starts += [bounds[i] + j * size for j in range(n)]
-        ends += [bounds[i + 1]] * n
-    start_t, end_t = torch.tensor(starts, dtype=torch.long), torch.tensor(ends, dtype=torch.long)
-    pos = start_t.unsqueeze(1) + torch.arange(size)  # [NC, L]
-    gather = torch.where(pos < end_t.unsqueeze(1), pos, bounds[-1])
-    valid = (end_t - start_t).clamp(max=size)
-    return _Chunks(gather.reshape(-1).to(device), valid.to(device), first, count)
 
 
 def _combine(
@@ -86,13 +55,11 @@ def wkv4_varlen(
     L = chunk_size
     dev = k.device
     w, u = w.float(), u.float()
-    ch = _chunks(cu_seqlens, L, dev)
+    ch = chunk_layout(cu_seqlens, L, dev)
     nc = ch.total
 
     # Padding (after the last token of a sequence) adds nothing: e^{k} = 0, v = 0.
-    kc = torch.cat([k.float(), k.new_full((1, channels), _EMPTY, dtype=torch.float32)]).index_select(0, ch.gather)
-    vc = torch.cat([v.float(), v.new_zeros((1, channels), dtype=torch.float32)]).index_select(0, ch.gather)
-    kc, vc = kc.view(nc, L, channels), vc.view(nc, L, channels)
+    kc, vc = ch.to_chunks(k, pad=_EMPTY), ch.to_chunks(v)  # [NC, L, C]
 
     # 1. Local states inside every chunk, from empty: la/lb/lp[:, i] is the state before position i,
     # [:, L] the state after the last position.
@@ -107,15 +74,11 @@ def wkv4_varlen(
     last = ch.valid.view(nc, 1, 1).expand(nc, 1, channels)
     end_a, end_b, end_p = (x.gather(1, last).squeeze(1) for x in (la, lb, lp))  # [NC, C]
     span = ch.valid.unsqueeze(-1).float() * w  # [NC, C], decay across a chunk's real tokens
-    bsz = slot_ids.shape[0]
     ca = aa.index_select(0, slot_ids).float()  # [B, C]
     cb = bb.index_select(0, slot_ids).float()
     cp = pp.index_select(0, slot_ids).float()
     in_a, in_b, in_p = (torch.empty(nc, channels, dtype=torch.float32, device=dev) for _ in range(3))
-    for j in range(max(ch.count, default=0)):
-        live = [i for i in range(bsz) if ch.count[i] > j]
-        ids = torch.tensor([ch.first[i] + j for i in live], dtype=torch.long, device=dev)
-        rows = torch.tensor(live, dtype=torch.long, device=dev)
+    for rows, ids in ch.carry_steps():
         pa, pb, pq = ca[rows], cb[rows], cp[rows]
         in_a[ids], in_b[ids], in_p[ids] = pa, pb, pq
         na, nb, np_ = _combine(pa, pb, pq + span[ids], end_a[ids], end_b[ids], end_p[ids])
@@ -134,7 +97,4 @@ def wkv4_varlen(
     e_c, e_l, e_b = torch.exp(p_c - q), torch.exp(p_l - q), torch.exp(uk - q)
     num = e_c * in_a.unsqueeze(1) + e_l * la[:, :L] + e_b * vc
     den = e_c * in_b.unsqueeze(1) + e_l * lb[:, :L] + e_b
-    o = (num / den).view(nc * L, channels)
-    out = torch.empty(num_tokens + 1, channels, dtype=torch.float32, device=dev)
-    out.index_copy_(0, ch.gather, o)  # padding rows all land on row T, dropped below
-    return out[:num_tokens]
+    return ch.from_chunks((num / den).view(nc * L, channels), num_tokens)

@@ -16,44 +16,11 @@ only ever multiply (never add to) their inverses, so the matrix entries themselv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from rnnserve.kernels.chunking import chunk_layout
+
 DEFAULT_CHUNK_SIZE = 32
-
-
-@dataclass(frozen=True)
-class _Chunks:
-    """gather: [NC * L] token index of every chunk position (padding points at row T, a zero row);
-    first: per sequence its first chunk; count: per sequence its number of chunks (host ints)."""
-
-    gather: torch.Tensor
-    first: list[int]
-    count: list[int]
-
-    @property
-    def total(self) -> int:
-        return sum(self.count)
-
-
-def _chunks(cu_seqlens: torch.Tensor, size: int, device: torch.device) -> _Chunks:
-    bounds = cu_seqlens.tolist()
-    count = [(bounds[i + 1] - bounds[i] + size - 1) // size for i in range(len(bounds) - 1)]
-    first = [sum(count[:i]) for i in range(len(count))]
-    starts, ends = [], []
-    for i, n in enumerate(count):
-        starts += [bounds[i] + j * size for j in range(n)]
-        ends += [bounds[i + 1]] * n
-    pos = torch.tensor(starts, dtype=torch.long).unsqueeze(1) + torch.arange(size)  # [NC, L]
-    gather = torch.where(pos < torch.tensor(ends, dtype=torch.long).unsqueeze(1), pos, bounds[-1])
-    return _Chunks(gather.reshape(-1).to(device), first, count)
-
-
-def _gather(x: torch.Tensor, ch: _Chunks, size: int) -> torch.Tensor:
-    """[T, H, D] -> [NC, H, L, D] fp32, zero on padding."""
-    padded = torch.cat([x.float(), x.new_zeros((1, *x.shape[1:]), dtype=torch.float32)])
-    return padded.index_select(0, ch.gather).view(ch.total, size, *x.shape[1:]).transpose(1, 2)
 
 
 def wkv7_varlen(
@@ -75,12 +42,12 @@ def wkv7_varlen(
     dv = v.shape[-1]
     L = chunk_size
     dev = k.device
-    ch = _chunks(cu_seqlens, L, dev)
+    ch = chunk_layout(cu_seqlens, L, dev)
     nc = ch.total
 
-    lw = _gather(log_w, ch, L)  # [NC, H, L, K]
-    rc, kc, ac, bc = (_gather(x, ch, L) for x in (r, k, a, b))  # [NC, H, L, K]
-    vc = _gather(v, ch, L)  # [NC, H, L, V]
+    # Padding is an identity step (log_w = 0, k = v = a = b = r = 0).
+    lw, rc, kc, ac, bc = (ch.to_chunks(x).transpose(1, 2) for x in (log_w, r, k, a, b))  # [NC, H, L, K]
+    vc = ch.to_chunks(v).transpose(1, 2)  # [NC, H, L, V]
 
     g_in = lw.cumsum(-2)  # [NC, H, L, K], Σ_{m<=t} log_w_m
     g_ex = g_in - lw  # Σ_{m<t} log_w_m
@@ -113,23 +80,13 @@ def wkv7_varlen(
     q_mat = b_d.transpose(-1, -2) @ u_v + k_d.transpose(-1, -2) @ vc  # [NC, H, K, V]
 
     # Carry the state across chunks, batched over the sequences that still have a chunk at index j.
-    bsz = slot_ids.shape[0]
     s_cur = state.index_select(0, slot_ids).float()  # [B, H, K, V]
     s_in = torch.empty(nc, heads, dk, dv, dtype=torch.float32, device=dev)
-    for j in range(max(ch.count, default=0)):
-        live = [i for i in range(bsz) if ch.count[i] > j]
-        ids = torch.tensor([ch.first[i] + j for i in live], dtype=torch.long, device=dev)
-        if len(live) == bsz:
-            s_in[ids] = s_cur
-            s_cur = p_mat[ids] @ s_cur + q_mat[ids]
-        else:
-            rows = torch.tensor(live, dtype=torch.long, device=dev)
-            prev = s_cur[rows]
-            s_in[ids] = prev
-            s_cur[rows] = p_mat[ids] @ prev + q_mat[ids]
+    for rows, ids in ch.carry_steps():
+        prev = s_cur[rows]
+        s_in[ids] = prev
+        s_cur[rows] = p_mat[ids] @ prev + q_mat[ids]
     state.index_copy_(0, slot_ids, s_cur.to(state.dtype))
 
     o = (rq @ s_in + oc).transpose(1, 2).reshape(nc * L, heads, dv)  # [NC * L, H, V]
-    out = torch.empty(num_tokens + 1, heads, dv, dtype=torch.float32, device=dev)
-    out.index_copy_(0, ch.gather, o)  # padding rows all land on row T, dropped below
-    return out[:num_tokens]
+    return ch.from_chunks(o, num_tokens)
