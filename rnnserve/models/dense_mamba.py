@@ -28,20 +28,8 @@ from torch import nn
 
 from rnnserve.kernels.dispatch import Backend
 from rnnserve.models.base import DecodeBatch, PrefillBatch, States
-from rnnserve.models.layers import RMSNorm, rms_norm
+from rnnserve.models.layers import DenseSelect, RMSNorm, rms_norm
 from rnnserve.models.mamba import MambaBlock, MambaConfig, MambaLM, MambaMixer
-
-
-class SelectGate(nn.Module):
-    """The selective transition's gate MLP, fc2(silu(fc1(x̂))): D -> D/32 -> E (as DenseRetNet's release)."""
-
-    def __init__(self, hidden_size: int, out_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, hidden_size // 32, bias=False)
-        self.fc2 = nn.Linear(hidden_size // 32, out_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.silu(self.fc1(x)))
 
 
 class DenseMambaBlock(nn.Module):
@@ -56,7 +44,7 @@ class DenseMambaBlock(nn.Module):
         self.eps = cfg.norm_eps
         self.fuse = fuse
         if fuse:
-            self.mixer.y_select = SelectGate(cfg.hidden_size, cfg.intermediate_size)
+            self.mixer.y_select = DenseSelect(cfg.hidden_size, cfg.intermediate_size)
             self.mixer.y_norm = RMSNorm(cfg.intermediate_size, cfg.norm_eps)
 
     def _finish(

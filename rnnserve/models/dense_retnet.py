@@ -33,6 +33,7 @@ from torch import nn
 
 from rnnserve.kernels.dispatch import Backend
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.layers import DenseSelect
 from rnnserve.models.retnet import Retention, RetentionConfig, rms_norm
 
 # Checkpoint tensors we do not need: the released model stores its rotation angles and decays as buffers.
@@ -96,18 +97,6 @@ class DenseRetNetConfig:
         )
 
 
-class HiddenProjection(nn.Module):
-    """The selection MLP of the dense connection: fc2(silu(fc1(x))), D -> D/32 -> out."""
-
-    def __init__(self, hidden_size: int, out_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, hidden_size // 32, bias=False)
-        self.fc2 = nn.Linear(hidden_size // 32, out_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.silu(self.fc1(x)))
-
-
 class GauRetention(nn.Module):
     """One DenseRetNet layer's mixer, in three steps so the model can fuse k and v between them."""
 
@@ -126,8 +115,8 @@ class GauRetention(nn.Module):
         if cfg.dense_block_layers:
             # The release builds these in every layer (layer 0 never uses them); shapes as released:
             # k_select ends at D/2 and v_select at 2D, which must equal query_key_dim and v_factor·D.
-            self.k_select = HiddenProjection(d, qk)
-            self.v_select = HiddenProjection(d, e)
+            self.k_select = DenseSelect(d, qk)
+            self.v_select = DenseSelect(d, e)
             self.k_norm = rms_norm(qk, cfg.rms_norm_eps)
             self.v_norm = rms_norm(e, cfg.rms_norm_eps)
         self.retention = Retention(rcfg, backend)

@@ -1,4 +1,5 @@
-"""Small pieces several families share: RMS norms (plain and gated) and the LM head helper.
+"""Small pieces several families share: RMS norms (plain and gated), DenseSSM's selection MLP and
+the LM head helper.
 Parameter names match the checkpoints (``norm.weight``), so families can load by name."""
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+class DenseSelect(nn.Module):
+    """DenseSSM's selection MLP, fc2(silu(fc1(x))): D -> D/32 -> out (the released DenseRetNet's
+    ``k_select`` / ``v_select``, and DenseMamba's gate over earlier layers' outputs)."""
+
+    def __init__(self, hidden_size: int, out_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, hidden_size // 32, bias=False)
+        self.fc2 = nn.Linear(hidden_size // 32, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)))
 
 
 def lm_logits(h: torch.Tensor, head: nn.Linear) -> torch.Tensor:
