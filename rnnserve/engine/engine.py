@@ -15,13 +15,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import torch
-
 from rnnserve.config import ModelConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
 from rnnserve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
-from rnnserve.engine.runner import ModelRunner, RunnerOutput
-from rnnserve.engine.sampler import Sampler, SamplerOutput, logprob_entries
-from rnnserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from rnnserve.engine.runner import ModelRunner
+from rnnserve.engine.sampler import Sampler
+from rnnserve.engine.scheduler import Scheduler, SchedulerOutput
 from rnnserve.engine.state_pool import StatePool
 from rnnserve.models.base import RecurrentLM
 from rnnserve.models.loader import LoadedModel, load_model
@@ -80,13 +78,10 @@ class LLMEngine:
         if self.max_model_len is not None:
             model.limit_context(self.max_model_len)
         self.pool = StatePool(model.state_specs(), pool_config, model.device)
-        self.scheduler = Scheduler(scheduler_config, self.pool)
+        self.scheduler = Scheduler(scheduler_config, self.pool, max_model_len=self.max_model_len)
         self.runner = ModelRunner(model, self.pool, runner_config)
         self.sampler = Sampler(model.vocab_size, model.device)
         self._pending: list[RequestOutput] = []  # outputs made outside a step (aborts), sent with the next
-        self._prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
-        self._prompt_tokens_total = 0
-        self._generation_tokens_total = 0
         self._num_steps = 0
         self._last_step_seconds = 0.0
 
@@ -109,8 +104,6 @@ class LLMEngine:
             raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
         req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id)
         self.scheduler.add(req)
-        if params.prompt_logprobs is not None:
-            self._prompt_logprobs[request_id] = [None]
 
     def abort_request(self, request_id: str) -> None:
         req = self.scheduler.abort(request_id)
@@ -135,66 +128,12 @@ class LLMEngine:
             except Exception as exc:
                 logger.exception("engine step failed; finishing its %d requests", len(sched.scheduled))
                 return outputs + self._fail(sched, exc)
-            outputs += self._update(sched, run, to_sample, sampled)
+            step_outputs = self.scheduler.update_from_output(sched, run.prompt_logits, to_sample, sampled)
+            self._release_finished(step_outputs)
+            outputs += step_outputs
             self._num_steps += 1
             self._last_step_seconds = time.perf_counter() - t0
         return outputs
-
-    def _update(
-        self,
-        sched: SchedulerOutput,
-        run: RunnerOutput,
-        to_sample: list[ScheduledRequest],
-        sampled: SamplerOutput | None,
-    ) -> list[RequestOutput]:
-        """Advance progress, record prompt logprobs, append sampled tokens, stop and free finished requests."""
-        for s in sched.scheduled:
-            if s.request.is_prefilling:
-                self._prompt_tokens_total += s.num_tokens
-            if s.request.request_id in self._prompt_logprobs and s.request.is_prefilling:
-                self._record_prompt_logprobs(s, run.prompt_logits.get(s.request.request_id))
-            s.request.num_computed_tokens += s.num_tokens
-        outputs = []
-        if sampled is None:
-            return outputs
-        for b, s in enumerate(to_sample):
-            req = s.request
-            token = sampled.token_ids[b]
-            req.output_token_ids.append(token)
-            self._generation_tokens_total += 1
-            reason = self._stop_reason(req, token)
-            if reason is not None:
-                self.scheduler.finish(req, reason)
-                self._release(req)
-            lp = sampled.logprobs[b]
-            outputs.append(self._output(req, [token], None if lp is None else [lp]))
-        return outputs
-
-    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
-        p = req.params
-        if not p.ignore_eos and token == req.eos_token_id:
-            return FinishReason.STOP
-        if token in p.stop_token_ids:
-            return FinishReason.STOP
-        if p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
-            return FinishReason.LENGTH
-        if self.max_model_len is not None and req.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
-
-    def _record_prompt_logprobs(self, s: ScheduledRequest, logits: torch.Tensor | None) -> None:
-        """Logits at prompt position i give the logprob of prompt token i + 1 (raw log_softmax)."""
-        req = s.request
-        if logits is None:
-            return
-        targets = [req.token_at(i + 1) for i in range(s.start, s.start + s.num_tokens) if i + 1 < req.num_prompt_tokens]
-        if not targets:
-            return
-        n = len(targets)
-        lp = torch.log_softmax(logits[:n].float(), dim=-1)
-        chosen = torch.tensor(targets, device=lp.device)
-        num_top = min(req.params.prompt_logprobs or 0, lp.shape[-1])
-        self._prompt_logprobs[req.request_id].extend(logprob_entries(lp, chosen, num_top))
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         outputs = []
@@ -223,27 +162,15 @@ class LLMEngine:
     def _release(self, req: Request) -> None:
         self.sampler.release(req.request_id)
 
+    def _release_finished(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finished:
+                self.sampler.release(out.request_id)
+
     def _output(
         self, req: Request, tokens: list[int], logprobs: list[TokenLogprob] | None, error: str | None = None
     ) -> RequestOutput:
-        finished = req.finish_reason is not None
-        prompt_lps = None
-        # Prompt logprobs go out once, with the request's first output.
-        if req.request_id in self._prompt_logprobs and (tokens or finished):
-            prompt_lps = self._prompt_logprobs.pop(req.request_id)
-        if logprobs is None and req.params.logprobs is not None:
-            logprobs = []
-        return RequestOutput(
-            request_id=req.request_id,
-            new_token_ids=tokens,
-            new_logprobs=logprobs,
-            num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=len(req.output_token_ids),
-            finished=finished,
-            finish_reason=req.finish_reason,
-            prompt_logprobs=prompt_lps,
-            error=error,
-        )
+        return self.scheduler.make_output(req, tokens, logprobs, error)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -253,8 +180,8 @@ class LLMEngine:
             slots_used=self.pool.num_used,
             state_bytes_per_slot=self.pool.bytes_per_slot,
             state_pool_usage=self.pool.usage,
-            prompt_tokens_total=self._prompt_tokens_total,
-            generation_tokens_total=self._generation_tokens_total,
+            prompt_tokens_total=self.scheduler.prompt_tokens_total,
+            generation_tokens_total=self.scheduler.generation_tokens_total,
             num_steps=self._num_steps,
             last_step_seconds=self._last_step_seconds,
         )

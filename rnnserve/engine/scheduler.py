@@ -8,6 +8,10 @@ scheduler decides how many of its not-yet-computed tokens run. Order of service:
 3. waiting requests, in arrival order, only while a state slot is free.
 
 A request holds its slot from admission until it finishes or is aborted; every exit path frees it.
+
+The scheduler owns the request lifecycle (as vLLM's ``Scheduler.update_from_output`` does): after a
+step it advances progress, records prompt logprobs, appends sampled tokens, applies stop conditions
+and frees the slots of finished requests, and builds the ``RequestOutput`` deltas.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from rnnserve.config import SchedulerConfig
-from rnnserve.engine.request import FinishReason, Request, RequestStatus
+from rnnserve.engine.request import FinishReason, Request, RequestOutput, RequestStatus, TokenLogprob
+from rnnserve.engine.sampler import SamplerOutput, logprob_entries
 from rnnserve.engine.state_pool import StatePool
 
 
@@ -55,12 +62,19 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: StatePool) -> None:
+    def __init__(self, config: SchedulerConfig, pool: StatePool, *, max_model_len: int | None = None) -> None:
         self.config = config
         self.pool = pool
+        # The served limit (the config's, or the model's if smaller): requests stop with LENGTH at it.
+        self.max_model_len = config.max_model_len if max_model_len is None else max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._requests: dict[str, Request] = {}
+        # request id -> prompt logprobs so far ([0] is None: the first token has no context), sent
+        # with the request's first output.
+        self._prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}
+        self.prompt_tokens_total = 0  # prompt tokens run through the model
+        self.generation_tokens_total = 0
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -85,6 +99,8 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self._requests[request.request_id] = request
         self.waiting.append(request)
+        if request.params.prompt_logprobs is not None:
+            self._prompt_logprobs[request.request_id] = [None]
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
@@ -114,6 +130,86 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return out
+
+    def update_from_output(
+        self,
+        sched: SchedulerOutput,
+        prompt_logits: dict[str, torch.Tensor],
+        to_sample: list[ScheduledRequest],
+        sampled: SamplerOutput | None,
+    ) -> list[RequestOutput]:
+        """After a step: advance progress, record prompt logprobs, append the sampled tokens (row b
+        of ``sampled`` belongs to ``to_sample[b]``), stop and free finished requests. Returns the
+        output delta of every request that got a token."""
+        for s in sched.scheduled:
+            req = s.request
+            if req.is_prefilling:
+                self.prompt_tokens_total += s.num_tokens
+                if req.request_id in self._prompt_logprobs:
+                    self._record_prompt_logprobs(s, prompt_logits.get(req.request_id))
+            req.num_computed_tokens += s.num_tokens
+        outputs: list[RequestOutput] = []
+        if sampled is None:
+            return outputs
+        for b, s in enumerate(to_sample):
+            req = s.request
+            token = sampled.token_ids[b]
+            req.output_token_ids.append(token)
+            self.generation_tokens_total += 1
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self.finish(req, reason)
+            lp = sampled.logprobs[b]
+            outputs.append(self.make_output(req, [token], None if lp is None else [lp]))
+        return outputs
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if not p.ignore_eos and token == req.eos_token_id:
+            return FinishReason.STOP
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if p.max_tokens is not None and len(req.output_token_ids) >= p.max_tokens:
+            return FinishReason.LENGTH
+        if self.max_model_len is not None and req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _record_prompt_logprobs(self, s: ScheduledRequest, logits: torch.Tensor | None) -> None:
+        """Logits at prompt position i give the logprob of prompt token i + 1 (raw log_softmax)."""
+        req = s.request
+        if logits is None:
+            return
+        targets = [req.token_at(i + 1) for i in range(s.start, s.start + s.num_tokens) if i + 1 < req.num_prompt_tokens]
+        if not targets:
+            return
+        n = len(targets)
+        lp = torch.log_softmax(logits[:n].float(), dim=-1)  # [n, V]
+        chosen = torch.tensor(targets, device=lp.device)
+        num_top = min(req.params.prompt_logprobs or 0, lp.shape[-1])
+        self._prompt_logprobs[req.request_id].extend(logprob_entries(lp, chosen, num_top))
+
+    def make_output(
+        self, req: Request, tokens: list[int], logprobs: list[TokenLogprob] | None, error: str | None = None
+    ) -> RequestOutput:
+        """A request's output delta; prompt logprobs go out once, with its first token or its end."""
+        finished = req.finish_reason is not None
+        prompt_lps = None
+        if req.request_id in self._prompt_logprobs and (tokens or finished):
+            prompt_lps = self._prompt_logprobs.pop(req.request_id)
+        if logprobs is None and req.params.logprobs is not None:
+            logprobs = []
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=tokens,
+            new_logprobs=logprobs,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids),
+            finished=finished,
+            finish_reason=req.finish_reason,
+            prompt_logprobs=prompt_lps,
+            error=error,
+        )
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Mark a request finished and give back its slot (idempotent)."""
