@@ -27,6 +27,8 @@ _KERNELS: dict[tuple[str, Backend], str] = {
     ("wkv4.recurrent", "torch"): "rnnserve.kernels.wkv4.recurrent:wkv4_step",
     ("wkv7.chunk", "torch"): "rnnserve.kernels.wkv7.chunk:wkv7_varlen",
     ("wkv7.recurrent", "torch"): "rnnserve.kernels.wkv7.recurrent:wkv7_step",
+    ("paged_attention.prefill", "torch"): "rnnserve.kernels.paged_attention.prefill:paged_attention_prefill",
+    ("paged_attention.decode", "torch"): "rnnserve.kernels.paged_attention.decode:paged_attention_decode",
     ("causal_conv1d.chunk", "triton"): "rnnserve.kernels.causal_conv1d.chunk_triton:causal_conv1d_varlen",
     ("causal_conv1d.recurrent", "triton"): "rnnserve.kernels.causal_conv1d.recurrent_triton:causal_conv1d_update",
     ("linear_recurrence.chunk", "triton"): "rnnserve.kernels.linear_recurrence.chunk_triton:linear_recurrence_varlen",
@@ -37,6 +39,8 @@ _KERNELS: dict[tuple[str, Backend], str] = {
     ("selective_scan.recurrent", "triton"): "rnnserve.kernels.selective_scan.recurrent_triton:selective_state_update",
     ("wkv7.chunk", "triton"): "rnnserve.kernels.wkv7.chunk_triton:wkv7_varlen",
     ("wkv7.recurrent", "triton"): "rnnserve.kernels.wkv7.recurrent_triton:wkv7_step",
+    ("paged_attention.prefill", "triton"): "rnnserve.kernels.paged_attention.prefill_triton:paged_attention_prefill",
+    ("paged_attention.decode", "triton"): "rnnserve.kernels.paged_attention.decode_triton:paged_attention_decode",
 }
 
 
