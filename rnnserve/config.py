@@ -66,6 +66,23 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class PrefixCacheConfig:
+    """The prefix state cache (``--enable-prefix-caching``, ``--prefix-cache-interval``,
+    ``--prefix-cache-memory``, ``--prefix-cache-host-memory``, ``--prefix-cache-dir``)."""
+
+    enabled: bool = True
+    interval: int = 256  # tokens between snapshots during a long prefill
+    device_memory: int = 1024**3  # bytes of snapshots on the model's device
+    host_memory: int = 4 * 1024**3  # bytes of snapshots in host RAM
+    cache_dir: str | None = None  # persist snapshots here (safetensors + index.json)
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 1, "prefix_cache_interval must be >= 1")
+        _require(self.device_memory >= 0, "prefix_cache_memory must be >= 0")
+        _require(self.host_memory >= 0, "prefix_cache_host_memory must be >= 0")
+
+
+@dataclass(frozen=True)
 class RunnerConfig:
     """How the model runs (``--enforce-eager``, ``--compile``, CUDA-graph batch ladder)."""
 

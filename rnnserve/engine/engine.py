@@ -14,13 +14,16 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
-from rnnserve.config import ModelConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
+from rnnserve.config import ModelConfig, PrefixCacheConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
+from rnnserve.engine.prefix_cache import PrefixCache, state_identity
 from rnnserve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from rnnserve.engine.runner import ModelRunner
 from rnnserve.engine.sampler import Sampler
 from rnnserve.engine.scheduler import Scheduler, SchedulerOutput
-from rnnserve.engine.state_pool import StatePool
+from rnnserve.engine.state_pool import Snapshot, StatePool
+from rnnserve.engine.state_store import StateNotFoundError, StateStore
 from rnnserve.models.base import RecurrentLM
 from rnnserve.models.loader import LoadedModel, load_model
 
@@ -49,6 +52,12 @@ class EngineStats:
     generation_tokens_total: int
     num_steps: int
     last_step_seconds: float
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens restored from a snapshot
+    prefix_cache_device_bytes: int = 0
+    prefix_cache_host_bytes: int = 0
+    prefix_cache_entries: int = 0
+    prefix_cache_evictions: int = 0
 
 
 def _min_len(a: int | None, b: int | None) -> int | None:
@@ -70,6 +79,8 @@ class LLMEngine:
         runner_config: RunnerConfig,
         eos_token_id: int | None,
         model_max_len: int | None = None,
+        prefix_cache_config: PrefixCacheConfig | None = None,  # None or disabled: no prefix cache
+        state_dir: str | None = None,  # named initial states (``initial_state``, ``save_state``)
     ) -> None:
         self.model = model
         self.eos_token_id = eos_token_id
@@ -78,7 +89,22 @@ class LLMEngine:
         if self.max_model_len is not None:
             model.limit_context(self.max_model_len)
         self.pool = StatePool(model.state_specs(), pool_config, model.device)
-        self.scheduler = Scheduler(scheduler_config, self.pool, max_model_len=self.max_model_len)
+        identity = state_identity(model, self.pool)
+        self.prefix_cache = (
+            PrefixCache(self.pool, prefix_cache_config, identity)
+            if prefix_cache_config is not None and prefix_cache_config.enabled
+            else None
+        )
+        self.state_store = StateStore(Path(state_dir), identity, self.pool) if state_dir is not None else None
+        self._state_errors: dict[str, str] = {}  # request id -> why its state was not saved
+        self.scheduler = Scheduler(
+            scheduler_config,
+            self.pool,
+            max_model_len=self.max_model_len,
+            prefix_cache=self.prefix_cache,
+            initial_states=self.state_store.get if self.state_store is not None else None,
+            save_state=self._save_state,
+        )
         self.runner = ModelRunner(model, self.pool, runner_config)
         self.sampler = Sampler(model.vocab_size, model.device)
         self._pending: list[RequestOutput] = []  # outputs made outside a step (aborts), sent with the next
@@ -98,12 +124,52 @@ class LLMEngine:
                 "prompt",
             )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate_state_name(self, name: str, param: str = "initial_state") -> None:
+        """EngineInputError unless ``name`` is a saved state this model can start from."""
+        if self.state_store is None:
+            raise EngineInputError("this server has no state folder (start it with --state-dir)", param)
+        try:
+            self.state_store.get(name)
+        except StateNotFoundError as exc:
+            raise EngineInputError(str(exc), param) from exc
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        fork_of: str | None = None,
+        initial_state: str | None = None,
+        save_state: str | None = None,
+    ) -> None:
+        """Queue a request. ``fork_of``: the request id of an n > 1 sibling with the same prompt,
+        added just before, whose prefill this one shares; ``initial_state``: start from that saved
+        state; ``save_state``: save the state after the prompt under that name."""
         self.validate(prompt_token_ids)
         if request_id in self.scheduler:
             raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
-        req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id)
-        self.scheduler.add(req)
+        if initial_state is not None:
+            self.validate_state_name(initial_state)
+        if save_state is not None and self.state_store is None:
+            raise EngineInputError("this server has no state folder (start it with --state-dir)", "name")
+        req = Request(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            eos_token_id=self.eos_token_id,
+            initial_state=initial_state,
+            save_state=save_state,
+        )
+        self.scheduler.add(req, fork_of=fork_of)
+
+    def _save_state(self, name: str, snapshot: Snapshot, req: Request) -> None:
+        assert self.state_store is not None
+        try:
+            self.state_store.save(name, snapshot, req.num_prompt_tokens)
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot save the state %r: %s", name, exc)
+            self._state_errors[req.request_id] = f"the state {name!r} was not saved: {exc}"
 
     def abort_request(self, request_id: str) -> None:
         req = self.scheduler.abort(request_id)
@@ -122,14 +188,15 @@ class LLMEngine:
         if not sched.is_empty:
             try:
                 run = self.runner.execute(sched)
-                to_sample = run.sampled
-                logits = run.sample_logits
+                to_sample, logits = self.scheduler.fork(run.sampled, run.sample_logits)
                 sampled = self.sampler(logits, [s.request for s in to_sample]) if logits is not None else None
             except Exception as exc:
                 logger.exception("engine step failed; finishing its %d requests", len(sched.scheduled))
                 return outputs + self._fail(sched, exc)
             step_outputs = self.scheduler.update_from_output(sched, run.prompt_logits, to_sample, sampled)
             self._release_finished(step_outputs)
+            for out in step_outputs if self._state_errors else []:
+                out.error = self._state_errors.pop(out.request_id, out.error)
             outputs += step_outputs
             self._num_steps += 1
             self._last_step_seconds = time.perf_counter() - t0
@@ -184,7 +251,21 @@ class LLMEngine:
             generation_tokens_total=self.scheduler.generation_tokens_total,
             num_steps=self._num_steps,
             last_step_seconds=self._last_step_seconds,
+            **self._prefix_cache_stats(),
         )
+
+    def _prefix_cache_stats(self) -> dict[str, int]:
+        if self.prefix_cache is None:
+            return {}
+        c = self.prefix_cache.stats()
+        return {
+            "prefix_cache_queries": c.queries,
+            "prefix_cache_hits": c.hits,
+            "prefix_cache_device_bytes": c.device_bytes,
+            "prefix_cache_host_bytes": c.host_bytes,
+            "prefix_cache_entries": c.device_entries + c.host_entries,
+            "prefix_cache_evictions": c.evictions,
+        }
 
 
 def _final_output(request_id: str, reason: FinishReason, error: str | None) -> RequestOutput:
@@ -206,6 +287,9 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    fork_of: str | None = None
+    initial_state: str | None = None
+    save_state: str | None = None
 
 
 @dataclass(frozen=True)
@@ -237,6 +321,8 @@ class AsyncEngine:
         pool_config: StatePoolConfig,
         scheduler_config: SchedulerConfig,
         runner_config: RunnerConfig,
+        prefix_cache_config: PrefixCacheConfig | None = None,
+        state_dir: str | None = None,
     ) -> AsyncEngine:
         loaded = load_model(model_config)
         engine = LLMEngine(
@@ -246,6 +332,8 @@ class AsyncEngine:
             runner_config,
             loaded.eos_token_id,
             model_max_len=loaded.max_model_len,
+            prefix_cache_config=prefix_cache_config,
+            state_dir=state_dir,
         )
         return cls(engine, loaded)
 
@@ -279,23 +367,33 @@ class AsyncEngine:
         return self._stats
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        fork_of: str | None = None,
+        initial_state: str | None = None,
+        save_state: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Validation errors raise EngineInputError at the first __anext__.
-        Stopping early (aclose, cancellation) aborts the request and frees its slot."""
-        return self._generate(request_id, list(prompt_token_ids), params)
+        Stopping early (aclose, cancellation) aborts the request and frees its slot. The keywords are
+        ``LLMEngine.add_request``'s."""
+        add = _Add(request_id, list(prompt_token_ids), params, fork_of, initial_state, save_state)
+        return self._generate(add)
 
-    async def _generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        self.engine.validate(prompt_token_ids)
+    async def _generate(self, add: _Add) -> AsyncIterator[RequestOutput]:
+        request_id = add.request_id
+        self.engine.validate(add.prompt_token_ids)
+        if add.initial_state is not None:
+            self.engine.validate_state_name(add.initial_state)
         if request_id in self._queues:
             raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
         if not self.is_running:
             await self.start()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._submit(_Add(request_id, prompt_token_ids, params))
+        self._submit(add)
         finished = False
         try:
             while True:
@@ -344,7 +442,14 @@ class AsyncEngine:
             engine.abort_request(cmd.request_id)
             return []
         try:
-            engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
+            engine.add_request(
+                cmd.request_id,
+                cmd.prompt_token_ids,
+                cmd.params,
+                fork_of=cmd.fork_of,
+                initial_state=cmd.initial_state,
+                save_state=cmd.save_state,
+            )
         except Exception as exc:
             return [_final_output(cmd.request_id, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")]
         return []

@@ -92,6 +92,12 @@ class Request:
     finish_reason: FinishReason | None = None
     num_computed_tokens: int = 0  # tokens whose effect is in the slot's state
     slot: int | None = None
+    num_cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of computed
+    initial_state: str | None = None  # a saved state the request starts from (None: the fill values)
+    save_state: str | None = None  # save the state after the prompt under this name
+    # n > 1 by fork: a child waits for its parent's prompt and starts from a copy of its state.
+    fork_parent: Request | None = field(default=None, repr=False)
+    fork_children: list[Request] = field(default_factory=list, repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -104,6 +110,11 @@ class Request:
     @property
     def is_prefilling(self) -> bool:
         return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def cache_namespace(self) -> str:
+        """Prefix-cache tree of this request: a prefix run from a saved state is another state."""
+        return "" if self.initial_state is None else f"state:{self.initial_state}"
 
     def token_at(self, i: int) -> int:
         n = len(self.prompt_token_ids)
@@ -132,3 +143,4 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first output only; [0] is None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens restored from the prefix cache (usage.prompt_tokens_details)

@@ -7,6 +7,13 @@ scheduler decides how many of its not-yet-computed tokens run. Order of service:
 2. running requests part-way through their prompt, the next chunk each;
 3. waiting requests, in arrival order, only while a state slot is free.
 
+With a prefix cache, admission restores the longest cached prefix of the prompt into the new slot
+(at most all but the last prompt token: one always runs, to give logits), and a prefill chunk that
+does not finish its prompt ends at a multiple of the cache interval where it can, so that the state
+after it is a snapshot worth keeping. ``n > 1``: a request added with ``fork_of`` its sibling waits
+for that sibling's prompt and starts from a copy of its state (``fork``), sampling from the same
+logits, so the prompt is prefilled once.
+
 A request holds its slot from admission until it finishes or is aborted; every exit path frees it.
 
 The scheduler owns the request lifecycle (as vLLM's ``Scheduler.update_from_output`` does): after a
@@ -17,14 +24,16 @@ and frees the slots of finished requests, and builds the ``RequestOutput`` delta
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from rnnserve.config import SchedulerConfig
+from rnnserve.engine.prefix_cache import PrefixCache
 from rnnserve.engine.request import FinishReason, Request, RequestOutput, RequestStatus, TokenLogprob
 from rnnserve.engine.sampler import SamplerOutput, logprob_entries
-from rnnserve.engine.state_pool import StatePool
+from rnnserve.engine.state_pool import Snapshot, StatePool
 
 
 @dataclass
@@ -62,9 +71,23 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: StatePool, *, max_model_len: int | None = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        pool: StatePool,
+        *,
+        max_model_len: int | None = None,
+        prefix_cache: PrefixCache | None = None,
+        initial_states: Callable[[str], Snapshot] | None = None,
+        save_state: Callable[[str, Snapshot, Request], None] | None = None,
+    ) -> None:
         self.config = config
         self.pool = pool
+        self.prefix_cache = prefix_cache
+        # name -> saved state (``initial_state`` requests), and the hook that saves one (``save_state``).
+        self._initial_states = initial_states
+        self._save_state = save_state
+        self._forking: list[Request] = []  # n > 1 children waiting for their parent's prompt
         # The served limit (the config's, or the model's if smaller): requests stop with LENGTH at it.
         self.max_model_len = config.max_model_len if max_model_len is None else max_model_len
         self.waiting: deque[Request] = deque()
@@ -84,23 +107,45 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self._forking)
 
     @property
     def num_running(self) -> int:
         return len(self.running)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._forking)
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request, fork_of: str | None = None) -> None:
+        """Queue a request. With ``fork_of`` (a sibling with the same prompt, added before it and still
+        before the end of its prompt) it starts from a copy of the sibling's state instead of its own
+        prefill; otherwise (the sibling is gone or past its prompt) it is queued as any other."""
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
         request.status = RequestStatus.WAITING
         self._requests[request.request_id] = request
-        self.waiting.append(request)
         if request.params.prompt_logprobs is not None:
             self._prompt_logprobs[request.request_id] = [None]
+        parent = self._requests.get(fork_of) if fork_of is not None else None
+        if parent is not None and self._can_fork(parent, request):
+            request.fork_parent = parent
+            parent.fork_children.append(request)
+            self._forking.append(request)
+            return
+        self.waiting.append(request)
+
+    @staticmethod
+    def _can_fork(parent: Request, child: Request) -> bool:
+        return (
+            parent.fork_parent is None
+            and parent.status is not RequestStatus.FINISHED
+            and parent.is_prefilling
+            and parent.save_state is None
+            and child.params.prompt_logprobs is None
+            and child.save_state is None
+            and parent.initial_state == child.initial_state
+            and parent.prompt_token_ids == child.prompt_token_ids
+        )
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
@@ -115,7 +160,7 @@ class Scheduler:
             if budget == 0:
                 break
             if req.is_prefilling:
-                n = min(req.num_prompt_tokens - req.num_computed_tokens, budget)
+                n = self._chunk_len(req, budget)
                 out.scheduled.append(ScheduledRequest(req, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -126,10 +171,73 @@ class Scheduler:
             req.slot = slot
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            n = min(req.num_prompt_tokens - req.num_computed_tokens, budget)
+            self._restore_prefix(req)
+            n = self._chunk_len(req, budget)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return out
+
+    def _uses_cache(self, req: Request) -> bool:
+        # Prompt logprobs need the logits of every prompt token, which a restored prefix skips.
+        return self.prefix_cache is not None and req.params.prompt_logprobs is None
+
+    def _restore_prefix(self, req: Request) -> None:
+        """A fresh slot's starting state: the longest cached prefix of the prompt, else the initial
+        state the request names, else the fill values the pool reset it to."""
+        assert req.slot is not None
+        if req.initial_state is not None and self._initial_states is not None:
+            self.pool.restore(req.slot, self._initial_states(req.initial_state))
+        if self.prefix_cache is not None and self._uses_cache(req):
+            hit = self.prefix_cache.restore_longest(
+                req.prompt_token_ids, req.slot, limit=req.num_prompt_tokens - 1, namespace=req.cache_namespace
+            )
+            req.num_computed_tokens = req.num_cached_tokens = hit
+
+    def _chunk_len(self, req: Request, budget: int) -> int:
+        """Prompt tokens to run now: as many as the budget allows; a chunk that leaves part of the
+        prompt for later ends at the last multiple of the cache interval inside it, if any."""
+        start = req.num_computed_tokens
+        n = min(req.num_prompt_tokens - start, budget)
+        if self.prefix_cache is not None and self._uses_cache(req) and start + n < req.num_prompt_tokens:
+            boundary = (start + n) // self.prefix_cache.config.interval * self.prefix_cache.config.interval
+            if boundary > start:
+                n = boundary - start
+        return n
+
+    def fork(
+        self, sampled: list[ScheduledRequest], logits: torch.Tensor | None
+    ) -> tuple[list[ScheduledRequest], torch.Tensor | None]:
+        """Before sampling: give each n > 1 child whose parent's prompt just completed a copy of the
+        parent's state and a row of its logits ``[S, V]``. Children without a free slot are queued
+        to prefill on their own."""
+        if logits is None or not any(s.request.fork_children for s in sampled):
+            return sampled, logits
+        rows = list(range(len(sampled)))
+        out = list(sampled)
+        for b, s in enumerate(sampled):
+            parent = s.request
+            if not parent.fork_children or not s.completes_prompt or parent.output_token_ids:
+                continue
+            assert parent.slot is not None
+            for child in parent.fork_children:
+                self._forking.remove(child)
+                child.fork_parent = None
+                slot = self.pool.alloc() if len(self.running) < self.config.max_num_seqs else None
+                if slot is None:
+                    self.waiting.append(child)
+                    continue
+                self.pool.copy(parent.slot, slot)
+                child.slot = slot
+                child.status = RequestStatus.RUNNING
+                child.num_computed_tokens = child.num_prompt_tokens
+                child.num_cached_tokens = parent.num_cached_tokens
+                self.running.append(child)
+                out.append(ScheduledRequest(child, 0))
+                rows.append(b)
+            parent.fork_children = []
+        if len(rows) == len(sampled):
+            return out, logits
+        return out, logits[torch.tensor(rows, device=logits.device)]
 
     def update_from_output(
         self,
@@ -141,14 +249,17 @@ class Scheduler:
         """After a step: advance progress, record prompt logprobs, append the sampled tokens (row b
         of ``sampled`` belongs to ``to_sample[b]``), stop and free finished requests. Returns the
         output delta of every request that got a token."""
+        outputs: list[RequestOutput] = []
         for s in sched.scheduled:
             req = s.request
-            if req.is_prefilling:
-                self.prompt_tokens_total += s.num_tokens
-                if req.request_id in self._prompt_logprobs:
-                    self._record_prompt_logprobs(s, prompt_logits.get(req.request_id))
+            if not req.is_prefilling:
+                req.num_computed_tokens += s.num_tokens
+                continue
+            self.prompt_tokens_total += s.num_tokens
+            if req.request_id in self._prompt_logprobs:
+                self._record_prompt_logprobs(s, prompt_logits.get(req.request_id))
             req.num_computed_tokens += s.num_tokens
-        outputs: list[RequestOutput] = []
+            self._after_prompt_chunk(req)
         if sampled is None:
             return outputs
         for b, s in enumerate(to_sample):
@@ -162,6 +273,18 @@ class Scheduler:
             lp = sampled.logprobs[b]
             outputs.append(self.make_output(req, [token], None if lp is None else [lp]))
         return outputs
+
+    def _after_prompt_chunk(self, req: Request) -> None:
+        """The slot now holds the state after ``prompt[:num_computed_tokens]``: cache it at interval
+        boundaries and at the end of the prompt; save it when the request asked to."""
+        n = req.num_computed_tokens
+        assert req.slot is not None
+        done = n == req.num_prompt_tokens
+        cache = self.prefix_cache
+        if cache is not None and self._uses_cache(req) and (done or n % cache.config.interval == 0):
+            cache.insert(req.prompt_token_ids[:n], req.slot, req.cache_namespace)
+        if done and req.save_state is not None and self._save_state is not None:
+            self._save_state(req.save_state, self.pool.snapshot(req.slot), req)
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
@@ -209,6 +332,7 @@ class Scheduler:
             finish_reason=req.finish_reason,
             prompt_logprobs=prompt_lps,
             error=error,
+            num_cached_tokens=req.num_cached_tokens,
         )
 
     def finish(self, request: Request, reason: FinishReason) -> None:
@@ -217,14 +341,36 @@ class Scheduler:
             return
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
+        elif request.fork_parent is not None:
+            self._forking.remove(request)
+            request.fork_parent.fork_children.remove(request)
+            request.fork_parent = None
         else:
             self.waiting.remove(request)
+        # Children of a parent that ends before its prompt does prefill on their own, first in line.
+        for child in reversed(request.fork_children):
+            self._forking.remove(child)
+            child.fork_parent = None
+            self.waiting.appendleft(child)
+        request.fork_children = []
         if request.slot is not None:
+            if reason is not FinishReason.ERROR:
+                self._cache_final_state(request)
             self.pool.free(request.slot)
             request.slot = None
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self._requests.pop(request.request_id, None)
+
+    def _cache_final_state(self, req: Request) -> None:
+        """The slot holds the state after the tokens fed so far: the prompt and every output token
+        but the last one (a sampled token is fed at the next step, which a finished request never
+        runs). That prefix is what the next chat turn resends, before its new message."""
+        if self.prefix_cache is None or not self._uses_cache(req) or req.num_computed_tokens == 0:
+            return
+        assert req.slot is not None
+        fed = [*req.prompt_token_ids, *req.output_token_ids][: req.num_computed_tokens]
+        self.prefix_cache.insert(fed, req.slot, req.cache_namespace)
 
     def abort(self, request_id: str) -> Request | None:
         """Finish a waiting or running request with ABORT; None if the id is unknown (already done)."""

@@ -12,9 +12,7 @@ import heapq
 import torch
 
 from rnnserve.config import ConfigError, StatePoolConfig
-from rnnserve.models.base import LayerStates, States, StateSpec
-
-PAD_SLOT = 0
+from rnnserve.models.base import PAD_SLOT, LayerStates, States, StateSpec
 
 # A slot's state on the host: per layer, state name -> [*spec.shape].
 Snapshot = list[dict[str, torch.Tensor]]
@@ -48,7 +46,7 @@ class StatePool:
                 for layer in specs
             ]
         # Min-heap, so the lowest free slot goes first (deterministic, keeps the live slots dense).
-        self._free: list[int] = list(range(1, self.num_slots))
+        self._free: list[int] = [s for s in range(self.num_slots) if s != PAD_SLOT]
         self._used: set[int] = set()
 
     @property
@@ -109,10 +107,10 @@ class StatePool:
                 tensor[dst].copy_(tensor[src])
 
     @torch.no_grad()
-    def snapshot(self, slot: int) -> Snapshot:
-        """The slot's state copied to host memory (offload, prefix cache)."""
+    def snapshot(self, slot: int, device: torch.device | str = "cpu") -> Snapshot:
+        """The slot's state copied to ``device`` (host memory by default; offload, prefix cache)."""
         self._check(slot)
-        return [{name: t[slot].to("cpu", copy=True) for name, t in layer.items()} for layer in self._states]
+        return [{name: t[slot].to(device, copy=True) for name, t in layer.items()} for layer in self._states]
 
     @torch.no_grad()
     def restore(self, slot: int, snapshot: Snapshot) -> None:
