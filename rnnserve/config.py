@@ -52,6 +52,19 @@ class StatePoolConfig:
 
 
 @dataclass(frozen=True)
+class KVCacheConfig:
+    """The paged KV cache of attention layers (``--kv-cache-memory`` bytes, ``--block-size`` tokens per
+    block). Without a memory budget it holds every slot at ``--max-model-len`` (never preempts)."""
+
+    kv_cache_memory: int | None = None
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        _require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory must be > 0")
+        _require(1 <= self.block_size <= 1024, "block_size must be in 1..1024")
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     """Per-step token budget and limits (``--max-num-batched-tokens``, ``--max-model-len``)."""
 
@@ -94,9 +107,24 @@ class RunnerConfig:
         _require(self.max_graph_batch_size >= 1, "max_graph_batch_size must be >= 1")
 
 
+LOCALHOST_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def default_allowed_hosts(host: str) -> tuple[str, ...] | None:
+    """``--allowed-hosts`` when not given: bound to loopback, the bound host and the localhost names
+    (a page on another site that rebinds its DNS name to 127.0.0.1 sends its own name as Host);
+    bound elsewhere, any Host (None)."""
+    if host.lower() in (*LOCALHOST_NAMES, "ip6-localhost") or host.startswith("127."):
+        return tuple(dict.fromkeys((host.lower(), *LOCALHOST_NAMES)))
+    return None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """HTTP front (``--host``, ``--port``, ``--api-key``, ``--max-request-bytes``)."""
+    """HTTP front (``--host``, ``--port``, ``--api-key``, ``--max-request-bytes``), admission control
+    (``--max-queued-requests``, ``--max-fanout``, ``--request-timeout``), browser protection
+    (``--allowed-hosts``, ``--allowed-origins``) and connection lifetimes (``--shutdown-timeout``,
+    ``--keep-alive-timeout``, ``--read-timeout``)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -104,11 +132,46 @@ class ServerConfig:
     max_request_bytes: int = 4 * 1024 * 1024
     log_requests: bool = False
     log_level: str = "info"  # --log-level: debug, info, warning, error, critical
+    max_queued_requests: int | None = None  # engine requests waiting for a slot; None: as many as slots
+    max_fanout: int = 128  # engine requests (prompts x n) one HTTP request may ask for
+    request_timeout: float | None = None  # seconds; past it a request ends with finish_reason "abort"
+    # Host header values served (port ignored; "*" = any). None: any; the CLI's default is the bound
+    # host plus the localhost names when it binds a loopback address (DNS rebinding).
+    allowed_hosts: tuple[str, ...] | None = None
+    allowed_origins: tuple[str, ...] = ()  # CORS origins; none = no CORS headers at all
+    shutdown_timeout: float = 10.0  # seconds running requests get to finish after SIGTERM / SIGINT
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    read_timeout: float = 30.0  # seconds to send a request's headers, and again its body
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port must be in 0..65535")
         _require(self.max_request_bytes > 0, "max_request_bytes must be > 0")
+        _require(self.max_queued_requests is None or self.max_queued_requests >= 0, "max_queued_requests must be >= 0")
+        _require(self.max_fanout >= 1, "max_fanout must be >= 1")
+        _require(self.request_timeout is None or self.request_timeout > 0, "request_timeout must be > 0")
+        _require(self.shutdown_timeout >= 0, "shutdown_timeout must be >= 0")
+        _require(self.keep_alive_timeout > 0, "keep_alive_timeout must be > 0")
+        _require(self.read_timeout > 0, "read_timeout must be > 0")
         _require(
             self.log_level in ("debug", "info", "warning", "error", "critical"),
             f"bad log_level {self.log_level!r}; expected debug, info, warning, error or critical",
         )
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Scale-out on Ray Serve (``--ray``, ``--ray-address``, ``--num-replicas``, ``--autoscale``,
+    ``--threads-per-replica``): engine replicas behind one OpenAI endpoint."""
+
+    enabled: bool = False
+    address: str | None = None  # None: start a local Ray cluster; "auto" or HOST:PORT joins a running one
+    num_replicas: int = 1
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaled on ongoing requests
+    threads_per_replica: int = 1  # torch threads (and Ray CPUs) of each CPU replica
+
+    def __post_init__(self) -> None:
+        _require(self.num_replicas >= 1, "num_replicas must be >= 1")
+        _require(self.threads_per_replica >= 1, "threads_per_replica must be >= 1")
+        if self.autoscale is not None:
+            low, high = self.autoscale
+            _require(1 <= low <= high, f"autoscale MIN:MAX needs 1 <= MIN <= MAX, got {low}:{high}")

@@ -7,6 +7,8 @@ until ``min_tokens``, temperature, then truncation (top_k, top_p, min_p) and sam
 Logprobs are the log_softmax of the logits after penalties and temperature, before truncation
 (vLLM's ``processed_logprobs`` mode): finite for every token, and they describe the distribution
 the request actually samples from, up to truncation. Greedy rows use temperature 1 for them.
+A temperature below ``MIN_TEMPERATURE`` (but above 0) samples at ``MIN_TEMPERATURE``, as vLLM does:
+dividing by 1e-40 overflows the logits to inf and the softmax to NaN.
 
 Randomness: a seeded request gets its own ``torch.Generator``, seeded once at its first token, and
 draws one exponential vector per token from it (the exponential race: argmax(p / q), q ~ Exp(1),
@@ -24,6 +26,7 @@ import torch
 from rnnserve.engine.request import Request, SamplingParams, TokenLogprob
 
 _NEG_INF = float("-inf")
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass
@@ -87,7 +90,9 @@ class Sampler:
 
         all_greedy = all(p.greedy for p in params)
         if not all_greedy:
-            temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
+            temps = torch.tensor(
+                [1.0 if p.greedy else max(p.temperature, MIN_TEMPERATURE) for p in params], device=logits.device
+            )
             logits = logits / temps.unsqueeze(1)
         want_logprobs = [p.logprobs is not None for p in params]
         logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
@@ -150,7 +155,7 @@ class Sampler:
         params = [r.params for r in requests]
         vocab = logits.shape[-1]
         dev = logits.device
-        ks = [p.top_k if p.top_k > 0 else vocab for p in params]
+        ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]  # any int: none overflows int64
         top_ps = [p.top_p for p in params]
         min_ps = [p.min_p for p in params]
         if all(k >= vocab for k in ks) and all(tp >= 1.0 for tp in top_ps) and all(mp <= 0.0 for mp in min_ps):

@@ -1,7 +1,9 @@
-"""The FastAPI app: routes, API-key and body-size guards, engine start/stop in the lifespan."""
+"""The FastAPI app: routes, Host / API-key / Content-Type / body-size guards, admission control,
+engine start/stop in the lifespan."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -9,11 +11,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rnnserve import __version__
 from rnnserve.config import ServerConfig
+from rnnserve.server.admission import Admission
 from rnnserve.server.context import ServingContext
 from rnnserve.server.engine_client import EngineClient
 from rnnserve.server.errors import bad_request, error_body_json, install_error_handlers
@@ -40,10 +46,10 @@ logger = logging.getLogger("rnnserve.server")
 OPEN_PATHS = ("/health", "/ping", "/metrics", "/version")
 
 
-async def _send_error(send: Send, status: int, message: str, code: str) -> None:
+async def _send_error(send: Send, status: int, message: str, code: str, *, close: bool = False) -> None:
     body = error_body_json(status, message, code=code)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 413:
+    if status == 413 or close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -69,16 +75,65 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def _host_name(header: bytes) -> str:
+    """``Host`` header -> name without the port: ``[::1]:8000`` -> ``[::1]``, ``a.b:80`` -> ``a.b``."""
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class AllowedHostsMiddleware:
+    """400 unless the ``Host`` header names one of ``allowed`` (port ignored): DNS rebinding."""
+
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.allowed = {h.lower() for h in allowed}
+        self.any = "*" in self.allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.any:
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope["headers"]).get(b"host")
+        if host is None or _host_name(host) not in self.allowed:
+            await _send_error(send, 400, "this Host is not served here (--allowed-hosts)", "invalid_host")
+            return
+        await self.app(scope, receive, send)
+
+
+class RequireJSONMiddleware:
+    """415 for a POST whose Content-Type is not ``application/json``.
+
+    A web page can send a cross-origin ``text/plain`` or form POST without a CORS preflight; only
+    ``application/json`` needs one. Requiring it means no page can make this server generate.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            content_type = dict(scope["headers"]).get(b"content-type", b"")
+            if content_type.split(b";", 1)[0].strip().lower() != b"application/json":
+                message = "send the body as JSON with 'Content-Type: application/json'"
+                await _send_error(send, 415, message, "unsupported_media_type", close=True)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``: by Content-Length up front, and by counting a streamed body.
+    """413 for bodies over ``max_bytes``: by Content-Length up front, and by counting a streamed body;
+    408 for a body that does not arrive within ``read_timeout`` seconds (a slow client holds nothing).
 
     The body is read here in full (our bodies are small JSON) and replayed to the app; after it,
     ``receive`` passes through so the app still sees the client's disconnect.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,8 +147,15 @@ class BodyLimitMiddleware:
         chunks: list[bytes] = []
         total = 0
         first: Message | None = None
+        loop = asyncio.get_running_loop()
+        deadline = None if self.read_timeout is None else loop.time() + self.read_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), None if deadline is None else deadline - loop.time())
+            except asyncio.TimeoutError:  # TimeoutError from 3.11 on
+                message = f"the request body did not arrive within {self.read_timeout:g} s"
+                await _send_error(send, 408, message, "request_timeout", close=True)
+                return
             if message["type"] != "http.request":
                 first = message  # the client left before sending the body
                 break
@@ -118,18 +180,38 @@ class BodyLimitMiddleware:
         await self.app(scope, replay_receive, send)
 
 
-class AssumeJSONMiddleware:
-    """POST bodies are JSON whatever their Content-Type says, so ``curl -d '{...}'`` (which sends a
-    form Content-Type) works without ``-H 'Content-Type: application/json'``."""
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse, "description": "an OpenAI-shaped error"} for status in statuses}
+
+
+# What each kind of route can answer besides 200 (the OpenAPI document lists exactly these).
+_GENERATE_ERRORS = _errors(400, 401, 404, 408, 413, 415, 429, 500, 503)
+_POST_ERRORS = _errors(400, 401, 404, 408, 413, 415, 500)
+_GET_ERRORS = _errors(401, 404)
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents 422 for validation errors; this server answers them with 400 (as OpenAI)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def build_app(
@@ -143,8 +225,22 @@ def build_app(
     """The HTTP app around an engine. The lifespan starts the engine and shuts it down."""
     cfg = server_config or ServerConfig()
     metrics = ServerMetrics(model_name, engine.stats)
+    try:
+        slots: int | None = engine.stats().num_slots
+    except Exception:  # an engine client without stats: the queue cannot be sized to its pool
+        slots = None
+    queued = cfg.max_queued_requests if cfg.max_queued_requests is not None else slots
+    admission = Admission(
+        max_in_flight=None if slots is None or queued is None else slots + queued, max_fanout=cfg.max_fanout
+    )
     ctx = ServingContext(
-        engine=engine, tokenizer=tokenizer, metrics=metrics, model_name=model_name, model_root=model_root
+        engine=engine,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        model_name=model_name,
+        model_root=model_root,
+        admission=admission,
+        request_timeout=cfg.request_timeout,
     )
 
     @asynccontextmanager
@@ -160,22 +256,40 @@ def build_app(
         try:
             yield
         finally:
+            # Whatever still runs ends with finish_reason "abort" and a proper end of response.
+            admission.start_draining()
+            admission.interrupt_all()
             await engine.shutdown()
 
     app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
+    app.state.admission = admission
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     install_error_handlers(app)
-    # Starlette runs the last-added middleware first: the key is checked before a body is read.
-    app.add_middleware(AssumeJSONMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes)
+    # Starlette runs the last-added middleware first: Host, then CORS, then the key, then the
+    # Content-Type, all before a body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_request_bytes, read_timeout=cfg.read_timeout)
+    app.add_middleware(RequireJSONMiddleware)
     if cfg.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=cfg.api_key)
+    if cfg.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    if cfg.allowed_hosts is not None:
+        app.add_middleware(AllowedHostsMiddleware, allowed=cfg.allowed_hosts)
 
     @app.get("/health")
-    async def health() -> Response:
-        # 503 once the engine's step loop is gone, so a container healthcheck notices.
+    async def health() -> JSONResponse:
+        # 503 once the engine's step loop is gone (a container healthcheck notices) or while draining
+        # (a load balancer stops sending).
         alive = getattr(engine, "is_running", True)
-        return Response(status_code=200 if alive else 503)
+        if admission.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -189,27 +303,28 @@ def build_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    # root is the served name: the server's local model path is nobody's business.
+    @app.get("/v1/models", responses=_GET_ERRORS)
     async def models() -> dict[str, Any]:
-        card = ModelCard(id=model_name, created=now(), root=model_root, max_model_len=engine.max_model_len)
+        card = ModelCard(id=model_name, created=now(), root=model_name, max_model_len=engine.max_model_len)
         return ModelList(data=[card]).model_dump()
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=_GET_ERRORS)
     async def model(model: str) -> dict[str, Any]:
         ctx.check_model(model)
-        return ModelCard(id=model_name, created=now(), root=model_root, max_model_len=engine.max_model_len).model_dump()
+        return ModelCard(id=model_name, created=now(), root=model_name, max_model_len=engine.max_model_len).model_dump()
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=_GENERATE_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         response = await cancel_on_disconnect(request.receive, create_completion(ctx, body))
         return response if response is not None else Response(status_code=499)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=_GENERATE_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         response = await cancel_on_disconnect(request.receive, create_chat_completion(ctx, body))
         return response if response is not None else Response(status_code=499)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_POST_ERRORS)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         ctx.check_model(body.model)
         tok = ctx.require_tokenizer("/tokenize")
@@ -224,7 +339,7 @@ def build_app(
             count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs
         ).model_dump()
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_POST_ERRORS)
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         ctx.check_model(body.model)
         tok = ctx.require_tokenizer("/detokenize")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from rnnserve.server.admission import Admission, unbounded
 from rnnserve.server.engine_client import EngineClient
 from rnnserve.server.errors import APIError, bad_request
 from rnnserve.server.metrics import ServerMetrics
@@ -16,7 +17,9 @@ class ServingContext:
     tokenizer: Tokenizer | None
     metrics: ServerMetrics
     model_name: str
-    model_root: str  # the checkpoint folder (``root`` in /v1/models)
+    model_root: str  # the checkpoint folder: accepted as a model id, never shown to clients
+    admission: Admission = field(default_factory=unbounded)
+    request_timeout: float | None = None  # seconds; a request still running then ends with "abort"
 
     @property
     def max_model_len(self) -> int | None:

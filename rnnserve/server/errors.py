@@ -2,6 +2,7 @@
 
 Every error a user can cause is raised as ``APIError`` (or mapped to one here) so the body always
 has the same shape, including pydantic's validation errors (400, not FastAPI's default 422).
+A 500 never carries exception text (it is logged instead): it could reveal paths or internals.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
+    503: "server_error",
 }
 
 
@@ -37,6 +43,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -44,16 +51,22 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.type = type or _TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "")
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def overloaded(message: str, retry_after_s: int, *, status: int = 429, code: str = "overloaded") -> APIError:
+    """429 (too much queued) or 503 (draining): the client may retry after ``retry_after_s`` seconds."""
+    return APIError(status, message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
 def error_body_json(status: int, message: str, *, code: str | None = None) -> bytes:
@@ -82,9 +95,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail)).response()
+        # Starlette's 405 carries the Allow header in exc.headers.
+        return APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error while serving a request")
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error").response()
+        return APIError(500, "internal error (logged on the server)", code="internal_error").response()

@@ -4,12 +4,18 @@ A request with P prompts and ``n`` choices becomes P*n engine requests (choice i
 ``prompt * n + i``, as OpenAI orders them). Each choice turns engine outputs into text with an
 incremental detokenizer, applies stop strings (stopping the engine request when one matches),
 keeps logprobs, and feeds the latency metrics.
+
+A generation holds its P*n engine requests against the server's admission bound from construction
+until ``deltas()`` ends. ``interrupt()`` (``--request-timeout``, or a drain running out of time) ends
+every unfinished choice with ``finish_reason: "abort"``; the response itself still ends normally.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -18,6 +24,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 
 from rnnserve.engine.request import FinishReason, RequestOutput, SamplingParams, SamplingParamsError, TokenLogprob
+from rnnserve.server.admission import Admission, unbounded
 from rnnserve.server.detokenizer import IncrementalDetokenizer, StopMatcher
 from rnnserve.server.engine_client import EngineClient
 from rnnserve.server.errors import APIError, bad_request
@@ -28,9 +35,23 @@ from rnnserve.server.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Bound for a request without max_tokens on a model without a context limit (a recurrent model
-# has none): an untrained model may never emit EOS.
-DEFAULT_MAX_TOKENS_UNBOUNDED = 4096
+# A chat request without max_tokens gets at most this many tokens (never past the context): a
+# small model may never emit EOS, and an answer should not run for minutes by default.
+DEFAULT_CHAT_MAX_TOKENS = 256
+
+# JSON has no -inf or NaN: a logprob that is not finite goes out as this (vLLM's stand-in for -inf).
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else LOGPROB_FLOOR
+
+
+def finite_logprob(lp: TokenLogprob) -> TokenLogprob:
+    """The same entry with every value finite (JSON cannot carry the rest)."""
+    if math.isfinite(lp.logprob) and all(math.isfinite(v) for v in lp.top.values()):
+        return lp
+    return TokenLogprob(lp.token_id, _finite(lp.logprob), {t: _finite(v) for t, v in lp.top.items()})
 
 
 class EngineFailure(Exception):
@@ -97,7 +118,15 @@ class Generation:
         *,
         n: int,
         want_logprobs: bool,
+        admission: Admission | None = None,
+        timeout: float | None = None,
     ) -> None:
+        # First, so a refused request (429, 503, fan-out) leaves nothing behind.
+        self.admission = admission or unbounded()
+        self.fanout = len(prompts) * n
+        self.admission.admit(self.fanout)
+        self.timeout = timeout
+        self.interrupted = False
         self.engine = engine
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -134,6 +163,11 @@ class Generation:
                 streams.append(engine.generate(f"{request_id}-{index}", list(prompt.token_ids), choice_params))
         self.streams = MergedStreams(streams)
 
+    def interrupt(self) -> None:
+        """End now: unfinished choices finish with "abort" and their engine requests are aborted."""
+        self.interrupted = True
+        self.streams.interrupt()
+
     @property
     def num_prompt_tokens(self) -> int:
         # Usage counts each prompt once, whatever n is (as OpenAI and vLLM do).
@@ -150,6 +184,10 @@ class Generation:
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Deltas of every choice in arrival order; the last delta of a choice has finish_reason set."""
         rejected = False
+        self.admission.track(self)
+        timer = None
+        if self.timeout is not None:
+            timer = asyncio.get_running_loop().call_later(max(0.0, self.timeout), self.interrupt)
         try:
             async for index, output in self.streams:
                 choice = self.choices[index]
@@ -158,23 +196,44 @@ class Generation:
                     await self.streams.stop(index)  # a stop string matched: abort in the engine
                 if delta.finish_reason is not None or delta.text or delta.logprobs or delta.token_ids:
                     yield delta
+            if self.interrupted:
+                await self.streams.aclose()  # abort the engine requests before answering
+                for choice in self.choices:
+                    if choice.finish_reason is None:
+                        yield self._finish(choice, "abort", choice.stops.flush() if choice.detok else "")
         except InputRejected as exc:
             rejected = True
             raise bad_request(str(exc), param=exc.param) from exc
         finally:
+            if timer is not None:
+                timer.cancel()
             await self.streams.aclose()
+            self.admission.untrack(self)
+            self.admission.release(self.fanout)
             # Choices cut short (client gone, another choice failed) count as aborted requests.
             for choice in self.choices:
                 if choice.finish_reason is None and not rejected:
                     choice.finish_reason = "abort"
                     self.metrics.observe_finish("abort", time.monotonic() - choice.start_time)
 
+    def _finish(self, choice: ChoiceState, reason: str, text: str) -> ChoiceDelta:
+        """The last delta of a choice the engine did not finish (interrupted)."""
+        choice.finish_reason = reason
+        self.metrics.observe_finish(reason, time.monotonic() - choice.start_time)
+        logprobs, choice.pending_logprobs = choice.pending_logprobs, []
+        token_ids, choice.pending_token_ids = choice.pending_token_ids, []
+        return ChoiceDelta(choice.index, text, token_ids, logprobs, reason, None)
+
     def _process(self, choice: ChoiceState, output: RequestOutput) -> ChoiceDelta:
         now = time.monotonic()
-        if output.error is not None or output.finish_reason == FinishReason.ERROR:
+        if output.finish_reason == FinishReason.ERROR or (output.error is not None and not output.finished):
+            # Counted under its own reason: an engine failure is not a client abort.
+            choice.finish_reason = "error"
+            self.metrics.observe_finish("error", now - choice.start_time)
+            logger.error("request %s-%d failed in the engine: %s", self.request_id, choice.index, output.error)
             raise EngineFailure(output.error or "the engine failed on this request")
         if output.prompt_logprobs is not None and choice.prompt_logprobs is None:
-            choice.prompt_logprobs = output.prompt_logprobs
+            choice.prompt_logprobs = [None if lp is None else finite_logprob(lp) for lp in output.prompt_logprobs]
         new_ids = list(output.new_token_ids)
         if new_ids:
             if choice.first_token_time is None:
@@ -189,7 +248,7 @@ class Generation:
         choice.pending_token_ids.extend(new_ids)
         choice.num_output_tokens = output.num_output_tokens or len(choice.token_ids)
         if choice.want_logprobs and output.new_logprobs:
-            choice.pending_logprobs.extend(output.new_logprobs)
+            choice.pending_logprobs.extend(finite_logprob(lp) for lp in output.new_logprobs)
 
         text = ""
         if choice.detok is not None:
@@ -261,10 +320,10 @@ def check_prompt(
     if bad is not None:
         raise bad_request(f"token id {bad} is out of the vocabulary (0..{vocab_size - 1})", param=param)
     if max_model_len is not None:
-        if len(token_ids) > max_model_len:
+        if len(token_ids) >= max_model_len:  # at least one token must fit after the prompt
             raise bad_request(
                 f"this model's maximum context length is {max_model_len} tokens, "
-                f"but the prompt has {len(token_ids)} tokens",
+                f"but the prompt has {len(token_ids)} tokens (it must leave room for one generated token)",
                 param=param,
                 code="context_length_exceeded",
             )
@@ -278,13 +337,18 @@ def check_prompt(
             )
 
 
-def default_max_tokens(max_model_len: int | None) -> int | None:
-    """max_tokens when the client gives none: the engine stops at max_model_len when there is one."""
-    return DEFAULT_MAX_TOKENS_UNBOUNDED if max_model_len is None else None
+def default_chat_max_tokens(prompt_len: int, max_model_len: int | None) -> int | None:
+    """max_tokens of a chat request that gives none: DEFAULT_CHAT_MAX_TOKENS, or what the context
+    leaves when that is less (None when it leaves nothing: the engine stops at max_model_len)."""
+    if max_model_len is None:
+        return DEFAULT_CHAT_MAX_TOKENS
+    left = max_model_len - prompt_len
+    return min(DEFAULT_CHAT_MAX_TOKENS, left) if left >= 1 else None
 
 
 def engine_error(exc: EngineFailure) -> APIError:
-    return APIError(500, f"the engine failed: {exc}", code="engine_error")
+    # The cause is in the server log (see Generation._process); it is not the client's business.
+    return APIError(500, "the engine failed on this request (logged on the server)", code="engine_error")
 
 
 def stream_error(exc: Exception) -> APIError:
@@ -294,7 +358,7 @@ def stream_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineFailure):
         return engine_error(exc)
     logger.error("stream failed", exc_info=exc)
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+    return APIError(500, "internal error (logged on the server)", code="internal_error")
 
 
 async def stream_response(

@@ -2,7 +2,9 @@
 
 Requests ignore unknown fields, like vLLM, so clients that send newer OpenAI parameters still work.
 Range checks that SamplingParams already does are left to it (it raises SamplingParamsError with
-the parameter name, which becomes a 400); pydantic here only checks shapes and types.
+the parameter name, which becomes a 400); pydantic here checks shapes, types, and the ranges the
+engine's integers can hold (``seed`` in int64, ``top_k`` in int32), rejects NaN / infinity in every
+float, and rejects strings with lone UTF-16 surrogates (``"\\ud800"``), which no tokenizer can encode.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
 
 
 def random_id(prefix: str) -> str:
@@ -22,8 +27,30 @@ def now() -> int:
     return int(time.time())
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a JSON value holds a string that is not valid Unicode (a lone surrogate half)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
 class OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if _has_lone_surrogate(data):
+            raise ValueError("a string holds a lone UTF-16 surrogate (not valid Unicode)")
+        return data
 
 
 class OpenAIResponse(BaseModel):
@@ -49,10 +76,10 @@ class SamplingRequest(OpenAIRequest):
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = 0
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, le=INT32_MAX)
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

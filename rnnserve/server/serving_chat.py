@@ -21,7 +21,7 @@ from rnnserve.server.generation import (
     Prompt,
     build_sampling_params,
     check_prompt,
-    default_max_tokens,
+    default_chat_max_tokens,
     engine_error,
     stream_response,
 )
@@ -41,6 +41,7 @@ from rnnserve.server.protocol import (
     now,
     random_id,
 )
+from rnnserve.server.streaming import sse_data
 from rnnserve.server.tokenizer import ChatTemplateError
 
 
@@ -113,7 +114,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     params = build_sampling_params(
         body,
         max_tokens=max_tokens,
-        default_max_tokens=default_max_tokens(ctx.max_model_len),
+        default_max_tokens=default_chat_max_tokens(len(prompt.token_ids), ctx.max_model_len),
         logprobs=top_n if body.logprobs else None,
         prompt_logprobs=None,
     )
@@ -127,6 +128,8 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         body,
         params,
         n=body.n,
+        admission=ctx.admission,
+        timeout=ctx.request_timeout,
         want_logprobs=body.logprobs,
     )
     if body.stream:
@@ -178,7 +181,7 @@ async def _stream(
         chunk = ChatCompletionChunk(
             id=request_id, object="chat.completion.chunk", created=created, model=ctx.model_name, choices=[choice]
         )
-        return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n".encode()
+        return sse_data(chunk.model_dump_json(exclude_unset=True))
 
     def chunks(delta: ChoiceDelta) -> list[bytes]:
         out = []

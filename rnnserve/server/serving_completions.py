@@ -126,6 +126,8 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest) -> JSO
         body,
         params,
         n=body.n,
+        admission=ctx.admission,
+        timeout=ctx.request_timeout,
         want_logprobs=want_logprobs,
     )
     if body.stream:

@@ -24,16 +24,25 @@ from rnnserve.engine.request import RequestOutput
 
 SSE_DONE = b"data: [DONE]\n\n"
 
+# Line breaks that JSON leaves unescaped but ``str.splitlines`` (httpx ``aiter_lines``, many SSE
+# clients) splits on; escaped, the chunk's JSON means the same and stays on one line.
+_SPLITLINES_ESCAPES = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
 T = TypeVar("T")
 
 
 def sse(payload: BaseModel | dict[str, Any]) -> bytes:
-    """One ``data: {...}`` event."""
+    """One ``data: {...}`` event, on one line whatever line splitting the client uses."""
     if isinstance(payload, BaseModel):
         data = payload.model_dump_json()
     else:
-        data = json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
+        data = json.dumps(payload, ensure_ascii=False, allow_nan=False)
+    return sse_data(data)
+
+
+def sse_data(data: str) -> bytes:
+    """``data: <json>`` framing for JSON text (control characters are already escaped by JSON)."""
+    return f"data: {data.translate(_SPLITLINES_ESCAPES)}\n\n".encode()
 
 
 class InputRejected(Exception):
@@ -45,9 +54,12 @@ class InputRejected(Exception):
         self.param: str | None = getattr(cause, "param", None)
 
 
+_INTERRUPT = -1  # the index of the item that ends the iteration early
+
+
 @dataclass
 class _Item:
-    index: int
+    index: int  # a stream's index, or _INTERRUPT
     output: RequestOutput | None = None  # None with error None: the stream ended
     error: BaseException | None = None
 
@@ -89,6 +101,8 @@ class MergedStreams:
             self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(self._streams)]
         while self._open:
             item = await self._queue.get()
+            if item.index == _INTERRUPT:
+                return
             if item.index not in self._open:
                 continue  # a stopped choice's last words
             if item.error is not None:
@@ -97,6 +111,10 @@ class MergedStreams:
                 self._open.discard(item.index)
                 continue
             yield item.index, item.output
+
+    def interrupt(self) -> None:
+        """End the iteration at the next item (the streams keep running until ``aclose``)."""
+        self._queue.put_nowait(_Item(_INTERRUPT))
 
     async def stop(self, index: int) -> None:
         """Stop one stream early (its request is aborted in the engine)."""

@@ -265,7 +265,7 @@ def test_models_health_version_tokenize(app_client: TestClient, model_dir: Path)
     card = models["data"][0]
     assert (card["id"], card["root"], card["owned_by"], card["max_model_len"]) == (
         "tiny-mamba",
-        str(model_dir),
+        "tiny-mamba",  # never the server's local path
         "rnnserve",
         None,
     )
@@ -317,10 +317,11 @@ def test_malformed_json_unknown_model_and_unknown_fields(app_client: TestClient)
     assert err["code"] == "model_not_found"
     ok = complete(app_client, prompt="x", max_tokens=2, some_future_field={"a": 1}, best_of=1)
     assert len(ok["choices"]) == 1 and "token_ids" not in ok["choices"][0]
-    # curl -d sends a form Content-Type; the body is JSON all the same.
-    form = {"content-type": "application/x-www-form-urlencoded"}
-    r = app_client.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 1}', headers=form)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+    # A form or text/plain POST (what a web page can send cross-origin without a preflight) is refused.
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"content-type": content_type} if content_type else {}
+        r = app_client.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 1}', headers=headers)
+        assert assert_error(r, 415)["code"] == "unsupported_media_type"
     wait_idle(app_client)
 
 
@@ -419,7 +420,7 @@ def test_engine_failure_is_500_and_engine_rejection_is_400() -> None:
         for stream_it in (False, True):
             r = client.post("/v1/completions", json={"prompt": [1, 2], "stream": stream_it})
             err = assert_error(r, 500)
-            assert "boom" in err["message"]
+            assert "boom" not in err["message"] and err["code"] == "engine_error"  # the cause is only logged
     with TestClient(build_app(FailingEngine(reject=True), None, model_name="f", model_root="/f")) as client:
         for stream_it in (False, True):
             err = assert_error(client.post("/v1/completions", json={"prompt": [1, 2], "stream": stream_it}), 400)
@@ -432,7 +433,7 @@ def test_engine_failure_mid_stream_is_an_error_event(neox_tokenizer_dir: Path) -
     with TestClient(app) as client:
         events = stream(client, "/v1/completions", {"prompt": "x"})
         assert [e["choices"][0]["text"] for e in events[:2]] == ["hello", " world"]
-        assert "boom" in events[2]["error"]["message"] and events[2]["error"]["code"] == "engine_error"
+        assert "boom" not in events[2]["error"]["message"] and events[2]["error"]["code"] == "engine_error"
         assert events[3:] == ["[DONE]"]
 
 
