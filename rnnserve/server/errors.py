@@ -89,6 +89,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            # loc is ("body", <character offset>): the offset is no parameter.
+            reason = (first.get("ctx") or {}).get("error") or first.get("msg")
+            at = first.get("loc", ())[-1]
+            message = f"the request body is not valid JSON: {reason} (at character {at})"
+            return APIError(400, message, param=None, code="invalid_json").response()
         param = _loc_to_param(tuple(first.get("loc", ())))
         detail = "; ".join(f"{_loc_to_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5])
         return APIError(400, f"invalid request: {detail}", param=param, code="invalid_value").response()
