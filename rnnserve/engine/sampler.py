@@ -176,6 +176,10 @@ class Sampler:
 
     def _exponentials(self, shape: torch.Size, requests: Sequence[Request]) -> torch.Tensor:
         """q [B, V] ~ Exp(1); a seeded request's row comes from its own generator only."""
+        # Every generator first: a seed torch cannot take fails here, before any row has drawn, so a
+        # retry without that request draws the same numbers for the others.
+        seeded = [b for b, r in enumerate(requests) if r.params.seed is not None and not r.params.greedy]
+        generators = {b: self._generator(requests[b]) for b in seeded}
         q = torch.empty(shape, device=self.device)
         unseeded = [b for b, r in enumerate(requests) if r.params.seed is None and not r.params.greedy]
         if unseeded:
@@ -184,7 +188,7 @@ class Sampler:
             )
         for b, req in enumerate(requests):
             if req.params.seed is not None and not req.params.greedy:
-                q[b].exponential_(generator=self._generator(req))
+                q[b].exponential_(generator=generators[b])
             elif req.params.greedy:
                 q[b] = 1.0
         return q
