@@ -6,8 +6,10 @@ locust events (request type ``METRIC``), so locust's tables, charts and CSVs sho
 
 - ``TTFT (ms)``: time to the first chunk with text;
 - ``ITL (ms)``: each gap between text chunks;
-- ``output tokens/s``: the request's output tokens (from ``usage``) over its decode time (the
-  "response time" column then holds tokens/s, not ms);
+- ``output tokens/s``: the request's output tokens (from ``usage``) over its whole time, request
+  start to end of stream (the "response time" column then holds tokens/s, not ms). Not over the
+  time after the first text: a server that holds text back (an incomplete UTF-8 character, a
+  possible stop string) may send most tokens in the last chunks, and that quotient is meaningless;
 - ``E2E (ms)``: request start to the end of the stream.
 
 Run headless (a server on :8000)::
@@ -16,8 +18,8 @@ Run headless (a server on :8000)::
 
 Options (after the locust ones, or as environment variables): ``--model`` / ``RNNSERVE_MODEL``
 (default: the first of /v1/models), ``--endpoint completions|chat``, ``--input-len`` (words, ~tokens),
-``--output-len``, ``--api-key`` / ``OPENAI_API_KEY``, ``--max-requests`` / ``RNNSERVE_MAX_REQUESTS``
-(stop the run after that many requests). This file imports nothing of rnnserve, so the stock
+``--output-len``, ``--api-key`` / ``RNNSERVE_API_KEY`` / ``OPENAI_API_KEY``, ``--max-requests`` /
+``RNNSERVE_MAX_REQUESTS`` (stop the run after that many requests). This file imports nothing of rnnserve, so the stock
 ``locustio/locust`` image runs it as is (see docker-compose.yml, profile ``loadtest``).
 """
 
@@ -50,7 +52,11 @@ def _add_arguments(parser) -> None:
     )
     parser.add_argument("--input-len", type=int, default=int(os.environ.get("RNNSERVE_INPUT_LEN", "128")))
     parser.add_argument("--output-len", type=int, default=int(os.environ.get("RNNSERVE_OUTPUT_LEN", "64")))
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", ""), help="bearer token")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("RNNSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY", ""),
+        help="bearer token (default: $RNNSERVE_API_KEY, else $OPENAI_API_KEY)",
+    )
     parser.add_argument(
         "--max-requests",
         type=int,
@@ -169,6 +175,6 @@ class OpenAIStreamingUser(HttpUser):
         self._metric("TTFT (ms)", (first - start) * 1000.0)
         for gap in gaps:
             self._metric("ITL (ms)", gap * 1000.0)
-        if tokens > 1 and end > first:
-            self._metric("output tokens/s", (tokens - 1) / (end - first), tokens)
+        if end > start:
+            self._metric("output tokens/s", tokens / (end - start), tokens)
         self._metric("E2E (ms)", (end - start) * 1000.0, tokens)

@@ -89,6 +89,8 @@ def test_locust_headless_completions(tmp_path: Path) -> None:
     assert 12 <= n <= 14
     # ITL events: one per gap, (output-len - 1) per request
     assert stats["ITL (ms)"].count == 4 * stats["TTFT (ms)"].count == 4 * n
+    # Over the whole request: 5 tokens take at least 5 x 3 ms here, so never above 1 / 3 ms.
+    assert 0 < stats["output tokens/s"].mean <= 1 / 0.003
     assert bodies and all(b["model"] == "stub-model" and b["max_tokens"] == 5 and b["ignore_eos"] for b in bodies)
 
 
