@@ -48,7 +48,7 @@ def prefill_batch(seqs: list[list[int]], slots: list[int]):
         cu_seqlens=cu,
         slot_ids=torch.tensor(slots),
         logits_indices=(cu[1:] - 1).long(),
-        max_seqlen=int(lens.max()),
+        cu_seqlens_cpu=cu.tolist(),
     )
 
 

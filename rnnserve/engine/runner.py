@@ -109,7 +109,7 @@ class ModelRunner:
             cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=self.device),
             slot_ids=self._tensor([s.request.slot for s in prefills]),
             logits_indices=self._tensor(logit_idx),
-            max_seqlen=max(s.num_tokens for s in prefills),
+            cu_seqlens_cpu=tuple(cu),
         )
         return batch, rows
 

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend
+
+# The padding slot: CUDA-graph padding rows read and write it, so it is never handed to a request.
+PAD_SLOT = 0
 
 # states[layer][state_name] -> [num_slots, *spec.shape]
 LayerStates = dict[str, torch.Tensor]
@@ -49,6 +53,45 @@ class StateSpec:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+# One (k_cache, v_cache) pair per attention layer, each [num_blocks, block_size, Hkv, D].
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """One attention layer's per-token cache: a key and a value of ``[num_kv_heads, head_dim]``
+    each. The engine's KV cache holds them in blocks ``[num_blocks, block_size, Hkv, D]``."""
+
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class PagedKVMetadata:
+    """Where a step's attention layers read and write the paged KV cache (built once per step by
+    the runner; see kernels/paged_attention/README.md).
+
+    caches:       per attention layer (``kv_specs`` order), (k_cache, v_cache) [num_blocks, bs, Hkv, D].
+    block_tables: [B, max_blocks] int32, physical block of each sequence's logical blocks.
+    seq_lens:     [B] int32, tokens cached for each sequence after this step (computed + new).
+    slot_mapping: [T] int64 (one per new token; [B] in decode), the flattened cache row it goes to.
+    max_seq_len:  max(seq_lens) as a host int (the CPU kernels pad to it; Triton decode ignores it).
+    max_query_len: the most new tokens of one sequence (host int; 1 in decode).
+    """
+
+    caches: KVCaches
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    slot_mapping: torch.Tensor
+    max_seq_len: int
+    max_query_len: int
+
+
 @dataclass
 class PrefillBatch:
     """A packed variable-length batch of prompt chunks.
@@ -57,10 +100,12 @@ class PrefillBatch:
     positions:      [T] int64, each token's absolute position in its sequence (RetNet rotation,
                     the Transformer baseline's KV cache); equals num_computed_tokens + offset.
     cu_seqlens:     [B + 1] int32, sequence boundaries in input_ids (cu_seqlens[0] = 0).
+    cu_seqlens_cpu: the same boundaries as host ints, so no layer copies them back from the device.
     slot_ids:       [B] int64, the state slot of each sequence (never 0 for a real sequence).
     logits_indices: [M] int64, indices into the T tokens whose logits are returned, usually each
                     sequence's last token (cu_seqlens[1:] - 1); all tokens for prompt logprobs.
-    max_seqlen:     longest sequence in the batch (host int, so kernels need not sync to get it).
+    varlen:         built from the two above: what the varlen kernels share across the layers of a
+                    step (host boundaries, token -> sequence map, chunk layouts, each built once).
     """
 
     input_ids: torch.Tensor
@@ -68,7 +113,17 @@ class PrefillBatch:
     cu_seqlens: torch.Tensor
     slot_ids: torch.Tensor
     logits_indices: torch.Tensor
-    max_seqlen: int
+    cu_seqlens_cpu: tuple[int, ...]
+    kv: PagedKVMetadata | None = None  # set when the model has attention layers (kv_specs)
+    varlen: Varlen = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cu_seqlens_cpu = tuple(self.cu_seqlens_cpu)
+        if len(self.cu_seqlens_cpu) != self.cu_seqlens.shape[0]:
+            raise ValueError(
+                f"cu_seqlens_cpu has {len(self.cu_seqlens_cpu)} entries, cu_seqlens {self.cu_seqlens.shape[0]}"
+            )
+        self.varlen = Varlen(self.cu_seqlens, self.cu_seqlens_cpu)
 
     @property
     def num_seqs(self) -> int:
@@ -84,12 +139,13 @@ class DecodeBatch:
     """One token per sequence.
 
     input_ids: [B] int64, positions: [B] int64 (absolute), slot_ids: [B] int64.
-    Padding rows (CUDA-graph buckets) use slot 0 and any token id.
+    Padding rows (CUDA-graph buckets) use slot 0 (``PAD_SLOT``) and any token id.
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     slot_ids: torch.Tensor
+    kv: PagedKVMetadata | None = None  # set when the model has attention layers (kv_specs)
 
     @property
     def num_seqs(self) -> int:
@@ -130,6 +186,11 @@ class RecurrentLM(nn.Module, ABC):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (checkpoint names) into parameters; return the parameter names
         filled. The loader fails with a clear error if any parameter was not filled."""
+
+    def kv_specs(self) -> list[KVSpec]:
+        """The paged KV cache of each attention layer, in layer order (none for a pure recurrent
+        model). The engine allocates the blocks; each batch's ``kv.caches`` hands them over."""
+        return []
 
     def post_load(self) -> None:
         """Hook after weights are loaded (e.g. keep A = -exp(A_log) as an fp32 buffer)."""

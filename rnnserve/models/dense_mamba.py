@@ -71,12 +71,12 @@ class DenseMambaBlock(nn.Module):
         normed = rms_norm(h.to(self.norm.weight.dtype), self.norm.weight, self.eps)
         x, z = mixer.in_proj(normed).chunk(2, dim=-1)  # [T, E] each
         x = mixer.conv_chunk(
-            x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, conv_state, batch.cu_seqlens, batch.slot_ids, "silu"
+            x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, conv_state, batch.varlen, batch.slot_ids, "silu"
         )
         dt, b, c = mixer._x_dbl(x)
         # z = None: the scan returns y = s·C + D⊙x without the gate, which comes after the fusion.
         y = mixer.scan_chunk(
-            x, dt, mixer.A, b, c, mixer.D_f, None, mixer.dt_bias_f, ssm_state, batch.cu_seqlens, batch.slot_ids, True
+            x, dt, mixer.A, b, c, mixer.D_f, None, mixer.dt_bias_f, ssm_state, batch.varlen, batch.slot_ids, True
         )
         return self._finish(h, normed, y, z, past), y
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import DenseSelect
@@ -147,7 +148,7 @@ class GauRetention(nn.Module):
         positions: torch.Tensor,
         state: torch.Tensor,
         slot_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
+        seqs: Varlen | None,
     ) -> torch.Tensor:
         n = q.shape[0]
         o = self.retention(
@@ -157,7 +158,7 @@ class GauRetention(nn.Module):
             positions,
             state,
             slot_ids,
-            cu_seqlens,
+            seqs,
         )  # [N, H, d_v] fp32
         o = self.group_norm(o.to(gate.dtype)).flatten(1) * gate
         return self.to_out(o)
@@ -180,7 +181,7 @@ class DenseRetNetLayer(nn.Module):
         positions: torch.Tensor,
         state: torch.Tensor,
         slot_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
+        seqs: Varlen | None,
         past: DenseWindow,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (new x, this layer's k_raw, v_raw); state updated in place by slot."""
@@ -188,7 +189,7 @@ class DenseRetNetLayer(nn.Module):
         h = self.input_layernorm(x)
         q, k_raw, v_raw, gate = attn.project(h)
         k, v = attn.fuse(h, k_raw, v_raw, past) if self.fuse else (k_raw, v_raw)
-        return x + attn.mix(q, k, v, gate, positions, state, slot_ids, cu_seqlens), k_raw, v_raw
+        return x + attn.mix(q, k, v, gate, positions, state, slot_ids, seqs), k_raw, v_raw
 
     def decode(
         self, x: torch.Tensor, positions: torch.Tensor, state: torch.Tensor, slot_ids: torch.Tensor, past: DenseWindow
@@ -256,17 +257,17 @@ class DenseRetNetLM(RecurrentLM):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         slot_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
+        seqs: Varlen | None,
         states: States,
     ) -> torch.Tensor:
         m = self.cfg.dense_block_layers
         x = self.model.embed_tokens(input_ids)  # [N, D]
         past: DenseWindow = []  # the last m layers' pre-fusion k/v, same tokens: transient, never state
         for layer, st in zip(self.model.layers, states):
-            if cu_seqlens is None:
+            if seqs is None:
                 x, k_raw, v_raw = layer.decode(x, positions, st["S"], slot_ids, past)
             else:
-                x, k_raw, v_raw = layer(x, positions, st["S"], slot_ids, cu_seqlens, past)
+                x, k_raw, v_raw = layer(x, positions, st["S"], slot_ids, seqs, past)
             if m:
                 # Always m entries once layer 0 ran: missing earlier layers are zeros, which add exactly
                 # nothing, so every fusing layer runs the same code (one compiled graph for all).
@@ -278,7 +279,7 @@ class DenseRetNetLM(RecurrentLM):
         return self.lm_head(self.model.norm(x)).float()
 
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
-        x = self._run(batch.input_ids, batch.positions, batch.slot_ids, batch.cu_seqlens, states)
+        x = self._run(batch.input_ids, batch.positions, batch.slot_ids, batch.varlen, states)
         return self._logits(x[batch.logits_indices])
 
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:

@@ -168,11 +168,11 @@ class MambaMixer(nn.Module):
         """h [T, D] packed normalised hidden states -> [T, D]; states updated in place by slot."""
         x, z = self.in_proj(h).chunk(2, dim=-1)  # [T, E] each
         x = self.conv_chunk(
-            x, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state, batch.cu_seqlens, batch.slot_ids, "silu"
+            x, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state, batch.varlen, batch.slot_ids, "silu"
         )
         dt, b, c = self._x_dbl(x)
         y = self.scan_chunk(
-            x, dt, self.A, b, c, self.D_f, z, self.dt_bias_f, ssm_state, batch.cu_seqlens, batch.slot_ids, True
+            x, dt, self.A, b, c, self.D_f, z, self.dt_bias_f, ssm_state, batch.varlen, batch.slot_ids, True
         )
         return self.out_proj(y)
 

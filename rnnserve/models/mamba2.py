@@ -182,10 +182,10 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self._split(h)
         bias = self.conv1d.bias
         xbc = self.conv_chunk(
-            xbc, self.conv1d.weight.squeeze(1), bias, conv_state, batch.cu_seqlens, batch.slot_ids, "silu"
+            xbc, self.conv1d.weight.squeeze(1), bias, conv_state, batch.varlen, batch.slot_ids, "silu"
         )
         x, q, k, v, log_decay = self._ssm_inputs(xbc, dt)
-        y = self.scan_chunk(q, k, v, log_decay, ssm_state, batch.cu_seqlens, batch.slot_ids)  # [T, H, P]
+        y = self.scan_chunk(q, k, v, log_decay, ssm_state, batch.varlen, batch.slot_ids)  # [T, H, P]
         return self._output(y, x, z)
 
     def decode(

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
 
@@ -117,20 +118,20 @@ class Retention(nn.Module):
         positions: torch.Tensor,
         state: torch.Tensor,
         slot_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
+        seqs: Varlen | None,
     ) -> torch.Tensor:
         """q, k [N, H, d_k] (not rotated), v [N, H, d_v]; state [S, *state_shape] fp32, updated in place.
-        ``cu_seqlens`` [B+1] for a packed prefill, None for a decode step (one token per slot).
+        ``seqs`` (the step's sequence boundaries) for a packed prefill, None for a decode step (one token per slot).
         Returns o [N, H, d_v] in fp32, normalised per ``cfg.norm`` (before the per-head RMSNorm)."""
         n = q.shape[0]
         q, k = self.rotate(q, positions), self.rotate(k, positions)
         if self.cfg.norm == "abs_sum":
             v = torch.cat((v, v.new_ones(n, v.shape[1], 1)), dim=-1)  # [N, H, d_v+1]: last column sums keys
         log_decay = self.log_gamma.expand(n, -1).contiguous()  # [N, H]
-        if cu_seqlens is None:
+        if seqs is None:
             o = self._step(q, k, v, log_decay, state, slot_ids, self.scale)
         else:
-            o = self._chunk(q, k, v, log_decay, state, cu_seqlens, slot_ids, self.scale)
+            o = self._chunk(q, k, v, log_decay, state, seqs, slot_ids, self.scale)
         o = o.float()
         if self.cfg.norm == "none":
             return o
@@ -259,14 +260,14 @@ class MultiScaleRetention(nn.Module):
         positions: torch.Tensor,
         state: torch.Tensor,
         slot_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
+        seqs: Varlen | None,
     ) -> torch.Tensor:
         """Retention over projected q, k, v, then the gated per-head norm and o_proj: [N, D]."""
         rep = self.cfg.num_heads // self.cfg.num_kv_heads
         if rep > 1:
             # fla's GQA: kv head j serves query heads j·rep .. j·rep + rep - 1.
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = self.retention(q, k, v, positions, state, slot_ids, cu_seqlens)  # [N, H, d_v] fp32
+        o = self.retention(q, k, v, positions, state, slot_ids, seqs)  # [N, H, d_v] fp32
         o = self.g_norm_swish_gate(o.to(x.dtype))
         if self.cfg.use_output_gate:
             o = o * F.silu(self.g_proj(x)).view_as(o)
@@ -278,10 +279,10 @@ class MultiScaleRetention(nn.Module):
         positions: torch.Tensor,
         state: torch.Tensor,
         slot_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
+        seqs: Varlen | None,
     ) -> torch.Tensor:
         q, k, v = self.project(x)
-        return self.mix(x, q, k, v, positions, state, slot_ids, cu_seqlens)
+        return self.mix(x, q, k, v, positions, state, slot_ids, seqs)
 
 
 class GatedMLP(nn.Module):
@@ -313,9 +314,9 @@ class RetNetBlock(nn.Module):
         positions: torch.Tensor,
         state: torch.Tensor,
         slot_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
+        seqs: Varlen | None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, state, slot_ids, cu_seqlens)
+        x = x + self.attn(self.attn_norm(x), positions, state, slot_ids, seqs)
         if self.has_mlp:
             x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -394,22 +395,22 @@ class RetNetLM(RecurrentLM):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         slot_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
+        seqs: Varlen | None,
         states: States,
     ) -> torch.Tensor:
         x = self.model.embeddings(input_ids)  # [N, D]
         for layer, st in zip(self.model.layers, states):
-            if cu_seqlens is None:
+            if seqs is None:
                 x = layer.decode(x, positions, st["S"], slot_ids)
             else:
-                x = layer(x, positions, st["S"], slot_ids, cu_seqlens)
+                x = layer(x, positions, st["S"], slot_ids, seqs)
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(x)).float()
 
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
-        x = self._run(batch.input_ids, batch.positions, batch.slot_ids, batch.cu_seqlens, states)
+        x = self._run(batch.input_ids, batch.positions, batch.slot_ids, batch.varlen, states)
         return self._logits(x[batch.logits_indices])
 
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:

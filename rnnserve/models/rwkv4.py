@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, LayerStates, PrefillBatch, RecurrentLM, States, StateSpec
 
@@ -153,15 +154,13 @@ class Rwkv4Block(nn.Module):
         xx = self.ln2(x)
         return x + self.ffn(xx, shift(xx, st["ffn_x"]))
 
-    def prefill(
-        self, x: torch.Tensor, st: LayerStates, cu_seqlens: torch.Tensor, slot_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """x [T, D] packed."""
+    def prefill(self, x: torch.Tensor, st: LayerStates, seqs: Varlen, slot_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, D] packed; seqs: the step's sequence boundaries."""
         return self._run(
             x,
             st,
-            lambda xx, s: token_shift_varlen(xx, s, cu_seqlens, slot_ids),
-            lambda w, u, k, v: self._wkv_varlen(w, u, k, v, st["aa"], st["bb"], st["pp"], cu_seqlens, slot_ids),
+            lambda xx, s: token_shift_varlen(xx, s, seqs.cu_seqlens, slot_ids),
+            lambda w, u, k, v: self._wkv_varlen(w, u, k, v, st["aa"], st["bb"], st["pp"], seqs, slot_ids),
         )
 
     def decode(self, x: torch.Tensor, st: LayerStates, slot_ids: torch.Tensor) -> torch.Tensor:
@@ -287,7 +286,7 @@ class Rwkv4LM(RecurrentLM):
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
         x = self.emb(batch.input_ids)
         for block, st in zip(self.blocks, states):
-            x = block.prefill(x, st, batch.cu_seqlens, batch.slot_ids)
+            x = block.prefill(x, st, batch.varlen, batch.slot_ids)
         return self._logits(x.index_select(0, batch.logits_indices))
 
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, LayerStates, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.rwkv4 import token_shift_step, token_shift_varlen
@@ -228,7 +229,7 @@ class Rwkv7Block(nn.Module):
         x: torch.Tensor,
         v_first: torch.Tensor | None,
         st: LayerStates,
-        cu_seqlens: torch.Tensor,
+        seqs: Varlen,
         slot_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] packed; v_first [T, D] (None in layer 0). Returns (x, v_first)."""
@@ -236,8 +237,8 @@ class Rwkv7Block(nn.Module):
             x,
             v_first,
             st,
-            lambda xx, s: token_shift_varlen(xx, s, cu_seqlens, slot_ids),
-            lambda r, w, k, v, a, b: self._wkv_varlen(r, w, k, v, a, b, st["wkv"], cu_seqlens, slot_ids),
+            lambda xx, s: token_shift_varlen(xx, s, seqs.cu_seqlens, slot_ids),
+            lambda r, w, k, v, a, b: self._wkv_varlen(r, w, k, v, a, b, st["wkv"], seqs, slot_ids),
         )
 
     def decode(
@@ -389,7 +390,7 @@ class Rwkv7LM(RecurrentLM):
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
         x, v_first = self.emb(batch.input_ids), None
         for block, st in zip(self.blocks, states):
-            x, v_first = block.prefill(x, v_first, st, batch.cu_seqlens, batch.slot_ids)
+            x, v_first = block.prefill(x, v_first, st, batch.varlen, batch.slot_ids)
         return self._logits(x.index_select(0, batch.logits_indices))
 
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:

@@ -3,20 +3,62 @@ and a batch of sequences == each sequence alone. Operates on the bare model inte
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 
-from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, last_token_indices
+from rnnserve.config import KVCacheConfig
+from rnnserve.engine.kv_cache import KVCache
+from rnnserve.models.base import DecodeBatch, PagedKVMetadata, PrefillBatch, RecurrentLM, States, last_token_indices
+
+# Tokens a harness KV cache holds per sequence (models without a max_model_len of their own).
+KV_TOKENS_PER_SEQ = 1024
+
+
+class PagedStates(list):
+    """``States`` plus, for a model with attention layers, the paged KV cache of the same slots."""
+
+    kv_cache: KVCache | None = None
 
 
 def alloc_states(model: RecurrentLM, num_slots: int) -> States:
-    """Fresh per-layer states [num_slots, *shape], filled with each spec's initial value."""
+    """Fresh per-layer states [num_slots, *shape], filled with each spec's initial value, and a KV
+    cache with room for every slot when the model has attention layers."""
     device = model.device
-    return [
+    states = PagedStates(
         {s.name: torch.full((num_slots, *s.shape), s.fill, dtype=s.dtype, device=device) for s in layer}
         for layer in model.state_specs()
-    ]
+    )
+    if model.kv_specs():
+        max_len = getattr(model, "max_model_len", KV_TOKENS_PER_SEQ)
+        states.kv_cache = KVCache(model.kv_specs(), KVCacheConfig(), num_slots, max_len, device)
+    return states
+
+
+def kv_metadata(
+    states: States | None, slots: Sequence[int], starts: Sequence[int], lens: Sequence[int]
+) -> PagedKVMetadata | None:
+    """Blocks for tokens ``[start, start + len)`` of each slot, allocated as needed, and the step's
+    metadata; None for a model without attention layers."""
+    cache = getattr(states, "kv_cache", None)
+    if cache is None:
+        return None
+    ends = [st + n for st, n in zip(starts, lens)]
+    for slot, end in zip(slots, ends):
+        assert cache.allocate(slot, end), "the harness KV cache is sized to hold every slot"
+    return cache.metadata(list(slots), ends, list(lens))
+
+
+def decode_batch(
+    tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int], device: torch.device, states: States
+) -> DecodeBatch:
+    return DecodeBatch(
+        input_ids=torch.tensor(list(tokens), dtype=torch.long, device=device),
+        positions=torch.tensor(list(positions), dtype=torch.long, device=device),
+        slot_ids=torch.tensor(list(slots), dtype=torch.long, device=device),
+        kv=kv_metadata(states, slots, positions, [1] * len(slots)),
+    )
 
 
 def snapshot(states: States, slot: int) -> list[dict[str, torch.Tensor]]:
@@ -24,9 +66,15 @@ def snapshot(states: States, slot: int) -> list[dict[str, torch.Tensor]]:
 
 
 def prefill_batch(
-    seqs: Sequence[Sequence[int]], slots: Sequence[int], starts: Sequence[int], device: torch.device, all_logits=False
+    seqs: Sequence[Sequence[int]],
+    slots: Sequence[int],
+    starts: Sequence[int],
+    device: torch.device,
+    all_logits=False,
+    states: States | None = None,
 ) -> PrefillBatch:
-    """Pack token lists; ``starts`` are each sequence's absolute position of its first token."""
+    """Pack token lists; ``starts`` are each sequence's absolute position of its first token.
+    ``states`` from ``alloc_states``: where a model with attention layers keeps its KV blocks."""
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)
     pos = torch.tensor([st + i for s, st in zip(seqs, starts) for i in range(len(s))], dtype=torch.long, device=device)
     lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
@@ -40,7 +88,8 @@ def prefill_batch(
         cu_seqlens=cu,
         slot_ids=torch.tensor(list(slots), dtype=torch.long, device=device),
         logits_indices=idx,
-        max_seqlen=int(lens.max()),
+        cu_seqlens_cpu=[0, *itertools.accumulate(len(s) for s in seqs)],
+        kv=kv_metadata(states, slots, starts, [len(s) for s in seqs]),
     )
 
 
@@ -56,7 +105,11 @@ def prefill_in_chunks(
     while start < max(len(s) for s in seqs):
         live = [i for i, s in enumerate(seqs) if start < len(s)]
         batch = prefill_batch(
-            [seqs[i][start : start + chunk] for i in live], [slots[i] for i in live], [start] * len(live), model.device
+            [seqs[i][start : start + chunk] for i in live],
+            [slots[i] for i in live],
+            [start] * len(live),
+            model.device,
+            states=states,
         )
         logits = model.prefill(batch, states)
         for j, i in enumerate(live):
@@ -73,11 +126,7 @@ def decode_one_by_one(
     dev = model.device
     rows = []
     for i, t in enumerate(seq):
-        batch = DecodeBatch(
-            input_ids=torch.tensor([t], device=dev),
-            positions=torch.tensor([start + i], device=dev),
-            slot_ids=torch.tensor([slot], device=dev),
-        )
+        batch = decode_batch([t], [start + i], [slot], dev, states)
         rows.append(model.decode(batch, states)[0])
     return torch.stack(rows)
 
@@ -92,11 +141,7 @@ def greedy_generate(model: RecurrentLM, prompt: Sequence[int], steps: int, chunk
     for _ in range(steps):
         tok = int(logits.argmax())
         out.append(tok)
-        batch = DecodeBatch(
-            input_ids=torch.tensor([tok], device=model.device),
-            positions=torch.tensor([pos], device=model.device),
-            slot_ids=torch.tensor([1], device=model.device),
-        )
+        batch = decode_batch([tok], [pos], [1], model.device, states)
         logits = model.decode(batch, states)[0]
         pos += 1
     return out
@@ -144,14 +189,7 @@ def check_batch_equals_alone(
     batch_logits = prefill_in_chunks(model, states, prompts, slots, None)
     next_tok = batch_logits.argmax(-1)
     dev = model.device
-    dec = model.decode(
-        DecodeBatch(
-            input_ids=next_tok,
-            positions=torch.tensor([len(p) for p in prompts], device=dev),
-            slot_ids=torch.tensor(slots, device=dev),
-        ),
-        states,
-    )
+    dec = model.decode(decode_batch(next_tok.tolist(), [len(p) for p in prompts], slots, dev, states), states)
     for i, p in enumerate(prompts):
         alone_states = alloc_states(model, 2)
         alone = prefill_in_chunks(model, alone_states, [p], [1], None)[0]

@@ -11,30 +11,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rnnserve.kernels.chunking import Varlen
+
 
 def causal_conv1d_varlen(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     conv_state: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     activation: str | None = None,
 ) -> torch.Tensor:
     """x [T, C], weight [C, K], bias [C] | None, conv_state [S, C, K-1] (updated in place),
-    cu_seqlens [B+1] int32, slot_ids [B] int64 -> y [T, C] in x's dtype."""
+    cu_seqlens [B+1] int32 or the step's ``Varlen`` (its cached token -> sequence map is used),
+    slot_ids [B] int64 -> y [T, C] in x's dtype."""
     T, C = x.shape
     K = weight.shape[1]
     L = K - 1
     B = slot_ids.shape[0]
     dev = x.device
-    cu = cu_seqlens.to(device=dev, dtype=torch.long)
-    lens = cu[1:] - cu[:-1]  # [B]
+    seqs = Varlen.of(cu_seqlens)
+    cu = seqs.cu_seqlens.to(device=dev, dtype=torch.long)
 
     # Rows of the extended batch: sequence b occupies ext_cu[b] : ext_cu[b+1] = its L cached inputs,
     # then its tokens; token t of sequence b sits at extended row t + (b+1)*L.
     ext_cu = cu + torch.arange(B + 1, device=dev) * L  # [B+1]
-    seq_of_tok = torch.repeat_interleave(torch.arange(B, device=dev), lens)  # [T]
+    seq_of_tok = seqs.seq_of_token()  # [T]
     tok_rows = torch.arange(T, device=dev) + (seq_of_tok + 1) * L  # [T]
     cache_rows = (ext_cu[:-1, None] + torch.arange(L, device=dev)).reshape(-1)  # [B*L]
     xe = torch.empty(T + B * L, C, device=dev)  # fp32

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rnnserve.kernels.chunking import Varlen
+
 
 @triton.jit
 def _conv_varlen_kernel(
@@ -114,7 +116,7 @@ def causal_conv1d_varlen(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     conv_state: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     activation: str | None = None,
 ) -> torch.Tensor:
@@ -139,7 +141,7 @@ def causal_conv1d_varlen(
         weight,
         bias if bias is not None else weight,
         conv_state,
-        cu_seqlens,
+        Varlen.of(cu_seqlens).cu_seqlens,
         slot_ids,
         y,
         channels,

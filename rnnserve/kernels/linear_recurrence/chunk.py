@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rnnserve.kernels.chunking import chunk_layout
+from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.linear_recurrence.naive import _check_groups
 
 DEFAULT_CHUNK_SIZE = 64
@@ -23,7 +23,7 @@ def linear_recurrence_varlen(
     v: torch.Tensor,
     log_decay: torch.Tensor,
     state: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     scale: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -32,14 +32,15 @@ def linear_recurrence_varlen(
 
     q, k: [T, G, K]; v: [T, H, V] with H % G == 0 (head h reads group h // (H // G)); log_decay: [T, H]
     (<= 0); state: [S, H, K, V] fp32: sequence b starts from ``state[slot_ids[b]]`` and its final state
-    is written back there; cu_seqlens: [B + 1] int32. Returns o [T, H, V] in v's dtype.
+    is written back there; cu_seqlens: [B + 1] int32 or the step's ``Varlen`` (whose cached chunk
+    layout is used). Returns o [T, H, V] in v's dtype.
     """
     rep = _check_groups(q, v)
     num_tokens, groups, dk = q.shape
     heads, dv = v.shape[1], v.shape[2]
     bsz = slot_ids.shape[0]
     L = chunk_size
-    lay = chunk_layout(cu_seqlens, L, q.device)
+    lay = Varlen.of(cu_seqlens).layout(L)
     nc = lay.total
 
     # Layouts: the carried state is kept as [.., G, K, R*V] (the R heads of a group side by side), so that

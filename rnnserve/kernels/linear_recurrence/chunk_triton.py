@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.linear_recurrence.naive import _check_groups
 
 
@@ -118,7 +119,7 @@ def linear_recurrence_varlen(
     v: torch.Tensor,
     log_decay: torch.Tensor,
     state: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     scale: float = 1.0,
     chunk_size: int | None = None,
@@ -149,7 +150,7 @@ def linear_recurrence_varlen(
         v,
         log_decay,
         state,
-        cu_seqlens,
+        Varlen.of(cu_seqlens).cu_seqlens,
         slot_ids,
         o,
         float(scale),

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rnnserve.kernels.chunking import Varlen
+
 # Working set per block: about this many fp32 elements for each of the two [L, E, N] buffers.
 _BLOCK_ELEMENTS = 1 << 21
 
@@ -35,19 +37,20 @@ def selective_scan_varlen(
     z: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     ssm_state: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     dt_softplus: bool = True,
     chunk_size: int = 32,
 ) -> torch.Tensor:
     """x, dt, z [T, E]; A [E, N] (negative); B, C [T, N]; D, dt_bias [E]; ssm_state [S, E, N] fp32
-    (read at slot_ids, final states written back in place); cu_seqlens [B+1] int32; slot_ids [B]
+    (read at slot_ids, final states written back in place); cu_seqlens [B+1] int32 or the step's
+    ``Varlen`` (whose host copy is read); slot_ids [B]
     int64 -> y [T, E] in x's dtype."""
     T, E = x.shape
     N = A.shape[1]
     dev = x.device
     A = A.float()
-    cu = cu_seqlens.tolist()
+    cu = Varlen.of(cu_seqlens).bounds
     nonempty = [b for b in range(len(cu) - 1) if cu[b + 1] > cu[b]]
     first = [cu[b] for b in nonempty]
     last = [cu[b + 1] - 1 for b in nonempty]

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rnnserve.kernels.chunking import Varlen
+
 
 @triton.jit
 def _softplus(x):
@@ -112,7 +114,7 @@ def selective_scan_varlen(
     z: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     ssm_state: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     dt_softplus: bool = True,
 ) -> torch.Tensor:
@@ -141,7 +143,7 @@ def selective_scan_varlen(
         z if z is not None else x,
         dt_bias if dt_bias is not None else A,
         ssm_state,
-        cu_seqlens,
+        Varlen.of(cu_seqlens).cu_seqlens,
         slot_ids,
         y,
         channels,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from rnnserve.kernels.chunking import chunk_layout
+from rnnserve.kernels.chunking import Varlen
 
 DEFAULT_CHUNK_SIZE = 32
 # Exponent of an empty partial state (the recurrence's fresh ``pp``): e^{EMPTY - anything real} = 0.
@@ -43,19 +43,19 @@ def wkv4_varlen(
     aa: torch.Tensor,
     bb: torch.Tensor,
     pp: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """w [C] (= -exp(time_decay)), u [C] (time_first), k, v [T, C]; aa, bb, pp [S, C] fp32: sequence i
     starts from row ``slot_ids[i]`` and its final state is written back there. cu_seqlens [B + 1] int32
-    (every sequence at least one token; the chunk layout reads the lengths on the host). Returns
-    wkv [T, C] fp32."""
+    or the step's ``Varlen`` (every sequence at least one token; the chunk layout is the Varlen's, built
+    from host ints once per step). Returns wkv [T, C] fp32."""
     num_tokens, channels = k.shape
     L = chunk_size
     dev = k.device
     w, u = w.float(), u.float()
-    ch = chunk_layout(cu_seqlens, L, dev)
+    ch = Varlen.of(cu_seqlens).layout(L)
     nc = ch.total
 
     # Padding (after the last token of a sequence) adds nothing: e^{k} = 0, v = 0.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from rnnserve.kernels.chunking import chunk_layout
+from rnnserve.kernels.chunking import Varlen
 
 DEFAULT_CHUNK_SIZE = 32
 
@@ -31,18 +31,19 @@ def wkv7_varlen(
     a: torch.Tensor,
     b: torch.Tensor,
     state: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """r, log_w (<= 0), k, a, b [T, H, K]; v [T, H, V]; state [S, H, K, V] fp32: sequence i starts from
-    ``state[slot_ids[i]]`` and its final state is written back there; cu_seqlens [B + 1] int32.
+    ``state[slot_ids[i]]`` and its final state is written back there; cu_seqlens [B + 1] int32 or the step's
+    ``Varlen`` (whose cached chunk layout is used).
     Per token ``S ← diag(e^{log_w}) S + b (aᵀ S) + k vᵀ``, ``o = rᵀ S``. Returns o [T, H, V] fp32."""
     num_tokens, heads, dk = k.shape
     dv = v.shape[-1]
     L = chunk_size
     dev = k.device
-    ch = chunk_layout(cu_seqlens, L, dev)
+    ch = Varlen.of(cu_seqlens).layout(L)
     nc = ch.total
 
     # Padding is an identity step (log_w = 0, k = v = a = b = r = 0).

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rnnserve.kernels.chunking import Varlen
+
 
 @triton.jit
 def _wkv7_varlen_kernel(
@@ -84,7 +86,7 @@ def wkv7_varlen(
     a: torch.Tensor,
     b: torch.Tensor,
     state: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
@@ -111,7 +113,7 @@ def wkv7_varlen(
         a,
         b,
         state,
-        cu_seqlens,
+        Varlen.of(cu_seqlens).cu_seqlens,
         slot_ids,
         o,
         heads,
