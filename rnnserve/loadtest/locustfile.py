@@ -32,6 +32,7 @@ import time
 
 import gevent
 from locust import HttpUser, between, events, task
+from locust.exception import StopUser
 
 _WORD_TEXT = (
     "the of and to in is it you that he was for on are with as his they be at one have this from or had by hot "
@@ -112,6 +113,10 @@ class OpenAIStreamingUser(HttpUser):
 
     @task
     def stream(self) -> None:
+        limit = getattr(self.environment.parsed_options, "max_requests", 0)
+        if limit and getattr(self.environment, "rnnserve_requests_done", 0) >= limit:
+            # The run is quitting (from another greenlet, which a busy machine may start late): no new request.
+            raise StopUser()
         try:
             self._stream()
         finally:
