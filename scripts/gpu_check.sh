@@ -11,7 +11,10 @@
 #   6. `python3 -m rnnserve.bench.throughput` per family, bf16 first (then Mamba bf16 without CUDA
 #      graphs, for comparison) then fp32, batch 1, 32 and 256; what the budget leaves out is "skipped"
 # A failing or timed-out step is logged and the script goes on; the summary (stdout and
-# $OUT/summary.json) lists every step's status, seconds and log. Usage, from anywhere:
+# $OUT/summary.json) lists every step's status, seconds and log, and the script exits 1 when any
+# step failed or timed out (steps the budget left out are "skipped", not failures). Without a CUDA
+# GPU it refuses at once (exit 2). Everything it writes (logs, models, caches) is under $OUT.
+# Usage, from anywhere:
 #   OUT=/some/dir bash scripts/gpu_check.sh
 # (GPU_CHECK_BUDGET_S=560 fits more of the fp32 benches into a 600 s command limit.)
 set -u
@@ -21,8 +24,17 @@ cd "$REPO"
 OUT="${OUT:-$REPO/gpu_check_out}"
 BUDGET="${GPU_CHECK_BUDGET_S:-470}"
 PY="${PYTHON:-python3}"
-MODELS="${GPU_CHECK_MODELS:-/tmp/rnnserve_gpu_models}"
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2> /dev/null; then
+    echo "gpu_check: error: no CUDA GPU here ($PY: torch.cuda.is_available() is False or torch is missing);" \
+        "run it on a GPU machine" >&2
+    exit 2
+fi
+OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
+MODELS="${GPU_CHECK_MODELS:-$OUT/models}"
 mkdir -p "$OUT/logs" "$MODELS"
+# Caches that would otherwise land in $HOME or the repository go under $OUT too.
+export TRITON_CACHE_DIR="$OUT/cache/triton" TORCHINDUCTOR_CACHE_DIR="$OUT/cache/inductor" HF_HOME="$OUT/cache/hf"
+export MPLCONFIGDIR="$OUT/cache/matplotlib" PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
@@ -147,6 +159,7 @@ for name, make in [("mamba", lambda: hf("mamba", mamba)), ("mamba2", lambda: hf(
         made[name] = "failed"
     print(name, made[name], flush=True)
 (root / "made.json").write_text(json.dumps(made))
+sys.exit(0 if all(v == "ok" for v in made.values()) else 1)  # the step fails with any family
 PYEOF
 
 run_step kernel_tests 150 40 "$PY" -m pytest -q -p no:cacheprovider -rs tests/kernels -k triton \
@@ -223,3 +236,9 @@ for name, b in benches.items():
         print(f"{name:<32} B={r['batch']:<4} prefill {r['prefill_tok_s'] or 0:>12,.0f} tok/s  "
               f"decode {r['decode_tok_s'] or 0:>10,.0f} tok/s  {ms} ms/step  match {r['greedy_match']}")
 PYEOF
+
+# Exit status: 1 when a step failed or timed out (the summary above says which).
+if cut -f2 "$STEPS" | grep -q -v -E '^(ok|skipped)$'; then
+    echo "gpu_check: some steps failed or timed out (see $OUT/summary.json)" >&2
+    exit 1
+fi
