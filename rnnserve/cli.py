@@ -12,12 +12,13 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rnnserve import __version__
 from rnnserve.config import (
     ConfigError,
     ModelConfig,
+    PrefixCacheConfig,
     RunnerConfig,
     SchedulerConfig,
     ServerConfig,
@@ -67,6 +68,8 @@ class ServeConfigs:
     scheduler: SchedulerConfig
     runner: RunnerConfig
     server: ServerConfig
+    prefix_cache: PrefixCacheConfig = field(default_factory=PrefixCacheConfig)
+    state_dir: str | None = None  # --state-dir: named initial states
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,6 +100,34 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-graph-batch-size", type=int, default=d_run.max_graph_batch_size, help="largest CUDA-graph batch"
     )
+    d_cache = PrefixCacheConfig()
+    g = p.add_argument_group("prefix state cache")
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=d_cache.enabled,
+        help="resume requests from cached states of their longest seen prefix (default: on)",
+    )
+    g.add_argument(
+        "--prefix-cache-interval",
+        type=int,
+        default=d_cache.interval,
+        help="tokens between state snapshots during a long prefill",
+    )
+    g.add_argument(
+        "--prefix-cache-memory",
+        type=parse_bytes,
+        default=d_cache.device_memory,
+        help="snapshot budget on the model's device, e.g. 1GiB; least recently used spill to host",
+    )
+    g.add_argument(
+        "--prefix-cache-host-memory",
+        type=parse_bytes,
+        default=d_cache.host_memory,
+        help="snapshot budget in host RAM, e.g. 4GiB; least recently used are evicted",
+    )
+    g.add_argument("--prefix-cache-dir", default=None, help="keep snapshots in this folder across restarts")
+    g.add_argument("--state-dir", default=None, help="folder of named initial states (initial_state, POST /v1/states)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default=d_srv.host)
     g.add_argument("--port", type=int, default=d_srv.port)
@@ -128,6 +159,14 @@ def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
             compile_cpu_decode=args.compile,
             max_graph_batch_size=args.max_graph_batch_size,
         ),
+        prefix_cache=PrefixCacheConfig(
+            enabled=args.enable_prefix_caching,
+            interval=args.prefix_cache_interval,
+            device_memory=args.prefix_cache_memory,
+            host_memory=args.prefix_cache_host_memory,
+            cache_dir=args.prefix_cache_dir,
+        ),
+        state_dir=args.state_dir,
         server=ServerConfig(
             host=args.host,
             port=args.port,
@@ -156,7 +195,9 @@ def serve(cfg: ServeConfigs) -> int:
         default_path = ensure_default_model()
         model_cfg = dataclasses.replace(model_cfg, model=str(default_path))
         name = name or Path(default_path).name
-    engine = AsyncEngine.from_configs(model_cfg, cfg.pool, cfg.scheduler, cfg.runner)
+    engine = AsyncEngine.from_configs(
+        model_cfg, cfg.pool, cfg.scheduler, cfg.runner, prefix_cache_config=cfg.prefix_cache, state_dir=cfg.state_dir
+    )
     model_path = engine.loaded.path if engine.loaded is not None else Path(str(model_cfg.model))
     tokenizer = load_tokenizer(model_path, model_cfg.tokenizer, model_cfg.chat_template)
     stats = engine.stats()

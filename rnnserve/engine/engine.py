@@ -23,7 +23,7 @@ from rnnserve.engine.runner import ModelRunner
 from rnnserve.engine.sampler import Sampler
 from rnnserve.engine.scheduler import Scheduler, SchedulerOutput
 from rnnserve.engine.state_pool import Snapshot, StatePool
-from rnnserve.engine.state_store import StateNotFoundError, StateStore
+from rnnserve.engine.state_store import StateNotFoundError, StateStore, check_state_name
 from rnnserve.models.base import RecurrentLM
 from rnnserve.models.loader import LoadedModel, load_model
 
@@ -151,8 +151,13 @@ class LLMEngine:
             raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
         if initial_state is not None:
             self.validate_state_name(initial_state)
-        if save_state is not None and self.state_store is None:
-            raise EngineInputError("this server has no state folder (start it with --state-dir)", "name")
+        if save_state is not None:
+            if self.state_store is None:
+                raise EngineInputError("this server has no state folder (start it with --state-dir)", "name")
+            try:
+                check_state_name(save_state)
+            except StateNotFoundError as exc:
+                raise EngineInputError(str(exc), "name") from exc
         req = Request(
             request_id,
             list(prompt_token_ids),
@@ -299,6 +304,14 @@ class _Abort:
 
 class AsyncEngine:
     """Runs ``LLMEngine.step`` in one background thread; per-request async output streams."""
+
+    # generate() takes fork_of / initial_state / save_state (the server passes them only then).
+    takes_state_options = True
+
+    def state_names(self) -> list[str]:
+        """The saved states in ``--state-dir`` (none without one)."""
+        store = self.engine.state_store
+        return store.names() if store is not None else []
 
     def __init__(self, engine: LLMEngine, loaded: LoadedModel | None = None) -> None:
         self.engine = engine

@@ -37,6 +37,7 @@ from rnnserve.server.protocol import (
 )
 from rnnserve.server.serving_chat import create_chat_completion, render_chat_prompt
 from rnnserve.server.serving_completions import create_completion
+from rnnserve.server.serving_states import SaveStateRequest, list_states, save_state
 from rnnserve.server.streaming import cancel_on_disconnect
 from rnnserve.server.tokenizer import Tokenizer
 
@@ -323,6 +324,14 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         response = await cancel_on_disconnect(request.receive, create_chat_completion(ctx, body))
         return response if response is not None else Response(status_code=499)
+
+    @app.post("/v1/states", responses=_POST_ERRORS)
+    async def states_save(body: SaveStateRequest) -> dict[str, Any]:
+        return await save_state(ctx, body)
+
+    @app.get("/v1/states", responses=_GET_ERRORS)
+    async def states_list() -> dict[str, Any]:
+        return list_states(ctx)
 
     @app.post("/tokenize", responses=_POST_ERRORS)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

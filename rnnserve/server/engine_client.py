@@ -25,7 +25,9 @@ class EngineClient(Protocol):
     ) -> AsyncIterator[RequestOutput]:
         """Outputs (deltas) of one request. Input errors (ValueError subclasses: EngineInputError,
         SamplingParamsError) are raised from the first ``__anext__``; closing the iterator early
-        aborts the request and frees its slot."""
+        aborts the request and frees its slot. An engine with ``takes_state_options = True`` also
+        takes the keywords ``fork_of`` (n > 1: share that sibling's prefill), ``initial_state`` and
+        ``save_state`` (``LLMEngine.add_request``)."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

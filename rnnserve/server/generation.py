@@ -29,7 +29,7 @@ from rnnserve.server.detokenizer import IncrementalDetokenizer, StopMatcher
 from rnnserve.server.engine_client import EngineClient
 from rnnserve.server.errors import APIError, bad_request
 from rnnserve.server.metrics import ServerMetrics
-from rnnserve.server.protocol import SamplingRequest, UsageInfo
+from rnnserve.server.protocol import PromptTokensDetails, SamplingRequest, UsageInfo
 from rnnserve.server.streaming import SSE_DONE, InputRejected, MergedStreams, sse
 from rnnserve.server.tokenizer import Tokenizer
 
@@ -91,6 +91,7 @@ class ChoiceState:
     num_output_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens the engine restored from its prefix cache
     first_token_time: float | None = None
     last_token_time: float | None = None
 
@@ -121,6 +122,7 @@ class Generation:
         admission: Admission | None = None,
         timeout: float | None = None,
     ) -> None:
+        check_state_options(engine, body)
         # First, so a refused request (429, 503, fan-out) leaves nothing behind.
         self.admission = admission or unbounded()
         self.fanout = len(prompts) * n
@@ -135,6 +137,7 @@ class Generation:
         self.stop_token_ids = set(params.stop_token_ids)
         self.min_tokens = params.min_tokens
         self.prompts = prompts
+        self.n = n
         self.choices: list[ChoiceState] = []
         streams: list[AsyncIterator[RequestOutput]] = []
         stops = body.stop_strings()
@@ -160,7 +163,11 @@ class Generation:
                         start_time=self.start_time,
                     )
                 )
-                streams.append(engine.generate(f"{request_id}-{index}", list(prompt.token_ids), choice_params))
+                # Choices after a prompt's first are forks of it: the engine prefills the prompt once.
+                options = engine_options(engine, body, fork_of=f"{request_id}-{p_idx * n}" if i > 0 else None)
+                streams.append(
+                    engine.generate(f"{request_id}-{index}", list(prompt.token_ids), choice_params, **options)
+                )
         self.streams = MergedStreams(streams)
 
     def interrupt(self) -> None:
@@ -179,7 +186,14 @@ class Generation:
 
     def usage(self) -> UsageInfo:
         prompt, output = self.num_prompt_tokens, self.num_output_tokens
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output)
+        # Cached tokens per prompt, like prompt_tokens: from its first choice (forks share its prefill).
+        cached = sum(self.choices[p * self.n].num_cached_tokens for p in range(len(self.prompts)))
+        return UsageInfo(
+            prompt_tokens=prompt,
+            completion_tokens=output,
+            total_tokens=prompt + output,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Deltas of every choice in arrival order; the last delta of a choice has finish_reason set."""
@@ -247,6 +261,7 @@ class Generation:
         choice.token_ids.extend(new_ids)
         choice.pending_token_ids.extend(new_ids)
         choice.num_output_tokens = output.num_output_tokens or len(choice.token_ids)
+        choice.num_cached_tokens = max(choice.num_cached_tokens, output.num_cached_tokens)
         if choice.want_logprobs and output.new_logprobs:
             choice.pending_logprobs.extend(finite_logprob(lp) for lp in output.new_logprobs)
 
@@ -274,6 +289,25 @@ class Generation:
             choice.finish_reason = finish
             self.metrics.observe_finish(finish, now - choice.start_time)
         return ChoiceDelta(choice.index, text, token_ids, logprobs, finish, choice.stop_reason)
+
+
+def check_state_options(engine: EngineClient, body: SamplingRequest) -> None:
+    """400 for ``initial_state`` on an engine that cannot start from saved states."""
+    if body.initial_state is not None and not getattr(engine, "takes_state_options", False):
+        raise bad_request("this server cannot start a request from a saved state", param="initial_state")
+
+
+def engine_options(engine: EngineClient, body: SamplingRequest, fork_of: str | None) -> dict[str, str]:
+    """``generate``'s keywords for an n > 1 fork and an initial state, for engines that take them
+    (``takes_state_options``; the others run every choice on its own)."""
+    options: dict[str, str] = {}
+    if not getattr(engine, "takes_state_options", False):
+        return options
+    if fork_of is not None:
+        options["fork_of"] = fork_of
+    if body.initial_state is not None:
+        options["initial_state"] = body.initial_state
+    return options
 
 
 def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:

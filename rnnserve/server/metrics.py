@@ -86,6 +86,26 @@ class _EngineCollector(Collector):
         yield self._gauge("rnnserve:state_pool_slots_used", "State slots in use.", s.slots_used)
         yield self._gauge("rnnserve:engine_step_seconds", "Duration of the last engine step.", s.last_step_seconds)
         yield self._counter("rnnserve:engine_steps", "Engine steps run.", s.num_steps)
+        yield from self._prefix_cache(s)
+
+    def _prefix_cache(self, s: Any) -> Iterator[Metric]:
+        """vLLM's prefix-cache counters (in tokens, as vLLM counts them) and the snapshot store's size."""
+        if getattr(s, "prefix_cache_queries", None) is None:
+            return
+        yield self._counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries
+        )
+        yield self._counter("vllm:prefix_cache_hits", "Prompt tokens restored from the cache.", s.prefix_cache_hits)
+        g = GaugeMetricFamily(
+            "rnnserve:prefix_cache_bytes", "Bytes of state snapshots, by tier.", labels=["model_name", "tier"]
+        )
+        g.add_metric([self._model_name, "device"], float(s.prefix_cache_device_bytes))
+        g.add_metric([self._model_name, "host"], float(s.prefix_cache_host_bytes))
+        yield g
+        yield self._gauge("rnnserve:prefix_cache_entries", "State snapshots in the cache.", s.prefix_cache_entries)
+        yield self._counter(
+            "rnnserve:prefix_cache_evictions", "Snapshots evicted (host tier full).", s.prefix_cache_evictions
+        )
 
 
 class ServerMetrics:

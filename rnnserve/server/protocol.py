@@ -87,6 +87,7 @@ class SamplingRequest(OpenAIRequest):
     skip_special_tokens: bool = True
     return_token_ids: bool = False  # vLLM: add prompt_token_ids and token_ids to the choices
     return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:N"
+    initial_state: str | None = None  # start from a state saved under this name (--state-dir)
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -136,10 +137,15 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+class PromptTokensDetails(OpenAIResponse):
+    cached_tokens: int = 0  # prompt tokens restored from the prefix state cache, not prefilled
+
+
 class UsageInfo(OpenAIResponse):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class CompletionLogprobs(OpenAIResponse):

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from rnnserve.config import ModelConfig, RunnerConfig, SchedulerConfig, ServerConfig, StatePoolConfig
+from rnnserve.config import (
+    ModelConfig,
+    PrefixCacheConfig,
+    RunnerConfig,
+    SchedulerConfig,
+    ServerConfig,
+    StatePoolConfig,
+)
 from tests.conftest import build_random_hf_model
 
 VOCAB = 50280
@@ -68,6 +75,8 @@ def make_app(
     chat_template: str | None = None,
     tokenizer: str | None = None,
     name: str = "tiny-mamba",
+    prefix_cache: PrefixCacheConfig | None = None,
+    state_dir: str | None = None,
 ):
     from rnnserve.engine.engine import AsyncEngine
     from rnnserve.server.app import build_app
@@ -78,6 +87,8 @@ def make_app(
         StatePoolConfig(max_num_seqs=max_num_seqs),
         SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=max_num_seqs, max_model_len=max_model_len),
         RunnerConfig(enforce_eager=True),
+        prefix_cache_config=prefix_cache,
+        state_dir=state_dir,
     )
     tok = load_tokenizer(model_dir, tokenizer, chat_template)
     return build_app(engine, tok, model_name=name, model_root=str(model_dir), server_config=server)
