@@ -94,13 +94,21 @@ def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tens
             yield from state_dict.items()
 
 
-def _read_config(path: Path, files: list[Path]) -> dict:
+def _read_config_file(path: Path) -> dict | None:
+    """The folder's config.json (a bare file's neighbour), None when there is none. Read before the
+    weights are looked for: a broken config is the first thing to report."""
     config_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    if config_file.exists():
-        try:
-            return json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
+    if not config_file.exists():
+        return None
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
+
+
+def _read_config(path: Path, files: list[Path], config: dict | None) -> dict:
+    if config is not None:
+        return config
     if len(files) == 1 and files[0].suffix in (".pth", ".pt"):
         state_dict = torch.load(str(files[0]), map_location="cpu", weights_only=True)
         return registry.config_from_state_dict(state_dict)
@@ -127,8 +135,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.model is None:
         raise ModelLoadError("no model given")
     path = resolve_model_path(cfg.model)
+    config = _read_config_file(path)
     files = [path] if path.is_file() else _checkpoint_files(path)
-    hf_config = _read_config(path, files)
+    hf_config = _read_config(path, files, config)
     cls = registry.resolve_class(hf_config)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

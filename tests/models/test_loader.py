@@ -156,3 +156,12 @@ def test_hub_id_offline_names_the_id(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         _load(tmp_path / "nowhere" / "model")
+
+
+def test_broken_config_is_reported_before_missing_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"architectures": ["MambaForCausalLM"],}')
+    with pytest.raises(ModelLoadError, match=r"config\.json is not valid JSON"):
+        _load(tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": ["MambaForCausalLM"]}')
+    with pytest.raises(ModelLoadError, match="no weights"):
+        _load(tmp_path)
