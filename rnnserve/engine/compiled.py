@@ -24,11 +24,9 @@ import types
 import torch
 from torch import nn
 
-from rnnserve.models.base import DecodeBatch, RecurrentLM, States
+from rnnserve.models.base import PAD_SLOT, DecodeBatch, RecurrentLM, States
 
 logger = logging.getLogger(__name__)
-
-PAD_SLOT = 0
 
 
 def decode_units(model: RecurrentLM) -> list[nn.Module]:

@@ -20,11 +20,9 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from rnnserve.models.base import DecodeBatch, RecurrentLM, States
+from rnnserve.models.base import PAD_SLOT, DecodeBatch, RecurrentLM, States
 
 logger = logging.getLogger(__name__)
-
-PAD_SLOT = 0
 
 
 def batch_size_ladder(max_batch_size: int) -> list[int]:
