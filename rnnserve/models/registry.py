@@ -19,6 +19,7 @@ _ARCHITECTURES: dict[str, str] = {
     "GPT2LMHeadModel": "rnnserve.models.transformer:TransformerLM",
     "RetNetForCausalLM": "rnnserve.models.retnet:RetNetLM",
     "DenseMambaForCausalLM": "rnnserve.models.dense_mamba:DenseMambaLM",
+    "BambaForCausalLM": "rnnserve.models.bamba:BambaLM",
 }
 
 # config.json "model_type" -> "module:Class", for configs that name no architecture
@@ -31,6 +32,7 @@ _MODEL_TYPES: dict[str, str] = {
     "gpt2": "rnnserve.models.transformer:TransformerLM",
     "retnet": "rnnserve.models.retnet:RetNetLM",
     "dense_mamba": "rnnserve.models.dense_mamba:DenseMambaLM",
+    "bamba": "rnnserve.models.bamba:BambaLM",
 }
 
 # config.json "auto_map" AutoModelForCausalLM target ("module.Class", any "repo--" prefix dropped) ->

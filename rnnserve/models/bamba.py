@@ -1,0 +1,277 @@
+"""Bamba (IBM): a hybrid of Mamba-2 mixers and a few full-attention layers, transformers'
+``BambaForCausalLM`` checkpoints.
+
+Every decoder layer is pre-RMSNorm residual: a mixer, then a gated SiLU MLP::
+
+    h += mixer(input_layernorm(h))          mixer = Mamba-2 (SSD) or causal self-attention
+    h += feed_forward(pre_ff_layernorm(h))
+
+``attn_layer_indices`` names the attention layers; every other layer is a Mamba-2 mixer, exactly
+``models/mamba2.py``'s (grouped gated RMSNorm, Δ clamped to ``time_step_limit``). So per layer a
+sequence keeps either a recurrent state in the state pool (``conv [E + 2GN, K-1]``, ``ssm [H, N, P]``
+fp32) or keys and values in the engine's paged KV cache (``kv_specs``: one entry per attention layer,
+in layer order). Attention uses RoPE on the first half of each head's dims only (transformers
+hard-codes ``partial_rotary_factor = 0.5`` for Bamba), GQA, no biases by default. The residual
+stream stays in the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnserve.kernels.dispatch import Backend
+from rnnserve.models.attention import PagedAttention, rope_cos_sin, rope_inv_freq
+from rnnserve.models.base import (
+    DecodeBatch,
+    KVSpec,
+    PagedKVMetadata,
+    PrefillBatch,
+    RecurrentLM,
+    States,
+    StateSpec,
+)
+from rnnserve.models.layers import RMSNorm, lm_logits
+from rnnserve.models.mamba2 import Mamba2Config, Mamba2Mixer, _json_float
+from rnnserve.models.weights import WeightsMapper, default_weight_loader, load_weights, set_weight_loader
+
+
+@dataclass(frozen=True)
+class BambaConfig:
+    """The numbers a ``BambaConfig`` config.json fixes."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # of the MLP
+    num_layers: int
+    attn_layer_indices: tuple[int, ...]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float
+    rope_theta: float
+    partial_rotary_factor: float
+    mamba: Mamba2Config  # the Mamba-2 mixers' numbers
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        bad = [i for i in self.attn_layer_indices if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"bamba: attn_layer_indices {bad} are outside 0..{self.num_layers - 1}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"bamba: num_attention_heads {self.num_heads} is not a multiple of {self.num_kv_heads}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_hf(cls, c: dict) -> BambaConfig:
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"bamba: hidden_act {c['hidden_act']!r} is not supported (only silu)")
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"bamba: RoPE type {rope_type!r} is not supported (only default)")
+        hidden = c["hidden_size"]
+        heads = c["num_attention_heads"]
+        m_heads = c.get("mamba_n_heads", 128)
+        expand = c.get("mamba_expand", 2)
+        m_head_dim = c.get("mamba_d_head", "auto")
+        if m_head_dim == "auto":
+            m_head_dim = expand * hidden // m_heads
+        if m_heads * m_head_dim != expand * hidden:
+            raise ValueError(
+                f"bamba: mamba_n_heads * mamba_d_head ({m_heads * m_head_dim}) != mamba_expand * hidden_size "
+                f"({expand * hidden})"
+            )
+        limit = c.get("time_step_limit") or (0.0, math.inf)
+        eps = c.get("rms_norm_eps", 1e-5)
+        mamba = Mamba2Config(
+            vocab_size=c["vocab_size"],
+            hidden_size=hidden,
+            num_layers=c["num_hidden_layers"],
+            num_heads=m_heads,
+            head_dim=m_head_dim,
+            state_size=c.get("mamba_d_state", 256),
+            n_groups=c.get("mamba_n_groups", 1),
+            conv_kernel=c.get("mamba_d_conv", 4),
+            norm_eps=eps,
+            use_bias=c.get("mamba_proj_bias", False),
+            use_conv_bias=c.get("mamba_conv_bias", True),
+            residual_in_fp32=False,
+            time_step_limit=(_json_float(limit[0]), _json_float(limit[1])),
+        )
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            attn_layer_indices=tuple(sorted(c.get("attn_layer_indices") or ())),
+            num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or hidden // heads,
+            max_position_embeddings=c.get("max_position_embeddings", 262144),
+            norm_eps=eps,
+            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+            # transformers sets 0.5 for every Bamba config (kept for backward compatibility there).
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5))),
+            mamba=mamba,
+            attention_bias=c.get("attention_bias", False),
+            mlp_bias=c.get("mlp_bias", False),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+        )
+
+
+class BambaMLP(nn.Module):
+    def __init__(self, cfg: BambaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BambaLayer(nn.Module):
+    """One decoder layer; ``mamba`` or ``self_attn`` as the checkpoint names them."""
+
+    def __init__(self, cfg: BambaConfig, attention: bool, backend: Backend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.feed_forward = BambaMLP(cfg)
+        self.is_attention = attention
+        if attention:
+            self.self_attn = PagedAttention(
+                cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias, backend
+            )
+        else:
+            self.mamba = Mamba2Mixer(cfg.mamba, backend)
+
+
+class BambaBackbone(nn.Module):
+    def __init__(self, cfg: BambaConfig, backend: Backend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        attn = set(cfg.attn_layer_indices)
+        self.layers = nn.ModuleList(BambaLayer(cfg, i in attn, backend) for i in range(cfg.num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class BambaLM(RecurrentLM):
+    """Bamba causal LM; module names follow transformers (``model.*``, ``lm_head``)."""
+
+    decode_graph_safe = False  # the attention layers' decode reads host ints on the CPU path
+
+    def __init__(self, cfg: BambaConfig, backend: Backend = "torch") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        # RoPE is defined up to max_position_embeddings; limit_context lowers it to --max-model-len.
+        self.max_model_len = cfg.max_position_embeddings
+        self.model = BambaBackbone(cfg, backend)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.rotary_dim, cfg.rope_theta), persistent=False)
+        # Attention layer i's cache is kv.caches[self._kv_index[i]].
+        self._kv_index = {layer: n for n, layer in enumerate(cfg.attn_layer_indices)}
+
+    @classmethod
+    def from_hf_config(cls, config: dict, *, backend: Backend) -> BambaLM:
+        return cls(BambaConfig.from_hf(config), backend)
+
+    def limit_context(self, max_model_len: int) -> None:
+        self.max_model_len = min(self.max_model_len, max_model_len)
+
+    def state_specs(self) -> list[list[StateSpec]]:
+        m = self.cfg.mamba
+        conv = StateSpec("conv", (m.conv_dim, m.conv_kernel - 1), self.dtype)
+        ssm = StateSpec("ssm", (m.num_heads, m.state_size, m.head_dim), torch.float32)
+        return [[] if layer.is_attention else [conv, ssm] for layer in self.model.layers]
+
+    def kv_specs(self) -> list[KVSpec]:
+        return [KVSpec(self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype) for _ in self.cfg.attn_layer_indices]
+
+    # ------------------------------------------------------------------ loading
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        for layer in self.model.layers:
+            if not layer.is_attention:
+                self._keep_fp32_ssm_params(layer.mamba)
+        ignore = ("lm_head.weight",) if self.cfg.tie_word_embeddings else ()
+        return load_weights(self, weights, WeightsMapper(ignore_suffixes=ignore))
+
+    @staticmethod
+    def _keep_fp32_ssm_params(mixer: Mamba2Mixer) -> None:
+        """A = -exp(A_log), dt_bias and D in fp32 straight from the checkpoint tensors, whatever the
+        model dtype (the mixer's fp32 copies, see Mamba2Mixer.set_fp32_params)."""
+
+        def a_log(param: nn.Parameter, tensor: torch.Tensor) -> None:
+            default_weight_loader(param, tensor)
+            mixer.A = -torch.exp(tensor.to(param.device, torch.float32))
+
+        def dt_bias(param: nn.Parameter, tensor: torch.Tensor) -> None:
+            default_weight_loader(param, tensor)
+            mixer.dt_bias_f = tensor.to(param.device, torch.float32)
+
+        def d(param: nn.Parameter, tensor: torch.Tensor) -> None:
+            default_weight_loader(param, tensor)
+            mixer.D_f = tensor.to(param.device, torch.float32)
+
+        set_weight_loader(mixer.A_log, a_log)
+        set_weight_loader(mixer.dt_bias, dt_bias)
+        set_weight_loader(mixer.D, d)
+
+    def post_load(self) -> None:
+        # The loader casts the module to the model dtype; RoPE frequencies must stay fp32.
+        self.inv_freq = rope_inv_freq(self.cfg.rotary_dim, self.cfg.rope_theta, self.device)
+
+    # ------------------------------------------------------------------ forward
+
+    def _kv(self, kv: PagedKVMetadata | None) -> PagedKVMetadata | None:
+        if not self._kv_index:
+            return None
+        if kv is None:
+            raise ValueError("Bamba's attention layers need the batch's paged KV cache metadata (batch.kv)")
+        if kv.max_seq_len > self.max_model_len:
+            raise ValueError(f"position {kv.max_seq_len - 1} is beyond max_model_len {self.max_model_len}")
+        return kv
+
+    @torch.no_grad()
+    def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
+        kv = self._kv(batch.kv)
+        rope = rope_cos_sin(batch.positions, self.inv_freq, self.dtype)
+        h = self.model.embed_tokens(batch.input_ids)  # [T, D]
+        for i, (layer, st) in enumerate(zip(self.model.layers, states)):
+            x = layer.input_layernorm(h)
+            if layer.is_attention:
+                h = h + layer.self_attn.prefill(x, rope, kv, self._kv_index[i], batch.cu_seqlens)
+            else:
+                h = h + layer.mamba.prefill(x, st["conv"], st["ssm"], batch)
+            h = h + layer.feed_forward(layer.pre_ff_layernorm(h))
+        return lm_logits(self.model.final_layernorm(h.index_select(0, batch.logits_indices)), self.lm_head)
+
+    @torch.no_grad()
+    def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
+        kv = self._kv(batch.kv)
+        rope = rope_cos_sin(batch.positions, self.inv_freq, self.dtype)
+        h = self.model.embed_tokens(batch.input_ids)  # [B, D]
+        for i, (layer, st) in enumerate(zip(self.model.layers, states)):
+            x = layer.input_layernorm(h)
+            if layer.is_attention:
+                h = h + layer.self_attn.decode(x, rope, kv, self._kv_index[i])
+            else:
+                h = h + layer.mamba.decode(x, st["conv"], st["ssm"], batch.slot_ids)
+            h = h + layer.feed_forward(layer.pre_ff_layernorm(h))
+        return lm_logits(self.model.final_layernorm(h), self.lm_head)

@@ -1,0 +1,81 @@
+"""One weight loader: a per-family name map and per-parameter load hooks (as vLLM's
+``AutoWeightsLoader`` / ``WeightsMapper`` / ``weight_loader``).
+
+A family describes how checkpoint names become its parameter names (``WeightsMapper``: prefix and
+substring renames, names to ignore) and, for the few parameters that need more than a copy, attaches
+a hook with ``set_weight_loader``: a transpose, a split of a fused tensor, or an exact fp32 copy kept
+beside the parameter before any dtype cast. ``load_weights`` then does the rest the same way for
+every family: unknown names and wrong shapes are clear errors, the filled names are returned for the
+loader's missing-weights check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# hook(param, checkpoint_tensor): fill ``param`` (and whatever derives from the tensor).
+WeightLoader = Callable[[nn.Parameter, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class WeightsMapper:
+    """Checkpoint name -> parameter name. Applied in order: ``ignore`` (exact names or suffixes after
+    the prefix renames) drops a tensor, ``prefixes`` replace a leading part, ``substrings`` replace
+    every occurrence."""
+
+    prefixes: tuple[tuple[str, str], ...] = ()
+    substrings: tuple[tuple[str, str], ...] = ()
+    ignore_suffixes: tuple[str, ...] = ()
+
+    def map(self, name: str) -> str | None:
+        for old, new in self.prefixes:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        if self.ignore_suffixes and name.endswith(self.ignore_suffixes):
+            return None
+        for old, new in self.substrings:
+            name = name.replace(old, new)
+        return name
+
+
+@torch.no_grad()
+def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != parameter shape {tuple(param.shape)}")
+    param.copy_(tensor)
+
+
+def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
+    """Attach a load hook to one parameter (used instead of the plain copy). Attach hooks in the
+    family's ``load_weights``, not its constructor: materialising a meta-device module makes new
+    parameter objects."""
+    param.weight_loader = loader  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def load_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapper: WeightsMapper) -> set[str]:
+    """Fill ``module``'s parameters from (checkpoint name, tensor) pairs; the parameter names filled.
+
+    Tied parameters appear once in ``named_parameters``: a family with a tied head ignores the head's
+    checkpoint name in its mapper."""
+    params = dict(module.named_parameters())
+    filled: set[str] = set()
+    for ckpt_name, tensor in weights:
+        name = mapper.map(ckpt_name)
+        if name is None:
+            continue
+        param = params.get(name)
+        if param is None:
+            raise KeyError(f"unexpected checkpoint tensor {ckpt_name!r} (no parameter {name!r})")
+        loader: WeightLoader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensor)
+        except ValueError as exc:
+            raise ValueError(f"{ckpt_name}: {exc}") from exc
+        filled.add(name)
+    return filled
