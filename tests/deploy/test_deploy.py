@@ -164,6 +164,12 @@ def _exported_series() -> set[str]:
         slots_used=2,
         last_step_seconds=0.01,
         num_steps=3,
+        prefix_cache_queries=10,
+        prefix_cache_hits=4,
+        prefix_cache_device_bytes=2048,
+        prefix_cache_host_bytes=1024,
+        prefix_cache_entries=3,
+        prefix_cache_evictions=1,
     )
     metrics = ServerMetrics("m", stats=lambda: stats)
     text = generate_latest(metrics.registry).decode()
