@@ -18,9 +18,10 @@ import torch
 from rnnserve.config import RunnerConfig
 from rnnserve.engine.compiled import CompiledDecoder
 from rnnserve.engine.cuda_graph import CUDAGraphDecoder, eager_decoder
+from rnnserve.engine.kv_cache import KVCache
 from rnnserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from rnnserve.engine.state_pool import StatePool
-from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM
+from rnnserve.models.base import DecodeBatch, PagedKVMetadata, PrefillBatch, RecurrentLM
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +37,15 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: RecurrentLM, pool: StatePool, config: RunnerConfig) -> None:
+    def __init__(
+        self, model: RecurrentLM, pool: StatePool, config: RunnerConfig, kv_cache: KVCache | None = None
+    ) -> None:
         self.model = model
         self.pool = pool
         self.config = config
         self.device = pool.device
+        # The paged KV cache of a model with attention layers: each batch carries its step metadata.
+        self.kv_cache = kv_cache
         self._decoder = self._make_decoder()
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -82,6 +87,18 @@ class ModelRunner:
             input_ids=self._tensor(ids),
             positions=self._tensor(pos),
             slot_ids=self._tensor(slots),
+            kv=self._kv_metadata(decodes),
+        )
+
+    def _kv_metadata(self, scheduled: list[ScheduledRequest]) -> PagedKVMetadata | None:
+        """Block tables, lengths and slot mapping of the step's sequences (the scheduler has allocated
+        their blocks); None for a model without attention layers."""
+        if self.kv_cache is None:
+            return None
+        return self.kv_cache.metadata(
+            [s.request.slot for s in scheduled],  # type: ignore[misc]
+            [s.start + s.num_tokens for s in scheduled],
+            [s.num_tokens for s in scheduled],
         )
 
     def _prefill_batch(self, prefills: list[ScheduledRequest]) -> tuple[PrefillBatch, list[tuple[int, int]]]:
@@ -110,6 +127,7 @@ class ModelRunner:
             slot_ids=self._tensor([s.request.slot for s in prefills]),
             logits_indices=self._tensor(logit_idx),
             cu_seqlens_cpu=tuple(cu),
+            kv=self._kv_metadata(prefills),
         )
         return batch, rows
 
@@ -121,6 +139,10 @@ class ModelRunner:
         eager otherwise or with ``enforce_eager``. Capture / compilation happens here, at start-up."""
         states = self.pool.states
         if self.config.enforce_eager:
+            return eager_decoder(self.model, states)
+        if self.kv_cache is not None:
+            # The CUDA-graph and compiled decoders build their batches without block tables.
+            logger.info("decoding eagerly: the model has attention layers over the paged KV cache")
             return eager_decoder(self.model, states)
         if self.device.type == "cuda":
             graphs = CUDAGraphDecoder(self.model, states, min(self.config.max_graph_batch_size, self.pool.capacity))
