@@ -9,6 +9,7 @@ into one ``asyncio.Queue`` per request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -16,12 +17,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rnnserve.config import ModelConfig, PrefixCacheConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
 from rnnserve.engine.prefix_cache import PrefixCache, state_identity
 from rnnserve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from rnnserve.engine.runner import ModelRunner
-from rnnserve.engine.sampler import Sampler
-from rnnserve.engine.scheduler import Scheduler, SchedulerOutput
+from rnnserve.engine.sampler import Sampler, SamplerOutput
+from rnnserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from rnnserve.engine.state_pool import Snapshot, StatePool
 from rnnserve.engine.state_store import StateNotFoundError, StateStore, check_state_name
 from rnnserve.models.base import RecurrentLM
@@ -118,9 +121,11 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise EngineInputError(f"token id {bad} is out of the vocabulary (0..{self.vocab_size - 1})", "prompt")
-        if self.max_model_len is not None and len(prompt_token_ids) > self.max_model_len:
+        if self.max_model_len is not None and len(prompt_token_ids) >= self.max_model_len:
+            # A prompt of exactly max_model_len tokens would exceed it with its first generated token.
             raise EngineInputError(
-                f"the prompt has {len(prompt_token_ids)} tokens, more than max_model_len={self.max_model_len}",
+                f"the prompt has {len(prompt_token_ids)} tokens; max_model_len={self.max_model_len} leaves room "
+                f"for at most {self.max_model_len - 1} and one generated token",
                 "prompt",
             )
 
@@ -194,10 +199,13 @@ class LLMEngine:
             try:
                 run = self.runner.execute(sched)
                 to_sample, logits = self.scheduler.fork(run.sampled, run.sample_logits)
-                sampled = self.sampler(logits, [s.request for s in to_sample]) if logits is not None else None
-            except Exception as exc:
+            except Exception as exc:  # states may be half-written: the step's requests cannot go on
                 logger.exception("engine step failed; finishing its %d requests", len(sched.scheduled))
                 return outputs + self._fail(sched, exc)
+            sampled = None
+            if logits is not None:
+                sched, to_sample, sampled, failed = self._sample_isolated(sched, to_sample, logits)
+                outputs += failed
             step_outputs = self.scheduler.update_from_output(sched, run.prompt_logits, to_sample, sampled)
             self._release_finished(step_outputs)
             for out in step_outputs if self._state_errors else []:
@@ -206,6 +214,38 @@ class LLMEngine:
             self._num_steps += 1
             self._last_step_seconds = time.perf_counter() - t0
         return outputs
+
+    def _sample_isolated(
+        self, sched: SchedulerOutput, to_sample: list[ScheduledRequest], logits: torch.Tensor
+    ) -> tuple[SchedulerOutput, list[ScheduledRequest], SamplerOutput, list[RequestOutput]]:
+        """Sample the batch (``logits`` [B, V]); if that fails, sample row by row so only the rows that
+        fail (a request whose parameters the sampler cannot take) finish with ERROR, and the others go on.
+
+        Returns the step without the failed requests, the rows that got a token, their tokens, and
+        the failed requests' final outputs."""
+        try:
+            return sched, to_sample, self.sampler(logits, [s.request for s in to_sample]), []
+        except Exception:
+            logger.exception("sampling a batch of %d failed; retrying row by row", len(to_sample))
+        kept: list[ScheduledRequest] = []
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
+        failed: list[RequestOutput] = []
+        for b, s in enumerate(to_sample):
+            try:
+                one = self.sampler(logits[b : b + 1], [s.request])  # [1, V]
+            except Exception as exc:
+                logger.exception("request %s failed in the sampler", s.request.request_id)
+                self.scheduler.finish(s.request, FinishReason.ERROR)
+                self._release(s.request)
+                failed.append(self._output(s.request, [], None, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            kept.append(s)
+            tokens += one.token_ids
+            logprobs += one.logprobs
+        done = {out.request_id for out in failed}
+        sched = dataclasses.replace(sched, scheduled=[s for s in sched.scheduled if s.request.request_id not in done])
+        return sched, kept, SamplerOutput(token_ids=tokens, logprobs=logprobs), failed
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         outputs = []
@@ -400,6 +440,8 @@ class AsyncEngine:
         self.engine.validate(add.prompt_token_ids)
         if add.initial_state is not None:
             self.engine.validate_state_name(add.initial_state)
+        if add.save_state is not None and self.engine.state_store is None:  # a 400 now, not an error output later
+            raise EngineInputError("this server has no state folder (start it with --state-dir)", "name")
         if request_id in self._queues:
             raise EngineInputError(f"request id {request_id!r} is already running", "request_id")
         if not self.is_running:

@@ -8,6 +8,7 @@ the state after the prompt to ``--state-dir``; the API key, when set, guards thi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import Field
@@ -19,6 +20,8 @@ from rnnserve.server.errors import APIError, bad_request
 from rnnserve.server.generation import check_prompt
 from rnnserve.server.protocol import OpenAIRequest, random_id
 from rnnserve.server.streaming import InputRejected, MergedStreams
+
+logger = logging.getLogger(__name__)
 
 
 class SaveStateRequest(OpenAIRequest):
@@ -49,8 +52,9 @@ async def save_state(ctx: ServingContext, body: SaveStateRequest) -> dict[str, A
     streams = MergedStreams([stream])
     try:
         async for _, out in streams:
-            if out.error is not None:
-                raise APIError(500, out.error, code="state_not_saved")
+            if out.error is not None:  # the cause goes to the log, not to the client
+                logger.error("saving state %r failed: %s", body.name, out.error)
+                raise APIError(500, "the state could not be saved (logged on the server)", code="state_not_saved")
             if out.finished:
                 break
     except InputRejected as exc:
