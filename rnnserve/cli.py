@@ -7,10 +7,13 @@ the engine, FastAPI) happen inside ``serve`` so that ``rnnserve chat`` and ``com
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import logging
-import os
+import pkgutil
 import re
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -23,6 +26,17 @@ from rnnserve.config import (
     SchedulerConfig,
     ServerConfig,
     StatePoolConfig,
+    default_allowed_hosts,
+)
+from rnnserve.console import (
+    OPTIONAL_PACKAGES,
+    ArgumentParser,
+    CLIError,
+    api_key_from_env,
+    missing_package_message,
+    print_error,
+    require,
+    v1_url,
 )
 
 logger = logging.getLogger("rnnserve")
@@ -72,6 +86,10 @@ class ServeConfigs:
     state_dir: str | None = None  # --state-dir: named initial states
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     d_model, d_pool, d_sched, d_run, d_srv = (
         ModelConfig(),
@@ -81,17 +99,32 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         ServerConfig(),
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the embedded demo Mamba)")
+    g.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the embedded default model)")
     g.add_argument("--served-model-name", default=None, help="model id clients use (default: --model as given)")
-    g.add_argument("--dtype", default=d_model.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default=d_model.device, help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--kernels", default=d_model.kernels, choices=["auto", "torch", "triton"])
+    g.add_argument(
+        "--dtype",
+        default=d_model.dtype,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: float32 on the CPU, bfloat16 on CUDA",
+    )
+    g.add_argument("--device", default=d_model.device, help="auto (cuda if there is one, else cpu), cpu, cuda, cuda:1")
+    g.add_argument(
+        "--kernels",
+        default=d_model.kernels,
+        choices=["auto", "torch", "triton"],
+        help="auto: triton on CUDA, torch elsewhere",
+    )
     g.add_argument("--tokenizer", default=None, help="tokenizer folder, 'gpt-neox-20b' or 'rwkv-world'")
     g.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the tokenizer's")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=d_pool.max_num_seqs, help="state slots / concurrent sequences")
     g.add_argument("--state-memory", type=parse_bytes, default=None, help="state pool budget in bytes, e.g. 2GiB")
-    g.add_argument("--max-num-batched-tokens", type=int, default=d_sched.max_num_batched_tokens)
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=d_sched.max_num_batched_tokens,
+        help="tokens per engine step (decodes + prefill chunks)",
+    )
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit (default: none)")
     g.add_argument("--enforce-eager", action="store_true", default=d_run.enforce_eager, help="no CUDA graphs")
     g.add_argument(
@@ -132,8 +165,56 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default=d_srv.host)
     g.add_argument("--port", type=int, default=d_srv.port)
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env RNNSERVE_API_KEY)")
-    g.add_argument("--max-request-bytes", type=parse_bytes, default=d_srv.max_request_bytes)
+    g.add_argument(
+        "--max-request-bytes",
+        type=parse_bytes,
+        default=d_srv.max_request_bytes,
+        help="largest request body in bytes, e.g. 4MiB",
+    )
     g.add_argument("--log-level", default=d_srv.log_level, choices=["debug", "info", "warning", "error", "critical"])
+    g = p.add_argument_group("admission and hardening")
+    g.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=d_srv.max_queued_requests,
+        help="sequences that may wait for a state slot; past it 429 + Retry-After (default: as many as slots)",
+    )
+    g.add_argument(
+        "--max-fanout", type=int, default=d_srv.max_fanout, help="most sequences (prompts x n) in one request"
+    )
+    g.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds; a request still running ends with 'abort'"
+    )
+    g.add_argument(
+        "--allowed-hosts",
+        type=_csv,
+        default=None,
+        help="comma-separated Host names served ('*' = any; default: bound to loopback, it and the localhost names)",
+    )
+    g.add_argument(
+        "--allowed-origins",
+        type=_csv,
+        default=d_srv.allowed_origins,
+        help="comma-separated CORS origins (default: no CORS)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=d_srv.shutdown_timeout,
+        help="seconds running requests get to finish after SIGTERM/SIGINT before they end with 'abort'",
+    )
+    g.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=d_srv.keep_alive_timeout,
+        help="seconds an idle connection stays open",
+    )
+    g.add_argument(
+        "--read-timeout",
+        type=float,
+        default=d_srv.read_timeout,
+        help="seconds a client has to send a request's headers, and again its body",
+    )
 
 
 def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
@@ -170,21 +251,30 @@ def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
         server=ServerConfig(
             host=args.host,
             port=args.port,
-            api_key=args.api_key or os.environ.get("RNNSERVE_API_KEY") or None,
+            api_key=args.api_key or api_key_from_env(server=True),
             max_request_bytes=args.max_request_bytes,
             log_level=args.log_level,
+            max_queued_requests=args.max_queued_requests,
+            max_fanout=args.max_fanout,
+            request_timeout=args.request_timeout,
+            allowed_hosts=args.allowed_hosts if args.allowed_hosts is not None else default_allowed_hosts(args.host),
+            allowed_origins=args.allowed_origins,
+            shutdown_timeout=args.shutdown_timeout,
+            keep_alive_timeout=args.keep_alive_timeout,
+            read_timeout=args.read_timeout,
         ),
     )
 
 
-def serve(cfg: ServeConfigs) -> int:
+def serve(cfg: ServeConfigs, sock: socket.socket | None = None) -> int:
+    """Load the model and serve it; on ``sock`` when given (bound before the load, see
+    rnnserve.preflight), else on the configured host and port."""
     import dataclasses
     from pathlib import Path
 
-    import uvicorn
-
     from rnnserve.engine.engine import AsyncEngine
     from rnnserve.server.app import build_app
+    from rnnserve.server.run import run
     from rnnserve.server.tokenizer import load_tokenizer
 
     model_cfg = cfg.model
@@ -208,14 +298,7 @@ def serve(cfg: ServeConfigs) -> int:
         engine.max_model_len,
     )
     app = build_app(engine, tokenizer, model_name=str(name), model_root=str(model_path), server_config=cfg.server)
-    uvicorn.run(
-        app,
-        host=cfg.server.host,
-        port=cfg.server.port,
-        workers=1,
-        log_level=cfg.server.log_level,
-        timeout_graceful_shutdown=5,
-    )
+    run(app, cfg.server, sockets=None if sock is None else [sock])  # drains on SIGTERM / SIGINT
     return 0
 
 
@@ -223,21 +306,29 @@ def complete(argv: list[str]) -> int:
     """``rnnserve complete --base-url URL "prompt"``: one streamed completion, printed as it comes."""
     import json
 
+    require("httpx", "rnnserve complete")
     import httpx
 
-    p = argparse.ArgumentParser(prog="rnnserve complete", description="stream one completion from a server")
+    p = ArgumentParser(prog="rnnserve complete", description="stream one completion from a server")
     p.add_argument("prompt")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (a /v1 suffix is fine)")
     p.add_argument("--model", default=None, help="default: the server's first model")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--api-key", default=os.environ.get("RNNSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--api-key", default=None, help="default: $RNNSERVE_API_KEY, else $OPENAI_API_KEY")
     args = p.parse_args(argv)
-    base = args.base_url.rstrip("/")
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    base = v1_url(args.base_url)
+    api_key = args.api_key or api_key_from_env()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(600.0, connect=10.0)) as client:
         try:
-            model = args.model or client.get("/models").raise_for_status().json()["data"][0]["id"]
+            if args.model:
+                model = args.model
+            else:
+                resp = client.get("/models")
+                if resp.status_code != 200:
+                    raise CLIError(f"GET {base}/models: HTTP {resp.status_code}: {_error_message(resp.text)}")
+                model = resp.json()["data"][0]["id"]
             body = {
                 "model": model,
                 "prompt": args.prompt,
@@ -248,23 +339,31 @@ def complete(argv: list[str]) -> int:
             with client.stream("POST", "/completions", json=body) as resp:
                 if resp.status_code != 200:
                     resp.read()
-                    print(f"rnnserve complete: HTTP {resp.status_code}: {resp.text}", file=sys.stderr)
-                    return 1
+                    raise CLIError(f"HTTP {resp.status_code}: {_error_message(resp.text)}")
                 for line in resp.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     event = json.loads(line[len("data: ") :])
                     if "error" in event:
-                        print(f"\nrnnserve complete: {event['error'].get('message')}", file=sys.stderr)
-                        return 1
+                        sys.stdout.write("\n")
+                        raise CLIError(f"the server stopped the completion: {event['error'].get('message')}")
                     for choice in event.get("choices", []):
                         sys.stdout.write(choice.get("text", ""))
                         sys.stdout.flush()
         except httpx.HTTPError as exc:
-            print(f"rnnserve complete: cannot reach {base}: {exc}", file=sys.stderr)
-            return 1
+            raise CLIError(f"cannot reach {base}: {exc}") from exc
     sys.stdout.write("\n")
     return 0
+
+
+def _error_message(text: str) -> str:
+    """The message of an OpenAI-shaped error body, else the body itself."""
+    import json
+
+    try:
+        return str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return text.strip()[:300]
 
 
 def _dispatch(module: str, argv: list[str]) -> int:
@@ -272,34 +371,94 @@ def _dispatch(module: str, argv: list[str]) -> int:
     return int(main(argv) or 0)
 
 
+def benchmarks() -> dict[str, str]:
+    """Every ``rnnserve.bench.<name>`` module and the first line of its docstring (read, not
+    imported: a benchmark's optional packages may be missing)."""
+    import rnnserve.bench
+
+    out = {}
+    for info in pkgutil.iter_modules(rnnserve.bench.__path__):
+        spec = importlib.util.find_spec(f"rnnserve.bench.{info.name}")
+        doc = ""
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            with open(spec.origin, encoding="utf-8") as f:
+                doc = ast.get_docstring(ast.parse(f.read())) or ""
+        summary = doc.split("\n\n")[0].replace("\n", " ").replace("``", "")
+        out[info.name] = summary.split(": ", 1)[1] if summary.startswith("rnnserve bench") else summary
+    return out
+
+
+def bench_usage() -> str:
+    lines = ["usage: rnnserve bench <name> [args...]   (rnnserve bench <name> --help: its flags)", "", "benchmarks:"]
+    lines += [f"  {name:<11} {summary}" for name, summary in sorted(benchmarks().items())]
+    return "\n".join(lines)
+
+
+def bench(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(bench_usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name = argv[0]
+    known = benchmarks()
+    if name not in known:
+        raise CLIError(f"no benchmark named {name!r}; there are: {', '.join(sorted(known))}", status=2)
+    return _dispatch(f"rnnserve.bench.{name}", argv[1:])
+
+
+# ConfigError names config fields; the user typed flags. The fields whose flag is not their name.
+_FIELD_FLAGS = {"compile_cpu_decode": "--compile"}
+
+
+def flag_names(message: str) -> str:
+    """``max_num_seqs must be >= 1`` -> ``--max-num-seqs must be >= 1``: every snake_case word that
+    is a serve flag's field, and a leading one-word field (``port must be ...``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_serve_arguments(p)
+    flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings} | _FIELD_FLAGS
+
+    def sub(m: re.Match[str]) -> str:
+        word = m.group(0)
+        return flags[word] if word in flags and ("_" in word or m.start() == 0) else word
+
+    return re.sub(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)*\b", sub, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rnnserve", description="An inference server for recurrent language models.")
+    p = ArgumentParser(prog="rnnserve", description="An inference server for recurrent language models.")
     p.add_argument("--version", action="version", version=f"rnnserve {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     add_serve_arguments(sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API"))
     sub.add_parser("complete", help="stream one completion from a running server", add_help=False)
     sub.add_parser("chat", help="streaming terminal chat with a running server", add_help=False)
-    sub.add_parser("bench", help="benchmarks: rnnserve bench <throughput|serve|...> --help", add_help=False)
+    sub.add_parser("bench", help="benchmarks: rnnserve bench --help lists them", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every command's user mistakes end here as one line, ``rnnserve: error: ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except CLIError as exc:
+        print_error(str(exc))
+        return exc.status
+    except ModuleNotFoundError as exc:
+        package = (exc.name or "").split(".")[0]
+        if package not in OPTIONAL_PACKAGES:
+            raise
+        command = " ".join(["rnnserve", *argv[: 2 if argv[:1] == ["bench"] else 1]])
+        print_error(missing_package_message(package, command))
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     # Subcommands with their own parsers get their arguments untouched.
     if argv and argv[0] == "chat":
         return _dispatch("rnnserve.clients.chat", argv[1:])
     if argv and argv[0] == "complete":
         return complete(argv[1:])
     if argv and argv[0] == "bench":
-        if len(argv) < 2 or argv[1].startswith("-") or not re.fullmatch(r"[a-z_][a-z0-9_]*", argv[1]):
-            print("usage: rnnserve bench <name> [args...]   (e.g. throughput, serve)", file=sys.stderr)
-            return 2
-        try:
-            importlib.import_module(f"rnnserve.bench.{argv[1]}")
-        except ModuleNotFoundError:
-            print(f"rnnserve bench: no benchmark named {argv[1]!r}", file=sys.stderr)
-            return 2
-        return _dispatch(f"rnnserve.bench.{argv[1]}", argv[2:])
+        return bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "serve":
@@ -311,13 +470,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = configs_from_args(args)
     except ConfigError as exc:
-        parser.error(str(exc))
+        raise CLIError(f"{flag_names(str(exc))} (see rnnserve serve --help)", status=2) from exc
     from rnnserve.models.loader import ModelLoadError
     from rnnserve.models.registry import UnsupportedModelError
+    from rnnserve.preflight import bind_socket, check_device
     from rnnserve.server.tokenizer import TokenizerLoadError
 
     try:
-        return serve(cfg)
-    except (ModelLoadError, UnsupportedModelError, TokenizerLoadError, ConfigError) as exc:
-        print(f"rnnserve serve: error: {exc}", file=sys.stderr)
-        return 1
+        # Before the model loads: an impossible device or a taken port fails in a second.
+        check_device(cfg.model)
+        sock = bind_socket(cfg.server)
+    except ConfigError as exc:
+        raise CLIError(str(exc), status=2) from exc
+    try:
+        return serve(cfg, sock)
+    except (ModelLoadError, UnsupportedModelError, TokenizerLoadError) as exc:
+        raise CLIError(str(exc)) from exc
+    except ConfigError as exc:
+        raise CLIError(flag_names(str(exc))) from exc
+    finally:
+        sock.close()

@@ -43,6 +43,7 @@ from pathlib import Path
 import httpx
 
 from rnnserve.bench.serve import ServeBenchConfig, run_benchmark
+from rnnserve.console import ArgumentParser, CLIError, print_error, require
 
 # Runs the CLI in a child interpreter, whether or not the ``rnnserve`` script is installed.
 _SERVE = "import sys; from rnnserve.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -101,6 +102,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log_path: P
     raise RuntimeError(f"the server at {url} was not healthy after {timeout_s:.0f}s (log: {log_path})")
 
 
+def child_python() -> list[str]:
+    """The interpreter command for the spawned servers. ``python -c`` puts the working directory
+    first on sys.path, where a folder holding the clone (``./rnnserve``, no ``__init__.py``) shadows
+    the installed package as an empty namespace package: ``-P`` (Python 3.11+) leaves the working
+    directory out, and the servers run in their log folder besides (for 3.10)."""
+    return [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
+
+
 @contextmanager
 def launch_server(
     model: Path | str, serve_args: list[str], log_path: Path, startup_timeout_s: float = 600.0
@@ -109,10 +118,14 @@ def launch_server(
     once /health answers and stops the process afterwards."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-c", _SERVE, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    local = Path(model)
+    model_arg = str(local.resolve()) if local.exists() else str(model)  # the child runs elsewhere
+    cmd = [*child_python(), "-c", _SERVE, "serve", "--model", model_arg, "--host", "127.0.0.1", "--port", str(port)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([*cmd, *serve_args], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [*cmd, *serve_args], stdout=log, stderr=subprocess.STDOUT, cwd=log_path.parent.resolve()
+        )
     try:
         wait_healthy(url, proc, startup_timeout_s, log_path)
         yield url
@@ -320,7 +333,8 @@ def _serve_args(cfg: CompareConfig, max_model_len: int | None, state_memory: str
     if state_memory:
         args += ["--state-memory", state_memory]
     if cfg.tokenizer:
-        args += ["--tokenizer", cfg.tokenizer]
+        local = Path(cfg.tokenizer)
+        args += ["--tokenizer", str(local.resolve()) if local.exists() else cfg.tokenizer]
     return args
 
 
@@ -512,6 +526,14 @@ def _rows(result: dict, model: str) -> list[dict]:
     return [r for r in result["rows"] if r["model"] == model]
 
 
+def _legend(ax: object, fontsize: int) -> None:
+    """The axes' legend, or a note that nothing was measured (a legend of nothing warns)."""
+    if ax.get_legend_handles_labels()[0]:  # type: ignore[attr-defined]
+        ax.legend(fontsize=fontsize)  # type: ignore[attr-defined]
+    else:
+        ax.text(0.5, 0.5, "no measurements", ha="center", va="center", transform=ax.transAxes)  # type: ignore[attr-defined]
+
+
 def draw_plots(result: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -543,7 +565,7 @@ def draw_plots(result: dict, out: Path) -> list[Path]:
         ax.set_ylabel("tokens/s")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _legend(axes[0], fontsize=7)
     fig.tight_layout()
     paths.append(out / "throughput_vs_context.png")
     fig.savefig(paths[-1], dpi=110)
@@ -583,7 +605,7 @@ def draw_plots(result: dict, out: Path) -> list[Path]:
             ax.set_xlabel("concurrency")
             ax.set_ylabel(f"{name} (ms)")
             ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=6)
+    _legend(axes[0][0], fontsize=6)
     fig.tight_layout()
     paths.append(out / "latency_vs_concurrency.png")
     fig.savefig(paths[-1], dpi=110)
@@ -602,7 +624,7 @@ def draw_plots(result: dict, out: Path) -> list[Path]:
     ax.set_ylabel("MiB per sequence (rnnserve:state_bytes_per_slot)")
     ax.set_title("Memory per sequence vs context length", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     fig.tight_layout()
     paths.append(out / "memory_vs_context.png")
     fig.savefig(paths[-1], dpi=110)
@@ -687,7 +709,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rnnserve bench compare", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="rnnserve bench compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--recurrent", type=Path, default=None, help="recurrent model folder (default: random Mamba)")
     p.add_argument("--baseline", type=Path, default=None, help="Transformer folder (default: random LLaMA)")
     p.add_argument("--size", choices=sorted(PRESETS), default="130m", help="random-model preset (default 130m)")
@@ -718,6 +740,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        require("matplotlib", "rnnserve bench compare")  # the plots come last: fail before the sweep
+    except CLIError as exc:
+        print_error(str(exc))
+        return 1
     if args.from_json is not None:
         report = write_report(json.loads(args.from_json.read_text()), args.out)
         print(f"wrote {report}")
@@ -743,12 +770,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for folder in (cfg.recurrent, cfg.baseline):
         if folder is not None and not (folder / "config.json").exists():
-            print(f"error: {folder} is not a model folder (no config.json)", file=sys.stderr)
+            print_error(f"{folder} is not a model folder (no config.json)")
             return 2
     try:
         result = run_sweep(cfg)
     except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 1
     report = write_report(result, cfg.out)
     failed = sum(r["failed"] for r in result["rows"])

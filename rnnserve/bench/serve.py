@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -26,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+
+from rnnserve.console import ArgumentParser, api_key_from_env, print_error
 
 # Common short English words: each is one token in BPE vocabularies, so word count ~ token count.
 _WORD_TEXT = (
@@ -350,7 +351,7 @@ def format_summary(s: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rnnserve bench serve", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="rnnserve bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000 (a /v1 suffix is fine)")
     p.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
@@ -363,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", help="let requests stop at EOS")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--api-key", default=None, help="default: $RNNSERVE_API_KEY, else $OPENAI_API_KEY")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--json", type=Path, default=None, help="write the full result (per-request lists too) here")
     return p
@@ -383,12 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             max_concurrency=args.max_concurrency,
             seed=args.seed,
             ignore_eos=args.ignore_eos,
-            api_key=args.api_key,
+            api_key=args.api_key or api_key_from_env(),
             timeout_s=args.timeout,
         )
         summary = asyncio.run(run_benchmark(cfg))
     except (ValueError, BenchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     print(format_summary(summary))
     if args.json:

@@ -28,10 +28,13 @@ from pathlib import Path
 
 import torch
 
-from rnnserve.config import ModelConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
+from rnnserve.config import ConfigError, ModelConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
+from rnnserve.console import ArgumentParser, print_error
 from rnnserve.engine.engine import LLMEngine
 from rnnserve.engine.request import SamplingParams
-from rnnserve.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
+from rnnserve.models.loader import LoadedModel, ModelLoadError, load_model, resolve_device, resolve_dtype
+from rnnserve.models.registry import UnsupportedModelError
+from rnnserve.preflight import check_device
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,11 @@ def run_hf(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="rnnserve bench throughput",
         description="Offline prefill and decode tokens/s of rnnserve's engine against transformers' generate().",
     )
-    p.add_argument("--model", required=True, help="checkpoint folder (HF format)")
+    p.add_argument("--model", default=None, help="checkpoint folder, HF format (default: the embedded default model)")
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=128)
@@ -203,13 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     except ValueError:
-        print(f"error: --batch-sizes must be comma-separated integers, got {args.batch_sizes!r}", file=sys.stderr)
+        print_error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
         return 2
     if not batch_sizes or min(batch_sizes) < 1 or args.prompt_len < 1 or args.gen_len < 2:
-        print("error: batch sizes and --prompt-len must be >= 1, --gen-len >= 2", file=sys.stderr)
+        print_error("batch sizes and --prompt-len must be >= 1, --gen-len >= 2")
         return 2
 
-    loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, device=args.device, kernels=args.kernels))
+    if args.model is None:
+        from rnnserve.models.default import ensure_default_model
+
+        args.model = str(ensure_default_model())
+    try:
+        check_device(ModelConfig(device=args.device, kernels=args.kernels))
+        loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, device=args.device, kernels=args.kernels))
+    except (ConfigError, ModelLoadError, UnsupportedModelError) as exc:
+        print_error(str(exc))
+        return 2
     model = loaded.model
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

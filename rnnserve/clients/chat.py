@@ -8,11 +8,12 @@ already shown stays in the history) without leaving the program. Uses the ``open
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
+
+from rnnserve.console import ArgumentParser, api_key_from_env, print_error, require, v1_url
 
 HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops an answer"
 
@@ -117,31 +118,33 @@ def repl(session: ChatSession, read: Callable[[str], str], out: TextIO) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rnnserve chat", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="rnnserve chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (a /v1 suffix is fine)")
     p.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or "EMPTY")
+    p.add_argument("--api-key", default=None, help="default: $RNNSERVE_API_KEY, else $OPENAI_API_KEY")
     return p
 
 
 def openai_base_url(base_url: str) -> str:
-    root = base_url.rstrip("/")
-    return root if root.endswith("/v1") else root + "/v1"
+    return v1_url(base_url)
 
 
 def main(argv: list[str] | None = None, read: Callable[[str], str] = input, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    require("openai", "rnnserve chat")
     import openai
 
-    args = build_parser().parse_args(argv)
     out = out or sys.stdout
-    client = openai.OpenAI(base_url=openai_base_url(args.base_url), api_key=args.api_key, max_retries=0)
+    # openai refuses an empty key; a server without --api-key ignores whatever is sent.
+    api_key = args.api_key or api_key_from_env() or "EMPTY"
+    client = openai.OpenAI(base_url=openai_base_url(args.base_url), api_key=api_key, max_retries=0)
     try:
         model = args.model or default_model(client)
     except (openai.OpenAIError, RuntimeError) as exc:
-        print(f"error: cannot list models at {args.base_url}: {exc}", file=sys.stderr)
+        print_error(f"cannot list models at {openai_base_url(args.base_url)}: {exc}")
         return 2
     session = ChatSession(
         client=client, model=model, system=args.system, temperature=args.temperature, max_tokens=args.max_tokens

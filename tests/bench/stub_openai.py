@@ -3,7 +3,8 @@
 It "generates" ``tok0 tok1 ...`` with a short sleep per token, honours ``max_tokens``, streams SSE
 chunks in the OpenAI shapes (completions and chat), sends a usage chunk when
 ``stream_options.include_usage`` is set, and answers ``/tokenize`` by splitting on whitespace.
-Everything it received is kept in ``StubServer.requests`` so tests can check what clients sent.
+Everything it received is kept in ``StubServer.requests`` (and each Authorization header in
+``authorizations``) so tests can check what clients sent.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class StubServer:
     url: str
     token_delay_s: float
     requests: list[dict] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)  # each request's Authorization header
 
 
 def free_port() -> int:
@@ -43,7 +45,8 @@ def _app(state: StubServer) -> FastAPI:
         return PlainTextResponse("ok")
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        state.authorizations.append(request.headers.get("authorization"))
         return {"object": "list", "data": [{"id": "stub-model", "object": "model", "owned_by": "test"}]}
 
     @app.post("/tokenize")
@@ -55,6 +58,7 @@ def _app(state: StubServer) -> FastAPI:
     async def complete(request: Request, chat: bool) -> object:
         body = await request.json()
         state.requests.append(body)
+        state.authorizations.append(request.headers.get("authorization"))
         if body.get("model") not in (None, "stub-model"):
             return JSONResponse({"error": {"message": "no such model", "type": "NotFoundError"}}, status_code=404)
         if chat:

