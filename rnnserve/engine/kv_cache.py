@@ -22,6 +22,10 @@ from rnnserve.models.base import PAD_SLOT, KVCaches, KVSpec, PagedKVMetadata
 
 # The padding block: padding rows of a CUDA-graph batch write their keys there, never into a real block.
 PAD_BLOCK = 0
+# Without --kv-cache-memory: every slot at max_model_len, but never more than this (a 256k-context
+# hybrid would otherwise ask for hundreds of GiB); past it, sequences share the blocks and preemption
+# arbitrates.
+DEFAULT_KV_CACHE_MEMORY = 4 * 1024**3
 
 
 def cdiv(a: int, b: int) -> int:
@@ -52,11 +56,11 @@ class KVCache:
                     f"kv_cache_memory={config.kv_cache_memory} bytes holds no block: one block of "
                     f"{config.block_size} tokens needs {self.bytes_per_block} bytes"
                 )
-        elif max_model_len is not None:
-            # Every real slot at full length: what the per-slot cache used to allocate, so never short.
-            num_blocks = (num_slots - 1) * cdiv(max_model_len, config.block_size)
         else:
-            raise ConfigError("a model with attention layers needs --kv-cache-memory or --max-model-len")
+            num_blocks = max(1, DEFAULT_KV_CACHE_MEMORY // self.bytes_per_block)
+            if max_model_len is not None:
+                # Every real slot at full length (what a per-slot cache would hold), within the default.
+                num_blocks = min(num_blocks, (num_slots - 1) * cdiv(max_model_len, config.block_size))
         self.num_blocks = num_blocks  # real blocks: 1..num_blocks
         # Longest table: max_model_len positions, and never more blocks than exist.
         self.max_blocks_per_seq = min(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rnnserve.config import ConfigError, KVCacheConfig
-from rnnserve.engine.kv_cache import PAD_BLOCK, KVCache
+from rnnserve.engine.kv_cache import DEFAULT_KV_CACHE_MEMORY, PAD_BLOCK, KVCache
 from rnnserve.kernels.paged_attention import causal_attention_naive, paged_attention_decode, paged_attention_prefill
 from rnnserve.models.base import PAD_SLOT, KVSpec
 
@@ -28,10 +28,11 @@ def test_sizing() -> None:
     assert cache.num_blocks == 10 and cache.num_free_blocks == 10
     assert cache.caches[0][0].shape == (11, 16, 2, 8)  # + the padding block
     assert cache.max_blocks_per_seq == 4  # 64 tokens
-    # Without a budget: every real slot at max_model_len.
+    # Without a budget: every real slot at max_model_len, within the default memory.
     assert _cache(blocks=None, num_slots=5, max_model_len=40).num_blocks == 4 * 3
-    with pytest.raises(ConfigError, match="kv-cache-memory or --max-model-len"):
-        _cache(blocks=None, max_model_len=None)
+    for slots, max_len in ((5, None), (65, 1 << 20)):  # on the meta device: the default is 4 GiB
+        big = KVCache(SPECS, KVCacheConfig(), slots, max_len, "meta")
+        assert big.num_blocks == DEFAULT_KV_CACHE_MEMORY // BYTES_PER_BLOCK
     with pytest.raises(ConfigError, match="holds no block"):
         KVCache(SPECS, KVCacheConfig(kv_cache_memory=BYTES_PER_BLOCK - 1), 5, 64, "cpu")
     with pytest.raises(ConfigError):
