@@ -10,7 +10,7 @@ Drain. On the first SIGTERM or SIGINT, the server stops admitting (new requests 
 connections get 503 with ``Retry-After``, ``/health`` answers 503, the listening socket closes),
 requests already running go on for up to ``--shutdown-timeout`` seconds, then every one still
 running ends with ``finish_reason: "abort"`` and a normal end of response (``data: [DONE]`` for a
-stream), and the process exits. A second SIGINT exits at once.
+stream), and the process exits with status 0. A second SIGINT exits at once.
 """
 
 from __future__ import annotations
@@ -96,6 +96,13 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        # Drained: exit with status 0 instead of uvicorn re-raising the signal once it is done (which
+        # kills the process with that signal, or raises KeyboardInterrupt for SIGINT).
+        if not self.force_exit:
+            getattr(self, "_captured_signals", []).clear()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit and self._loop is not None:
