@@ -24,8 +24,9 @@ cd "$REPO"
 OUT="${OUT:-$REPO/gpu_check_out}"
 BUDGET="${GPU_CHECK_BUDGET_S:-470}"
 PY="${PYTHON:-python3}"
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2> /dev/null; then
-    echo "gpu_check: error: no CUDA GPU here ($PY: torch.cuda.is_available() is False or torch is missing);" \
+if ! command -v nvidia-smi > /dev/null \
+    || ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2> /dev/null; then
+    echo "gpu_check: error: no CUDA GPU here (no nvidia-smi, or $PY: torch.cuda.is_available() is False);" \
         "run it on a GPU machine" >&2
     exit 2
 fi
