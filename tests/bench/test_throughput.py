@@ -55,3 +55,18 @@ def test_bench_without_baseline_and_bad_args(mamba_dir, tmp_path):
 def test_bench_does_not_import_fastapi():
     code = "import sys, rnnserve.bench.throughput; sys.exit('fastapi' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_bench_defaults_to_the_embedded_model(mamba_dir, tmp_path, monkeypatch, capsys):
+    import rnnserve.models.default
+
+    monkeypatch.setattr(rnnserve.models.default, "ensure_default_model", lambda: mamba_dir)
+    out = tmp_path / "b.json"
+    argv = ["--batch-sizes", "1", "--prompt-len", "4", "--gen-len", "2", "--no-baseline", "--warmup", "0"]
+    assert throughput.main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["model"] == str(mamba_dir)
+    # A model that cannot load is one line, not a traceback.
+    capsys.readouterr()
+    assert throughput.main(["--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnserve: error:") and "nowhere" in err and err.count("\n") == 1
