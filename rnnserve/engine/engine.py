@@ -93,6 +93,11 @@ class LLMEngine:
             model.limit_context(self.max_model_len)
         self.pool = StatePool(model.state_specs(), pool_config, model.device)
         identity = state_identity(model, self.pool)
+        # Snapshots and forks copy state-pool slots; a paged KV cache's blocks are not in them.
+        self._forks_states = not model.kv_specs()
+        if prefix_cache_config is not None and prefix_cache_config.enabled and not self._forks_states:
+            logger.warning("prefix caching is off: this model keeps a paged KV cache, which state snapshots miss")
+            prefix_cache_config = None
         self.prefix_cache = (
             PrefixCache(self.pool, prefix_cache_config, identity)
             if prefix_cache_config is not None and prefix_cache_config.enabled
@@ -171,7 +176,7 @@ class LLMEngine:
             initial_state=initial_state,
             save_state=save_state,
         )
-        self.scheduler.add(req, fork_of=fork_of)
+        self.scheduler.add(req, fork_of=fork_of if self._forks_states else None)
 
     def _save_state(self, name: str, snapshot: Snapshot, req: Request) -> None:
         assert self.state_store is not None

@@ -343,3 +343,20 @@ def test_initial_state_and_save_state(tmp_path: Path):
     other = make_engine(FakeRecurrentLM(VOCAB, seed=3), None, state_dir=str(tmp_path / "states"))
     with pytest.raises(EngineInputError, match="another model"):
         other.add_request("y", question, greedy(), initial_state="persona")
+
+
+def test_models_with_a_paged_kv_cache_neither_cache_nor_fork(caplog: pytest.LogCaptureFixture):
+    from rnnserve.models.base import KVSpec
+
+    class Hybrid(FakeRecurrentLM):
+        def kv_specs(self) -> list[KVSpec]:
+            return [KVSpec(num_kv_heads=1, head_dim=4, dtype=torch.float32)]
+
+    engine = make_engine(Hybrid(VOCAB), PrefixCacheConfig())
+    assert engine.prefix_cache is None and "paged KV cache" in caplog.text
+    prompt = prompt_of(10, 20)
+    engine.add_request("a", prompt, greedy())
+    engine.add_request("b", prompt, greedy(), fork_of="a")
+    outs = drain(engine)
+    assert engine.stats().prompt_tokens_total == 2 * len(prompt)  # each prefilled its own prompt
+    assert tokens(outs["a"]) == tokens(outs["b"])
