@@ -10,6 +10,7 @@ from typing import Literal
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 KernelBackend = Literal["auto", "torch", "triton"]
+Quantization = Literal["none", "int8"]
 
 
 class ConfigError(ValueError):
@@ -33,10 +34,12 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to the model folder
     chat_template: str | None = None  # a Jinja file overriding the tokenizer's template
     trust_remote_code: bool = False
+    quantization: Quantization = "none"  # int8: int8 weights in the linear layers (CPU, float32 models)
 
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "bfloat16", "float16", "auto"), f"bad dtype {self.dtype!r}")
         _require(self.kernels in ("auto", "torch", "triton"), f"bad kernels {self.kernels!r}")
+        _require(self.quantization in ("none", "int8"), f"bad quantization {self.quantization!r}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class StatePoolConfig:
 @dataclass(frozen=True)
 class KVCacheConfig:
     """The paged KV cache of attention layers (``--kv-cache-memory`` bytes, ``--block-size`` tokens per
-    block). Without a memory budget it holds every slot at ``--max-model-len`` (never preempts)."""
+    block). Without a memory budget it holds every slot at ``--max-model-len``, within 4 GiB."""
 
     kv_cache_memory: int | None = None
     block_size: int = 16

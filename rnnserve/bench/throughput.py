@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compiled decode")
     p.add_argument("--compile", action="store_true", help="torch.compile the CPU decode step (RunnerConfig)")
+    p.add_argument("--quantization", default="none", choices=["none", "int8"], help="int8: int8 linear weights (CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs at each batch's shapes first (default 1)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
@@ -218,7 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(ensure_default_model())
     try:
         check_device(ModelConfig(device=args.device, kernels=args.kernels))
-        loaded = load_model(ModelConfig(model=args.model, dtype=args.dtype, device=args.device, kernels=args.kernels))
+        loaded = load_model(
+            ModelConfig(
+                model=args.model,
+                dtype=args.dtype,
+                device=args.device,
+                kernels=args.kernels,
+                quantization=args.quantization,
+            )
+        )
     except (ConfigError, ModelLoadError, UnsupportedModelError) as exc:
         print_error(str(exc))
         return 2
@@ -280,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "enforce_eager": args.enforce_eager,
         "compile_cpu_decode": args.compile,
+        "quantization": args.quantization,
         "results": results,
     }
     print(_table(report))

@@ -195,6 +195,11 @@ class RecurrentLM(nn.Module, ABC):
     def post_load(self) -> None:
         """Hook after weights are loaded (e.g. keep A = -exp(A_log) as an fp32 buffer)."""
 
+    def quantize_int8(self) -> None:
+        """``--quantization int8``: swap the linear layers for ``layers.Int8Linear`` (after post_load).
+        Families that do not implement it refuse with a clear error."""
+        raise NotImplementedError(f"--quantization int8 is not implemented for {type(self).__name__}")
+
     def limit_context(self, max_model_len: int) -> None:
         """Called before the state pool is sized, with the served ``--max-model-len``. A recurrent
         state does not depend on it (the default does nothing); a KV cache sizes itself to it."""

@@ -163,6 +163,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if missing:
         raise ModelLoadError(f"checkpoint {path} lacks weights for: {', '.join(sorted(missing)[:10])}")
     model.post_load()
+    if cfg.quantization == "int8":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ModelLoadError(f"--quantization int8 runs on the CPU in float32 only (got {device}, {dtype})")
+        try:
+            model.quantize_int8()
+        except NotImplementedError as exc:
+            raise ModelLoadError(str(exc)) from exc
     model.eval()
     folder = path if path.is_dir() else path.parent
     logger.info("loaded %s (%s) on %s as %s, %s kernels", path, cls.__name__, device, dtype, backend)

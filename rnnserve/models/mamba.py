@@ -28,7 +28,7 @@ from torch import nn
 
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
-from rnnserve.models.layers import RMSNorm, lm_logits, rms_norm, use_column_major_weight
+from rnnserve.models.layers import RMSNorm, lm_logits, quantize_int8, rms_norm, use_column_major_weight
 
 
 @dataclass(frozen=True)
@@ -272,6 +272,14 @@ class MambaLM(RecurrentLM):
         if self.device.type == "cpu" and not self.cfg.tie_word_embeddings:
             use_column_major_weight(self.lm_head)
         self._fp32_ssm_params = {}
+
+    def quantize_int8(self) -> None:
+        """int8 in_proj, out_proj and head (96% of the weight bytes). x_proj and dt_proj, which make
+        the step size Δ, and the embedding lookup stay fp32."""
+        for layer in self.backbone.layers:
+            layer.mixer.in_proj = quantize_int8(layer.mixer.in_proj)
+            layer.mixer.out_proj = quantize_int8(layer.mixer.out_proj)
+        self.lm_head = quantize_int8(self.lm_head)  # a tied embedding keeps its fp32 weight for lookups
 
     # ------------------------------------------------------------------ forward
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
-from rnnserve.models.layers import RMSNorm, gated_rms_norm, lm_logits
+from rnnserve.models.layers import RMSNorm, gated_rms_norm, lm_logits, quantize_int8, use_column_major_weight
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class Mamba2Mixer(nn.Module):
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y [T, H, P] (fp32 scan output) + D x, gated group norm, out_proj -> [T, D]."""
         cfg = self.cfg
-        y = y.float() + self.D_f.unsqueeze(-1) * x.float()  # [T, H, P]
+        y = torch.addcmul(y.float(), self.D_f.unsqueeze(-1), x.float())  # [T, H, P]
         y = gated_rms_norm(y.flatten(1), z, self.norm.weight, cfg.norm_eps, groups=cfg.n_groups)
         return self.out_proj(y)
 
@@ -274,7 +274,19 @@ class Mamba2LM(RecurrentLM):
                 n: self._fp32_ssm_params.get(prefix + n, getattr(mixer, n).detach()) for n in ("A_log", "dt_bias", "D")
             }
             mixer.set_fp32_params(exact["A_log"], exact["dt_bias"], exact["D"])
+            if self.device.type == "cpu":
+                for linear in (mixer.in_proj, mixer.out_proj):
+                    use_column_major_weight(linear)
+        if self.device.type == "cpu" and not self.cfg.tie_word_embeddings:
+            use_column_major_weight(self.lm_head)
         self._fp32_ssm_params = {}
+
+    def quantize_int8(self) -> None:
+        """int8 in_proj, out_proj and head (all the weight bytes but the conv, norms and embedding)."""
+        for layer in self.backbone.layers:
+            layer.mixer.in_proj = quantize_int8(layer.mixer.in_proj)
+            layer.mixer.out_proj = quantize_int8(layer.mixer.out_proj)
+        self.lm_head = quantize_int8(self.lm_head)  # a tied embedding keeps its fp32 weight for lookups
 
     # ------------------------------------------------------------------ forward
 
@@ -288,12 +300,12 @@ class Mamba2LM(RecurrentLM):
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
         h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [T, D]
         for layer, st in zip(self.backbone.layers, states):
-            h = h + layer.mixer.prefill(layer.norm(h), st["conv"], st["ssm"], batch)
+            h.add_(layer.mixer.prefill(layer.norm(h), st["conv"], st["ssm"], batch))
         return self._logits(h.index_select(0, batch.logits_indices))
 
     @torch.no_grad()
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
         h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [B, D]
         for layer, st in zip(self.backbone.layers, states):
-            h = h + layer.mixer.decode(layer.norm(h), st["conv"], st["ssm"], batch.slot_ids)
+            h.add_(layer.mixer.decode(layer.norm(h), st["conv"], st["ssm"], batch.slot_ids))
         return self._logits(h)
