@@ -22,6 +22,7 @@ from rnnserve.config import (
     ConfigError,
     ModelConfig,
     PrefixCacheConfig,
+    RayConfig,
     RunnerConfig,
     SchedulerConfig,
     ServerConfig,
@@ -75,6 +76,14 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """``1:4`` -> (1, 4)."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN:MAX replicas (e.g. 1:4)")
+    return int(m.group(1)), int(m.group(2))
+
+
 @dataclass(frozen=True)
 class ServeConfigs:
     model: ModelConfig
@@ -84,6 +93,7 @@ class ServeConfigs:
     server: ServerConfig
     prefix_cache: PrefixCacheConfig = field(default_factory=PrefixCacheConfig)
     state_dir: str | None = None  # --state-dir: named initial states
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -113,6 +123,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=d_model.kernels,
         choices=["auto", "torch", "triton"],
         help="auto: triton on CUDA, torch elsewhere",
+    )
+    g.add_argument(
+        "--quantization",
+        default=d_model.quantization,
+        choices=["none", "int8"],
+        help="int8: int8 weights (per output channel) in the linear layers, CPU and float32 only (Mamba, Mamba-2)",
     )
     g.add_argument("--tokenizer", default=None, help="tokenizer folder, 'gpt-neox-20b' or 'rwkv-world'")
     g.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the tokenizer's")
@@ -216,6 +232,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a client has to send a request's headers, and again its body",
     )
 
+    g = p.add_argument_group("scale out (Ray Serve; needs the 'ray' extra)")
+    g.add_argument("--ray", action="store_true", help="serve engine replicas on Ray Serve behind one endpoint")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto', HOST:PORT); default: start one")
+    g.add_argument("--num-replicas", type=int, default=1, help="engine replicas (each one model copy)")
+    g.add_argument("--autoscale", type=parse_autoscale, default=None, help="MIN:MAX replicas, on ongoing requests")
+    g.add_argument("--threads-per-replica", type=int, default=1, help="torch threads / Ray CPUs per CPU replica")
+
 
 def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
     """One flag, one field. Raises ConfigError for values out of range."""
@@ -228,6 +251,7 @@ def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
             kernels=args.kernels,
             tokenizer=args.tokenizer,
             chat_template=args.chat_template,
+            quantization=args.quantization,
         ),
         pool=StatePoolConfig(max_num_seqs=args.max_num_seqs, state_memory=args.state_memory),
         scheduler=SchedulerConfig(
@@ -262,6 +286,13 @@ def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
             shutdown_timeout=args.shutdown_timeout,
             keep_alive_timeout=args.keep_alive_timeout,
             read_timeout=args.read_timeout,
+        ),
+        ray=RayConfig(
+            enabled=args.ray,
+            address=args.ray_address,
+            num_replicas=args.num_replicas,
+            autoscale=args.autoscale,
+            threads_per_replica=args.threads_per_replica,
         ),
     )
 
@@ -471,6 +502,11 @@ def _main(argv: list[str]) -> int:
         cfg = configs_from_args(args)
     except ConfigError as exc:
         raise CLIError(f"{flag_names(str(exc))} (see rnnserve serve --help)", status=2) from exc
+    if cfg.ray.enabled:
+        require("ray", "rnnserve serve --ray")
+        from rnnserve.deploy.ray_serve import serve_on_ray
+
+        return serve_on_ray(cfg)
     from rnnserve.models.loader import ModelLoadError
     from rnnserve.models.registry import UnsupportedModelError
     from rnnserve.preflight import bind_socket, check_device

@@ -1,0 +1,1 @@
+"""Deployments beyond one process: ``ray_serve`` runs engine replicas behind one OpenAI endpoint."""
