@@ -1,6 +1,6 @@
 """Every ``rnnserve`` command speaks the same way: one line ``rnnserve: error: ...`` for a user
 mistake (a missing optional package included), help texts with defaults and without ``code``
-marks, and the API key from the environment in every client."""
+marks, and the API key from the environment in every client (complete, chat, bench serve, bench chat)."""
 
 from __future__ import annotations
 
@@ -85,10 +85,12 @@ def test_every_client_sends_the_api_key_from_the_environment(
         assert chat.main(["--base-url", stub.url, "--max-tokens", "2"], read=_scripted(["hi"]), out=io.StringIO()) == 0
         argv = ["bench", "serve", "--base-url", stub.url, "--num-prompts", "2", "--input-len", "3", "--output-len", "2"]
         assert main(argv) == 0
+        argv = ["bench", "chat", "--base-url", stub.url, "--conversations", "1", "--turns", "1", "--answer-len", "2"]
+        assert main([*argv, "--user-len", "3"]) == 0
     assert stub.authorizations and set(stub.authorizations) == {"Bearer sekret"}
     # complete took the server root without /v1, as chat does, and printed the stream.
     assert capsys.readouterr().out.startswith("tok0 tok1 tok2 \n")
-    assert len(stub.requests) == 1 + 1 + 2
+    assert len(stub.requests) == 1 + 1 + 2 + 1
 
 
 def test_complete_reports_an_http_error_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
