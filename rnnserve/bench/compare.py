@@ -327,6 +327,9 @@ def _serve_args(cfg: CompareConfig, max_model_len: int | None, state_memory: str
         str(cfg.max_num_batched_tokens),
         "--log-level",
         "warning",
+        # The sweep measures prefill cost against context length: a prompt restored from the prefix
+        # cache (a warm-up's, a repeat's) would hide it, and the baseline's snapshots are whole KV caches.
+        "--no-enable-prefix-caching",
     ]
     if max_model_len is not None:
         args += ["--max-model-len", str(max_model_len)]
