@@ -176,6 +176,9 @@ class LLMEngine:
             initial_state=initial_state,
             save_state=save_state,
         )
+        if initial_state is not None:
+            assert self.state_store is not None
+            req.cache_namespace = f"state:{initial_state}@{self.state_store.version(initial_state)}"
         self.scheduler.add(req, fork_of=fork_of if self._forks_states else None)
 
     def _save_state(self, name: str, snapshot: Snapshot, req: Request) -> None:

@@ -95,6 +95,9 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of computed
     initial_state: str | None = None  # a saved state the request starts from (None: the fill values)
     save_state: str | None = None  # save the state after the prompt under this name
+    # Prefix-cache tree: "" for requests from the zero state; a prefix run from a saved state is
+    # another state, so those get the state's name and content version (a re-saved name is new).
+    cache_namespace: str = ""
     # n > 1 by fork: a child waits for its parent's prompt and starts from a copy of its state.
     fork_parent: Request | None = field(default=None, repr=False)
     fork_children: list[Request] = field(default_factory=list, repr=False)
@@ -110,11 +113,6 @@ class Request:
     @property
     def is_prefilling(self) -> bool:
         return self.num_computed_tokens < self.num_prompt_tokens
-
-    @property
-    def cache_namespace(self) -> str:
-        """Prefix-cache tree of this request: a prefix run from a saved state is another state."""
-        return "" if self.initial_state is None else f"state:{self.initial_state}"
 
     def token_at(self, i: int) -> int:
         n = len(self.prompt_token_ids)

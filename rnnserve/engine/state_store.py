@@ -9,6 +9,7 @@ engine thread reads and writes through here while the server thread validates na
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from pathlib import Path
@@ -36,6 +37,7 @@ class StateStore:
         self.identity = identity
         self.pool = pool
         self._loaded: dict[str, Snapshot] = {}
+        self._versions: dict[str, str] = {}  # name -> hash of its file, to tell a re-saved state apart
         self._lock = threading.Lock()
 
     def _path(self, name: str) -> Path:
@@ -55,7 +57,14 @@ class StateStore:
             except ValueError as exc:
                 raise StateNotFoundError(f"the state {name!r} cannot be used with this model: {exc}") from exc
             self._loaded[name] = snapshot
+            self._versions[name] = _file_hash(path)
             return snapshot
+
+    def version(self, name: str) -> str:
+        """A hash of the state's file, as loaded (``get`` first)."""
+        self.get(name)
+        with self._lock:
+            return self._versions[name]
 
     def save(self, name: str, snapshot: Snapshot, num_tokens: int) -> None:
         check_state_name(name)
@@ -63,8 +72,13 @@ class StateStore:
         with self._lock:
             save_state_file(self._path(name), snapshot, self.identity, {"num_tokens": str(num_tokens)})
             self._loaded[name] = [{k: t.to("cpu") for k, t in layer.items()} for layer in snapshot]
+            self._versions[name] = _file_hash(self._path(name))
 
     def names(self) -> list[str]:
         if not self.folder.is_dir():
             return []
         return sorted(p.stem for p in self.folder.glob("*.safetensors"))
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

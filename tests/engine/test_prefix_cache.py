@@ -334,6 +334,17 @@ def test_initial_state_and_save_state(tmp_path: Path):
     out = drain(engine)["q"]
     # Starting from the saved state equals running the persona prompt first.
     assert_same(out, cold(model, persona + question, greedy()))
+    # Asked again from the same state, the question's prefix is a hit.
+    engine.add_request("q2", [*question, 5], greedy(), initial_state="persona")
+    assert drain(engine)["q2"][-1].num_cached_tokens == len(question)
+    # Saved again under the same name from another prompt: the old state's cached prefixes are not used.
+    other_persona = prompt_of(15, 21)
+    engine.add_request("save2", other_persona, SamplingParams(max_tokens=1), save_state="persona")
+    drain(engine)
+    engine.add_request("q3", question, greedy(), initial_state="persona")
+    out3 = drain(engine)["q3"]
+    assert out3[-1].num_cached_tokens == 0
+    assert_same(out3, cold(model, other_persona + question, greedy()))
     # The same question without the state is another prefix-cache tree: no hit from the state's run.
     plain = run(engine, question, greedy(), "plain")
     assert plain[-1].num_cached_tokens == 0
