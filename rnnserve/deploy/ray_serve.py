@@ -46,7 +46,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rnnserve.config import ModelConfig, RayConfig
+from rnnserve.config import ConfigError, ModelConfig, RayConfig
+from rnnserve.console import CLIError
 from rnnserve.deploy.routing import AffinityTable, Conversation, Outcome
 from rnnserve.engine.request import FinishReason, RequestOutput, SamplingParams
 
@@ -221,7 +222,11 @@ def aggregate_stats(per_replica: list[dict[str, Any]]) -> EngineStats:
 
 
 class RayEngineClient:
-    """The ``EngineClient`` of the ingress app: every request streams from an engine replica."""
+    """The ``EngineClient`` of the ingress app: every request streams from an engine replica.
+
+    No ``takes_state_options``: the choices of an n > 1 request are prefilled one by one (a fork
+    needs its sibling on the same replica, which routing does not promise), and named states
+    (``initial_state``, ``/v1/states``) stay with the single-process server."""
 
     def __init__(self, handle: DeploymentHandle, app_name: str) -> None:
         self._handle = handle
@@ -355,7 +360,13 @@ class EngineReplica:
         # CPU replicas use their Ray CPUs as torch threads; a GPU replica's CPU work is one thread.
         torch.set_num_threads(cfg.ray.threads_per_replica)
         model_cfg, _ = resolve_model(cfg.model)
-        self.engine = AsyncEngine.from_configs(model_cfg, cfg.pool, cfg.scheduler, cfg.runner)
+        self.engine = AsyncEngine.from_configs(
+            model_cfg,
+            cfg.pool,
+            cfg.scheduler,
+            cfg.runner,
+            prefix_cache_config=cfg.prefix_cache,
+        )
         await self.engine.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.requests_total = 0
@@ -434,6 +445,8 @@ def _uses_gpu(model_cfg: ModelConfig) -> bool:
 
 def build_application(cfg: ServeConfigs, app_name: str = APP_NAME) -> serve.Application:
     """The Serve application (needs a connected Ray: GPU replicas are chosen from the cluster's resources)."""
+    if cfg.state_dir is not None:
+        raise ConfigError("--state-dir (named states) is not available with --ray: each replica has its own disk")
     ray_cfg: RayConfig = cfg.ray
     gpu = _uses_gpu(cfg.model)
     actor_options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": ray_cfg.threads_per_replica}
@@ -519,7 +532,11 @@ def serve_on_ray(cfg: ServeConfigs) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
-        serve.run(build_application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        try:
+            app = build_application(cfg)
+        except ConfigError as exc:
+            raise CLIError(str(exc), status=2) from exc
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         scale = f"{ray_cfg.autoscale[0]}..{ray_cfg.autoscale[1]}" if ray_cfg.autoscale else str(ray_cfg.num_replicas)
         logger.info(
             "rnnserve on Ray Serve: %s engine replicas at http://%s:%d/v1", scale, cfg.server.host, cfg.server.port

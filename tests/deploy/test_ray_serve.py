@@ -1,0 +1,439 @@
+"""rnnserve on Ray Serve: the routing table, the KubeRay manifest, and a live local Ray cluster.
+
+The cluster tests share one module-scoped cluster (Ray starts slowly): this process starts it on
+127.0.0.1 with 2 CPUs and no dashboard, and ``rnnserve serve --ray --ray-address`` joins it with two
+engine replicas of a tiny random Mamba. This process, a Ray driver of the same cluster, can then
+find a replica's actor and kill its process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray", reason="ray is not installed (the 'ray' extra: pip install -e '.[ray]')")
+pytest.importorskip("ray.serve", reason="ray is installed without Serve (the 'ray' extra installs ray[serve])")
+
+from rnnserve.deploy.ray_serve import (  # noqa: E402
+    ENGINE_DEPLOYMENT,
+    aggregate_stats,
+    app_builder,
+    configs_from_app_args,
+    conversation_of,
+)
+from rnnserve.deploy.routing import PREFIX_TOKENS, AffinityTable, Conversation  # noqa: E402
+from tests.e2e.conftest import free_port  # noqa: E402
+from tests.server.conftest import build_model_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
+MODEL = "tiny-mamba"
+
+
+# --- the routing table (no Ray) -------------------------------------------------------------------
+
+
+def test_named_conversations_stick_to_their_replica() -> None:
+    table = AffinityTable()
+    alice = Conversation("user:alice", [1, 2, 3])
+    assert table.lookup(alice) is None
+    assert table.record(alice, "r1") == "new"
+    # Later turns of the same conversation, whatever their prompt.
+    assert table.lookup(Conversation("user:alice", [9])) == "r1"
+    assert table.record(Conversation("user:alice", [9]), "r1") == "hit"
+    assert table.record(Conversation("user:alice", [9, 9]), "r2") == "miss"  # r1 was full or gone
+    assert table.lookup(Conversation("user:alice", [])) == "r2"
+    assert table.lookup(Conversation("user:bob", [1, 2, 3])) is None
+    assert table.lookup(Conversation(None, [1, 2, 3])) is None  # names and prompts are separate keys
+
+
+def test_anonymous_turns_match_their_earlier_prompt() -> None:
+    table = AffinityTable()
+    turn1 = [5, 6, 7, 8]
+    table.record(Conversation(None, turn1), "r1")
+    table.record(Conversation(None, [5, 6, 99]), "r2")  # another conversation sharing a prefix
+    turn2 = [*turn1, 40, 41, 42]  # turn 1's prompt, the answer, the next message
+    assert table.lookup(Conversation(None, turn2)) == "r1"
+    assert table.record(Conversation(None, turn2), "r1") == "hit"
+    assert table.lookup(Conversation(None, [*turn2, 50])) == "r1"  # turn 3 matches turn 2
+    assert table.lookup(Conversation(None, [5, 6, 99, 1])) == "r2"
+    assert table.lookup(Conversation(None, [5, 6])) is None  # shorter than every recorded prompt
+    assert table.lookup(Conversation(None, [5, 6, 7, 9])) is None
+
+
+def test_long_prompts_are_keyed_by_their_first_tokens() -> None:
+    table = AffinityTable()
+    long = list(range(PREFIX_TOKENS + 50))
+    table.record(Conversation(None, long), "r1")
+    assert table.lookup(Conversation(None, [*long[:PREFIX_TOKENS], 7, 7, 7])) == "r1"
+    assert table.lookup(Conversation(None, [1, *long[1:]])) is None
+
+
+def test_affinity_table_drops_the_least_recently_used() -> None:
+    table = AffinityTable(max_entries=2)
+    table.record(Conversation("session:a", []), "r1")
+    table.record(Conversation(None, [1, 2]), "r1")
+    table.lookup(Conversation("session:a", []))
+    table.record(Conversation("session:a", []), "r1")  # a is now the most recent
+    table.record(Conversation("session:c", []), "r2")
+    assert len(table) == 2
+    assert table.lookup(Conversation(None, [1, 2, 3])) is None
+    assert table.lookup(Conversation("session:a", [])) == "r1"
+
+
+def test_conversation_of_reads_session_id_then_user() -> None:
+    assert conversation_of(b'{"session_id": "s1", "user": "u"}') == "session:s1"
+    assert conversation_of(b'{"user": "u", "prompt": "x"}') == "user:u"
+    assert conversation_of(b'{"session_id": 12}') == "session:12"
+    assert conversation_of(b'{"user": "", "session_id": null}') is None
+    assert conversation_of(b'{"user": true}') is None
+    assert conversation_of(b"not json") is None
+    assert conversation_of(b"[1, 2]") is None
+
+
+def test_aggregate_stats_sums_replicas() -> None:
+    a = {"num_running": 2, "num_waiting": 1, "num_slots": 4, "slots_used": 2, "state_bytes_per_slot": 100,
+         "state_pool_usage": 0.5, "prompt_tokens_total": 10, "generation_tokens_total": 5, "num_steps": 3,
+         "last_step_seconds": 0.01}  # fmt: skip
+    b = {**a, "num_running": 0, "slots_used": 0, "state_pool_usage": 0.0, "last_step_seconds": 0.03}
+    s = aggregate_stats([a, b])
+    assert (s.num_running, s.num_waiting, s.num_slots, s.slots_used) == (2, 2, 8, 2)
+    assert s.state_pool_usage == pytest.approx(0.25)
+    assert (s.prompt_tokens_total, s.generation_tokens_total, s.num_steps) == (20, 10, 6)
+    assert (s.state_bytes_per_slot, s.last_step_seconds) == (100, 0.03)
+    assert aggregate_stats([]).num_slots == 0
+
+
+def test_application_args_are_serve_flags() -> None:
+    cfg = configs_from_app_args({"model": "/m", "num-replicas": 3, "threads_per_replica": 2, "enforce-eager": True})
+    assert (cfg.model.model, cfg.ray.num_replicas, cfg.ray.threads_per_replica) == ("/m", 3, 2)
+    assert cfg.ray.enabled and cfg.runner.enforce_eager
+    assert configs_from_app_args({"autoscale": "1:4"}).ray.autoscale == (1, 4)
+    with pytest.raises(ValueError, match="unknown application args: --num-replica"):
+        configs_from_app_args({"num-replica": 2})
+    with pytest.raises(ValueError, match="autoscale"):
+        configs_from_app_args({"autoscale": "4"})
+
+
+# --- the KubeRay manifest -------------------------------------------------------------------------
+
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_POD_TEMPLATE = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {
+                "containers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "image"],
+                        "properties": {"name": {"type": "string"}, "image": {"type": "string"}},
+                    },
+                }
+            },
+        }
+    },
+}
+# The parts of KubeRay's ray.io/v1 RayService CRD this manifest uses. KubeRay wants rayStartParams
+# values as strings, and unknown fields are typos the operator would silently drop.
+RAYSERVICE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayService"},
+        "metadata": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+        "spec": {
+            "type": "object",
+            "required": ["serveConfigV2", "rayClusterConfig"],
+            "additionalProperties": False,
+            "properties": {
+                "serveConfigV2": {"type": "string"},
+                "rayClusterConfig": {
+                    "type": "object",
+                    "required": ["headGroupSpec"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "rayVersion": {"type": "string"},
+                        "enableInTreeAutoscaling": {"type": "boolean"},
+                        "headGroupSpec": {
+                            "type": "object",
+                            "required": ["rayStartParams", "template"],
+                            "additionalProperties": False,
+                            "properties": {"rayStartParams": _STR_MAP, "template": _POD_TEMPLATE},
+                        },
+                        "workerGroupSpecs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["groupName", "rayStartParams", "template"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "groupName": {"type": "string"},
+                                    "replicas": {"type": "integer", "minimum": 0},
+                                    "minReplicas": {"type": "integer", "minimum": 0},
+                                    "maxReplicas": {"type": "integer", "minimum": 0},
+                                    "rayStartParams": _STR_MAP,
+                                    "template": _POD_TEMPLATE,
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_kuberay_manifest_is_a_valid_rayservice() -> None:
+    import jsonschema
+    from ray.serve.schema import ServeDeploySchema
+
+    manifest = yaml.safe_load(MANIFEST.read_text())
+    jsonschema.validate(manifest, RAYSERVICE_SCHEMA)
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__, "the manifest's Ray must be the one tested here"
+    for group in cluster.get("workerGroupSpecs", []):
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    module, _, attr = app.import_path.partition(":")
+    assert getattr(__import__(module, fromlist=[attr]), attr) is app_builder
+    cfg = configs_from_app_args(app.args)  # the args are flags the server takes
+    assert cfg.ray.enabled and cfg.model.model
+
+
+# --- a live cluster -------------------------------------------------------------------------------
+
+
+class RayServer:
+    def __init__(self, base_url: str, process: subprocess.Popen, log: Path) -> None:
+        self.base_url = base_url
+        self.process = process
+        self.log = log
+
+    def metrics(self) -> str:
+        return httpx.get(self.base_url + "/metrics", timeout=10).text
+
+    def per_replica(self, series: str) -> dict[str, float]:
+        pattern = rf'^rnnserve:{series}\{{model_name="{MODEL}",replica="(\w+)"\}} (\S+)$'
+        return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, self.metrics(), re.M)}
+
+    def settled(self, series: str) -> dict[str, float]:
+        """Per-replica values once the replicas' reports (every second) have caught up."""
+        last = self.per_replica(series)
+        while True:
+            time.sleep(2.5)
+            now = self.per_replica(series)
+            if now == last:
+                return now
+            last = now
+
+    def routed(self) -> dict[str, float]:
+        pattern = rf'^rnnserve:ray_routed_requests_total\{{model_name="{MODEL}",outcome="(\w+)"\}} (\S+)$'
+        return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, self.metrics(), re.M)}
+
+
+def _wait(condition, timeout: float, what: str, interval: float = 0.25):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def ray_server(neox_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
+    tmp = tmp_path_factory.mktemp("ray")
+    model_dir = build_model_dir(tmp / MODEL, neox_tokenizer_dir)
+    context = ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
+    port = free_port()
+    log = tmp / "serve.log"
+    cmd = [sys.executable, "-m", "rnnserve", "serve", "--ray", "--ray-address", context.address_info["gcs_address"],
+           "--num-replicas", "2", "--threads-per-replica", "1", "--model", str(model_dir), "--served-model-name",
+           MODEL, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "8"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RNNSERVE_API_KEY", None)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    server = RayServer(f"http://127.0.0.1:{port}", proc, log)
+    try:
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rnnserve serve --ray exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                return httpx.get(server.base_url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(healthy, 150, "the Ray endpoint to become healthy", interval=0.5)
+        _wait(lambda: len(server.per_replica("ray_replica_requests_total")) == 2, 30, "both replicas' stats")
+        yield server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        ray.shutdown()
+
+
+def _chat_turns(base_url: str, turns: int, **extra: str) -> None:
+    messages = [{"role": "user", "content": f"hello, this is conversation {extra or 'anonymous'}"}]
+    for turn in range(turns):
+        body = {"model": MODEL, "messages": messages, "max_tokens": 4, "temperature": 0, **extra}
+        r = httpx.post(base_url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        messages += [r.json()["choices"][0]["message"], {"role": "user", "content": f"and then {turn}?"}]
+
+
+def test_openai_client_streams_through_ray(ray_server: RayServer) -> None:
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=ray_server.base_url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say something."}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+    # The same greedy completion, unstreamed: whichever replica serves it, the model is the same.
+    again = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say something."}], max_tokens=8, temperature=0
+    )
+    assert again.choices[0].message.content == text
+    # The single server's error shapes.
+    with pytest.raises(NotFoundError) as err:
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    assert err.value.body["code"] == "model_not_found"
+    r = httpx.post(ray_server.base_url + "/v1/completions", json={"prompt": [10**9], "max_tokens": 1}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_same_conversation_lands_on_the_same_replica(ray_server: RayServer) -> None:
+    before = ray_server.settled("ray_replica_requests_total")
+    routed_before = ray_server.routed()
+    _chat_turns(ray_server.base_url, 4, user="alice")
+    _chat_turns(ray_server.base_url, 4, session_id="s-1")
+    _chat_turns(ray_server.base_url, 4)  # anonymous: matched by its prompt
+
+    def grew() -> dict[str, float] | None:
+        now = ray_server.per_replica("ray_replica_requests_total")
+        delta = {r: now[r] - before.get(r, 0) for r in now}
+        return delta if sum(delta.values()) == 12 else None
+
+    # Replica-side counts (reported each second): 3 conversations x 4 turns, so every replica's count
+    # grows by a multiple of 4 exactly when no conversation was split.
+    delta = _wait(grew, 20, "the replicas' request counts")
+    assert all(v % 4 == 0 for v in delta.values()), delta
+    routed = ray_server.routed()
+    assert routed["hit"] - routed_before.get("hit", 0) == 9  # every turn after the first
+    assert routed["miss"] == routed_before.get("miss", 0)
+
+
+class _Stream(threading.Thread):
+    """A long completion streamed in the background; ``stop`` closes it like a client that leaves."""
+
+    def __init__(self, base_url: str, session: str) -> None:
+        super().__init__(daemon=True)
+        self.body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 10**6, "ignore_eos": True,
+                     "stream": True, "session_id": session}  # fmt: skip
+        self.url = base_url + "/v1/completions"
+        self.events: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.url, json=self.body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    self.events.append(line[len("data: ") :])
+                if self.stop.is_set():
+                    return
+
+
+def test_killed_replica_fails_only_its_own_requests(ray_server: RayServer) -> None:
+    victim, bystander = _Stream(ray_server.base_url, "victim"), _Stream(ray_server.base_url, "bystander")
+    victim.start()
+    _wait(lambda: len(victim.events) >= 3, 30, "the first stream")
+    bystander.start()  # to the least-loaded replica: the other one
+    _wait(lambda: len(bystander.events) >= 3, 30, "the second stream")
+    # Each replica reports every second.
+    running = _wait(
+        lambda: (
+            (busy := [r for r, n in ray_server.per_replica("ray_replica_running").items() if n > 0])
+            and len(busy) == 2
+            and busy
+        ),
+        10,
+        "both streams running, on different replicas",
+    )
+    replica = running[0]
+    actor = ray.get_actor(f"SERVE_REPLICA::rnnserve#{ENGINE_DEPLOYMENT}#{replica}", namespace="serve")
+    pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+    os.kill(pid, signal.SIGKILL)
+    # Meanwhile the live replica serves new requests.
+    for i in range(4):
+        r = httpx.post(ray_server.base_url + "/v1/completions", json={"prompt": f"p{i}", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+    # One client (that of the killed replica) gets an error event, then [DONE].
+    ended = _wait(lambda: [s for s in (victim, bystander) if not s.is_alive()], 60, "the killed replica's stream")
+    assert len(ended) == 1
+    lost = ended[0]
+    kept = bystander if lost is victim else victim
+    assert lost.events[-1] == "[DONE]"
+    assert json.loads(lost.events[-2])["error"]["type"] == "server_error"
+    assert all("error" not in json.loads(e) for e in lost.events[:-2])
+    # The other one keeps streaming, error-free.
+    seen = len(kept.events)
+    _wait(lambda: len(kept.events) >= seen + 20, 30, "the other stream to go on")
+    kept.stop.set()
+    kept.join(30)
+    assert not kept.is_alive()
+    assert all(e != "[DONE]" and "error" not in json.loads(e) for e in kept.events)
+    # Ray starts a new replica in place of the killed one; the stopped stream freed its slot.
+    replicas = _wait(
+        lambda: (r := ray_server.per_replica("ray_replica_running")) and len(r) == 2 and replica not in r and r,
+        60,
+        "a replacement replica",
+    )
+    assert replica not in replicas
+    _wait(lambda: not any(ray_server.per_replica("ray_replica_running").values()), 10, "no request left running")
+    assert httpx.get(ray_server.base_url + "/health", timeout=10).status_code == 200
