@@ -1,10 +1,13 @@
-"""Turns a step's schedule into model calls: one DecodeBatch and one packed PrefillBatch.
+"""Turns a step's schedule into one model call: ``decode``, ``prefill`` or ``mixed``.
 
-Requests with exactly one token to run that have finished their prompt go to ``decode`` (the call a
-CUDA-graph wrapper replaces, through ``_run_decode``); every prompt chunk goes into one packed
-variable-length ``prefill``. Logits come back per request, only where somebody needs them: the last
-token of a chunk that completes a prompt (to sample from), or every token of the chunk when the
-request asked for prompt logprobs.
+Requests with exactly one token to run that have finished their prompt are decode rows; every prompt
+chunk goes into one packed variable-length PrefillBatch. A step of decodes only calls ``decode`` (the
+call a CUDA-graph or compiled wrapper replaces, through ``_run_decode``), a step of prompt chunks only
+``prefill``, and a step with both one ``mixed`` pass (decode rows first), so a family that implements
+it reads every weight once per step. The step metadata (``cu_seqlens`` and its host copy, slots,
+logits rows) is built here once from host lists. Logits come back per request, only where somebody
+needs them: the last token of a chunk that completes a prompt (to sample from), or every token of
+the chunk when the request asked for prompt logprobs.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from rnnserve.engine.cuda_graph import CUDAGraphDecoder, eager_decoder
 from rnnserve.engine.kv_cache import KVCache
 from rnnserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from rnnserve.engine.state_pool import StatePool
-from rnnserve.models.base import DecodeBatch, PagedKVMetadata, PrefillBatch, RecurrentLM
+from rnnserve.models.base import DecodeBatch, MixedBatch, PagedKVMetadata, PrefillBatch, RecurrentLM
 
 logger = logging.getLogger(__name__)
 
@@ -51,28 +54,33 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         decodes = [s for s in sched.scheduled if s.is_decode]
         prefills = [s for s in sched.scheduled if not s.is_decode]
-        parts: list[torch.Tensor] = []
+        n = len(decodes)
         sampled = list(decodes)
         prompt_logits: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
+            if not prefills:
+                logits = self._run_decode(self._decode_batch(decodes)) if decodes else None  # [n, V]
+                return RunnerOutput(sampled, logits, prompt_logits)
+            batch, rows = self._prefill_batch(prefills)
             if decodes:
-                parts.append(self._run_decode(self._decode_batch(decodes)))  # [B, V]
-            if prefills:
-                batch, rows = self._prefill_batch(prefills)
-                logits = self.model.prefill(batch, self.pool.states)  # [M, V]
-                last_rows = []
-                for s, (lo, hi) in zip(prefills, rows):
-                    if s.request.params.prompt_logprobs is not None and hi > lo:
-                        prompt_logits[s.request.request_id] = logits[lo:hi]
-                    if s.completes_prompt:
-                        sampled.append(s)
-                        last_rows.append(hi - 1)
-                if last_rows and last_rows != list(range(logits.shape[0])):
-                    logits = logits[torch.tensor(last_rows, device=logits.device)]
-                if last_rows:
-                    parts.append(logits)
-        # One [S, V] tensor for the sampler, copied only when decodes and prompts both sample.
-        sample_logits = None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
+                logits = self.model.mixed(MixedBatch.pack(self._decode_batch(decodes), batch), self.pool.states)
+            else:
+                logits = self.model.prefill(batch, self.pool.states)
+            # logits [n + M, V]: the decode rows, then the prefill's rows (each request's [lo, hi)).
+            sample_rows = list(range(n))
+            for s, (lo, hi) in zip(prefills, rows):
+                if s.request.params.prompt_logprobs is not None and hi > lo:
+                    prompt_logits[s.request.request_id] = logits[n + lo : n + hi]
+                if s.completes_prompt:
+                    sampled.append(s)
+                    sample_rows.append(n + hi - 1)
+        # One [S, V] tensor for the sampler, gathered only when some rows are not sampled.
+        if not sample_rows:
+            sample_logits = None
+        elif sample_rows == list(range(logits.shape[0])):
+            sample_logits = logits
+        else:
+            sample_logits = logits.index_select(0, torch.tensor(sample_rows, device=logits.device))
         return RunnerOutput(sampled=sampled, sample_logits=sample_logits, prompt_logits=prompt_logits)
 
     def _run_decode(self, batch: DecodeBatch) -> torch.Tensor:

@@ -11,6 +11,10 @@ two named calls over packed batches:
   place by slot index. This is the call that is captured as a CUDA graph on a GPU, so it must not
   synchronise with the host, allocate data-dependent shapes, or branch on tensor values.
 
+A step with both is ``mixed(batch, states)``: by default the two calls one after the other; Mamba and
+Mamba-2 override it with one pass whose projections take the decode rows and the prompt tokens
+together (each weight read once per step), split only around the conv and scan kernels.
+
 States live in the engine's ``StatePool``: ``states[layer][name]`` is a tensor ``[num_slots, *shape]``.
 Slot 0 is the padding slot: CUDA-graph padding rows read and write it, never a real slot.
 """
@@ -152,6 +156,42 @@ class DecodeBatch:
         return self.slot_ids.shape[0]
 
 
+@dataclass
+class MixedBatch:
+    """A step with both decodes and prompt chunks, for one model pass: the packed tokens are the
+    decode rows first (one per sequence), then the prefill's tokens.
+
+    decode:         the decode rows (their slots, ids, positions).
+    prefill:        the prompt chunks; its cu_seqlens, varlen and logits_indices count from its own
+                    first token (row ``num_decodes`` of the packed batch).
+    input_ids:      [num_decodes + T] int64, both sets of ids, packed.
+    logits_indices: [num_decodes + M] int64, rows of the packed batch whose logits are returned: every
+                    decode row, then the prefill's ``logits_indices`` shifted by ``num_decodes``.
+    """
+
+    decode: DecodeBatch
+    prefill: PrefillBatch
+    input_ids: torch.Tensor
+    logits_indices: torch.Tensor
+
+    @classmethod
+    def pack(cls, decode: DecodeBatch, prefill: PrefillBatch) -> MixedBatch:
+        """Decode rows first, then the prefill's tokens (its logits rows shifted past the decodes)."""
+        n = decode.num_seqs
+        return cls(
+            decode=decode,
+            prefill=prefill,
+            input_ids=torch.cat([decode.input_ids, prefill.input_ids]),
+            logits_indices=torch.cat(
+                [torch.arange(n, device=prefill.logits_indices.device), prefill.logits_indices + n]
+            ),
+        )
+
+    @property
+    def num_decodes(self) -> int:
+        return self.decode.num_seqs
+
+
 class RecurrentLM(nn.Module, ABC):
     """A causal LM whose per-sequence memory is a fixed set of state tensors per layer.
 
@@ -172,6 +212,14 @@ class RecurrentLM(nn.Module, ABC):
     @abstractmethod
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
         """Run one token per sequence from its slot's state; return logits [B, vocab] (float32)."""
+
+    def mixed(self, batch: MixedBatch, states: States) -> torch.Tensor:
+        """A step of decodes and prompt chunks: logits [num_decodes + M, vocab], the decode rows first.
+
+        This default makes two passes (``decode``, then ``prefill``; their slots are disjoint), reading
+        every weight twice. Families override it with one pass whose projections take all rows at once,
+        split only around the conv / scan / recurrence kernels."""
+        return torch.cat([self.decode(batch.decode, states), self.prefill(batch.prefill, states)])
 
     @classmethod
     @abstractmethod

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnserve.kernels.dispatch import Backend
-from rnnserve.models.base import DecodeBatch, PrefillBatch, States
+from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States
 from rnnserve.models.layers import DenseSelect, RMSNorm, rms_norm
 from rnnserve.models.mamba import MambaBlock, MambaConfig, MambaLM, MambaMixer
 
@@ -114,6 +114,11 @@ class DenseMambaLM(MambaLM):
             DenseMambaBlock(block, cfg, fuse=dense_block_layers > 0 and i > 0)
             for i, block in enumerate(self.backbone.layers)
         )
+
+    # Not Mamba's: a dense layer also mixes in earlier layers' outputs, which Mamba's one-pass mixed
+    # step and int8 swap do not know about, so the interface's defaults apply (two passes; int8 refused).
+    mixed = RecurrentLM.mixed
+    quantize_int8 = RecurrentLM.quantize_int8
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> DenseMambaLM:

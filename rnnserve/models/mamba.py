@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnserve.kernels.dispatch import Backend, get_kernel
-from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, lm_logits, quantize_int8, rms_norm, use_column_major_weight
 
 
@@ -186,6 +186,33 @@ class MambaMixer(nn.Module):
         y = self.scan_step(ssm_state, x, dt, self.A, b, c, self.D_f, z, self.dt_bias_f, slot_ids, True)
         return self.out_proj(y)
 
+    def mixed(
+        self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, batch: MixedBatch
+    ) -> torch.Tensor:
+        """h [n + T, D]: n decode rows, then T prompt tokens -> [n + T, D]. The projections take all
+        rows at once (each weight read once per step); the conv and the scan run their step kernel on
+        the decode rows and their chunk kernel on the prompt rows."""
+        n, dec, pre = batch.num_decodes, batch.decode, batch.prefill
+        w, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # [n + T, E] each
+        x = torch.cat(
+            [
+                self.conv_step(x[:n], conv_state, w, bias, dec.slot_ids, "silu"),
+                self.conv_chunk(x[n:], w, bias, conv_state, pre.varlen, pre.slot_ids, "silu"),
+            ]
+        )
+        dt, b, c = self._x_dbl(x)
+        A, D, dt_bias = self.A, self.D_f, self.dt_bias_f
+        y = torch.cat(
+            [
+                self.scan_step(ssm_state, x[:n], dt[:n], A, b[:n], c[:n], D, z[:n], dt_bias, dec.slot_ids, True),
+                self.scan_chunk(
+                    x[n:], dt[n:], A, b[n:], c[n:], D, z[n:], dt_bias, ssm_state, pre.varlen, pre.slot_ids, True
+                ),
+            ]
+        )
+        return self.out_proj(y)
+
 
 class MambaBlock(nn.Module):
     def __init__(self, cfg: MambaConfig, backend: Backend) -> None:
@@ -304,3 +331,12 @@ class MambaLM(RecurrentLM):
             normed = rms_norm(h.to(self.dtype), layer.norm.weight, self.cfg.norm_eps)
             h.add_(layer.mixer.decode(normed, st["conv"], st["ssm"], batch.slot_ids))
         return self._logits(h)
+
+    @torch.no_grad()
+    def mixed(self, batch: MixedBatch, states: States) -> torch.Tensor:
+        """One pass for decodes and prompt chunks together (see ``MambaMixer.mixed``)."""
+        h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [n + T, D]
+        for layer, st in zip(self.backbone.layers, states):
+            normed = rms_norm(h.to(self.dtype), layer.norm.weight, self.cfg.norm_eps)
+            h.add_(layer.mixer.mixed(normed, st["conv"], st["ssm"], batch))
+        return self._logits(h.index_select(0, batch.logits_indices))

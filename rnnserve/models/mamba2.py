@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnserve.kernels.dispatch import Backend, get_kernel
-from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, gated_rms_norm, lm_logits, quantize_int8, use_column_major_weight
 
 
@@ -198,6 +198,30 @@ class Mamba2Mixer(nn.Module):
         y = self.scan_step(q, k, v, log_decay, ssm_state, slot_ids)  # [B, H, P]
         return self._output(y, x, z)
 
+    def mixed(
+        self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, batch: MixedBatch
+    ) -> torch.Tensor:
+        """h [n + T, D]: n decode rows, then T prompt tokens -> [n + T, D]. in_proj, the gated norm and
+        out_proj take all rows at once (each weight read once per step); the conv and the scan run
+        their step kernel on the decode rows and their chunk kernel on the prompt rows."""
+        n, dec, pre = batch.num_decodes, batch.decode, batch.prefill
+        w, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        z, xbc, dt = self._split(h)
+        xbc = torch.cat(
+            [
+                self.conv_step(xbc[:n], conv_state, w, bias, dec.slot_ids, "silu"),
+                self.conv_chunk(xbc[n:], w, bias, conv_state, pre.varlen, pre.slot_ids, "silu"),
+            ]
+        )
+        x, q, k, v, log_decay = self._ssm_inputs(xbc, dt)
+        y = torch.cat(
+            [
+                self.scan_step(q[:n], k[:n], v[:n], log_decay[:n], ssm_state, dec.slot_ids),
+                self.scan_chunk(q[n:], k[n:], v[n:], log_decay[n:], ssm_state, pre.varlen, pre.slot_ids),
+            ]
+        )  # [n + T, H, P]
+        return self._output(y, x, z)
+
 
 class Mamba2Block(nn.Module):
     def __init__(self, cfg: Mamba2Config, backend: Backend) -> None:
@@ -309,3 +333,11 @@ class Mamba2LM(RecurrentLM):
         for layer, st in zip(self.backbone.layers, states):
             h.add_(layer.mixer.decode(layer.norm(h), st["conv"], st["ssm"], batch.slot_ids))
         return self._logits(h)
+
+    @torch.no_grad()
+    def mixed(self, batch: MixedBatch, states: States) -> torch.Tensor:
+        """One pass for decodes and prompt chunks together (see ``Mamba2Mixer.mixed``)."""
+        h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [n + T, D]
+        for layer, st in zip(self.backbone.layers, states):
+            h.add_(layer.mixer.mixed(layer.norm(h), st["conv"], st["ssm"], batch))
+        return self._logits(h.index_select(0, batch.logits_indices))
