@@ -8,6 +8,12 @@ on 127.0.0.1 (``--enable-prefix-caching`` and ``--no-enable-prefix-caching``), e
 
 Writes OUT/cache.json, OUT/no-cache.json and OUT/ttft-per-turn.png and prints both summaries and
 turn-T TTFT of each with their ratio.
+
+``--engine`` measures the same thing without HTTP, tokenizer or other conversations: one
+conversation of token ids (each answer's ids appended as generated), two engines over one model
+(with and without the cache), and per turn the time from adding the request to its first token on
+each engine, back to back, so a shared machine's load hits both alike (the uncached engine stops
+at its first token, which must equal the cached engine's). Writes OUT/engine.json.
 """
 
 from __future__ import annotations
@@ -34,11 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(model: Path, cache: bool, port: int, log: Path) -> subprocess.Popen:
+def serve(model: Path, cache: bool, port: int, log: Path, threads: int) -> subprocess.Popen:
     args = [sys.executable, "-m", "rnnserve", "serve", "--model", str(model), "--port", str(port)]
     args += ["--dtype", "float32", "--max-num-seqs", "16", "--log-level", "warning"]
     args += ["--enable-prefix-caching" if cache else "--no-enable-prefix-caching"]
-    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -53,6 +60,63 @@ def serve(model: Path, cache: bool, port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError("the server did not come up in 10 minutes")
 
 
+def engine_ttft(model_dir: Path, turns: int, user_len: int, answer_len: int) -> dict:
+    """Per turn, the first-token time of the same request on an engine with and one without the cache
+    (the first tokens must agree)."""
+    import torch
+
+    from rnnserve.config import ModelConfig, PrefixCacheConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
+    from rnnserve.engine import LLMEngine, SamplingParams
+    from rnnserve.models.loader import load_model
+
+    model = load_model(ModelConfig(model=str(model_dir), dtype="float32", device="cpu")).model
+
+    def make(cache: PrefixCacheConfig | None) -> LLMEngine:
+        return LLMEngine(
+            model,
+            StatePoolConfig(max_num_seqs=2),
+            SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=2),
+            RunnerConfig(),
+            eos_token_id=None,
+            prefix_cache_config=cache,
+        )
+
+    engines = {"cache": make(PrefixCacheConfig()), "no-cache": make(None)}
+    g = torch.Generator().manual_seed(0)
+    history: list[int] = []
+    rows = []
+    for t in range(1, turns + 1):
+        history += torch.randint(10, model.vocab_size, (user_len,), generator=g).tolist()
+        row: dict = {"turn": t, "prompt_tokens": len(history)}
+        answers = {}
+        for label, engine in engines.items():
+            # Only the cached engine needs the whole answer (the next turn resends it); the other one
+            # stops at its first token, which must be the same.
+            n = answer_len if label == "cache" else 1
+            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            engine.add_request(f"t{t}", history, params)
+            start = time.perf_counter()
+            tokens: list[int] = []
+            cached = 0
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.new_token_ids and not tokens:
+                        row[f"{label}_ttft_ms"] = (time.perf_counter() - start) * 1000
+                    tokens += out.new_token_ids
+                    cached = out.num_cached_tokens
+            row[f"{label}_cached_tokens"] = cached
+            answers[label] = tokens
+        assert answers["cache"][:1] == answers["no-cache"], f"turn {t}: the cache changed the first token"
+        history += answers["cache"]
+        rows.append(row)
+        print(
+            f"turn {t:>2}: {row['prompt_tokens']:>5} prompt tokens, {row['cache_cached_tokens']:>5} cached; "
+            f"TTFT {row['cache_ttft_ms']:8.0f} ms with the cache, {row['no-cache_ttft_ms']:8.0f} ms without",
+            flush=True,
+        )
+    return {"turns": rows, "user_len": user_len, "answer_len": answer_len, "cpu_count": os.cpu_count()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench-chat"))
@@ -62,13 +126,28 @@ def main() -> int:
     p.add_argument("--user-len", type=int, default=200)
     p.add_argument("--answer-len", type=int, default=128)
     p.add_argument("--think-time", type=float, default=0.0)
+    p.add_argument("--engine", action="store_true", help="measure in-process, without HTTP (see above)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the servers / the in-process engines (on a shared machine one thread avoids "
+        "waiting at OpenMP barriers for descheduled threads)",
+    )
     args = p.parse_args()
     mamba, _, _ = create_models(PRESETS["130m"], args.models)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.engine:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = engine_ttft(mamba, args.turns, args.user_len, args.answer_len)
+        (args.out / "engine.json").write_text(json.dumps(result, indent=2))
+        return 0
     runs = []
     for label, cache in (("cache", True), ("no-cache", False)):
         port = free_port()
-        server = serve(mamba, cache, port, args.out / f"{label}-server.log")
+        server = serve(mamba, cache, port, args.out / f"{label}-server.log", args.threads)
         try:
             cfg = ChatBenchConfig(
                 base_url=f"http://127.0.0.1:{port}",
