@@ -357,7 +357,7 @@ class EngineReplica:
 
         from rnnserve.engine.engine import AsyncEngine
 
-        # CPU replicas use their Ray CPUs as torch threads; a GPU replica's CPU work is one thread.
+        # A CPU replica reserves --threads-per-replica Ray CPUs and runs that many torch threads.
         torch.set_num_threads(cfg.ray.threads_per_replica)
         model_cfg, _ = resolve_model(cfg.model)
         self.engine = AsyncEngine.from_configs(
@@ -536,7 +536,10 @@ def serve_on_ray(cfg: ServeConfigs) -> int:
             app = build_application(cfg)
         except ConfigError as exc:
             raise CLIError(str(exc), status=2) from exc
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as exc:  # a replica failed to start: its traceback is in the log above
+            raise CLIError(f"the Ray Serve application did not start: {exc}") from exc
         scale = f"{ray_cfg.autoscale[0]}..{ray_cfg.autoscale[1]}" if ray_cfg.autoscale else str(ray_cfg.num_replicas)
         logger.info(
             "rnnserve on Ray Serve: %s engine replicas at http://%s:%d/v1", scale, cfg.server.host, cfg.server.port

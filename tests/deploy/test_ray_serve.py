@@ -39,6 +39,7 @@ from tests.server.conftest import build_model_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "rnnserve.json"
 MODEL = "tiny-mamba"
 
 
@@ -346,6 +347,22 @@ def test_openai_client_streams_through_ray(ray_server: RayServer) -> None:
     assert err.value.body["code"] == "model_not_found"
     r = httpx.post(ray_server.base_url + "/v1/completions", json={"prompt": [10**9], "max_tokens": 1}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_grafana_dashboard_reads_the_ray_endpoint(ray_server: RayServer) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = {
+        series
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for series in re.findall(r"\b((?:vllm|rnnserve):[a-z0-9_]+)", target["expr"])
+    }
+    text = ray_server.metrics()
+    exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert used and not used - exported, sorted(used - exported)
+    # Engine series are the replicas' sums: two replicas' slots.
+    slots = re.search(rf'^rnnserve:state_pool_slots\{{model_name="{MODEL}"\}} (\S+)$', text, re.M)
+    assert slots is not None and float(slots.group(1)) == 2 * 8
 
 
 def test_same_conversation_lands_on_the_same_replica(ray_server: RayServer) -> None:
