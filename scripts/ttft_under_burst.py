@@ -1,0 +1,206 @@
+"""TTFT of a well-behaved client while another client bursts, with and without the admission bound.
+
+For each server setting it starts ``rnnserve serve`` on a free port of 127.0.0.1 and runs, in turn:
+a quiet phase (the well-behaved client alone: sequential streamed completions), a burst phase
+(the same client while a second client fires ``--burst`` requests at once) and a second quiet phase.
+The well-behaved client honours ``Retry-After`` on a 429 and counts the wait in its TTFT; the figure
+is the p50 / p99 TTFT of its requests (first attempt -> first token). Also printed: the burst's
+status counts, the server's RSS before and after, and the engine gauges once idle.
+
+    .venv/bin/python scripts/ttft_under_burst.py --burst 2000 \
+        --setting "bounded=" --setting "unbounded=--max-queued-requests 1000000"
+
+Prints one table and writes the figures to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+BODY = {"prompt": "The weather today is", "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def gauges(base: str) -> dict[str, float]:
+    names = ("vllm:num_requests_running", "vllm:num_requests_waiting", "rnnserve:state_pool_slots_used")
+    out = {}
+    for line in httpx.get(base + "/metrics", timeout=30).text.splitlines():
+        if line.split("{", 1)[0] in names:
+            out[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def ttft_once(client: httpx.AsyncClient) -> tuple[float, int]:
+    """Seconds from the first attempt to the first token, honouring Retry-After; and the 429s seen."""
+    start = time.perf_counter()
+    rejected = 0
+    while True:
+        async with client.stream("POST", "/v1/completions", json={**BODY, "stream": True}) as r:
+            if r.status_code == 429:
+                rejected += 1
+                await r.aread()
+                await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                continue
+            r.raise_for_status()
+            first = None
+            async for line in r.aiter_lines():
+                if first is None and line.startswith("data: {"):
+                    first = time.perf_counter() - start
+            assert first is not None
+            return first, rejected
+
+
+async def well_behaved(base: str, n: int) -> tuple[list[float], int]:
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        ttfts, rejected = [], 0
+        for _ in range(n):
+            t, r = await ttft_once(client)
+            ttfts.append(t)
+            rejected += r
+        return ttfts, rejected
+
+
+async def burst(base: str, n: int, max_tokens: int) -> dict[int, int]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+
+        async def one() -> int:
+            try:
+                body = {**BODY, "max_tokens": max_tokens}
+                return (await client.post("/v1/completions", json=body)).status_code
+            except httpx.HTTPError:
+                return -1
+
+        codes = await asyncio.gather(*(one() for _ in range(n)))
+    counts: dict[int, int] = {}
+    for c in codes:
+        counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def _burst_process(base: str, n: int, max_tokens: int, out: multiprocessing.Queue) -> None:
+    out.put(asyncio.run(burst(base, n, max_tokens)))
+
+
+def during_burst(
+    base: str, n_quiet: int, n_burst: int, burst_max_tokens: int
+) -> tuple[list[float], int, dict[int, int]]:
+    """The burst runs in its own process, so its 2,000 connections do not slow this client's loop."""
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue = ctx.Queue()
+    proc = ctx.Process(target=_burst_process, args=(base, n_burst, burst_max_tokens, out))
+    proc.start()
+    time.sleep(1.0)  # the burst is sent (queued or refused) before the client starts
+    ttfts, rejected = asyncio.run(well_behaved(base, n_quiet))
+    codes = out.get(timeout=1200)
+    proc.join()
+    return ttfts, rejected, codes
+
+
+def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "rnnserve",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args.serve_args,
+        *extra,
+    ]
+    log = open(Path(args.out).with_suffix(f".{name}.log"), "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        asyncio.run(well_behaved(base, 5))  # warm-up
+        rss0 = rss_mib(proc.pid)
+        quiet1, _ = asyncio.run(well_behaved(base, args.requests))
+        loud, rejected, codes = during_burst(base, args.requests, args.burst, args.burst_max_tokens)
+        quiet2, _ = asyncio.run(well_behaved(base, args.requests))
+        time.sleep(1.0)
+        quiet = quiet1 + quiet2
+        return {
+            "setting": name,
+            "flags": " ".join(extra),
+            "quiet_p50": pct(quiet, 0.5),
+            "quiet_p99": pct(quiet, 0.99),
+            "burst_p50": pct(loud, 0.5),
+            "burst_p99": pct(loud, 0.99),
+            "well_behaved_429s": rejected,
+            "burst_statuses": codes,
+            "rss_before_mib": rss0,
+            "rss_after_mib": rss_mib(proc.pid),
+            "gauges_after": gauges(base),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--burst", type=int, default=2000, help="requests the bursting client fires at once")
+    p.add_argument("--burst-max-tokens", type=int, default=64, help="tokens each burst request generates")
+    p.add_argument("--requests", type=int, default=40, help="well-behaved requests per phase")
+    p.add_argument("--serve-args", type=shlex.split, default=[], help="flags for every server, e.g. '--model DIR'")
+    p.add_argument("--setting", action="append", default=[], help="NAME=FLAGS, one server per setting")
+    p.add_argument("--out", default="ttft_under_burst.json")
+    args = p.parse_args(argv)
+    settings = [s.split("=", 1) for s in args.setting] or [["bounded", ""]]
+    rows = [run_setting(name, shlex.split(flags), args) for name, flags in settings]
+    print(f"{'setting':<12} {'quiet p50':>9} {'quiet p99':>9} {'burst p50':>9} {'burst p99':>9} {'ratio':>6} "
+          f"{'429s':>5} {'RSS MiB before/after':>21}  burst statuses")  # fmt: skip
+    for r in rows:
+        ratio = r["burst_p99"] / r["quiet_p99"]
+        print(
+            f"{r['setting']:<12} {r['quiet_p50']:9.3f} {r['quiet_p99']:9.3f} {r['burst_p50']:9.3f} "
+            f"{r['burst_p99']:9.3f} {ratio:6.2f} {r['well_behaved_429s']:5d} "
+            f"{r['rss_before_mib']:10.0f}/{r['rss_after_mib']:<10.0f}  {r['burst_statuses']}"
+        )
+        print(f"{'':<12} after: {r['gauges_after']}")
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
