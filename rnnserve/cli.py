@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from rnnserve import __version__
 from rnnserve.config import (
     ConfigError,
+    KVCacheConfig,
     ModelConfig,
     PrefixCacheConfig,
     RayConfig,
@@ -92,6 +93,7 @@ class ServeConfigs:
     runner: RunnerConfig
     server: ServerConfig
     prefix_cache: PrefixCacheConfig = field(default_factory=PrefixCacheConfig)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     state_dir: str | None = None  # --state-dir: named initial states
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -135,6 +137,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=d_pool.max_num_seqs, help="state slots / concurrent sequences")
     g.add_argument("--state-memory", type=parse_bytes, default=None, help="state pool budget in bytes, e.g. 2GiB")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        default=None,
+        help="KV-cache budget of attention layers (Transformer baseline, hybrids), e.g. 4GiB "
+        "(default: every slot at --max-model-len, at most 4GiB)",
+    )
+    g.add_argument("--block-size", type=int, default=KVCacheConfig().block_size, help="tokens per KV-cache block")
     g.add_argument(
         "--max-num-batched-tokens",
         type=int,
@@ -254,6 +264,7 @@ def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
             quantization=args.quantization,
         ),
         pool=StatePoolConfig(max_num_seqs=args.max_num_seqs, state_memory=args.state_memory),
+        kv_cache=KVCacheConfig(kv_cache_memory=args.kv_cache_memory, block_size=args.block_size),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
@@ -317,7 +328,13 @@ def serve(cfg: ServeConfigs, sock: socket.socket | None = None) -> int:
         model_cfg = dataclasses.replace(model_cfg, model=str(default_path))
         name = name or Path(default_path).name
     engine = AsyncEngine.from_configs(
-        model_cfg, cfg.pool, cfg.scheduler, cfg.runner, prefix_cache_config=cfg.prefix_cache, state_dir=cfg.state_dir
+        model_cfg,
+        cfg.pool,
+        cfg.scheduler,
+        cfg.runner,
+        prefix_cache_config=cfg.prefix_cache,
+        state_dir=cfg.state_dir,
+        kv_cache_config=cfg.kv_cache,
     )
     model_path = engine.loaded.path if engine.loaded is not None else Path(str(model_cfg.model))
     tokenizer = load_tokenizer(model_path, model_cfg.tokenizer, model_cfg.chat_template)

@@ -3,7 +3,9 @@
 Starts ``rnnserve serve`` (a subprocess, one at a time) with a recurrent checkpoint and with a
 Transformer baseline of about the same size, sweeps prompt length and concurrency with the load
 generator of ``rnnserve bench serve``, reads each server's memory per sequence from ``/metrics``
-(``rnnserve:state_bytes_per_slot``: the state pool's bytes per slot), and writes:
+(``rnnserve:state_bytes_per_slot``, the state pool's bytes per slot, plus
+``rnnserve:kv_cache_bytes_per_token`` times the prompt and output tokens for a paged KV cache), and
+writes:
 
 - ``results.json``: every measurement, plus the machine and the models;
 - ``report.md``: a Markdown table of them;
@@ -341,7 +343,7 @@ def _serve_args(cfg: CompareConfig, max_model_len: int | None, state_memory: str
     return args
 
 
-def _row(kind: str, name: str, context: int, conc: int, s: dict, metrics: dict[str, float]) -> dict:
+def _row(kind: str, name: str, context: int, conc: int, s: dict, metrics: dict[str, float], output_len: int) -> dict:
     # Median ITL is one decode step of the batch: the gaps where a newcomer's prefill chunk ran
     # are the tail, not the median (TPOT, a per-request mean, includes them).
     itl = s["median_itl_ms"]
@@ -361,9 +363,17 @@ def _row(kind: str, name: str, context: int, conc: int, s: dict, metrics: dict[s
             f"{stat}_{m}_ms": s[f"{stat}_{m}_ms"] for m in ("ttft", "tpot", "itl", "e2el") for stat in ("median", "p99")
         },
         "state_bytes_per_slot": metrics.get("rnnserve:state_bytes_per_slot", float("nan")),
+        # What one sequence holds at its end: its state slot plus the KV blocks of its tokens.
+        "bytes_per_seq": metrics.get("rnnserve:state_bytes_per_slot", float("nan"))
+        + metrics.get("rnnserve:kv_cache_bytes_per_token", 0.0) * (context + output_len),
         "state_pool_slots": metrics.get("rnnserve:state_pool_slots", float("nan")),
         "errors": sorted({e for e in s["errors"] if e})[:3],
     }
+
+
+def _bytes_per_seq(row: dict) -> float:
+    """A row's memory per sequence (results written before the paged KV cache have only the slot's)."""
+    return row.get("bytes_per_seq", row["state_bytes_per_slot"])
 
 
 def _warm_up(url: str) -> dict[str, float]:
@@ -384,12 +394,12 @@ def _point(cfg: CompareConfig, server: tuple[str, str, str, dict[str, float]], c
         seed=cfg.seed,
         timeout_s=cfg.timeout_s,
     )
-    row = _row(kind, name, context, conc, asyncio.run(run_benchmark(bench)), metrics)
+    row = _row(kind, name, context, conc, asyncio.run(run_benchmark(bench)), metrics, cfg.output_len)
     print(
         f"  {kind:<11} ctx {context:>6} conc {conc:>3}: {row['completed']} ok {row['failed']} failed, "
         f"output {row['output_throughput']:8.1f} tok/s, decode {row['decode_throughput']:8.1f} tok/s, "
         f"TTFT p50 {row['median_ttft_ms']:9.1f} ms, ITL p50 {row['median_itl_ms']:7.1f} ms, "
-        f"state {row['state_bytes_per_slot'] / 2**20:9.2f} MiB/seq",
+        f"memory {row['bytes_per_seq'] / 2**20:9.2f} MiB/seq",
         flush=True,
     )
     return row
@@ -616,7 +626,7 @@ def draw_plots(result: dict, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for m in models:
-        pts = sorted({(r["context"], r["state_bytes_per_slot"]) for r in _rows(result, m)})
+        pts = sorted({(r["context"], _bytes_per_seq(r)) for r in _rows(result, m)})
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, [y / 2**20 for y in ys], marker="o", color=_COLORS[m], label=_LABELS[m])
@@ -624,7 +634,7 @@ def draw_plots(result: dict, out: Path) -> list[Path]:
     ax.set_yscale("log")
     ax.set_xticks(contexts, [str(c) for c in contexts])
     ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("MiB per sequence (rnnserve:state_bytes_per_slot)")
+    ax.set_ylabel("MiB per sequence (state slot + KV blocks)")
     ax.set_title("Memory per sequence vs context length", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     _legend(ax, fontsize=8)
@@ -664,7 +674,8 @@ def markdown_report(result: dict, images: list[Path]) -> str:
         + (f", --state-memory {_fmt_bytes(c['state_memory'])}" if c.get("state_memory") else ""),
         "- Decode tok/s = concurrency / median ITL (the steady-state rate of a full batch); output tok/s = "
         "generated tokens / wall time, prefill included. Memory per sequence is the server's "
-        "`rnnserve:state_bytes_per_slot`; the Transformer's KV cache is sized for context + output (+10%).",
+        "`rnnserve:state_bytes_per_slot` plus `rnnserve:kv_cache_bytes_per_token` x (prompt + output) for "
+        "the Transformer's paged KV cache.",
         "",
         "| model | prompt | conc | ok/failed | decode tok/s | output tok/s | TTFT p50 / p99 (ms) "
         "| ITL p50 / p99 (ms) | TPOT p50 (ms) | E2E p50 (ms) | MiB / seq | slots |",
@@ -675,7 +686,7 @@ def markdown_report(result: dict, images: list[Path]) -> str:
             f"| {r['model']} | {r['context']} | {r['concurrency']} | {r['completed']}/{r['failed']} "
             f"| {r['decode_throughput']:.1f} | {r['output_throughput']:.1f} "
             f"| {r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} | {r['median_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} "
-            f"| {r['median_tpot_ms']:.1f} | {r['median_e2el_ms']:.0f} | {r['state_bytes_per_slot'] / 2**20:.2f} "
+            f"| {r['median_tpot_ms']:.1f} | {r['median_e2el_ms']:.0f} | {_bytes_per_seq(r) / 2**20:.2f} "
             f"| {int(r['state_pool_slots']) if r['state_pool_slots'] == r['state_pool_slots'] else '?'} |"
         )
     errors = sorted({e for r in result["rows"] for e in r.get("errors", [])})

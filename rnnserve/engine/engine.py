@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from rnnserve.config import ModelConfig, PrefixCacheConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
+from rnnserve.config import (
+    KVCacheConfig,
+    ModelConfig,
+    PrefixCacheConfig,
+    RunnerConfig,
+    SchedulerConfig,
+    StatePoolConfig,
+)
+from rnnserve.engine.kv_cache import KVCache
 from rnnserve.engine.prefix_cache import PrefixCache, state_identity
 from rnnserve.engine.request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from rnnserve.engine.runner import ModelRunner
@@ -61,6 +69,10 @@ class EngineStats:
     prefix_cache_host_bytes: int = 0
     prefix_cache_entries: int = 0
     prefix_cache_evictions: int = 0
+    kv_cache_blocks: int = 0  # real KV blocks (0 without attention layers)
+    kv_cache_blocks_used: int = 0
+    kv_bytes_per_token: int = 0  # KV bytes one token of a sequence takes, all attention layers
+    num_preemptions: int = 0  # requests preempted (requeued to recompute) for lack of KV blocks
 
 
 def _min_len(a: int | None, b: int | None) -> int | None:
@@ -84,6 +96,7 @@ class LLMEngine:
         model_max_len: int | None = None,
         prefix_cache_config: PrefixCacheConfig | None = None,  # None or disabled: no prefix cache
         state_dir: str | None = None,  # named initial states (``initial_state``, ``save_state``)
+        kv_cache_config: KVCacheConfig | None = None,  # attention layers' blocks (None: the defaults)
     ) -> None:
         self.model = model
         self.eos_token_id = eos_token_id
@@ -92,6 +105,7 @@ class LLMEngine:
         if self.max_model_len is not None:
             model.limit_context(self.max_model_len)
         self.pool = StatePool(model.state_specs(), pool_config, model.device)
+        self.kv_cache = self._make_kv_cache(kv_cache_config or KVCacheConfig())
         identity = state_identity(model, self.pool)
         # Snapshots and forks copy state-pool slots; a paged KV cache's blocks are not in them.
         self._forks_states = not model.kv_specs()
@@ -112,12 +126,34 @@ class LLMEngine:
             prefix_cache=self.prefix_cache,
             initial_states=self.state_store.get if self.state_store is not None else None,
             save_state=self._save_state,
+            kv_cache=self.kv_cache,
         )
-        self.runner = ModelRunner(model, self.pool, runner_config)
+        self.runner = ModelRunner(model, self.pool, runner_config, self.kv_cache)
         self.sampler = Sampler(model.vocab_size, model.device)
         self._pending: list[RequestOutput] = []  # outputs made outside a step (aborts), sent with the next
         self._num_steps = 0
         self._last_step_seconds = 0.0
+
+    def _make_kv_cache(self, config: KVCacheConfig) -> KVCache | None:
+        """The paged KV cache of a model with attention layers (None without). A sequence can never
+        outgrow what the cache holds for one: max_model_len is lowered to it."""
+        specs = self.model.kv_specs()
+        if not specs:
+            return None
+        # Attention positions are bounded by the model's own limit (RoPE, learned positions) too.
+        limit = _min_len(self.max_model_len, getattr(self.model, "max_model_len", None))
+        kv = KVCache(specs, config, self.pool.num_slots, limit, self.model.device)
+        if self.max_model_len is None or kv.max_tokens_per_seq < self.max_model_len:
+            logger.info("max_model_len %s -> %d (the KV cache's room for one sequence)", limit, kv.max_tokens_per_seq)
+            self.max_model_len = kv.max_tokens_per_seq
+        logger.info(
+            "KV cache: %d blocks of %d tokens, %d bytes each (%.1f MiB)",
+            kv.num_blocks,
+            kv.block_size,
+            kv.bytes_per_block,
+            kv.total_bytes / 2**20,
+        )
+        return kv
 
     def validate(self, prompt_token_ids: list[int]) -> None:
         """Raise EngineInputError for a prompt the engine cannot serve."""
@@ -136,6 +172,7 @@ class LLMEngine:
 
     def validate_state_name(self, name: str, param: str = "initial_state") -> None:
         """EngineInputError unless ``name`` is a saved state this model can start from."""
+        self._check_states_supported(param)
         if self.state_store is None:
             raise EngineInputError("this server has no state folder (start it with --state-dir)", param)
         try:
@@ -162,6 +199,7 @@ class LLMEngine:
         if initial_state is not None:
             self.validate_state_name(initial_state)
         if save_state is not None:
+            self._check_states_supported("name")
             if self.state_store is None:
                 raise EngineInputError("this server has no state folder (start it with --state-dir)", "name")
             try:
@@ -180,6 +218,12 @@ class LLMEngine:
             assert self.state_store is not None
             req.cache_namespace = f"state:{initial_state}@{self.state_store.version(initial_state)}"
         self.scheduler.add(req, fork_of=fork_of if self._forks_states else None)
+
+    def _check_states_supported(self, param: str) -> None:
+        if self.kv_cache is not None:
+            raise EngineInputError(
+                "saved states hold recurrent state only; this model's attention layers keep a KV cache", param
+            )
 
     def _save_state(self, name: str, snapshot: Snapshot, req: Request) -> None:
         assert self.state_store is not None
@@ -305,7 +349,19 @@ class LLMEngine:
             num_steps=self._num_steps,
             last_step_seconds=self._last_step_seconds,
             **self._prefix_cache_stats(),
+            **self._kv_cache_stats(),
+            num_preemptions=self.scheduler.num_preemptions,
         )
+
+    def _kv_cache_stats(self) -> dict[str, int]:
+        kv = self.kv_cache
+        if kv is None:
+            return {}
+        return {
+            "kv_cache_blocks": kv.num_blocks,
+            "kv_cache_blocks_used": kv.num_used_blocks,
+            "kv_bytes_per_token": kv.bytes_per_block // kv.block_size,
+        }
 
     def _prefix_cache_stats(self) -> dict[str, int]:
         if self.prefix_cache is None:
@@ -384,6 +440,7 @@ class AsyncEngine:
         runner_config: RunnerConfig,
         prefix_cache_config: PrefixCacheConfig | None = None,
         state_dir: str | None = None,
+        kv_cache_config: KVCacheConfig | None = None,
     ) -> AsyncEngine:
         loaded = load_model(model_config)
         engine = LLMEngine(
@@ -395,6 +452,7 @@ class AsyncEngine:
             model_max_len=loaded.max_model_len,
             prefix_cache_config=prefix_cache_config,
             state_dir=state_dir,
+            kv_cache_config=kv_cache_config,
         )
         return cls(engine, loaded)
 

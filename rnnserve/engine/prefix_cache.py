@@ -22,10 +22,9 @@ dtype or that does not load is skipped with a warning, never loaded.
 Trees are kept per namespace: the default one (""), and one per initial state (a prefix run from a
 loaded state is another state than the same prefix run from zero).
 
-The Transformer baseline's state is its KV cache, per slot ``[max_model_len, kv_heads, head_dim]``:
-a snapshot of the whole slot holds the keys and values of positions ``[0, len(prefix))``; the rest is
-never read (attention stops at the query position, and every later position is written before it is
-read), so a restored prefix is exact for it too, only larger.
+Models with attention layers (the Transformer baseline, hybrids) keep part of their memory in the
+engine's paged KV cache, which a snapshot of the slot does not hold: the engine runs them without
+the prefix cache.
 """
 
 from __future__ import annotations

@@ -5,7 +5,12 @@ scheduler decides how many of its not-yet-computed tokens run. Order of service:
 
 1. running requests that are decoding, one token each (they never stall behind a long prompt);
 2. running requests part-way through their prompt, the next chunk each;
-3. waiting requests, in arrival order, only while a state slot is free.
+3. waiting requests, in arrival order, only while a state slot is free (and, for a model with
+   attention layers, KV blocks for at least the first token of their chunk).
+
+With a paged KV cache a running request that needs a block when none is free preempts the youngest
+running request (maybe itself): its blocks and slot go back and it is queued first, to recompute its
+prompt and output tokens (as prefill chunks, without sampling again) once it is admitted again.
 
 With a prefix cache, admission restores the longest cached prefix of the prompt into the new slot
 (at most all but the last prompt token: one always runs, to give logits), and a prefill chunk that
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rnnserve.config import SchedulerConfig
+from rnnserve.engine.kv_cache import KVCache
 from rnnserve.engine.prefix_cache import PrefixCache
 from rnnserve.engine.request import FinishReason, Request, RequestOutput, RequestStatus, TokenLogprob
 from rnnserve.engine.sampler import SamplerOutput, logprob_entries
@@ -49,7 +55,9 @@ class ScheduledRequest:
 
     @property
     def is_decode(self) -> bool:
-        return self.num_tokens == 1 and not self.request.is_prefilling
+        """One token that completes the known tokens (a preempted request recomputing its output
+        tokens runs them as prefill chunks, sampling only at the last)."""
+        return self.num_tokens == 1 and not self.request.is_prefilling and self.completes_prompt
 
     @property
     def completes_prompt(self) -> bool:
@@ -80,9 +88,13 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         initial_states: Callable[[str], Snapshot] | None = None,
         save_state: Callable[[str, Snapshot, Request], None] | None = None,
+        kv_cache: KVCache | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
+        # Attention layers' blocks: admission needs them too, and running out preempts (see _reserve).
+        self.kv_cache = kv_cache
+        self.num_preemptions = 0
         self.prefix_cache = prefix_cache
         # name -> saved state (``initial_state`` requests), and the hook that saves one (``save_state``).
         self._initial_states = initial_states
@@ -150,20 +162,29 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         out = SchedulerOutput()
-        for req in self.running:
+        preemptions = self.num_preemptions
+        # Copies: reserving KV blocks may preempt (remove) running requests.
+        for req in list(self.running):
             if budget == 0:
                 break
-            if not req.is_prefilling:
+            if req.status is RequestStatus.RUNNING and self._is_decoding(req) and self._reserve(req, 1, out):
                 out.scheduled.append(ScheduledRequest(req, 1))
                 budget -= 1
-        for req in self.running:
+        for req in list(self.running):
             if budget == 0:
                 break
-            if req.is_prefilling:
-                n = self._chunk_len(req, budget)
-                out.scheduled.append(ScheduledRequest(req, n))
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if req.status is RequestStatus.RUNNING and not self._is_decoding(req):
+                n = max(1, self._fit(req, self._chunk_len(req, budget)))
+                if self._reserve(req, n, out):
+                    out.scheduled.append(ScheduledRequest(req, n))
+                    budget -= n
+        # No admission in a step that preempted: the blocks just freed are the running requests'.
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and self.num_preemptions == preemptions
+        ):
             slot = self.pool.alloc()
             if slot is None:
                 break
@@ -172,10 +193,64 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._restore_prefix(req)
-            n = self._chunk_len(req, budget)
+            # Admitted only with blocks for at least one token; admission never preempts.
+            n = self._fit(req, self._chunk_len(req, budget))
+            if n == 0:
+                self._requeue(req)
+                break
+            self._reserve(req, n, out)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return out
+
+    @staticmethod
+    def _is_decoding(req: Request) -> bool:
+        """Its prompt and every output token but the last are computed: one decode step is next."""
+        return not req.is_prefilling and req.num_computed_tokens == req.num_tokens - 1
+
+    def _fit(self, req: Request, n: int) -> int:
+        """The most of ``n`` next tokens of ``req`` that its blocks plus the free ones can hold."""
+        kv = self.kv_cache
+        if kv is None:
+            return n
+        assert req.slot is not None
+        room = (kv.num_blocks_of(req.slot) + kv.num_free_blocks) * kv.block_size - req.num_computed_tokens
+        return max(0, min(n, room))
+
+    def _reserve(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """Blocks for ``req``'s next ``n`` tokens, preempting the youngest running request (maybe
+        ``req`` itself) until they fit. False: ``req`` was preempted."""
+        kv = self.kv_cache
+        if kv is None:
+            return True
+        assert req.slot is not None
+        while not kv.allocate(req.slot, req.num_computed_tokens + n):
+            victim = max(self.running, key=lambda r: r.arrival_time)
+            self._preempt(victim, out)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Give back a running request's blocks and slot and queue it first, to recompute its prompt
+        and output tokens when it is admitted again (the outputs it sent stay sent)."""
+        out.scheduled = [s for s in out.scheduled if s.request is not req]
+        self._requeue(req)
+        self.num_preemptions += 1
+
+    def _requeue(self, req: Request) -> None:
+        """Back to the front of the queue without a slot or blocks, nothing computed."""
+        assert req.slot is not None
+        if self.kv_cache is not None:
+            self.kv_cache.free(req.slot)
+        self.pool.free(req.slot)
+        self.running.remove(req)
+        req.slot = None
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = req.num_cached_tokens = 0
+        if req.request_id in self._prompt_logprobs:
+            self._prompt_logprobs[req.request_id] = [None]  # not sent yet: recorded again from the start
+        self.waiting.appendleft(req)
 
     def _uses_cache(self, req: Request) -> bool:
         # Prompt logprobs need the logits of every prompt token, which a restored prefix skips.
@@ -197,7 +272,8 @@ class Scheduler:
         """Prompt tokens to run now: as many as the budget allows; a chunk that leaves part of the
         prompt for later ends at the last multiple of the cache interval inside it, if any."""
         start = req.num_computed_tokens
-        n = min(req.num_prompt_tokens - start, budget)
+        # A preempted request recomputes its prompt, then its output tokens (never both in one chunk).
+        n = min((req.num_prompt_tokens if req.is_prefilling else req.num_tokens) - start, budget)
         if self.prefix_cache is not None and self._uses_cache(req) and start + n < req.num_prompt_tokens:
             boundary = (start + n) // self.prefix_cache.config.interval * self.prefix_cache.config.interval
             if boundary > start:
@@ -356,6 +432,8 @@ class Scheduler:
         if request.slot is not None:
             if reason is not FinishReason.ERROR:
                 self._cache_final_state(request)
+            if self.kv_cache is not None:
+                self.kv_cache.free(request.slot)
             self.pool.free(request.slot)
             request.slot = None
         request.status = RequestStatus.FINISHED

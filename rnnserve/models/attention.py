@@ -59,19 +59,21 @@ class PagedAttention(nn.Module):
         self._decode = get_kernel("paged_attention.decode", backend)
 
     def _qkv(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, D] -> q [N, H, hd], k and v [N, Hkv, hd], RoPE applied to q and k."""
+        """x [N, D] -> q [N, H, hd], k and v [N, Hkv, hd], RoPE (if any) applied to q and k."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if rope is None:  # learned absolute positions (GPT-2)
+            return q, k, v
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
     def prefill(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
         kv: PagedKVMetadata,
         cache: int,
         cu_seqlens: torch.Tensor,
@@ -96,7 +98,7 @@ class PagedAttention(nn.Module):
         return self.o_proj(o.flatten(1))
 
     def decode(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: PagedKVMetadata, cache: int
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv: PagedKVMetadata, cache: int
     ) -> torch.Tensor:
         """x [B, D], one token per sequence -> [B, D]."""
         q, k, v = self._qkv(x, rope)

@@ -1,22 +1,23 @@
 """The Transformer baseline: LLaMA-style and GPT-2 decoders served by the same engine as the
 recurrent families, so that load tests compare like with like.
 
-Its per-sequence "state" is a KV cache: per layer ``k`` and ``v`` of ``[max_model_len, n_kv_heads,
-head_dim]`` in the model dtype, allocated per slot by the state pool. Bytes per slot therefore grow
-with ``max_model_len`` (from ``max_position_embeddings`` / ``n_positions``), which is the point of the
-comparison: a recurrent state does not grow.
+It keeps no recurrent state: every layer is an attention layer with a paged KV cache (``kv_specs``),
+``[num_blocks, block_size, n_kv_heads, head_dim]`` per layer in the model dtype, owned by the
+engine's ``KVCache``. A sequence holds the blocks its tokens fill, so its memory grows with its
+length, as a paged Transformer server's does, instead of ``max_model_len`` positions per slot.
 
-Prefill attends over the slot's cached positions ``[0, pos)`` plus the chunk, causally (positions
-come from the batch); decode attends over ``[0, pos]``. Decode reads the cache only up to the
-longest position in the batch, so its cost grows with context as a paged Transformer server's does.
-That length is a host value, so unlike the recurrent families this decode is not CUDA-graph safe
-(``decode_graph_safe = False``).
+Prefill writes each chunk's keys and values into its blocks and attends over the cached prefix plus
+the chunk, causally; decode writes one token and attends over ``[0, pos]``; both through
+``kernels/paged_attention`` (batched over the whole step, no per-sequence loop). The CPU kernels pad
+to the step's longest sequence, a host int, and the engine's CUDA-graph decode does not yet carry the
+block tables, so the decode is not captured (``decode_graph_safe = False``; the Triton decode kernel
+itself holds no host sync).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnserve.kernels.dispatch import Backend
-from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
-
-# Queries per attention call in prefill: bounds the [H, q, kv] score matrix of long prompts.
-_QUERY_BLOCK = 1024
+from rnnserve.models.attention import PagedAttention, rope_cos_sin, rope_inv_freq
+from rnnserve.models.base import DecodeBatch, KVSpec, PagedKVMetadata, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.weights import WeightsMapper, default_weight_loader, load_weights, set_weight_loader
 
 
 @dataclass(frozen=True)
@@ -118,70 +118,77 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
+    """Pre-norm residual: ``self_attn`` over the paged cache, then the MLP. Module names are LLaMA's
+    checkpoint names (GPT-2's are mapped onto them)."""
+
+    def __init__(self, cfg: TransformerConfig, backend: Backend) -> None:
         super().__init__()
         self.cfg = cfg
-        d, hd = cfg.hidden_size, cfg.head_dim
+        d = cfg.hidden_size
         norm = (
             (lambda: RMSNorm(d, cfg.norm_eps)) if cfg.arch == "llama" else (lambda: nn.LayerNorm(d, eps=cfg.norm_eps))
         )
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.attention_bias)
+        self.self_attn = PagedAttention(d, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias, backend)
+        self.mlp = nn.Module()
         if cfg.arch == "llama":
-            self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
+            self.mlp.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.mlp.up_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.mlp.down_proj = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mlp
         if self.cfg.arch == "llama":
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x))
         approximate = "tanh" if self.cfg.hidden_act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast") else "none"
-        return self.down_proj(F.gelu(self.up_proj(x), approximate=approximate))
+        return m.down_proj(F.gelu(m.up_proj(x), approximate=approximate))
 
-    def qkv(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, D] -> q [N, H, hd], k and v [N, Hkv, hd], RoPE applied to q and k."""
-        n, hd = x.shape[0], self.cfg.head_dim
-        q = self.q_proj(x).view(n, self.cfg.num_heads, hd)
-        k = self.k_proj(x).view(n, self.cfg.num_kv_heads, hd)
-        v = self.v_proj(x).view(n, self.cfg.num_kv_heads, hd)
-        if rope is not None:
-            cos, sin = rope  # [N, 1, hd]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-        return q, k, v
+
+# GPT-2 checkpoint names -> ours (LLaMA's): with and without the ``transformer.`` prefix.
+_GPT2_TOPS = (("wte.", "embed_tokens."), ("wpe.", "embed_positions."), ("ln_f.", "norm."), ("h.", "layers."))
+_GPT2_MAPPER = WeightsMapper(
+    prefixes=tuple((f"transformer.{old}", new) for old, new in _GPT2_TOPS) + _GPT2_TOPS,
+    substrings=(
+        (".ln_1.", ".input_layernorm."),
+        (".ln_2.", ".post_attention_layernorm."),
+        (".attn.c_proj.", ".self_attn.o_proj."),
+        (".mlp.c_fc.", ".mlp.up_proj."),
+        (".mlp.c_proj.", ".mlp.down_proj."),
+    ),
+    ignore_suffixes=(".attn.bias", ".attn.masked_bias"),  # causal-mask buffers of old checkpoints
+)
+
+
+def _split_gpt2_qkv(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """GPT-2's fused ``attn.c_attn`` (Conv1D ``[in, 3 * out]``) as separate q, k, v projections
+    (``Linear [out, in]``), named as the mapper's output expects."""
+    for name, tensor in weights:
+        if ".attn.c_attn." not in name:
+            yield name, tensor
+            continue
+        prefix, kind = name.split(".attn.c_attn.")
+        for part, t in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=-1)):
+            yield f"{prefix}.self_attn.{part}.{kind}", t.t() if kind == "weight" else t
 
 
 class TransformerLM(RecurrentLM):
-    """LLaMA-style or GPT-2 decoder with a per-slot KV cache as its state."""
+    """LLaMA-style or GPT-2 decoder whose per-sequence memory is its paged KV cache."""
 
     decode_graph_safe = False
-    # "auto": per-sequence attention on the CPU, batched over a gathered window elsewhere;
-    # "per_seq" / "batched" force one (tests compare them).
-    decode_attention: str = "auto"
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, backend: Backend = "torch") -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
-        # limit_context lowers this to --max-model-len before the engine sizes the pool.
+        # limit_context lowers this to --max-model-len before the engine sizes the KV cache.
         self.max_model_len = cfg.max_position_embeddings
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_positions = (
             nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.arch == "gpt2" else None
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
         self.norm = (
             RMSNorm(cfg.hidden_size, cfg.norm_eps)
             if cfg.arch == "llama"
@@ -190,85 +197,38 @@ class TransformerLM(RecurrentLM):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer(
-            "inv_freq",
-            1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)),
-            persistent=False,
-        )
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> TransformerLM:
-        return cls(TransformerConfig.from_hf(config))
+        return cls(TransformerConfig.from_hf(config), backend)
 
     def post_load(self) -> None:
         # The loader casts the module to the model dtype; RoPE frequencies must stay fp32.
-        self.inv_freq = 1.0 / (
-            self.cfg.rope_theta
-            ** (torch.arange(0, self.cfg.head_dim, 2, dtype=torch.float32, device=self.device) / self.cfg.head_dim)
-        )
+        self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.device)
 
     def limit_context(self, max_model_len: int) -> None:
         self.max_model_len = min(self.max_model_len, max_model_len)
 
     def state_specs(self) -> list[list[StateSpec]]:
-        shape = (self.max_model_len, self.cfg.num_kv_heads, self.cfg.head_dim)
-        dtype = self.dtype
-        return [[StateSpec("k", shape, dtype), StateSpec("v", shape, dtype)] for _ in range(self.cfg.num_layers)]
+        return [[] for _ in range(self.cfg.num_layers)]
+
+    def kv_specs(self) -> list[KVSpec]:
+        return [KVSpec(self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype) for _ in range(self.cfg.num_layers)]
 
     # ----------------------------------------------------------------- weights
 
-    def _our_name(self, name: str) -> str | None:
-        """Checkpoint name -> parameter name (None: not a parameter of ours)."""
-        if self.cfg.arch == "llama":
-            if name.endswith("rotary_emb.inv_freq"):
-                return None
-            name = name.removeprefix("model.")
-            return name.replace(".self_attn.", ".").replace(".mlp.", ".")
-        name = name.removeprefix("transformer.")
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            return None  # causal-mask buffers of old GPT-2 checkpoints
-        tops = (("wte.", "embed_tokens."), ("wpe.", "embed_positions."), ("ln_f.", "norm."), ("h.", "layers."))
-        for old, new in tops:
-            if name.startswith(old):
-                name = new + name[len(old) :]
-        for old, new in (
-            (".ln_1.", ".input_layernorm."),
-            (".ln_2.", ".post_attention_layernorm."),
-            (".attn.c_proj.", ".o_proj."),
-            (".mlp.c_fc.", ".up_proj."),
-            (".mlp.c_proj.", ".down_proj."),
-        ):
-            name = name.replace(old, new)
-        return name
-
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        filled: set[str] = set()
-        for ckpt_name, tensor in weights:
-            if self.cfg.tie_word_embeddings and ckpt_name == "lm_head.weight":
-                continue
-            name = self._our_name(ckpt_name)
-            if name is None:
-                continue
-            if self.cfg.arch == "gpt2" and ".attn.c_attn." in name:
-                # Conv1D stores [in, 3*out]: split into q, k, v and transpose to Linear's [out, in].
-                prefix = name.split(".attn.c_attn.")[0]
-                kind = name.rsplit(".", 1)[1]
-                for part, t in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=-1)):
-                    target = f"{prefix}.{part}.{kind}"
-                    params[target].copy_(t.t() if kind == "weight" else t)
-                    filled.add(target)
-                continue
-            if name not in params:
-                raise KeyError(f"unexpected checkpoint tensor {ckpt_name!r}")
-            if self.cfg.arch == "gpt2" and name.endswith(("o_proj.weight", "up_proj.weight", "down_proj.weight")):
-                tensor = tensor.t()  # Conv1D [in, out] -> Linear [out, in]
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{ckpt_name}: checkpoint shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
-            filled.add(name)
-        return filled
+        tied = ("lm_head.weight",) if self.cfg.tie_word_embeddings else ()
+        if self.cfg.arch == "llama":
+            mapper = WeightsMapper(prefixes=(("model.", ""),), ignore_suffixes=("rotary_emb.inv_freq", *tied))
+            return load_weights(self, weights, mapper)
+        # GPT-2's Conv1D stores [in, out]: its output projections load transposed.
+        for layer in self.layers:
+            for linear in (layer.self_attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                set_weight_loader(linear.weight, _load_transposed)
+        mapper = dataclasses.replace(_GPT2_MAPPER, ignore_suffixes=_GPT2_MAPPER.ignore_suffixes + tied)
+        return load_weights(self, _split_gpt2_qkv(weights), mapper)
 
     # ----------------------------------------------------------------- forward
 
@@ -276,9 +236,7 @@ class TransformerLM(RecurrentLM):
         """cos, sin [N, 1, hd] for LLaMA; None for GPT-2 (learned positions)."""
         if self.cfg.arch != "llama":
             return None
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [N, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        return rope_cos_sin(positions, self.inv_freq, self.dtype)
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
@@ -286,94 +244,37 @@ class TransformerLM(RecurrentLM):
             h = h + self.embed_positions(positions)
         return h
 
-    def _check_positions(self, positions: torch.Tensor) -> int:
-        end = int(positions.max()) + 1
-        if end > self.max_model_len:
-            raise ValueError(f"position {end - 1} is beyond the KV cache (max_model_len {self.max_model_len})")
-        return end
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """q [B, H, Q, hd], k/v [B, Hkv, K, hd], mask [B, 1, Q, K] bool or None -> [B, H, Q, hd]."""
-        group = self.cfg.num_heads // self.cfg.num_kv_heads
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.cfg.head_dim))
+    def _kv(self, kv: PagedKVMetadata | None) -> PagedKVMetadata:
+        """The step's paged-cache metadata; positions past ``max_model_len`` are refused (RoPE and
+        learned positions are only defined up to it). Host ints only: no device sync."""
+        if kv is None:
+            raise ValueError("the Transformer baseline needs the batch's paged KV cache metadata (batch.kv)")
+        if kv.max_seq_len > self.max_model_len:
+            raise ValueError(f"position {kv.max_seq_len - 1} is beyond max_model_len {self.max_model_len}")
+        return kv
 
     @torch.no_grad()
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
-        self._check_positions(batch.positions)
-        bounds = batch.cu_seqlens.tolist()
-        slots = batch.slot_ids.tolist()
-        positions = batch.positions
-        rope = self._rope(positions)
-        h = self._embed(batch.input_ids, positions)  # [T, D]
-        for layer, st in zip(self.layers, states):
-            x = layer.input_layernorm(h)
-            q, k, v = layer.qkv(x, rope)  # [T, H, hd], [T, Hkv, hd]
-            out = torch.empty_like(q)
-            kc, vc = st["k"], st["v"]  # [S, L, Hkv, hd]
-            for b, slot in enumerate(slots):
-                s, e = bounds[b], bounds[b + 1]
-                if s == e:
-                    continue
-                pos = positions[s:e]
-                # A chunk's positions are contiguous: the cache keeps [0, pos) from earlier chunks.
-                kc[slot].index_copy_(0, pos, k[s:e])
-                vc[slot].index_copy_(0, pos, v[s:e])
-                kv_len = int(pos[-1]) + 1
-                keys = kc[slot, :kv_len].transpose(0, 1)[None]  # [1, Hkv, K, hd]
-                vals = vc[slot, :kv_len].transpose(0, 1)[None]
-                key_pos = torch.arange(kv_len, device=pos.device)
-                for qs in range(s, e, _QUERY_BLOCK):
-                    qe = min(qs + _QUERY_BLOCK, e)
-                    mask = (key_pos[None, :] <= positions[qs:qe, None])[None, None]  # [1, 1, Q, K]
-                    o = self._attend(q[qs:qe].transpose(0, 1)[None], keys, vals, mask)  # [1, H, Q, hd]
-                    out[qs:qe] = o[0].transpose(0, 1)
-            h = h + layer.o_proj(out.flatten(1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        kv = self._kv(batch.kv)
+        rope = self._rope(batch.positions)
+        h = self._embed(batch.input_ids, batch.positions)  # [T, D]
+        for i, layer in enumerate(self.layers):
+            h = h + layer.self_attn.prefill(layer.input_layernorm(h), rope, kv, i, batch.cu_seqlens)
+            h = h + layer.feed_forward(layer.post_attention_layernorm(h))
         h = self.norm(h[batch.logits_indices])
         return self.lm_head(h).float()
 
     @torch.no_grad()
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
-        # Read each cache only up to its own position: decode cost grows with context, as a paged
-        # Transformer server's does.
-        kv_len = self._check_positions(batch.positions)
-        positions, slots = batch.positions, batch.slot_ids
-        rope = self._rope(positions)
-        h = self._embed(batch.input_ids, positions)  # [B, D]
-        # CPU: one attention per sequence over views of its own cache (no copy, no padding keys).
-        # Elsewhere: one batched attention over a gathered [B, K] window, fewer kernel launches.
-        per_seq = self.decode_attention == "per_seq" or (self.decode_attention == "auto" and h.device.type == "cpu")
-        if per_seq:
-            lengths = (positions + 1).tolist()
-            slot_list = slots.tolist()
-        else:
-            key_pos = torch.arange(kv_len, device=positions.device)
-            mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, K]
-        for layer, st in zip(self.layers, states):
-            x = layer.input_layernorm(h)
-            q, k, v = layer.qkv(x, rope)  # [B, H, hd], [B, Hkv, hd]
-            kc, vc = st["k"], st["v"]  # [S, L, Hkv, hd]
-            kc[slots, positions] = k
-            vc[slots, positions] = v
-            if per_seq:
-                o = torch.cat(
-                    [
-                        self._attend(
-                            q[b, :, None, :][None],  # [1, H, 1, hd]
-                            kc[slot, :n].transpose(0, 1)[None],  # [1, Hkv, n, hd]
-                            vc[slot, :n].transpose(0, 1)[None],
-                            None,
-                        )
-                        for b, (slot, n) in enumerate(zip(slot_list, lengths))
-                    ]
-                )  # [B, H, 1, hd]
-            else:
-                keys = kc[slots, :kv_len].transpose(1, 2)  # [B, Hkv, K, hd]
-                vals = vc[slots, :kv_len].transpose(1, 2)
-                o = self._attend(q[:, :, None, :], keys, vals, mask)  # [B, H, 1, hd]
-            h = h + layer.o_proj(o.flatten(1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        kv = self._kv(batch.kv)
+        rope = self._rope(batch.positions)
+        h = self._embed(batch.input_ids, batch.positions)  # [B, D]
+        for i, layer in enumerate(self.layers):
+            h = h + layer.self_attn.decode(layer.input_layernorm(h), rope, kv, i)
+            h = h + layer.feed_forward(layer.post_attention_layernorm(h))
         return self.lm_head(self.norm(h)).float()
+
+
+@torch.no_grad()
+def _load_transposed(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    default_weight_loader(param, tensor.t())

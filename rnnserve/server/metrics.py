@@ -72,10 +72,16 @@ class _EngineCollector(Collector):
             logger.debug("engine stats unavailable", exc_info=True)
             return
         usage = float(s.state_pool_usage)
+        # A model with attention layers reports its KV blocks' usage; a pure recurrent model has none,
+        # and vLLM dashboards get its state pool's usage under the same names.
+        blocks = getattr(s, "kv_cache_blocks", 0)
+        cache_usage = s.kv_cache_blocks_used / blocks if blocks else usage
         yield self._gauge("vllm:num_requests_running", "Requests holding a state slot.", s.num_running)
         yield self._gauge("vllm:num_requests_waiting", "Requests waiting for a state slot.", s.num_waiting)
-        yield self._gauge("vllm:kv_cache_usage_perc", "State pool usage (1 = full), vLLM's KV-cache name.", usage)
-        yield self._gauge("vllm:gpu_cache_usage_perc", "State pool usage (1 = full), vLLM's older name.", usage)
+        yield self._gauge(
+            "vllm:kv_cache_usage_perc", "KV-block usage (1 = full); the state pool's without KV.", cache_usage
+        )
+        yield self._gauge("vllm:gpu_cache_usage_perc", "As vllm:kv_cache_usage_perc (vLLM's older name).", cache_usage)
         yield self._counter("vllm:prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens_total)
         yield self._counter("vllm:generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield self._gauge("rnnserve:state_pool_usage", "Fraction of state slots in use.", usage)
@@ -87,6 +93,20 @@ class _EngineCollector(Collector):
         yield self._gauge("rnnserve:engine_step_seconds", "Duration of the last engine step.", s.last_step_seconds)
         yield self._counter("rnnserve:engine_steps", "Engine steps run.", s.num_steps)
         yield from self._prefix_cache(s)
+        yield from self._kv_cache(s)
+
+    def _kv_cache(self, s: Any) -> Iterator[Metric]:
+        """The paged KV cache's size and preemptions (a model without attention layers has no blocks)."""
+        if not getattr(s, "kv_cache_blocks", 0):
+            return
+        yield self._gauge("rnnserve:kv_cache_blocks", "KV-cache blocks.", s.kv_cache_blocks)
+        yield self._gauge("rnnserve:kv_cache_blocks_used", "KV-cache blocks held by sequences.", s.kv_cache_blocks_used)
+        yield self._gauge(
+            "rnnserve:kv_cache_bytes_per_token", "KV-cache bytes per token of a sequence.", s.kv_bytes_per_token
+        )
+        yield self._counter(
+            "vllm:num_preemptions", "Requests preempted (recomputed later) for lack of KV blocks.", s.num_preemptions
+        )
 
     def _prefix_cache(self, s: Any) -> Iterator[Metric]:
         """vLLM's prefix-cache counters (in tokens, as vLLM counts them) and the snapshot store's size."""

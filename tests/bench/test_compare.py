@@ -4,7 +4,6 @@ end-to-end sweep against real ``rnnserve serve`` subprocesses."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -126,11 +125,13 @@ def test_compare_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert r["state_pool_slots"] == 2
     # Memory per sequence from /metrics: the tiny LLaMA's KV cache for its sized context, the
     # tiny Mamba's fixed state.
-    max_len = math.ceil((48 + 4) * 1.1) + 32
-    assert rows["transformer"]["state_bytes_per_slot"] == 2 * 2 * max_len * 64 * 4
+    # The baseline's paged KV cache: what its 48 + 4 tokens use, whatever max_model_len is.
+    assert rows["transformer"]["state_bytes_per_slot"] == 0
+    assert rows["transformer"]["bytes_per_seq"] == 2 * 2 * (48 + 4) * 64 * 4
     preset = compare.PRESETS["tiny"]
     inner = 2 * preset.mamba_hidden
     assert rows["recurrent"]["state_bytes_per_slot"] == preset.mamba_layers * inner * (3 + 16) * 4
+    assert rows["recurrent"]["bytes_per_seq"] == rows["recurrent"]["state_bytes_per_slot"]
     assert result["config"]["parameters"]["recurrent"] > 0
     assert (out / "report.md").exists() and (out / "memory_vs_context.png").exists()
 

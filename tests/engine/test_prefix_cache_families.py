@@ -3,8 +3,8 @@ end-to-end family tests): a hit at the end of a previous answer, one mid-prompt 
 snapshot, and both again from a restarted engine that loaded the cache folder, each give the greedy
 tokens of a cold run of the same prompt and its logprobs within 1e-4 (fp32; the cold run's prefill
 chunks start at other positions, so the sums differ in rounding only). RWKV-4's ``pp`` fill value
-and the Llama baseline's KV cache (a whole-slot snapshot, positions past the prefix never read) are
-covered by the same checks."""
+is covered by the same checks; the Llama baseline keeps its memory in the paged KV cache, which
+snapshots do not hold, so the engine runs it without the prefix cache (skipped here)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ def test_hits_equal_cold_runs(family: str, tmp_path: Path) -> None:
     folder = tmp_path / "model"
     FAMILIES[family](folder)
     model = load_model(ModelConfig(model=str(folder), dtype="float32", device="cpu")).model
+    if model.kv_specs():
+        pytest.skip("snapshots hold the state pool, not paged KV blocks: the engine turns the cache off for it")
     vocab = min(model.vocab_size, 90)
     g = torch.Generator().manual_seed(0)
     turn1 = torch.randint(2, vocab, (40,), generator=g).tolist()

@@ -10,7 +10,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rnnserve.config import ModelConfig
-from rnnserve.models.base import DecodeBatch
 from rnnserve.models.loader import load_model
 from rnnserve.models.transformer import TransformerLM
 from tests.models import harness
@@ -85,7 +84,7 @@ def _check_logits_and_greedy(ref: torch.nn.Module, ours: TransformerLM) -> None:
     prompt = _prompt(37)
     ref_logits = ref(torch.tensor([prompt])).logits[0].float()  # [T, V]
     states = harness.alloc_states(ours, 3)
-    batch = harness.prefill_batch([prompt], [2], [0], ours.device, all_logits=True)
+    batch = harness.prefill_batch([prompt], [2], [0], ours.device, all_logits=True, states=states)
     logits = ours.prefill(batch, states)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
 
@@ -112,63 +111,70 @@ def test_chunked_prefill_and_batching(family: str, request) -> None:
     harness.check_batch_equals_alone(model, [_prompt(n, seed=n) for n in (1, 9, 30)])
 
 
-@pytest.mark.parametrize("attention", ["per_seq", "batched"])
-def test_decode_batch_mixed_contexts(llama, attention: str) -> None:
-    """A decode batch whose sequences sit at very different positions attends each over its own
-    prefix only, in both decode attention paths (per-sequence views, batched gathered window)."""
+def test_decode_batch_mixed_contexts(llama) -> None:
+    """A decode batch whose sequences sit at very different positions (one past a block boundary,
+    one inside its first block) attends each over its own blocks only, and writes each new key
+    where the sequence alone writes it."""
     _, model = llama
-    prompts = [_prompt(3, seed=5), _prompt(60, seed=6), _prompt(17, seed=7)]
+    prompts = [_prompt(3, seed=5), _prompt(60, seed=6), _prompt(16, seed=7)]
     slots = [7, 4, 2]
     states = harness.alloc_states(model, 8)
     harness.prefill_in_chunks(model, states, prompts, slots, None)
-    toks = torch.tensor([11, 12, 13])
-    try:
-        model.decode_attention = attention
-        batched = model.decode(
-            DecodeBatch(input_ids=toks, positions=torch.tensor([3, 60, 17]), slot_ids=torch.tensor(slots)), states
-        )
-    finally:
-        model.decode_attention = "auto"
+    toks = [11, 12, 13]
+    batch = harness.decode_batch(toks, [len(p) for p in prompts], slots, model.device, states)
+    batched = model.decode(batch, states)
+    k_batched = _cached_keys(states, slots, [len(p) + 1 for p in prompts])
     for i, p in enumerate(prompts):
         alone = harness.alloc_states(model, 2)
         harness.prefill_in_chunks(model, alone, [p], [1], None)
-        one = harness.decode_one_by_one(model, alone, [int(toks[i])], 1, start=len(p))[0]
+        one = harness.decode_one_by_one(model, alone, [toks[i]], 1, start=len(p))[0]
         torch.testing.assert_close(batched[i], one, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(states[0]["k"][slots[i], : len(p) + 1], alone[0]["k"][1, : len(p) + 1])
+        torch.testing.assert_close(k_batched[i], _cached_keys(alone, [1], [len(p) + 1])[0], atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_bytes_grow_with_max_model_len(tmp_path: Path) -> None:
-    sizes = {}
-    for max_len in (128, 512):
-        torch.manual_seed(0)
-        folder = _save(LlamaForCausalLM(_llama_config(max_len)), tmp_path / str(max_len))
-        loaded = load_model(ModelConfig(model=str(folder), dtype="float32", device="cpu"))
-        assert loaded.max_model_len == max_len
-        specs = loaded.model.state_specs()
-        assert [s.name for s in specs[0]] == ["k", "v"]
-        assert specs[0][0].shape == (max_len, 2, 16)
-        sizes[max_len] = sum(s.nbytes for layer in specs for s in layer)
-    # 2 layers x (k, v) x L x 2 kv heads x 16 dims x 4 bytes
-    assert sizes[128] == 2 * 2 * 128 * 2 * 16 * 4
-    assert sizes[512] == 4 * sizes[128]
+def _cached_keys(states, slots: list[int], lens: list[int]) -> list[torch.Tensor]:
+    """Layer 0's cached keys [len, Hkv, hd] of each slot, read through its block table."""
+    cache = states.kv_cache
+    k_cache = cache.caches[0][0].flatten(0, 1)  # [NB * bs, Hkv, hd]
+    out = []
+    for slot, n in zip(slots, lens):
+        table = cache.block_table(slot)
+        rows = [table[p // cache.block_size] * cache.block_size + p % cache.block_size for p in range(n)]
+        out.append(k_cache[rows])
+    return out
 
 
-def test_lowering_max_model_len_shrinks_the_cache_and_bounds_positions(llama) -> None:
+def test_memory_per_sequence_is_what_it_uses(llama) -> None:
+    """No per-slot state and no per-slot max_model_len buffer: a sequence holds ceil(len / block)
+    blocks of keys and values of every layer, whatever --max-model-len is."""
+    _, model = llama
+    assert all(layer == [] for layer in model.state_specs())
+    specs = model.kv_specs()
+    assert len(specs) == 2 and specs[0].num_kv_heads == 2 and specs[0].head_dim == 16
+    assert sum(s.bytes_per_token for s in specs) == 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x dims x fp32
+    states = harness.alloc_states(model, 3)
+    harness.prefill_in_chunks(model, states, [_prompt(37), _prompt(5, seed=1)], [1, 2], None)
+    assert states.kv_cache.num_blocks_of(1) == 3 and states.kv_cache.num_blocks_of(2) == 1
+    assert states.kv_cache.num_used_blocks == 4
+
+
+def test_positions_past_max_model_len_are_refused(llama) -> None:
     _, model = llama
     full = model.max_model_len
+    states = harness.alloc_states(model, 2)  # a cache sized for the full length
     try:
-        model.max_model_len = 32
-        assert model.state_specs()[0][0].shape[0] == 32
-        states = harness.alloc_states(model, 2)
-        with pytest.raises(ValueError, match="max_model_len"):
+        model.limit_context(32)
+        assert model.max_model_len == 32
+        with pytest.raises(ValueError, match="max_model_len 32"):
             harness.prefill_in_chunks(model, states, [_prompt(40)], [1], None)
     finally:
         model.max_model_len = full
 
 
-def test_served_max_model_len_sizes_the_pool(tmp_path: Path) -> None:
-    """--max-model-len below the checkpoint's limit shrinks every slot's KV cache (a 128k-position
-    model served at 4k must not allocate 128k positions per sequence)."""
+def test_served_max_model_len_sizes_the_kv_cache(tmp_path: Path) -> None:
+    """Without --kv-cache-memory the engine's cache holds every slot at the served --max-model-len
+    (a 512-position model served at 96 never allocates 512 positions per sequence); the state pool
+    holds nothing for it."""
     from rnnserve.config import RunnerConfig, SchedulerConfig, StatePoolConfig
     from rnnserve.engine.engine import LLMEngine
 
@@ -184,7 +190,10 @@ def test_served_max_model_len_sizes_the_pool(tmp_path: Path) -> None:
         model_max_len=loaded.max_model_len,
     )
     assert engine.max_model_len == 96
-    assert engine.pool.bytes_per_slot == 2 * 2 * 96 * 2 * 16 * 4  # layers x (k, v) x 96 x kv heads x dims x fp32
+    assert engine.pool.bytes_per_slot == 0
+    assert engine.kv_cache is not None
+    assert engine.kv_cache.num_blocks == 2 * 6  # 2 slots x ceil(96 / 16)
+    assert engine.kv_cache.bytes_per_block == 16 * 2 * 2 * 2 * 16 * 4  # tokens x layers x (k, v) x heads x dims x fp32
 
 
 def test_unsupported_variants_are_clear_errors() -> None:
