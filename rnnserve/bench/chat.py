@@ -249,6 +249,7 @@ def plot(summaries: list[tuple[str, dict]], path: Path) -> None:
     """TTFT (mean and p90) against turn, one line pair per labelled run."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -261,6 +262,7 @@ def plot(summaries: list[tuple[str, dict]], path: Path) -> None:
         ax.plot(
             turns, [row["p90_ttft_ms"] for row in s["per_turn"]], linestyle="--", color=line.get_color(), label="p90"
         )
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("turn")
     ax.set_ylabel("time to first token (ms)")
     ax.set_yscale("log")
