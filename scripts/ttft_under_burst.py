@@ -46,7 +46,12 @@ def rss_mib(pid: int) -> float:
 
 
 def gauges(base: str) -> dict[str, float]:
-    names = ("vllm:num_requests_running", "vllm:num_requests_waiting", "rnnserve:state_pool_slots_used")
+    names = (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "rnnserve:state_pool_slots_used",
+        "rnnserve:state_pool_slots",
+    )
     out = {}
     for line in httpx.get(base + "/metrics", timeout=30).text.splitlines():
         if line.split("{", 1)[0] in names:
@@ -119,7 +124,14 @@ def during_burst(
     out: multiprocessing.Queue = ctx.Queue()
     proc = ctx.Process(target=_burst_process, args=(base, n_burst, burst_max_tokens, out))
     proc.start()
-    time.sleep(1.0)  # the burst is sent (queued or refused) before the client starts
+    # The client starts once the burst has filled every slot (and queued or been refused beyond).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        g = gauges(base)
+        if g["vllm:num_requests_running"] + g["vllm:num_requests_waiting"] >= g["rnnserve:state_pool_slots"]:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
     ttfts, rejected = asyncio.run(well_behaved(base, n_quiet))
     codes = out.get(timeout=1200)
     proc.join()
@@ -156,6 +168,10 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
         quiet1, _ = asyncio.run(well_behaved(base, args.requests))
         loud, rejected, codes = during_burst(base, args.requests, args.burst, args.burst_max_tokens)
         quiet2, _ = asyncio.run(well_behaved(base, args.requests))
+        rss_after = [rss_mib(proc.pid)]
+        for _ in range(args.bursts - 1):  # more bursts: a leak keeps growing, allocator pools do not
+            asyncio.run(burst(base, args.burst, args.burst_max_tokens))
+            rss_after.append(rss_mib(proc.pid))
         time.sleep(1.0)
         quiet = quiet1 + quiet2
         return {
@@ -168,7 +184,8 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
             "well_behaved_429s": rejected,
             "burst_statuses": codes,
             "rss_before_mib": rss0,
-            "rss_after_mib": rss_mib(proc.pid),
+            "rss_after_mib": rss_after[0],
+            "rss_after_each_burst_mib": rss_after,
             "gauges_after": gauges(base),
         }
     finally:
@@ -181,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--burst", type=int, default=2000, help="requests the bursting client fires at once")
     p.add_argument("--burst-max-tokens", type=int, default=64, help="tokens each burst request generates")
+    p.add_argument("--bursts", type=int, default=1, help="bursts in a row (RSS is read after each)")
     p.add_argument("--requests", type=int, default=40, help="well-behaved requests per phase")
     p.add_argument("--serve-args", type=shlex.split, default=[], help="flags for every server, e.g. '--model DIR'")
     p.add_argument("--setting", action="append", default=[], help="NAME=FLAGS, one server per setting")
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['burst_p99']:9.3f} {ratio:6.2f} {r['well_behaved_429s']:5d} "
             f"{r['rss_before_mib']:10.0f}/{r['rss_after_mib']:<10.0f}  {r['burst_statuses']}"
         )
-        print(f"{'':<12} after: {r['gauges_after']}")
+        print(f"{'':<12} after: {r['gauges_after']}; RSS MiB after each burst: {r['rss_after_each_burst_mib']}")
     Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0
 
