@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnnserve.config import PrefixCacheConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
+from rnnserve.config import KVCacheConfig, PrefixCacheConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
 from rnnserve.engine import EngineInputError, LLMEngine, RequestOutput, SamplingParams
 from rnnserve.engine.prefix_cache import PrefixCache, state_identity
 from rnnserve.engine.state_pool import StatePool
@@ -363,7 +363,15 @@ def test_models_with_a_paged_kv_cache_neither_cache_nor_fork(caplog: pytest.LogC
         def kv_specs(self) -> list[KVSpec]:
             return [KVSpec(num_kv_heads=1, head_dim=4, dtype=torch.float32)]
 
-    engine = make_engine(Hybrid(VOCAB), PrefixCacheConfig())
+    engine = LLMEngine(
+        Hybrid(VOCAB),
+        StatePoolConfig(max_num_seqs=2),
+        SchedulerConfig(max_num_seqs=2),
+        RunnerConfig(),
+        eos_token_id=None,
+        prefix_cache_config=PrefixCacheConfig(),
+        kv_cache_config=KVCacheConfig(kv_cache_memory=1 << 20),  # the default 4 GiB takes seconds to allocate
+    )
     assert engine.prefix_cache is None and "paged KV cache" in caplog.text
     prompt = prompt_of(10, 20)
     engine.add_request("a", prompt, greedy())
