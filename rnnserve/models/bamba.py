@@ -83,33 +83,8 @@ class BambaConfig:
             raise ValueError(f"bamba: RoPE type {rope_type!r} is not supported (only default)")
         hidden = c["hidden_size"]
         heads = c["num_attention_heads"]
-        m_heads = c.get("mamba_n_heads", 128)
-        expand = c.get("mamba_expand", 2)
-        m_head_dim = c.get("mamba_d_head", "auto")
-        if m_head_dim == "auto":
-            m_head_dim = expand * hidden // m_heads
-        if m_heads * m_head_dim != expand * hidden:
-            raise ValueError(
-                f"bamba: mamba_n_heads * mamba_d_head ({m_heads * m_head_dim}) != mamba_expand * hidden_size "
-                f"({expand * hidden})"
-            )
-        limit = c.get("time_step_limit") or (0.0, math.inf)
         eps = c.get("rms_norm_eps", 1e-5)
-        mamba = Mamba2Config(
-            vocab_size=c["vocab_size"],
-            hidden_size=hidden,
-            num_layers=c["num_hidden_layers"],
-            num_heads=m_heads,
-            head_dim=m_head_dim,
-            state_size=c.get("mamba_d_state", 256),
-            n_groups=c.get("mamba_n_groups", 1),
-            conv_kernel=c.get("mamba_d_conv", 4),
-            norm_eps=eps,
-            use_bias=c.get("mamba_proj_bias", False),
-            use_conv_bias=c.get("mamba_conv_bias", True),
-            residual_in_fp32=False,
-            time_step_limit=(_json_float(limit[0]), _json_float(limit[1])),
-        )
+        mamba = hybrid_mamba2_config(c, eps, "bamba")
         return cls(
             vocab_size=c["vocab_size"],
             hidden_size=hidden,
@@ -129,6 +104,37 @@ class BambaConfig:
             mlp_bias=c.get("mlp_bias", False),
             tie_word_embeddings=c.get("tie_word_embeddings", False),
         )
+
+
+def hybrid_mamba2_config(c: dict, eps: float, family: str) -> Mamba2Config:
+    """The Mamba-2 mixers' numbers from a hybrid config's ``mamba_*`` keys (Bamba, Granite 4.0-H)."""
+    hidden = c["hidden_size"]
+    m_heads = c.get("mamba_n_heads", 128)
+    expand = c.get("mamba_expand", 2)
+    m_head_dim = c.get("mamba_d_head", "auto")
+    if m_head_dim == "auto":
+        m_head_dim = expand * hidden // m_heads
+    if m_heads * m_head_dim != expand * hidden:
+        raise ValueError(
+            f"{family}: mamba_n_heads * mamba_d_head ({m_heads * m_head_dim}) != mamba_expand * hidden_size "
+            f"({expand * hidden})"
+        )
+    limit = c.get("time_step_limit") or (0.0, math.inf)
+    return Mamba2Config(
+        vocab_size=c["vocab_size"],
+        hidden_size=hidden,
+        num_layers=c["num_hidden_layers"],
+        num_heads=m_heads,
+        head_dim=m_head_dim,
+        state_size=c.get("mamba_d_state", 256),
+        n_groups=c.get("mamba_n_groups", 1),
+        conv_kernel=c.get("mamba_d_conv", 4),
+        norm_eps=eps,
+        use_bias=c.get("mamba_proj_bias", False),
+        use_conv_bias=c.get("mamba_conv_bias", True),
+        residual_in_fp32=False,
+        time_step_limit=(_json_float(limit[0]), _json_float(limit[1])),
+    )
 
 
 class BambaMLP(nn.Module):
@@ -208,12 +214,12 @@ class BambaLM(RecurrentLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         for layer in self.model.layers:
             if not layer.is_attention:
-                self._keep_fp32_ssm_params(layer.mamba)
+                self.keep_fp32_ssm_params(layer.mamba)
         ignore = ("lm_head.weight",) if self.cfg.tie_word_embeddings else ()
         return load_weights(self, weights, WeightsMapper(ignore_suffixes=ignore))
 
     @staticmethod
-    def _keep_fp32_ssm_params(mixer: Mamba2Mixer) -> None:
+    def keep_fp32_ssm_params(mixer: Mamba2Mixer) -> None:
         """A = -exp(A_log), dt_bias and D in fp32 straight from the checkpoint tensors, whatever the
         model dtype (the mixer's fp32 copies, see Mamba2Mixer.set_fp32_params)."""
 

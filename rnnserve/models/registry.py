@@ -20,6 +20,7 @@ _ARCHITECTURES: dict[str, str] = {
     "RetNetForCausalLM": "rnnserve.models.retnet:RetNetLM",
     "DenseMambaForCausalLM": "rnnserve.models.dense_mamba:DenseMambaLM",
     "BambaForCausalLM": "rnnserve.models.bamba:BambaLM",
+    "GraniteMoeHybridForCausalLM": "rnnserve.models.granitemoehybrid:GraniteMoeHybridLM",
 }
 
 # config.json "model_type" -> "module:Class", for configs that name no architecture
@@ -33,6 +34,7 @@ _MODEL_TYPES: dict[str, str] = {
     "retnet": "rnnserve.models.retnet:RetNetLM",
     "dense_mamba": "rnnserve.models.dense_mamba:DenseMambaLM",
     "bamba": "rnnserve.models.bamba:BambaLM",
+    "granitemoehybrid": "rnnserve.models.granitemoehybrid:GraniteMoeHybridLM",
 }
 
 # config.json "auto_map" AutoModelForCausalLM target ("module.Class", any "repo--" prefix dropped) ->
