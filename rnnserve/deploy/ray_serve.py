@@ -213,7 +213,7 @@ def aggregate_stats(per_replica: list[dict[str, Any]]) -> EngineStats:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(EngineStats):
         values = [s[f.name] for s in per_replica if f.name in s]
-        if f.name in ("state_bytes_per_slot", "last_step_seconds"):
+        if f.name in ("state_bytes_per_slot", "last_step_seconds", "kv_bytes_per_token"):
             out[f.name] = max(values, default=0)
         else:
             out[f.name] = sum(values)
@@ -349,6 +349,25 @@ class _RayCollector(Collector):
             yield family
 
 
+def _keep_replica_grpc_on_loopback() -> None:
+    """Ray Serve binds each replica's inter-deployment gRPC server on every interface (``[::]:0`` in
+    ``ray/serve/_private/replica.py``, after the user constructor runs). On a node whose address is
+    loopback (``keep_ray_on_loopback``) bind it on loopback, like the rest of that cluster."""
+    if ray.util.get_node_ip_address() not in ("127.0.0.1", "::1"):
+        return
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "rnnserve_loopback", False):
+        return
+
+    def bind_on_loopback(server: Any, address: str) -> int:
+        return bind(server, address.replace("[::]", "127.0.0.1", 1))
+
+    bind_on_loopback.rnnserve_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = bind_on_loopback
+
+
 class EngineReplica:
     """One model copy and its engine; streams a request's outputs to the ingress."""
 
@@ -357,6 +376,7 @@ class EngineReplica:
 
         from rnnserve.engine.engine import AsyncEngine
 
+        _keep_replica_grpc_on_loopback()
         # A CPU replica reserves --threads-per-replica Ray CPUs and runs that many torch threads.
         torch.set_num_threads(cfg.ray.threads_per_replica)
         model_cfg, _ = resolve_model(cfg.model)
@@ -366,6 +386,7 @@ class EngineReplica:
             cfg.scheduler,
             cfg.runner,
             prefix_cache_config=cfg.prefix_cache,
+            kv_cache_config=cfg.kv_cache,
         )
         await self.engine.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -413,6 +434,7 @@ class OpenAIIngress:
     """The OpenAI API: rnnserve's FastAPI app over a RayEngineClient."""
 
     async def __init__(self, engine: DeploymentHandle, cfg: ServeConfigs, app_name: str) -> None:
+        _keep_replica_grpc_on_loopback()
         self._cfg = cfg
         self._client = RayEngineClient(engine, app_name)
         await self._client.connect()
@@ -510,6 +532,15 @@ def configs_from_app_args(args: dict[str, Any]) -> ServeConfigs:
     return configs_from_args(parsed)
 
 
+def keep_ray_on_loopback() -> None:
+    """Make the next local ``ray.init`` use 127.0.0.1 as its node address, so Ray binds its ports on
+    loopback only. Ray turns a loopback ``_node_ip_address`` into the machine's external address,
+    except where clusters are off (its rule on macOS and Windows): that switch, set here for Linux too."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def serve_on_ray(cfg: ServeConfigs) -> int:
     """``rnnserve serve --ray``: start (or join) a Ray cluster, deploy, serve until SIGINT / SIGTERM."""
     ray_cfg = cfg.ray
@@ -519,15 +550,16 @@ def serve_on_ray(cfg: ServeConfigs) -> int:
         cpus = os.cpu_count() or 1
         if needed > cpus:
             logger.warning("%d replica CPUs asked for on %d cores: the replicas share them", needed, cpus)
-        ray.init(
-            address="local",
-            num_cpus=max(cpus, needed),
-            include_dashboard=False,
-            _node_ip_address=cfg.server.host if cfg.server.host in ("127.0.0.1", "localhost") else None,
-            logging_level=logging.WARNING,
-        )
+        if cfg.server.host in ("127.0.0.1", "localhost"):
+            keep_ray_on_loopback()
+        ray.init(address="local", num_cpus=max(cpus, needed), include_dashboard=False, logging_level=logging.WARNING)
     else:
-        ray.init(address=ray_cfg.address, logging_level=logging.WARNING)
+        if ray_cfg.address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+            keep_ray_on_loopback()  # a cluster on loopback (else Ray dials the machine's external address)
+        try:
+            ray.init(address=ray_cfg.address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as exc:
+            raise CLIError(f"cannot join the Ray cluster at {ray_cfg.address}: {exc}", status=2) from exc
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -8,6 +8,7 @@ find a replica's actor and kill its process.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from rnnserve.deploy.ray_serve import (  # noqa: E402
     app_builder,
     configs_from_app_args,
     conversation_of,
+    keep_ray_on_loopback,
 )
 from rnnserve.deploy.routing import PREFIX_TOKENS, AffinityTable, Conversation  # noqa: E402
 from tests.e2e.conftest import free_port  # noqa: E402
@@ -268,14 +270,9 @@ def _wait(condition, timeout: float, what: str, interval: float = 0.25):  # type
 def ray_server(neox_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
     tmp = tmp_path_factory.mktemp("ray")
     model_dir = build_model_dir(tmp / MODEL, neox_tokenizer_dir)
-    context = ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="ERROR",
-        log_to_driver=False,
-    )
+    keep_ray_on_loopback()
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    assert context.address_info["node_ip_address"] == "127.0.0.1"
     port = free_port()
     log = tmp / "serve.log"
     cmd = [sys.executable, "-m", "rnnserve", "serve", "--ray", "--ray-address", context.address_info["gcs_address"],
@@ -349,6 +346,21 @@ def test_openai_client_streams_through_ray(ray_server: RayServer) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
 
 
+def test_the_cluster_listens_on_loopback_only(ray_server: RayServer) -> None:
+    import psutil
+
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}  # Ray's processes, the server's
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert listening, "no listening socket found: the check would prove nothing"
+
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        return addr.is_loopback or (addr.version == 6 and addr.ipv4_mapped is not None and addr.ipv4_mapped.is_loopback)
+
+    outside = [(c.pid, c.laddr) for c in listening if not loopback(c.laddr.ip)]
+    assert not outside, outside
+
+
 def test_grafana_dashboard_reads_the_ray_endpoint(ray_server: RayServer) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     used = {
@@ -412,15 +424,15 @@ def test_killed_replica_fails_only_its_own_requests(ray_server: RayServer) -> No
     _wait(lambda: len(victim.events) >= 3, 30, "the first stream")
     bystander.start()  # to the least-loaded replica: the other one
     _wait(lambda: len(bystander.events) >= 3, 30, "the second stream")
-    # Each replica reports every second.
+    # Each replica reports every second (later when the machine is busy).
     running = _wait(
         lambda: (
             (busy := [r for r, n in ray_server.per_replica("ray_replica_running").items() if n > 0])
             and len(busy) == 2
             and busy
         ),
-        10,
-        "both streams running, on different replicas",
+        30,
+        f"both streams running, on different replicas ({ray_server.per_replica('ray_replica_requests_total')})",
     )
     replica = running[0]
     actor = ray.get_actor(f"SERVE_REPLICA::rnnserve#{ENGINE_DEPLOYMENT}#{replica}", namespace="serve")
