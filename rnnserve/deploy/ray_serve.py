@@ -207,7 +207,8 @@ def _final_output(request_id: str, error: str) -> RequestOutput:
 
 def aggregate_stats(per_replica: list[dict[str, Any]]) -> EngineStats:
     """One ``EngineStats`` for the whole deployment: counts and totals summed over replicas, the pool
-    usage recomputed from the summed slots, per-sequence bytes and the last step time as the max."""
+    usage recomputed from the summed slots; sizes per sequence or token (the same on every replica)
+    and the last step time are the max."""
     from rnnserve.engine.engine import EngineStats
 
     out: dict[str, Any] = {}

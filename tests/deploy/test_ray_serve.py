@@ -109,13 +109,14 @@ def test_conversation_of_reads_session_id_then_user() -> None:
 def test_aggregate_stats_sums_replicas() -> None:
     a = {"num_running": 2, "num_waiting": 1, "num_slots": 4, "slots_used": 2, "state_bytes_per_slot": 100,
          "state_pool_usage": 0.5, "prompt_tokens_total": 10, "generation_tokens_total": 5, "num_steps": 3,
-         "last_step_seconds": 0.01}  # fmt: skip
+         "last_step_seconds": 0.01, "kv_bytes_per_token": 64, "prefix_cache_hits": 7}  # fmt: skip
     b = {**a, "num_running": 0, "slots_used": 0, "state_pool_usage": 0.0, "last_step_seconds": 0.03}
     s = aggregate_stats([a, b])
     assert (s.num_running, s.num_waiting, s.num_slots, s.slots_used) == (2, 2, 8, 2)
     assert s.state_pool_usage == pytest.approx(0.25)
     assert (s.prompt_tokens_total, s.generation_tokens_total, s.num_steps) == (20, 10, 6)
-    assert (s.state_bytes_per_slot, s.last_step_seconds) == (100, 0.03)
+    assert (s.state_bytes_per_slot, s.kv_bytes_per_token, s.last_step_seconds) == (100, 64, 0.03)
+    assert s.prefix_cache_hits == 14
     assert aggregate_stats([]).num_slots == 0
 
 
