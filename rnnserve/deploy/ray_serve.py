@@ -44,6 +44,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rnnserve.config import ConfigError, ModelConfig, RayConfig
@@ -96,7 +97,7 @@ def conversation_of(body: bytes) -> str | None:
 
 class ConversationMiddleware:
     """Reads a POST body's ``session_id`` / ``user`` into ``CONVERSATION`` for the router, then replays
-    the body. Bodies over ``max_bytes`` are passed on unread: the app's body limit answers them."""
+    the body. A body over ``max_bytes`` is replayed unparsed (the app's body limit runs first anyway)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -455,8 +456,9 @@ class OpenAIIngress:
             self._client, tokenizer, model_name=name, model_root=str(folder), server_config=self._cfg.server
         )
         app.state.ctx.metrics.registry.register(_RayCollector(name, self._client))
-        # Added last, so it runs first: the conversation is known before any route runs.
-        app.add_middleware(ConversationMiddleware, max_bytes=self._cfg.server.max_request_bytes)
+        # Innermost (the end of the middleware list): after the app's host, key, JSON and body-limit
+        # checks, which keep their order and timeouts; before any route.
+        app.user_middleware.append(Middleware(ConversationMiddleware, max_bytes=self._cfg.server.max_request_bytes))
         return app
 
 

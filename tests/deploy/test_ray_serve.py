@@ -23,12 +23,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from starlette.middleware import Middleware
 
 ray = pytest.importorskip("ray", reason="ray is not installed (the 'ray' extra: pip install -e '.[ray]')")
 pytest.importorskip("ray.serve", reason="ray is installed without Serve (the 'ray' extra installs ray[serve])")
 
 from rnnserve.deploy.ray_serve import (  # noqa: E402
+    CONVERSATION,
     ENGINE_DEPLOYMENT,
+    ConversationMiddleware,
     aggregate_stats,
     app_builder,
     configs_from_app_args,
@@ -104,6 +109,22 @@ def test_conversation_of_reads_session_id_then_user() -> None:
     assert conversation_of(b'{"user": true}') is None
     assert conversation_of(b"not json") is None
     assert conversation_of(b"[1, 2]") is None
+
+
+def test_conversation_middleware_sets_the_conversation_and_replays_the_body() -> None:
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, object]:
+        return {"conversation": CONVERSATION.get(), "body": (await request.body()).decode()}
+
+    app.user_middleware.append(Middleware(ConversationMiddleware, max_bytes=64))
+    with TestClient(app) as client:
+        body = '{"user": "alice", "prompt": "hi"}'
+        assert client.post("/echo", content=body).json() == {"conversation": "user:alice", "body": body}
+        assert client.post("/echo", content='{"prompt": "hi"}').json()["conversation"] is None
+        big = '{"user": "bob", "prompt": "' + "x" * 100 + '"}'  # over max_bytes: replayed, not parsed
+        assert client.post("/echo", content=big).json() == {"conversation": None, "body": big}
 
 
 def test_aggregate_stats_sums_replicas() -> None:
