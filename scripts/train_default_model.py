@@ -303,8 +303,8 @@ Seed {s["seed"]}; {s["steps"]} steps of {s["batch_size"]} random windows of {s["
 ({r["train_tokens_per_step"]} tokens per step, {s["steps"] * r["train_tokens_per_step"]:,} in all); AdamW
 (betas 0.9, 0.95; weight decay {s["weight_decay"]} on matrices), peak learning rate {s["lr"]}, {s["warmup"]}
 warm-up steps then cosine decay to a tenth; gradient clipping at 1.0. {minutes:.0f} minutes on
-{s["threads"]} CPU threads (torch {r["torch"]}, a machine shared with other jobs). Final training loss
-{r["final_train_loss"]:.3f} (mean of the last 50 steps).
+{s["threads"]} CPU thread{"s" if s["threads"] > 1 else ""} (torch {r["torch"]}, a machine shared with other jobs).
+Final training loss {r["final_train_loss"]:.3f} (mean of the last 50 steps).
 
 ## Held-out loss
 
