@@ -1,0 +1,103 @@
+"""The decode step and the mixed step of one model folder, arms interleaved in one process (so a busy,
+shared machine slows every arm alike):
+
+    .venv/bin/python scripts/bench_decode_step.py --model DIR [--batch-sizes 1,8,32] [--repeats 7] [--threads 1]
+
+Decode arms: float32 as loaded, ``--quantization int8`` (Mamba, Mamba-2), and for Mamba-2 float32 with
+row-major in/out projections (the layout before they were stored column-major). Then one mixed step
+(``--mixed-decodes`` decode rows + a ``--mixed-prompt``-token chunk): ``model.mixed`` (one pass) against
+the interface's two-call default. Prints the median ms per step with the range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from rnnserve.config import ModelConfig
+from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States
+from rnnserve.models.loader import load_model
+
+
+def alloc_states(model: RecurrentLM, num_slots: int) -> States:
+    return [
+        {s.name: torch.full((num_slots, *s.shape), s.fill, dtype=s.dtype) for s in layer}
+        for layer in model.state_specs()
+    ]
+
+
+def interleaved(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """ms per call of each arm, the arms called in turn ``repeats`` times after one warm-up call each."""
+    for f in arms.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(repeats):
+        for k, f in arms.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(1000 * (time.perf_counter() - t))
+    return times
+
+
+def show(label: str, times: dict[str, list[float]], tokens: int) -> None:
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"{label} {k}: {med:.1f} ms ({min(v):.1f}-{max(v):.1f}), {1000 * tokens / med:.1f} tok/s", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mixed-decodes", type=int, default=8)
+    p.add_argument("--mixed-prompt", type=int, default=64)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    fp32 = load_model(ModelConfig(model=args.model)).model
+    models: dict[str, RecurrentLM] = {"fp32": fp32}
+    try:
+        models["int8"] = load_model(ModelConfig(model=args.model, quantization="int8")).model
+    except Exception as exc:  # a family without int8: decode arms are float32 only
+        print(f"int8: {exc}")
+    if hasattr(fp32, "backbone") and type(fp32).__name__ == "Mamba2LM":
+        row_major = load_model(ModelConfig(model=args.model)).model
+        for layer in row_major.backbone.layers:
+            for linear in (layer.mixer.in_proj, layer.mixer.out_proj):
+                linear.weight.data = linear.weight.data.contiguous()
+        models = {"fp32 row-major": row_major, **models}
+
+    with torch.inference_mode():
+        for b in (int(x) for x in args.batch_sizes.split(",")):
+            batch = DecodeBatch(torch.randint(10, 1000, (b,)), torch.zeros(b, dtype=torch.long), torch.arange(1, b + 1))
+            states = {k: alloc_states(m, b + 1) for k, m in models.items()}
+            arms = {k: (lambda m=m, s=states[k], x=batch: m.decode(x, s)) for k, m in models.items()}
+            show(f"decode batch {b}", interleaved(arms, args.repeats), b)
+
+        n, t = args.mixed_decodes, args.mixed_prompt
+        states = alloc_states(fp32, n + 2)
+        decode = DecodeBatch(torch.randint(10, 1000, (n,)), torch.full((n,), 5), torch.arange(1, n + 1))
+        prefill = PrefillBatch(
+            input_ids=torch.randint(10, 1000, (t,)),
+            positions=torch.arange(t),
+            cu_seqlens=torch.tensor([0, t], dtype=torch.int32),
+            slot_ids=torch.tensor([n + 1]),
+            logits_indices=torch.tensor([t - 1]),
+            cu_seqlens_cpu=(0, t),
+        )
+        mixed = MixedBatch.pack(decode, prefill)
+        arms = {
+            "one pass": lambda: fp32.mixed(mixed, states),
+            "two calls": lambda: RecurrentLM.mixed(fp32, mixed, states),
+        }
+        show(f"mixed step {n} decodes + {t}-token chunk", interleaved(arms, args.repeats), n + t)
+
+
+if __name__ == "__main__":
+    main()
