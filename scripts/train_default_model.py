@@ -230,6 +230,17 @@ def subset_file_hashes(held_names: list[str], held_files: list[list[int]], texts
     return {n: hashlib.sha256(texts[n].encode()).hexdigest() for n in names}
 
 
+def portable_tokenizer_config(out: Path) -> None:
+    """transformers 5 names the class ``TokenizersBackend`` and keeps the chat template in its own
+    file; older versions (pyproject allows them) know neither, so name the class they know and put
+    the template in tokenizer_config.json too."""
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def write_record(out: Path, record: dict, vocab: int) -> None:
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / "README.md").write_text(model_card(out.name, record, vocab))
@@ -471,6 +482,7 @@ def main() -> int:
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.model_max_length = 1 << 30  # a recurrent model has no context limit of its own
     hf_tok.save_pretrained(out)
+    portable_tokenizer_config(out)
 
     record = {
         "settings": asdict(s),
