@@ -324,7 +324,10 @@ def serve(cfg: ServeConfigs, sock: socket.socket | None = None) -> int:
     if model_cfg.model is None:
         from rnnserve.models.default import ensure_default_model
 
-        default_path = ensure_default_model()
+        try:
+            default_path = ensure_default_model()
+        except RuntimeError as exc:  # an incomplete install: one line, not a traceback
+            raise CLIError(str(exc)) from exc
         model_cfg = dataclasses.replace(model_cfg, model=str(default_path))
         name = name or Path(default_path).name
     engine = AsyncEngine.from_configs(

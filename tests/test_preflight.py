@@ -85,3 +85,14 @@ def test_config_errors_name_the_flag(no_model_load: None, capsys: pytest.Capture
     assert cli.flag_names("compile_cpu_decode needs a CPU") == "--compile needs a CPU"
     # Prose keeps its words: only a leading field name or a snake_case one is a flag.
     assert cli.flag_names("the model has no port") == "the model has no port"
+
+
+def test_an_incomplete_default_model_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import rnnserve.models.default
+
+    def broken() -> None:
+        raise RuntimeError("the embedded default model is incomplete (config.json missing): reinstall rnnserve")
+
+    monkeypatch.setattr(rnnserve.models.default, "ensure_default_model", broken)
+    assert cli.main(["serve", "--port", "0"]) == 1
+    assert "reinstall rnnserve" in _one_error_line(capsys.readouterr().err)
