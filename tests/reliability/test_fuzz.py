@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import status_code_conformance
 from rnnserve.config import ServerConfig
 from tests.server.conftest import make_app
 
-MAX_EXAMPLES = 12  # per operation; ~10 operations
+MAX_EXAMPLES = 40  # per operation; ~12 operations
 
 
 @pytest.fixture(scope="module")
