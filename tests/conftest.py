@@ -12,8 +12,9 @@ through our loader. Typical use::
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,18 @@ def pytest_configure(config: pytest.Config) -> None:
     and when other processes share the 2 cores a multi-threaded op waits for a descheduled thread at
     every OpenMP barrier: transformers' tiny depthwise conv1d goes from 0.07 ms to ~90 ms per call."""
     torch.set_num_threads(int(os.environ.get("RNNSERVE_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """``rnnserve serve`` run in-process calls ``logging.basicConfig(force=True)``, which binds a handler
+    to the test's captured stderr; a later test that logs (httpx at INFO) would write to that closed
+    stream ("--- Logging error ---"). Each test gets the root logger back as it found it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def build_random_hf_model(config, model_cls: type | None = None, *, seed: int = 0, jitter: float = 0.0):

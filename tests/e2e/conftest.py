@@ -91,6 +91,9 @@ def live_server(e2e_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
             API_KEY,
             "--max-num-seqs",
             "4",
+            # 12 concurrent streams must all be taken (most wait for a slot); the default bound is 4 + 4.
+            "--max-queued-requests",
+            "16",
             "--max-request-bytes",
             "64KiB",
             "--dtype",
