@@ -15,10 +15,10 @@ $(PY):
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q torch==2.13.0
-	# setuptools warns on every editable install that a ./rnnserve folder may shadow the package:
-	# true of any editable install, and alarming on a first `make serve`.
+# setuptools warns on every editable install that a ./rnnserve folder may shadow the package:
+# true of any editable install, and alarming on a first `make serve`.
 	PYTHONWARNINGS=ignore $(PIP) install -q -e ".[dev,loadtest,ray]"
-	# Reference-only packages whose own pins (old timm/fairscale deps) we do not want.
+# Reference-only packages whose own pins (old timm/fairscale deps) we do not want.
 	$(PIP) install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
 	touch $(STAMP)
 
