@@ -209,6 +209,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--max-fanout", type=int, default=d_srv.max_fanout, help="most sequences (prompts x n) in one request"
     )
     g.add_argument(
+        "--max-in-flight-per-client",
+        type=int,
+        default=d_srv.max_in_flight_per_client,
+        help="sequences one client (OpenAI 'user', else address) may have running or queued; past it 429 "
+        "(default: half of slots + queue; 0: no per-client share)",
+    )
+    g.add_argument(
         "--request-timeout", type=float, default=None, help="seconds; a request still running ends with 'abort'"
     )
     g.add_argument(
@@ -291,6 +298,7 @@ def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
             log_level=args.log_level,
             max_queued_requests=args.max_queued_requests,
             max_fanout=args.max_fanout,
+            max_in_flight_per_client=args.max_in_flight_per_client,
             request_timeout=args.request_timeout,
             allowed_hosts=args.allowed_hosts if args.allowed_hosts is not None else default_allowed_hosts(args.host),
             allowed_origins=args.allowed_origins,

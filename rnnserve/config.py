@@ -137,6 +137,9 @@ class ServerConfig:
     log_level: str = "info"  # --log-level: debug, info, warning, error, critical
     max_queued_requests: int | None = None  # engine requests waiting for a slot; None: as many as slots
     max_fanout: int = 128  # engine requests (prompts x n) one HTTP request may ask for
+    # Engine requests one client (``user``, else address) may hold in flight; None: half of slots +
+    # queue, so another client always finds room; 0: no per-client share.
+    max_in_flight_per_client: int | None = None
     request_timeout: float | None = None  # seconds; past it a request ends with finish_reason "abort"
     # Host header values served (port ignored; "*" = any). None: any; the CLI's default is the bound
     # host plus the localhost names when it binds a loopback address (DNS rebinding).
@@ -151,6 +154,10 @@ class ServerConfig:
         _require(self.max_request_bytes > 0, "max_request_bytes must be > 0")
         _require(self.max_queued_requests is None or self.max_queued_requests >= 0, "max_queued_requests must be >= 0")
         _require(self.max_fanout >= 1, "max_fanout must be >= 1")
+        _require(
+            self.max_in_flight_per_client is None or self.max_in_flight_per_client >= 0,
+            "max_in_flight_per_client must be >= 0",
+        )
         _require(self.request_timeout is None or self.request_timeout > 0, "request_timeout must be > 0")
         _require(self.shutdown_timeout >= 0, "shutdown_timeout must be >= 0")
         _require(self.keep_alive_timeout > 0, "keep_alive_timeout must be > 0")

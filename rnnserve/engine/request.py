@@ -33,6 +33,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per generated token (0 = only the chosen)
     prompt_logprobs: int | None = None  # same for prompt tokens (echo + logprobs)
+    # Who asked (the server's client key: the OpenAI ``user``, else the address). Not a sampling
+    # choice: it rides here so every engine client carries it; the scheduler admits round-robin by it.
+    client: str = ""
 
     def __post_init__(self) -> None:
         def check(cond: bool, msg: str, param: str) -> None:

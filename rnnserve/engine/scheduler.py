@@ -5,8 +5,12 @@ scheduler decides how many of its not-yet-computed tokens run. Order of service:
 
 1. running requests that are decoding, one token each (they never stall behind a long prompt);
 2. running requests part-way through their prompt, the next chunk each;
-3. waiting requests, in arrival order, only while a state slot is free (and, for a model with
-   attention layers, KV blocks for at least the first token of their chunk).
+3. waiting requests, only while a state slot is free (and, for a model with attention layers, KV
+   blocks for at least the first token of their chunk): requests put back at the front (preempted,
+   or children of a parent that ended early) first, then round-robin across clients
+   (``SamplingParams.client``): the oldest request of the client admitted least recently, so one
+   client's backlog never delays another client's new request by more than a turn. FIFO within a
+   client; with a single client this is arrival order.
 
 With a paged KV cache a running request that needs a block when none is free preempts the youngest
 running request (maybe itself): its blocks and slot go back and it is queued first, to recompute its
@@ -103,6 +107,9 @@ class Scheduler:
         # The served limit (the config's, or the model's if smaller): requests stop with LENGTH at it.
         self.max_model_len = config.max_model_len if max_model_len is None else max_model_len
         self.waiting: deque[Request] = deque()
+        self._front: set[str] = set()  # ids of waiting requests put back at the front: admitted first
+        self._admitted_at: dict[str, int] = {}  # client -> admission count when it was last admitted
+        self._num_admitted = 0
         self.running: list[Request] = []
         self._requests: dict[str, Request] = {}
         # request id -> prompt logprobs so far ([0] is None: the first token has no context), sent
@@ -188,7 +195,7 @@ class Scheduler:
             slot = self.pool.alloc()
             if slot is None:
                 break
-            req = self.waiting.popleft()
+            req = self._pop_next_waiting()
             req.slot = slot
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -202,6 +209,25 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return out
+
+    def _pop_next_waiting(self) -> Request:
+        """The next waiting request to admit: the front if it was put back there, else the oldest
+        request of the waiting client admitted least recently (never admitted counts as longest ago)."""
+        head = self.waiting[0]
+        if head.request_id in self._front:
+            self._front.discard(head.request_id)
+            return self.waiting.popleft()
+        oldest: dict[str, Request] = {}  # client -> its oldest waiting request (deque order)
+        for req in self.waiting:
+            oldest.setdefault(req.params.client, req)
+        client = min(oldest, key=lambda c: self._admitted_at.get(c, -1))  # ties: the earlier in the queue
+        req = oldest[client]
+        self.waiting.remove(req)
+        self._num_admitted += 1
+        # Only clients still waiting need a turn record, so the map stays as small as the queue.
+        self._admitted_at = {c: self._admitted_at[c] for c in oldest if c in self._admitted_at}
+        self._admitted_at[client] = self._num_admitted
+        return req
 
     @staticmethod
     def _is_decoding(req: Request) -> bool:
@@ -251,6 +277,7 @@ class Scheduler:
         if req.request_id in self._prompt_logprobs:
             self._prompt_logprobs[req.request_id] = [None]  # not sent yet: recorded again from the start
         self.waiting.appendleft(req)
+        self._front.add(req.request_id)
 
     def _uses_cache(self, req: Request) -> bool:
         # Prompt logprobs need the logits of every prompt token, which a restored prefix skips.
@@ -423,11 +450,13 @@ class Scheduler:
             request.fork_parent = None
         else:
             self.waiting.remove(request)
+            self._front.discard(request.request_id)
         # Children of a parent that ends before its prompt does prefill on their own, first in line.
         for child in reversed(request.fork_children):
             self._forking.remove(child)
             child.fork_parent = None
             self.waiting.appendleft(child)
+            self._front.add(child.request_id)
         request.fork_children = []
         if request.slot is not None:
             if reason is not FinishReason.ERROR:

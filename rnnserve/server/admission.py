@@ -6,6 +6,13 @@ would push them past ``max_in_flight`` (the state slots plus ``--max-queued-requ
 and ``Retry-After``; a request whose fan-out alone is past ``--max-fanout`` (or past
 ``max_in_flight``, so it could never be admitted) gets a 400, as retrying it cannot help.
 
+Fair share: each client (its key: the OpenAI ``user`` field when given, else its address) may hold
+at most ``max_per_client`` engine requests in flight (``--max-in-flight-per-client``; by default half
+of ``max_in_flight``), so a burst from one client leaves room for the others; past it that client
+gets a 429 with ``Retry-After``. A client with nothing in flight is always let in up to the fan-out
+limit, so one large request is never refused for being larger than the share. The engine's scheduler
+then admits waiting requests round-robin across the same keys (``SamplingParams.client``).
+
 While draining (SIGTERM / SIGINT) every new request gets a 503 with ``Retry-After``; requests
 already admitted run on, and ``interrupt_all`` ends whatever is still running, each choice with
 ``finish_reason: "abort"`` and a normal end of response (``[DONE]`` for streams).
@@ -28,15 +35,17 @@ class Interruptible(Protocol):
 class Admission:
     """Counts engine requests in flight; tracks live generations so a drain can end them."""
 
-    def __init__(self, *, max_in_flight: int | None, max_fanout: int) -> None:
+    def __init__(self, *, max_in_flight: int | None, max_fanout: int, max_per_client: int | None = None) -> None:
         self.max_in_flight = max_in_flight  # None: no bound
         self.max_fanout = max_fanout
+        self.max_per_client = max_per_client  # None: no per-client share
         self.in_flight = 0
+        self._per_client: dict[str, int] = {}  # client key -> its engine requests in flight (only > 0)
         self.draining = False
         self._live: set[Interruptible] = set()
 
-    def admit(self, fanout: int) -> None:
-        """Reserve ``fanout`` engine requests, or raise the APIError that refuses them."""
+    def admit(self, fanout: int, client: str = "") -> None:
+        """Reserve ``fanout`` engine requests for ``client``, or raise the APIError that refuses them."""
         if self.draining:
             raise overloaded(
                 "the server is shutting down and takes no new requests",
@@ -57,10 +66,24 @@ class Admission:
                 f"the server is at capacity ({self.in_flight} sequences running or queued); retry shortly",
                 RETRY_AFTER_OVERLOADED_S,
             )
+        held = self._per_client.get(client, 0)
+        if self.max_per_client is not None and held > 0 and held + fanout > self.max_per_client:
+            raise overloaded(
+                f"this client has {held} sequences running or queued, its share of this server "
+                f"(--max-in-flight-per-client {self.max_per_client}); retry shortly",
+                RETRY_AFTER_OVERLOADED_S,
+            )
         self.in_flight += fanout
+        self._per_client[client] = held + fanout
 
-    def release(self, fanout: int) -> None:
+    def release(self, fanout: int, client: str = "") -> None:
         self.in_flight -= fanout
+        held = self._per_client.pop(client, 0) - fanout
+        if held > 0:
+            self._per_client[client] = held
+
+    def in_flight_of(self, client: str) -> int:
+        return self._per_client.get(client, 0)
 
     def track(self, generation: Interruptible) -> None:
         self._live.add(generation)
@@ -79,6 +102,23 @@ class Admission:
         """End every live generation now (finish_reason ``abort``); their engine requests are aborted."""
         for generation in list(self._live):
             generation.interrupt()
+
+
+def per_client_share(flag: int | None, max_in_flight: int | None) -> int | None:
+    """``--max-in-flight-per-client``: None (the default) is half the bound (at least 1), 0 is no share."""
+    if flag == 0:
+        return None
+    if flag is None:
+        return None if max_in_flight is None else max(1, max_in_flight // 2)
+    return flag
+
+
+def client_key(user: str | None, address: str | None) -> str:
+    """The fair-share key: the OpenAI ``user`` field when given, else the peer address (no proxy
+    header is trusted). Prefixed so a ``user`` value cannot take an address's share."""
+    if user:
+        return f"user:{user}"
+    return f"addr:{address or ''}"
 
 
 def unbounded() -> Admission:

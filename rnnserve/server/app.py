@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rnnserve import __version__
 from rnnserve.config import ServerConfig
-from rnnserve.server.admission import Admission
+from rnnserve.server.admission import Admission, client_key, per_client_share
 from rnnserve.server.context import ServingContext
 from rnnserve.server.engine_client import EngineClient
 from rnnserve.server.errors import bad_request, error_body_json, install_error_handlers
@@ -231,8 +231,11 @@ def build_app(
     except Exception:  # an engine client without stats: the queue cannot be sized to its pool
         slots = None
     queued = cfg.max_queued_requests if cfg.max_queued_requests is not None else slots
+    max_in_flight = None if slots is None or queued is None else slots + queued
     admission = Admission(
-        max_in_flight=None if slots is None or queued is None else slots + queued, max_fanout=cfg.max_fanout
+        max_in_flight=max_in_flight,
+        max_fanout=cfg.max_fanout,
+        max_per_client=per_client_share(cfg.max_in_flight_per_client, max_in_flight),
     )
     ctx = ServingContext(
         engine=engine,
@@ -317,12 +320,14 @@ def build_app(
 
     @app.post("/v1/completions", response_model=None, responses=_GENERATE_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        response = await cancel_on_disconnect(request.receive, create_completion(ctx, body))
+        client = client_key(body.user, request.client.host if request.client else None)
+        response = await cancel_on_disconnect(request.receive, create_completion(ctx, body, client))
         return response if response is not None else Response(status_code=499)
 
     @app.post("/v1/chat/completions", response_model=None, responses=_GENERATE_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        response = await cancel_on_disconnect(request.receive, create_chat_completion(ctx, body))
+        client = client_key(body.user, request.client.host if request.client else None)
+        response = await cancel_on_disconnect(request.receive, create_chat_completion(ctx, body, client))
         return response if response is not None else Response(status_code=499)
 
     @app.post("/v1/states", responses=_POST_ERRORS)

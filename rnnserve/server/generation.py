@@ -121,12 +121,15 @@ class Generation:
         want_logprobs: bool,
         admission: Admission | None = None,
         timeout: float | None = None,
+        client: str = "",
     ) -> None:
         check_state_options(engine, body)
         # First, so a refused request (429, 503, fan-out) leaves nothing behind.
         self.admission = admission or unbounded()
         self.fanout = len(prompts) * n
-        self.admission.admit(self.fanout)
+        self.client = client  # the fair-share key (see admission.py); the engine schedules by it too
+        self.admission.admit(self.fanout, client)
+        params = dataclasses.replace(params, client=client)
         self.timeout = timeout
         self.interrupted = False
         self.engine = engine
@@ -223,7 +226,7 @@ class Generation:
                 timer.cancel()
             await self.streams.aclose()
             self.admission.untrack(self)
-            self.admission.release(self.fanout)
+            self.admission.release(self.fanout, self.client)
             # Choices cut short (client gone, another choice failed) count as aborted requests.
             for choice in self.choices:
                 if choice.finish_reason is None and not rejected:

@@ -97,7 +97,9 @@ def _chat_logprobs(ctx: ServingContext, entries: list[TokenLogprob], top_n: int,
     return ChatLogprobs(content=content)
 
 
-async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+async def create_chat_completion(
+    ctx: ServingContext, body: ChatCompletionRequest, client: str = ""
+) -> JSONResponse | StreamingResponse:
     ctx.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
@@ -129,6 +131,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         params,
         n=body.n,
         admission=ctx.admission,
+        client=client,
         timeout=ctx.request_timeout,
         want_logprobs=body.logprobs,
     )

@@ -85,7 +85,9 @@ def _prompt_entries(prompt: Prompt, prompt_logprobs: list[TokenLogprob | None] |
     return [(t, lps[i] if i < len(lps) else None) for i, t in enumerate(prompt.token_ids)]
 
 
-async def create_completion(ctx: ServingContext, body: CompletionRequest) -> JSONResponse | StreamingResponse:
+async def create_completion(
+    ctx: ServingContext, body: CompletionRequest, client: str = ""
+) -> JSONResponse | StreamingResponse:
     ctx.check_model(body.model)
     if body.suffix:
         raise bad_request("suffix is not supported", param="suffix")
@@ -127,6 +129,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest) -> JSO
         params,
         n=body.n,
         admission=ctx.admission,
+        client=client,
         timeout=ctx.request_timeout,
         want_logprobs=want_logprobs,
     )

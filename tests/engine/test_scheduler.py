@@ -130,3 +130,38 @@ def test_duplicate_request_id_rejected():
     sched.add(req("a", 2))
     with pytest.raises(ValueError, match="already"):
         sched.add(req("a", 2))
+
+
+def client_req(rid: str, client: str) -> Request:
+    return Request(rid, [1, 2], SamplingParams(max_tokens=1, client=client))
+
+
+def test_waiting_requests_are_admitted_round_robin_across_clients():
+    """A quiet client's new request goes before a busy client's backlog; FIFO within a client."""
+    sched = make(budget=64, slots=2)
+    for i in range(5):
+        sched.add(client_req(f"b{i}", "busy"))
+    sched.add(client_req("q0", "quiet"))
+    out = sched.schedule()
+    assert [rid for rid, _ in plan(out)] == ["b0", "q0"]  # not b0, b1 (arrival order)
+    fake_run(sched, out)
+    sched.add(client_req("q1", "quiet"))
+    out = sched.schedule()
+    assert [rid for rid, _ in plan(out)] == ["b1", "q1"]  # busy was served before quiet: its turn first
+    fake_run(sched, out)
+    out = sched.schedule()
+    assert [rid for rid, _ in plan(out)] == ["b2", "b3"]  # one client left: arrival order
+
+
+def test_a_preempted_request_is_admitted_before_other_clients():
+    sched = make(budget=64, slots=1)
+    first = Request("a", [1, 2], SamplingParams(max_tokens=4, client="x"))
+    sched.add(first)
+    out = sched.schedule()
+    fake_run(sched, out)
+    sched.add(client_req("q", "quiet"))  # a client never served: next in the round-robin
+    sched._preempt(first, out)  # as _reserve does when KV blocks run out
+    assert first.status is RequestStatus.WAITING and sched.pool.num_free == 1
+    out = sched.schedule()
+    assert [rid for rid, _ in plan(out)] == ["a"]  # recomputed first
+    assert out.scheduled[0].num_tokens == 2  # its prompt first, then its output token

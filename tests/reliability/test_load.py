@@ -24,7 +24,9 @@ def greedy_text(base_url: str) -> str:
 
 
 async def first_chunk_then_leave(client: httpx.AsyncClient, i: int) -> int:
+    # 300 clients (one client's 300 streams at once would pass its fair share of the bound).
     body = {"prompt": f"storm {i}", "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 1 + i % 2}
+    body["user"] = f"storm-{i}"
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code == 200:
             async for line in r.aiter_lines():
