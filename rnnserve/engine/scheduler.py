@@ -7,10 +7,13 @@ scheduler decides how many of its not-yet-computed tokens run. Order of service:
 2. running requests part-way through their prompt, the next chunk each;
 3. waiting requests, only while a state slot is free (and, for a model with attention layers, KV
    blocks for at least the first token of their chunk): requests put back at the front (preempted,
-   or children of a parent that ended early) first, then round-robin across clients
-   (``SamplingParams.client``): the oldest request of the client admitted least recently, so one
-   client's backlog never delays another client's new request by more than a turn. FIFO within a
-   client; with a single client this is arrival order.
+   or children of a parent that ended early) first, then fair across clients
+   (``SamplingParams.client``): the oldest request of the client running the fewest requests (ties:
+   the client admitted least recently), so one client's backlog never delays another client's new
+   request. FIFO within a client; with a single client this is arrival order. When every slot is
+   taken, the client running the most requests gives its youngest one back (preempted, see below,
+   but queued in its client's turn) if it runs at least two more than the waiting request's client:
+   one client's burst cannot hold every slot while another client waits.
 
 With a paged KV cache a running request that needs a block when none is free preempts the youngest
 running request (maybe itself): its blocks and slot go back and it is queued first, to recompute its
@@ -185,17 +188,17 @@ class Scheduler:
                 if self._reserve(req, n, out):
                     out.scheduled.append(ScheduledRequest(req, n))
                     budget -= n
-        # No admission in a step that preempted: the blocks just freed are the running requests'.
-        while (
-            self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-            and self.num_preemptions == preemptions
-        ):
+        # No admission in a step that preempted for KV blocks: the blocks just freed are the running requests'.
+        while self.waiting and budget > 0 and self.num_preemptions == preemptions:
+            req = self._next_waiting()
+            if len(self.running) >= self.config.max_num_seqs or self.pool.num_free == 0:
+                if not self._preempt_for(req, out):
+                    break
+                preemptions += 1
             slot = self.pool.alloc()
             if slot is None:
                 break
-            req = self._pop_next_waiting()
+            self._take_waiting(req)
             req.slot = slot
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -210,24 +213,56 @@ class Scheduler:
             budget -= n
         return out
 
-    def _pop_next_waiting(self) -> Request:
+    def _next_waiting(self) -> Request:
         """The next waiting request to admit: the front if it was put back there, else the oldest
-        request of the waiting client admitted least recently (never admitted counts as longest ago)."""
+        request of the waiting client running the fewest requests, of those the one admitted least
+        recently (never admitted counts as longest ago), then the earlier in the queue."""
         head = self.waiting[0]
         if head.request_id in self._front:
-            self._front.discard(head.request_id)
-            return self.waiting.popleft()
+            return head
         oldest: dict[str, Request] = {}  # client -> its oldest waiting request (deque order)
         for req in self.waiting:
             oldest.setdefault(req.params.client, req)
-        client = min(oldest, key=lambda c: self._admitted_at.get(c, -1))  # ties: the earlier in the queue
-        req = oldest[client]
+        if len(oldest) == 1:
+            return head
+        running = self._running_per_client()
+        client = min(oldest, key=lambda c: (running.get(c, 0), self._admitted_at.get(c, -1)))
+        return oldest[client]
+
+    def _running_per_client(self) -> dict[str, int]:
+        running: dict[str, int] = {}
+        for r in self.running:
+            running[r.params.client] = running.get(r.params.client, 0) + 1
+        return running
+
+    def _take_waiting(self, req: Request) -> None:
+        """Out of the queue, and its client's turn recorded."""
         self.waiting.remove(req)
+        self._front.discard(req.request_id)
         self._num_admitted += 1
-        # Only clients still waiting need a turn record, so the map stays as small as the queue.
-        self._admitted_at = {c: self._admitted_at[c] for c in oldest if c in self._admitted_at}
-        self._admitted_at[client] = self._num_admitted
-        return req
+        # Only clients with requests here need a turn record, so the map stays as small as the engine's.
+        present = {r.params.client for r in self.waiting} | {r.params.client for r in self.running}
+        self._admitted_at = {c: t for c, t in self._admitted_at.items() if c in present}
+        self._admitted_at[req.params.client] = self._num_admitted
+
+    def _preempt_for(self, req: Request, out: SchedulerOutput) -> bool:
+        """No slot for ``req``: the client running the most requests gives one back (its youngest) if
+        it runs at least two more than ``req``'s client, so a burst that took every slot shares them
+        with a new client at once. The victim is queued (not first) to recompute later. False: no one
+        runs more than its share."""
+        running = self._running_per_client()
+        heavy = max(running, key=running.__getitem__, default=None)
+        if heavy is None or running[heavy] < running.get(req.params.client, 0) + 2:
+            return False
+        # A parent whose forks wait for its prompt keeps its slot (they would start over too).
+        candidates = [r for r in self.running if r.params.client == heavy and not r.fork_children]
+        if not candidates:
+            return False
+        victim = max(candidates, key=lambda r: r.arrival_time)
+        out.scheduled = [s for s in out.scheduled if s.request is not victim]
+        self._requeue(victim, first=False)
+        self.num_preemptions += 1
+        return True
 
     @staticmethod
     def _is_decoding(req: Request) -> bool:
@@ -264,8 +299,9 @@ class Scheduler:
         self._requeue(req)
         self.num_preemptions += 1
 
-    def _requeue(self, req: Request) -> None:
-        """Back to the front of the queue without a slot or blocks, nothing computed."""
+    def _requeue(self, req: Request, first: bool = True) -> None:
+        """Back to the front of the queue without a slot or blocks, nothing computed; ``first``:
+        admitted before anyone else (else in its client's turn, as its oldest request)."""
         assert req.slot is not None
         if self.kv_cache is not None:
             self.kv_cache.free(req.slot)
@@ -277,7 +313,8 @@ class Scheduler:
         if req.request_id in self._prompt_logprobs:
             self._prompt_logprobs[req.request_id] = [None]  # not sent yet: recorded again from the start
         self.waiting.appendleft(req)
-        self._front.add(req.request_id)
+        if first:
+            self._front.add(req.request_id)
 
     def _uses_cache(self, req: Request) -> bool:
         # Prompt logprobs need the logits of every prompt token, which a restored prefix skips.

@@ -132,8 +132,8 @@ def test_duplicate_request_id_rejected():
         sched.add(req("a", 2))
 
 
-def client_req(rid: str, client: str) -> Request:
-    return Request(rid, [1, 2], SamplingParams(max_tokens=1, client=client))
+def client_req(rid: str, client: str, max_tokens: int = 1) -> Request:
+    return Request(rid, [1, 2], SamplingParams(max_tokens=max_tokens, client=client))
 
 
 def test_waiting_requests_are_admitted_round_robin_across_clients():
@@ -165,3 +165,27 @@ def test_a_preempted_request_is_admitted_before_other_clients():
     out = sched.schedule()
     assert [rid for rid, _ in plan(out)] == ["a"]  # recomputed first
     assert out.scheduled[0].num_tokens == 2  # its prompt first, then its output token
+
+
+def test_a_client_holding_every_slot_gives_one_back_to_a_new_client():
+    sched = make(budget=64, slots=4)
+    for i in range(6):
+        sched.add(client_req(f"b{i}", "busy", max_tokens=8))
+    fake_run(sched, sched.schedule())  # b0..b3 hold every slot, b4 and b5 wait
+    sched.add(client_req("q0", "quiet", max_tokens=8))
+    out = sched.schedule()
+    assert ("q0", 2) in plan(out) and sched.num_preemptions == 1
+    assert sorted(r.request_id for r in sched.running) == ["b0", "b1", "b2", "q0"]  # b3, the youngest, went back
+    b3 = sched.get("b3")
+    assert b3 is not None and b3.status is RequestStatus.WAITING and b3.num_computed_tokens == 0
+    assert sched.waiting[0] is b3  # busy's oldest waiting request: FIFO within the client
+    fake_run(sched, out)
+    # 3 against 1 running: busy still runs two more, so q1 takes one more slot.
+    sched.add(client_req("q1", "quiet", max_tokens=8))
+    fake_run(sched, sched.schedule())
+    assert sched.num_preemptions == 2
+    assert sorted(r.request_id for r in sched.running) == ["b0", "b1", "q0", "q1"]
+    # 2 against 2: no one runs more than its share, q2 waits for a slot.
+    sched.add(client_req("q2", "quiet", max_tokens=8))
+    sched.schedule()
+    assert sched.num_preemptions == 2 and sched.get("q2").status is RequestStatus.WAITING
