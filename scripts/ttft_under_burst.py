@@ -1,4 +1,5 @@
-"""TTFT of a well-behaved client while another client bursts, with and without the admission bound.
+"""TTFT of a well-behaved client while another client bursts, with and without the admission bound
+and the per-client fair share.
 
 For each server setting it starts ``rnnserve serve`` on a free port of 127.0.0.1 and runs, in turn:
 a quiet phase (the well-behaved client alone: sequential streamed completions), a burst phase
@@ -7,8 +8,13 @@ The well-behaved client honours ``Retry-After`` on a 429 and counts the wait in 
 is the p50 / p99 TTFT of its requests (first attempt -> first token). Also printed: the burst's
 status counts, the server's RSS before and after, and the engine gauges once idle.
 
+The two clients are told apart as the server tells clients apart: each sends its own OpenAI ``user``
+(``well-behaved`` and ``burst``), and the burst connects from 127.0.0.2 (loopback, where the system
+has it) so that without ``user`` its address differs too.
+
     .venv/bin/python scripts/ttft_under_burst.py --burst 2000 \
-        --setting "bounded=" --setting "unbounded=--max-queued-requests 1000000"
+        --setting "no-share=--max-in-flight-per-client 0" --setting "fair=" \
+        --setting "unbounded=--max-queued-requests 1000000"
 
 Prints one table and writes the figures to ``--out`` (JSON).
 """
@@ -64,7 +70,7 @@ async def ttft_once(client: httpx.AsyncClient) -> tuple[float, int]:
     start = time.perf_counter()
     rejected = 0
     while True:
-        async with client.stream("POST", "/v1/completions", json={**BODY, "stream": True}) as r:
+        async with client.stream("POST", "/v1/completions", json={**BODY, "stream": True, "user": "well-behaved"}) as r:
             if r.status_code == 429:
                 rejected += 1
                 await r.aread()
@@ -91,11 +97,12 @@ async def well_behaved(base: str, n: int) -> tuple[list[float], int]:
 
 async def burst(base: str, n: int, max_tokens: int) -> dict[int, int]:
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+    transport = httpx.AsyncHTTPTransport(limits=limits, local_address=burst_address())
+    async with httpx.AsyncClient(base_url=base, timeout=600, transport=transport) as client:
 
         async def one() -> int:
             try:
-                body = {**BODY, "max_tokens": max_tokens}
+                body = {**BODY, "max_tokens": max_tokens, "user": "burst"}
                 return (await client.post("/v1/completions", json=body)).status_code
             except httpx.HTTPError:
                 return -1
@@ -105,6 +112,16 @@ async def burst(base: str, n: int, max_tokens: int) -> dict[int, int]:
     for c in codes:
         counts[c] = counts.get(c, 0) + 1
     return counts
+
+
+def burst_address() -> str | None:
+    """127.0.0.2 where a socket can bind it (Linux routes all of 127/8 to loopback), else the default."""
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.2", 0))
+        return "127.0.0.2"
+    except OSError:
+        return None
 
 
 def pct(values: list[float], q: float) -> float:
