@@ -213,7 +213,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d_srv.max_in_flight_per_client,
         help="sequences one client (OpenAI 'user', else address) may have running or queued; past it 429 "
-        "(default: half of slots + queue; 0: no per-client share)",
+        "(default: every slot plus half the queue; 0: no per-client share)",
     )
     g.add_argument(
         "--request-timeout", type=float, default=None, help="seconds; a request still running ends with 'abort'"

@@ -137,8 +137,8 @@ class ServerConfig:
     log_level: str = "info"  # --log-level: debug, info, warning, error, critical
     max_queued_requests: int | None = None  # engine requests waiting for a slot; None: as many as slots
     max_fanout: int = 128  # engine requests (prompts x n) one HTTP request may ask for
-    # Engine requests one client (``user``, else address) may hold in flight; None: half of slots +
-    # queue, so another client always finds room; 0: no per-client share.
+    # Engine requests one client (``user``, else address) may hold in flight; None: every slot plus half
+    # the queue, so another client always finds room in the queue; 0: no per-client share.
     max_in_flight_per_client: int | None = None
     request_timeout: float | None = None  # seconds; past it a request ends with finish_reason "abort"
     # Host header values served (port ignored; "*" = any). None: any; the CLI's default is the bound

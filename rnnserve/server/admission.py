@@ -7,8 +7,8 @@ and ``Retry-After``; a request whose fan-out alone is past ``--max-fanout`` (or 
 ``max_in_flight``, so it could never be admitted) gets a 400, as retrying it cannot help.
 
 Fair share: each client (its key: the OpenAI ``user`` field when given, else its address) may hold
-at most ``max_per_client`` engine requests in flight (``--max-in-flight-per-client``; by default half
-of ``max_in_flight``), so a burst from one client leaves room for the others; past it that client
+at most ``max_per_client`` engine requests in flight (``--max-in-flight-per-client``; by default
+every slot and half the queue), so a burst from one client leaves room for the others; past it that client
 gets a 429 with ``Retry-After``. A client with nothing in flight is always let in up to the fan-out
 limit, so one large request is never refused for being larger than the share. The engine's scheduler
 then admits waiting requests round-robin across the same keys (``SamplingParams.client``).
@@ -104,12 +104,15 @@ class Admission:
             generation.interrupt()
 
 
-def per_client_share(flag: int | None, max_in_flight: int | None) -> int | None:
-    """``--max-in-flight-per-client``: None (the default) is half the bound (at least 1), 0 is no share."""
+def per_client_share(flag: int | None, slots: int | None, queued: int | None) -> int | None:
+    """``--max-in-flight-per-client``; 0 is no share. None (the default): every slot and half the
+    queue (rounded down), so one client alone (a load generator, or every request arriving through
+    one proxy address) can still fill every slot, and the other half of the queue stays open to
+    the other clients."""
     if flag == 0:
         return None
     if flag is None:
-        return None if max_in_flight is None else max(1, max_in_flight // 2)
+        return None if slots is None or queued is None else slots + queued // 2
     return flag
 
 

@@ -235,7 +235,7 @@ def build_app(
     admission = Admission(
         max_in_flight=max_in_flight,
         max_fanout=cfg.max_fanout,
-        max_per_client=per_client_share(cfg.max_in_flight_per_client, max_in_flight),
+        max_per_client=per_client_share(cfg.max_in_flight_per_client, slots, queued),
     )
     ctx = ServingContext(
         engine=engine,

@@ -49,6 +49,10 @@ def parse_prompts(ctx: ServingContext, body: CompletionRequest) -> list[Prompt]:
             prompts.append(Prompt(tok.encode(item), item))
         else:
             ids = list(item)
+            # Before decoding for echo: the tokenizer overflows on a negative or huge id (a 500).
+            bad = next((t for t in ids if not 0 <= t < ctx.vocab_size), None)
+            if bad is not None:
+                raise bad_request(f"token id {bad} is out of the vocabulary (0..{ctx.vocab_size - 1})", param="prompt")
             text = ctx.tokenizer.decode(ids) if (ctx.tokenizer is not None and body.echo) else None
             prompts.append(Prompt(ids, text))
     return prompts

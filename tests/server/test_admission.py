@@ -30,7 +30,7 @@ def test_a_client_with_nothing_in_flight_may_send_one_request_larger_than_its_sh
 
 
 def test_no_share_lets_one_client_take_the_whole_bound() -> None:
-    adm = Admission(max_in_flight=4, max_fanout=4, max_per_client=per_client_share(0, 4))
+    adm = Admission(max_in_flight=4, max_fanout=4, max_per_client=per_client_share(0, 2, 2))
     for _ in range(4):
         adm.admit(1, "c")
     with pytest.raises(APIError):
@@ -38,9 +38,10 @@ def test_no_share_lets_one_client_take_the_whole_bound() -> None:
 
 
 def test_share_flag_and_client_key() -> None:
-    assert per_client_share(None, 16) == 8 and per_client_share(None, 1) == 1
-    assert per_client_share(0, 16) is None and per_client_share(3, 16) == 3
-    assert per_client_share(None, None) is None
+    # Default: every slot and half the queue (one client alone can still fill every slot).
+    assert per_client_share(None, 8, 8) == 12 and per_client_share(None, 4, 1) == 4
+    assert per_client_share(0, 8, 8) is None and per_client_share(3, 8, 8) == 3
+    assert per_client_share(None, None, None) is None and per_client_share(None, 8, None) is None
     assert client_key("alice", "127.0.0.1") == "user:alice"
     assert client_key(None, "127.0.0.1") == client_key("", "127.0.0.1") == "addr:127.0.0.1"
     assert client_key("127.0.0.1", "10.0.0.1") != client_key(None, "127.0.0.1")
