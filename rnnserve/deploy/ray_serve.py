@@ -194,16 +194,9 @@ def _router_for(app_name: str) -> StateAwareRouter | None:
 
 
 def _final_output(request_id: str, error: str) -> RequestOutput:
-    return RequestOutput(
-        request_id=request_id,
-        new_token_ids=[],
-        new_logprobs=None,
-        num_prompt_tokens=0,
-        num_output_tokens=0,
-        finished=True,
-        finish_reason=FinishReason.ERROR,
-        error=error,
-    )
+    from rnnserve.engine.engine import final_output  # torch stays out of this module's import
+
+    return final_output(request_id, FinishReason.ERROR, error)
 
 
 def aggregate_stats(per_replica: list[dict[str, Any]]) -> EngineStats:

@@ -377,7 +377,7 @@ class LLMEngine:
         }
 
 
-def _final_output(request_id: str, reason: FinishReason, error: str | None) -> RequestOutput:
+def final_output(request_id: str, reason: FinishReason, error: str | None) -> RequestOutput:
     """A closing output for a request the engine never saw or no longer holds."""
     return RequestOutput(
         request_id=request_id,
@@ -479,7 +479,7 @@ class AsyncEngine:
             self._commands = []
         self.engine.abort_all()
         for request_id, (_, queue) in list(self._queues.items()):
-            queue.put_nowait(_final_output(request_id, FinishReason.ABORT, "the engine was shut down"))
+            queue.put_nowait(final_output(request_id, FinishReason.ABORT, "the engine was shut down"))
         self._stats = self.engine.stats()
 
     def stats(self) -> EngineStats:
@@ -572,7 +572,7 @@ class AsyncEngine:
                 save_state=cmd.save_state,
             )
         except Exception as exc:
-            return [_final_output(cmd.request_id, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")]
+            return [final_output(cmd.request_id, FinishReason.ERROR, f"{type(exc).__name__}: {exc}")]
         return []
 
     def _deliver_threadsafe(self, outputs: list[RequestOutput]) -> None:

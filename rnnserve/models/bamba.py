@@ -164,6 +164,9 @@ class BambaLayer(nn.Module):
         else:
             self.mamba = Mamba2Mixer(cfg.mamba, backend)
 
+    def ff(self, h: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.pre_ff_layernorm(h))
+
 
 class BambaBackbone(nn.Module):
     def __init__(self, cfg: BambaConfig, backend: Backend) -> None:
@@ -173,9 +176,16 @@ class BambaBackbone(nn.Module):
         self.layers = nn.ModuleList(BambaLayer(cfg, i in attn, backend) for i in range(cfg.num_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.final_layernorm(h)
+
 
 class BambaLM(RecurrentLM):
-    """Bamba causal LM; module names follow transformers (``model.*``, ``lm_head``)."""
+    """Bamba causal LM; module names follow transformers (``model.*``, ``lm_head``).
+
+    Also the base of the other Mamba-2 + attention hybrids (Granite 4.0-H): a subclass overrides the
+    backbone, the RoPE width and the scalings (``_backbone``, ``_rotary_dim``, ``_rope``, ``_embed``,
+    ``_residual``, ``_logits``); the layer loop, KV bookkeeping and loading are shared."""
 
     decode_graph_safe = False  # the attention layers' decode reads host ints on the CPU path
 
@@ -185,17 +195,36 @@ class BambaLM(RecurrentLM):
         self.vocab_size = cfg.vocab_size
         # RoPE is defined up to max_position_embeddings; limit_context lowers it to --max-model-len.
         self.max_model_len = cfg.max_position_embeddings
-        self.model = BambaBackbone(cfg, backend)
+        self.model = self._backbone(cfg, backend)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.rotary_dim, cfg.rope_theta), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(self._rotary_dim(), cfg.rope_theta), persistent=False)
         # Attention layer i's cache is kv.caches[self._kv_index[i]].
         self._kv_index = {layer: n for n, layer in enumerate(cfg.attn_layer_indices)}
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> BambaLM:
         return cls(BambaConfig.from_hf(config), backend)
+
+    def _backbone(self, cfg: BambaConfig, backend: Backend) -> BambaBackbone:
+        return BambaBackbone(cfg, backend)
+
+    def _rotary_dim(self) -> int:
+        return self.cfg.rotary_dim
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return rope_cos_sin(positions, self.inv_freq, self.dtype)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        """A block's output as added to the residual stream (Bamba adds it as it is)."""
+        return x
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return lm_logits(self.model.final_norm(h), self.lm_head)
 
     def limit_context(self, max_model_len: int) -> None:
         self.max_model_len = min(self.max_model_len, max_model_len)
@@ -241,7 +270,7 @@ class BambaLM(RecurrentLM):
 
     def post_load(self) -> None:
         # The loader casts the module to the model dtype; RoPE frequencies must stay fp32.
-        self.inv_freq = rope_inv_freq(self.cfg.rotary_dim, self.cfg.rope_theta, self.device)
+        self.inv_freq = rope_inv_freq(self._rotary_dim(), self.cfg.rope_theta, self.device)
 
     # ------------------------------------------------------------------ forward
 
@@ -249,35 +278,33 @@ class BambaLM(RecurrentLM):
         if not self._kv_index:
             return None
         if kv is None:
-            raise ValueError("Bamba's attention layers need the batch's paged KV cache metadata (batch.kv)")
+            raise ValueError("the attention layers need the batch's paged KV cache metadata (batch.kv)")
         if kv.max_seq_len > self.max_model_len:
             raise ValueError(f"position {kv.max_seq_len - 1} is beyond max_model_len {self.max_model_len}")
         return kv
 
     @torch.no_grad()
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
-        kv = self._kv(batch.kv)
-        rope = rope_cos_sin(batch.positions, self.inv_freq, self.dtype)
-        h = self.model.embed_tokens(batch.input_ids)  # [T, D]
+        kv, rope = self._kv(batch.kv), self._rope(batch.positions)
+        h = self._embed(batch.input_ids)  # [T, D]
         for i, (layer, st) in enumerate(zip(self.model.layers, states)):
             x = layer.input_layernorm(h)
             if layer.is_attention:
-                h = h + layer.self_attn.prefill(x, rope, kv, self._kv_index[i], batch.cu_seqlens)
+                h = h + self._residual(layer.self_attn.prefill(x, rope, kv, self._kv_index[i], batch.cu_seqlens))
             else:
-                h = h + layer.mamba.prefill(x, st["conv"], st["ssm"], batch)
-            h = h + layer.feed_forward(layer.pre_ff_layernorm(h))
-        return lm_logits(self.model.final_layernorm(h.index_select(0, batch.logits_indices)), self.lm_head)
+                h = h + self._residual(layer.mamba.prefill(x, st["conv"], st["ssm"], batch))
+            h = h + self._residual(layer.ff(h))
+        return self._logits(h.index_select(0, batch.logits_indices))
 
     @torch.no_grad()
     def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
-        kv = self._kv(batch.kv)
-        rope = rope_cos_sin(batch.positions, self.inv_freq, self.dtype)
-        h = self.model.embed_tokens(batch.input_ids)  # [B, D]
+        kv, rope = self._kv(batch.kv), self._rope(batch.positions)
+        h = self._embed(batch.input_ids)  # [B, D]
         for i, (layer, st) in enumerate(zip(self.model.layers, states)):
             x = layer.input_layernorm(h)
             if layer.is_attention:
-                h = h + layer.self_attn.decode(x, rope, kv, self._kv_index[i])
+                h = h + self._residual(layer.self_attn.decode(x, rope, kv, self._kv_index[i]))
             else:
-                h = h + layer.mamba.decode(x, st["conv"], st["ssm"], batch.slot_ids)
-            h = h + layer.feed_forward(layer.pre_ff_layernorm(h))
-        return lm_logits(self.model.final_layernorm(h), self.lm_head)
+                h = h + self._residual(layer.mamba.decode(x, st["conv"], st["ssm"], batch.slot_ids))
+            h = h + self._residual(layer.ff(h))
+        return self._logits(h)

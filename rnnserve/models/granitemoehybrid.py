@@ -17,7 +17,6 @@ is ``models/moe.py`` (top-k softmax router, experts grouped, no per-token loop).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnserve.kernels.dispatch import Backend
-from rnnserve.models.attention import PagedAttention, rope_cos_sin, rope_inv_freq
+from rnnserve.models.attention import PagedAttention, rope_cos_sin
 from rnnserve.models.bamba import BambaLM, hybrid_mamba2_config
-from rnnserve.models.base import DecodeBatch, KVSpec, PagedKVMetadata, PrefillBatch, RecurrentLM, States, StateSpec
-from rnnserve.models.layers import RMSNorm, lm_logits
+from rnnserve.models.layers import RMSNorm
 from rnnserve.models.mamba2 import Mamba2Config, Mamba2Mixer
 from rnnserve.models.moe import MoE
-from rnnserve.models.weights import WeightsMapper, load_weights
 
 _ATTENTION = ("attention", "full_attention")
 _MAMBA = ("mamba", "linear_attention")
@@ -143,6 +140,9 @@ class GraniteHybridLayer(nn.Module):
         out = self.shared_mlp(x)
         return out if self.block_sparse_moe is None else out + self.block_sparse_moe(x)
 
+    def ff(self, h: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.post_attention_layernorm(h))
+
 
 class GraniteHybridBackbone(nn.Module):
     def __init__(self, cfg: GraniteHybridConfig, backend: Backend) -> None:
@@ -152,87 +152,34 @@ class GraniteHybridBackbone(nn.Module):
         self.layers = nn.ModuleList(GraniteHybridLayer(cfg, i in attn, backend) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h)
 
-class GraniteMoeHybridLM(RecurrentLM):
-    """Granite 4.0-H causal LM; module names follow the checkpoints (``model.*``, ``lm_head``)."""
 
-    decode_graph_safe = False
+class GraniteMoeHybridLM(BambaLM):
+    """Granite 4.0-H causal LM; module names follow the checkpoints (``model.*``, ``lm_head``). Bamba's
+    layer loop, KV bookkeeping and loading, with Granite's backbone, optional RoPE and multipliers."""
 
-    def __init__(self, cfg: GraniteHybridConfig, backend: Backend = "torch") -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.vocab_size = cfg.vocab_size
-        self.max_model_len = cfg.max_position_embeddings
-        self.model = GraniteHybridBackbone(cfg, backend)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
-        self._kv_index = {layer: n for n, layer in enumerate(cfg.attn_layer_indices)}
+    cfg: GraniteHybridConfig
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> GraniteMoeHybridLM:
         return cls(GraniteHybridConfig.from_hf(config), backend)
 
-    def limit_context(self, max_model_len: int) -> None:
-        self.max_model_len = min(self.max_model_len, max_model_len)
+    def _backbone(self, cfg: GraniteHybridConfig, backend: Backend) -> GraniteHybridBackbone:
+        return GraniteHybridBackbone(cfg, backend)
 
-    def state_specs(self) -> list[list[StateSpec]]:
-        m = self.cfg.mamba
-        conv = StateSpec("conv", (m.conv_dim, m.conv_kernel - 1), self.dtype)
-        ssm = StateSpec("ssm", (m.num_heads, m.state_size, m.head_dim), torch.float32)
-        return [[] if layer.is_attention else [conv, ssm] for layer in self.model.layers]
-
-    def kv_specs(self) -> list[KVSpec]:
-        return [KVSpec(self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype) for _ in self.cfg.attn_layer_indices]
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        for layer in self.model.layers:
-            if not layer.is_attention:
-                BambaLM.keep_fp32_ssm_params(layer.mamba)
-        ignore = ("lm_head.weight",) if self.cfg.tie_word_embeddings else ()
-        return load_weights(self, weights, WeightsMapper(ignore_suffixes=ignore))
-
-    def post_load(self) -> None:
-        self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.device)
-
-    def _kv(self, kv: PagedKVMetadata | None) -> PagedKVMetadata | None:
-        if not self._kv_index:
-            return None
-        if kv is None:
-            raise ValueError("the attention layers need the batch's paged KV cache metadata (batch.kv)")
-        if kv.max_seq_len > self.max_model_len:
-            raise ValueError(f"position {kv.max_seq_len - 1} is beyond max_model_len {self.max_model_len}")
-        return kv
+    def _rotary_dim(self) -> int:
+        return self.cfg.head_dim
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         return rope_cos_sin(positions, self.inv_freq, self.dtype) if self.cfg.rope else None
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids) * self.cfg.embedding_multiplier
+
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cfg.residual_multiplier * x
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return lm_logits(self.model.norm(h), self.lm_head) / self.cfg.logits_scaling
-
-    @torch.no_grad()
-    def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
-        kv, rope, r = self._kv(batch.kv), self._rope(batch.positions), self.cfg.residual_multiplier
-        h = self.model.embed_tokens(batch.input_ids) * self.cfg.embedding_multiplier  # [T, D]
-        for i, (layer, st) in enumerate(zip(self.model.layers, states)):
-            x = layer.input_layernorm(h)
-            if layer.is_attention:
-                h = h + r * layer.self_attn.prefill(x, rope, kv, self._kv_index[i], batch.cu_seqlens)
-            else:
-                h = h + r * layer.mamba.prefill(x, st["conv"], st["ssm"], batch)
-            h = h + r * layer.feed_forward(layer.post_attention_layernorm(h))
-        return self._logits(h.index_select(0, batch.logits_indices))
-
-    @torch.no_grad()
-    def decode(self, batch: DecodeBatch, states: States) -> torch.Tensor:
-        kv, rope, r = self._kv(batch.kv), self._rope(batch.positions), self.cfg.residual_multiplier
-        h = self.model.embed_tokens(batch.input_ids) * self.cfg.embedding_multiplier  # [B, D]
-        for i, (layer, st) in enumerate(zip(self.model.layers, states)):
-            x = layer.input_layernorm(h)
-            if layer.is_attention:
-                h = h + r * layer.self_attn.decode(x, rope, kv, self._kv_index[i])
-            else:
-                h = h + r * layer.mamba.decode(x, st["conv"], st["ssm"], batch.slot_ids)
-            h = h + r * layer.feed_forward(layer.post_attention_layernorm(h))
-        return self._logits(h)
+        return super()._logits(h) / self.cfg.logits_scaling
