@@ -30,6 +30,7 @@ from rnnserve.models.attention import PagedAttention, rope_cos_sin, rope_inv_fre
 from rnnserve.models.base import (
     DecodeBatch,
     KVSpec,
+    LayerStates,
     PagedKVMetadata,
     PrefillBatch,
     RecurrentLM,
@@ -107,17 +108,18 @@ class BambaConfig:
 
 
 def hybrid_mamba2_config(c: dict, eps: float, family: str) -> Mamba2Config:
-    """The Mamba-2 mixers' numbers from a hybrid config's ``mamba_*`` keys (Bamba, Granite 4.0-H)."""
+    """The Mamba-2 mixers' numbers from a hybrid config's ``mamba_*`` keys (Bamba, Granite 4.0-H,
+    Falcon-H1; only Falcon-H1 sets the mixer width ``mamba_d_ssm`` apart from ``mamba_expand``)."""
     hidden = c["hidden_size"]
     m_heads = c.get("mamba_n_heads", 128)
-    expand = c.get("mamba_expand", 2)
+    inner = c.get("mamba_d_ssm") or int(c.get("mamba_expand", 2) * hidden)
     m_head_dim = c.get("mamba_d_head", "auto")
     if m_head_dim == "auto":
-        m_head_dim = expand * hidden // m_heads
-    if m_heads * m_head_dim != expand * hidden:
+        m_head_dim = inner // m_heads
+    if m_heads * m_head_dim != inner:
         raise ValueError(
-            f"{family}: mamba_n_heads * mamba_d_head ({m_heads * m_head_dim}) != mamba_expand * hidden_size "
-            f"({expand * hidden})"
+            f"{family}: mamba_n_heads * mamba_d_head ({m_heads * m_head_dim}) != the Mamba width "
+            f"(mamba_d_ssm, else mamba_expand * hidden_size: {inner})"
         )
     limit = c.get("time_step_limit") or (0.0, math.inf)
     return Mamba2Config(
@@ -138,11 +140,13 @@ def hybrid_mamba2_config(c: dict, eps: float, family: str) -> Mamba2Config:
 
 
 class BambaMLP(nn.Module):
-    def __init__(self, cfg: BambaConfig) -> None:
+    """Gated SiLU MLP ``down(silu(gate(x)) ⊙ up(x))`` (Bamba's and Jamba's ``feed_forward``)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -155,7 +159,7 @@ class BambaLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.feed_forward = BambaMLP(cfg)
+        self.feed_forward = BambaMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
         self.is_attention = attention
         if attention:
             self.self_attn = PagedAttention(
@@ -183,9 +187,10 @@ class BambaBackbone(nn.Module):
 class BambaLM(RecurrentLM):
     """Bamba causal LM; module names follow transformers (``model.*``, ``lm_head``).
 
-    Also the base of the other Mamba-2 + attention hybrids (Granite 4.0-H): a subclass overrides the
-    backbone, the RoPE width and the scalings (``_backbone``, ``_rotary_dim``, ``_rope``, ``_embed``,
-    ``_residual``, ``_logits``); the layer loop, KV bookkeeping and loading are shared."""
+    Also the base of the other Mamba-2 + attention hybrids (Granite 4.0-H, Falcon-H1): a subclass
+    overrides the backbone, the RoPE width and the scalings (``_backbone``, ``_rotary_dim``, ``_rope``,
+    ``_embed``, ``_residual``, ``_logits``) and, for Falcon-H1's parallel mixers, ``_mixer_prefill`` and
+    ``_mixer_decode``; the layer loop, KV bookkeeping and loading are shared."""
 
     decode_graph_safe = False  # the attention layers' decode reads host ints on the CPU path
 
@@ -199,7 +204,7 @@ class BambaLM(RecurrentLM):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(self._rotary_dim(), cfg.rope_theta), persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         # Attention layer i's cache is kv.caches[self._kv_index[i]].
         self._kv_index = {layer: n for n, layer in enumerate(cfg.attn_layer_indices)}
 
@@ -212,6 +217,10 @@ class BambaLM(RecurrentLM):
 
     def _rotary_dim(self) -> int:
         return self.cfg.rotary_dim
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        """The RoPE frequencies [rotary_dim / 2] fp32 (Jamba, without RoPE, has none)."""
+        return rope_inv_freq(self._rotary_dim(), self.cfg.rope_theta, device)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         return rope_cos_sin(positions, self.inv_freq, self.dtype)
@@ -270,7 +279,7 @@ class BambaLM(RecurrentLM):
 
     def post_load(self) -> None:
         # The loader casts the module to the model dtype; RoPE frequencies must stay fp32.
-        self.inv_freq = rope_inv_freq(self._rotary_dim(), self.cfg.rope_theta, self.device)
+        self.inv_freq = self._inv_freq(self.device)
 
     # ------------------------------------------------------------------ forward
 
@@ -283,16 +292,42 @@ class BambaLM(RecurrentLM):
             raise ValueError(f"position {kv.max_seq_len - 1} is beyond max_model_len {self.max_model_len}")
         return kv
 
+    def _mixer_prefill(
+        self,
+        i: int,
+        layer: nn.Module,
+        x: torch.Tensor,
+        st: LayerStates,
+        batch: PrefillBatch,
+        kv: PagedKVMetadata | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Layer i's mixer on its normalised input x [T, D] -> [T, D] (Falcon-H1 runs both mixers)."""
+        if layer.is_attention:
+            return layer.self_attn.prefill(x, rope, kv, self._kv_index[i], batch.cu_seqlens)
+        return layer.mamba.prefill(x, st["conv"], st["ssm"], batch)
+
+    def _mixer_decode(
+        self,
+        i: int,
+        layer: nn.Module,
+        x: torch.Tensor,
+        st: LayerStates,
+        batch: DecodeBatch,
+        kv: PagedKVMetadata | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """As ``_mixer_prefill`` for one token per sequence, x [B, D] -> [B, D]."""
+        if layer.is_attention:
+            return layer.self_attn.decode(x, rope, kv, self._kv_index[i])
+        return layer.mamba.decode(x, st["conv"], st["ssm"], batch.slot_ids)
+
     @torch.no_grad()
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
         kv, rope = self._kv(batch.kv), self._rope(batch.positions)
         h = self._embed(batch.input_ids)  # [T, D]
         for i, (layer, st) in enumerate(zip(self.model.layers, states)):
-            x = layer.input_layernorm(h)
-            if layer.is_attention:
-                h = h + self._residual(layer.self_attn.prefill(x, rope, kv, self._kv_index[i], batch.cu_seqlens))
-            else:
-                h = h + self._residual(layer.mamba.prefill(x, st["conv"], st["ssm"], batch))
+            h = h + self._residual(self._mixer_prefill(i, layer, layer.input_layernorm(h), st, batch, kv, rope))
             h = h + self._residual(layer.ff(h))
         return self._logits(h.index_select(0, batch.logits_indices))
 
@@ -301,10 +336,6 @@ class BambaLM(RecurrentLM):
         kv, rope = self._kv(batch.kv), self._rope(batch.positions)
         h = self._embed(batch.input_ids)  # [B, D]
         for i, (layer, st) in enumerate(zip(self.model.layers, states)):
-            x = layer.input_layernorm(h)
-            if layer.is_attention:
-                h = h + self._residual(layer.self_attn.decode(x, rope, kv, self._kv_index[i]))
-            else:
-                h = h + self._residual(layer.mamba.decode(x, st["conv"], st["ssm"], batch.slot_ids))
+            h = h + self._residual(self._mixer_decode(i, layer, layer.input_layernorm(h), st, batch, kv, rope))
             h = h + self._residual(layer.ff(h))
         return self._logits(h)

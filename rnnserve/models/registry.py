@@ -21,6 +21,7 @@ _ARCHITECTURES: dict[str, str] = {
     "DenseMambaForCausalLM": "rnnserve.models.dense_mamba:DenseMambaLM",
     "BambaForCausalLM": "rnnserve.models.bamba:BambaLM",
     "GraniteMoeHybridForCausalLM": "rnnserve.models.granitemoehybrid:GraniteMoeHybridLM",
+    "FalconH1ForCausalLM": "rnnserve.models.falcon_h1:FalconH1LM",
 }
 
 # config.json "model_type" -> "module:Class", for configs that name no architecture
@@ -35,6 +36,7 @@ _MODEL_TYPES: dict[str, str] = {
     "dense_mamba": "rnnserve.models.dense_mamba:DenseMambaLM",
     "bamba": "rnnserve.models.bamba:BambaLM",
     "granitemoehybrid": "rnnserve.models.granitemoehybrid:GraniteMoeHybridLM",
+    "falcon_h1": "rnnserve.models.falcon_h1:FalconH1LM",
 }
 
 # config.json "auto_map" AutoModelForCausalLM target ("module.Class", any "repo--" prefix dropped) ->
