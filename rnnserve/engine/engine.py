@@ -251,9 +251,8 @@ class LLMEngine:
             try:
                 run = self.runner.execute(sched)
                 to_sample, logits = self.scheduler.fork(run.sampled, run.sample_logits)
-            except Exception as exc:  # states may be half-written: the step's requests cannot go on
-                logger.exception("engine step failed; finishing its %d requests", len(sched.scheduled))
-                return outputs + self._fail(sched, exc)
+            except Exception as exc:  # states may be half-written: the step's requests cannot go on as they are
+                return outputs + self._failed_step(sched, exc)
             sampled = None
             if logits is not None:
                 sched, to_sample, sampled, failed = self._sample_isolated(sched, to_sample, logits)
@@ -298,6 +297,17 @@ class LLMEngine:
         done = {out.request_id for out in failed}
         sched = dataclasses.replace(sched, scheduled=[s for s in sched.scheduled if s.request.request_id not in done])
         return sched, kept, SamplerOutput(token_ids=tokens, logprobs=logprobs), failed
+
+    def _failed_step(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """The model pass failed. A request alone in its step ends with ERROR; the requests of a
+        shared step are recomputed, each in steps of its own (``Scheduler.recompute_alone``), so only
+        one that fails alone ends, and the others go on with the tokens they would have had."""
+        if len(sched.scheduled) == 1:
+            logger.exception("engine step failed; finishing request %s", sched.scheduled[0].request.request_id)
+            return self._fail(sched, exc)
+        logger.exception("engine step of %d requests failed; recomputing each alone", len(sched.scheduled))
+        self.scheduler.recompute_alone(sched)
+        return []
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         outputs = []
