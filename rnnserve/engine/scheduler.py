@@ -18,13 +18,17 @@ scheduler decides how many of its not-yet-computed tokens run. Order of service:
 With a paged KV cache a running request that needs a block when none is free preempts the youngest
 running request (maybe itself): its blocks and slot go back and it is queued first, to recompute its
 prompt and output tokens (as prefill chunks, without sampling again) once it is admitted again.
+Blocks held only by the prefix cache count as available: the KV cache reclaims them (evicting cache
+entries, least recently used first) before anyone is preempted.
 
 With a prefix cache, admission restores the longest cached prefix of the prompt into the new slot
 (at most all but the last prompt token: one always runs, to give logits), and a prefill chunk that
 does not finish its prompt ends at a multiple of the cache interval where it can, so that the state
-after it is a snapshot worth keeping. ``n > 1``: a request added with ``fork_of`` its sibling waits
-for that sibling's prompt and starts from a copy of its state (``fork``), sampling from the same
-logits, so the prompt is prefilled once.
+after it is a snapshot worth keeping. With a KV cache, a hit also shares the entry's KV blocks with
+the new slot (see ``PrefixCache``). ``n > 1``: a request added with ``fork_of`` its sibling waits
+for that sibling's prompt and starts from a copy of its state (``fork``; with a KV cache, the
+prompt's full blocks shared and its partial last block copied), sampling from the same logits, so
+the prompt is prefilled once.
 
 A request holds its slot from admission until it finishes or is aborted; every exit path frees it.
 When a step's model pass fails, its requests are recomputed one per step (``recompute_alone``), so
@@ -320,7 +324,7 @@ class Scheduler:
         if kv is None:
             return n
         assert req.slot is not None
-        room = (kv.num_blocks_of(req.slot) + kv.num_free_blocks) * kv.block_size - req.num_computed_tokens
+        room = (kv.num_blocks_of(req.slot) + kv.num_available_blocks) * kv.block_size - req.num_computed_tokens
         return max(0, min(n, room))
 
     def _reserve(self, req: Request, n: int, out: SchedulerOutput) -> bool:
@@ -408,6 +412,11 @@ class Scheduler:
                 self._forking.remove(child)
                 child.fork_parent = None
                 slot = self.pool.alloc() if len(self.running) < self.config.max_num_seqs else None
+                # With a KV cache the child shares the prompt's blocks (needs one for the partial last block).
+                kv = self.kv_cache
+                if slot is not None and kv is not None and not kv.fork(parent.slot, slot, parent.num_prompt_tokens):
+                    self.pool.free(slot)
+                    slot = None
                 if slot is None:
                     self.waiting.append(child)
                     continue
