@@ -22,6 +22,7 @@ _ARCHITECTURES: dict[str, str] = {
     "BambaForCausalLM": "rnnserve.models.bamba:BambaLM",
     "GraniteMoeHybridForCausalLM": "rnnserve.models.granitemoehybrid:GraniteMoeHybridLM",
     "FalconH1ForCausalLM": "rnnserve.models.falcon_h1:FalconH1LM",
+    "NemotronHForCausalLM": "rnnserve.models.nemotron_h:NemotronHLM",
 }
 
 # config.json "model_type" -> "module:Class", for configs that name no architecture
@@ -37,6 +38,7 @@ _MODEL_TYPES: dict[str, str] = {
     "bamba": "rnnserve.models.bamba:BambaLM",
     "granitemoehybrid": "rnnserve.models.granitemoehybrid:GraniteMoeHybridLM",
     "falcon_h1": "rnnserve.models.falcon_h1:FalconH1LM",
+    "nemotron_h": "rnnserve.models.nemotron_h:NemotronHLM",
 }
 
 # config.json "auto_map" AutoModelForCausalLM target ("module.Class", any "repo--" prefix dropped) ->

@@ -23,15 +23,18 @@ WeightLoader = Callable[[nn.Parameter, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class WeightsMapper:
-    """Checkpoint name -> parameter name. Applied in order: ``ignore`` (exact names or suffixes after
-    the prefix renames) drops a tensor, ``prefixes`` replace a leading part, ``substrings`` replace
-    every occurrence."""
+    """Checkpoint name -> parameter name. Applied in order: ``ignore_prefixes`` (checkpoint names)
+    drops a tensor, ``prefixes`` replace a leading part, ``ignore_suffixes`` (exact names or suffixes
+    after the prefix renames) drops a tensor, ``substrings`` replace every occurrence."""
 
     prefixes: tuple[tuple[str, str], ...] = ()
     substrings: tuple[tuple[str, str], ...] = ()
     ignore_suffixes: tuple[str, ...] = ()
+    ignore_prefixes: tuple[str, ...] = ()
 
     def map(self, name: str) -> str | None:
+        if self.ignore_prefixes and name.startswith(self.ignore_prefixes):
+            return None
         for old, new in self.prefixes:
             if name.startswith(old):
                 name = new + name[len(old) :]
@@ -48,6 +51,15 @@ def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor) -> None:
     if param.shape != tensor.shape:
         raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != parameter shape {tuple(param.shape)}")
     param.copy_(tensor)
+
+
+@torch.no_grad()
+def fp32_weight_loader(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    """Fill ``param`` and keep it in fp32 whatever the model dtype (a router that transformers keeps
+    in fp32): the parameter's storage becomes an fp32 copy of the checkpoint tensor."""
+    if param.shape != tensor.shape:
+        raise ValueError(f"checkpoint shape {tuple(tensor.shape)} != parameter shape {tuple(param.shape)}")
+    param.data = torch.empty(param.shape, dtype=torch.float32, device=param.device).copy_(tensor)
 
 
 def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
