@@ -70,7 +70,8 @@ class EngineStats:
     prefix_cache_entries: int = 0
     prefix_cache_evictions: int = 0
     kv_cache_blocks: int = 0  # real KV blocks (0 without attention layers)
-    kv_cache_blocks_used: int = 0
+    kv_cache_blocks_used: int = 0  # in some sequence's block table
+    kv_cache_blocks_cached: int = 0  # held only by prefix-cache entries (reclaimed before any preemption)
     kv_bytes_per_token: int = 0  # KV bytes one token of a sequence takes, all attention layers
     num_preemptions: int = 0  # requests preempted (requeued to recompute) for lack of KV blocks
 
@@ -107,13 +108,9 @@ class LLMEngine:
         self.pool = StatePool(model.state_specs(), pool_config, model.device)
         self.kv_cache = self._make_kv_cache(kv_cache_config or KVCacheConfig())
         identity = state_identity(model, self.pool)
-        # Snapshots and forks copy state-pool slots; a paged KV cache's blocks are not in them.
-        self._forks_states = not model.kv_specs()
-        if prefix_cache_config is not None and prefix_cache_config.enabled and not self._forks_states:
-            logger.warning("prefix caching is off: this model keeps a paged KV cache, which state snapshots miss")
-            prefix_cache_config = None
+        # With attention layers, cache entries and n > 1 forks also share the paged KV cache's blocks.
         self.prefix_cache = (
-            PrefixCache(self.pool, prefix_cache_config, identity)
+            PrefixCache(self.pool, prefix_cache_config, identity, self.kv_cache)
             if prefix_cache_config is not None and prefix_cache_config.enabled
             else None
         )
@@ -217,7 +214,7 @@ class LLMEngine:
         if initial_state is not None:
             assert self.state_store is not None
             req.cache_namespace = f"state:{initial_state}@{self.state_store.version(initial_state)}"
-        self.scheduler.add(req, fork_of=fork_of if self._forks_states else None)
+        self.scheduler.add(req, fork_of=fork_of)
 
     def _check_states_supported(self, param: str) -> None:
         if self.kv_cache is not None:
@@ -251,9 +248,8 @@ class LLMEngine:
             try:
                 run = self.runner.execute(sched)
                 to_sample, logits = self.scheduler.fork(run.sampled, run.sample_logits)
-            except Exception as exc:  # states may be half-written: the step's requests cannot go on
-                logger.exception("engine step failed; finishing its %d requests", len(sched.scheduled))
-                return outputs + self._fail(sched, exc)
+            except Exception as exc:  # states may be half-written: the step's requests cannot go on as they are
+                return outputs + self._failed_step(sched, exc)
             sampled = None
             if logits is not None:
                 sched, to_sample, sampled, failed = self._sample_isolated(sched, to_sample, logits)
@@ -298,6 +294,17 @@ class LLMEngine:
         done = {out.request_id for out in failed}
         sched = dataclasses.replace(sched, scheduled=[s for s in sched.scheduled if s.request.request_id not in done])
         return sched, kept, SamplerOutput(token_ids=tokens, logprobs=logprobs), failed
+
+    def _failed_step(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """The model pass failed. A request alone in its step ends with ERROR; the requests of a
+        shared step are recomputed, each in steps of its own (``Scheduler.recompute_alone``), so only
+        one that fails alone ends, and the others go on with the tokens they would have had."""
+        if len(sched.scheduled) == 1:
+            logger.exception("engine step failed; finishing request %s", sched.scheduled[0].request.request_id)
+            return self._fail(sched, exc)
+        logger.exception("engine step of %d requests failed; recomputing each alone", len(sched.scheduled))
+        self.scheduler.recompute_alone(sched)
+        return []
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         outputs = []
@@ -360,6 +367,7 @@ class LLMEngine:
         return {
             "kv_cache_blocks": kv.num_blocks,
             "kv_cache_blocks_used": kv.num_used_blocks,
+            "kv_cache_blocks_cached": kv.num_cached_blocks,
             "kv_bytes_per_token": kv.bytes_per_block // kv.block_size,
         }
 

@@ -8,12 +8,23 @@ all back when it ends. Memory per sequence is therefore what it uses, not ``--ma
 Block tables are kept per state slot (a running request holds exactly one slot), in a host tensor
 ``[num_slots, max_blocks]`` whose row ``PAD_SLOT`` points only at ``PAD_BLOCK``, so CUDA-graph
 padding rows write into the padding block. Every operation here is host bookkeeping; the only
-device writes are the kernels' own.
+device writes are the kernels' own and the one-block copy of ``share``.
+
+Blocks are reference-counted, as vLLM's block pool does for prefix caching: a block is held by the
+tables that contain it and by the prefix-cache entries that ``retain`` it, and goes back to the free
+list when neither holds it. A table only ever writes at positions past the tokens it shares:
+``share`` (a prefix-cache hit, an ``n > 1`` fork) gives a slot the full blocks of a prefix by
+reference and a private copy of its partial last block, so whoever still appends to that block
+(the request that computed it) and the new sequence never write into each other's rows. Blocks held
+only by the prefix cache are reclaimable: when ``allocate`` or ``share`` finds too few free blocks it
+first asks ``reclaim`` (the prefix cache's LRU eviction) for them, and only then fails, which makes
+the scheduler preempt a running request.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 import torch
 
@@ -81,7 +92,13 @@ class KVCache:
         self.block_tables = torch.full((num_slots, self.max_blocks_per_seq), PAD_BLOCK, dtype=torch.int32)
         self._tables: dict[int, list[int]] = {}
         self._free: list[int] = list(range(1, num_blocks + 1))  # min-heap: lowest block first
-        self._num_used = 0
+        # Per block (index 0, the padding block, unused): the tables holding it, the cache entries holding it.
+        self._table_refs = [0] * (num_blocks + 1)
+        self._cache_refs = [0] * (num_blocks + 1)
+        self._num_used = 0  # blocks in at least one table
+        self._num_cached = 0  # blocks held by the prefix cache only (reclaimable)
+        # Frees at least the given number of blocks held only by the prefix cache if it can (set by it).
+        self.reclaim: Callable[[int], None] | None = None
 
     @property
     def caches(self) -> KVCaches:
@@ -94,11 +111,24 @@ class KVCache:
 
     @property
     def num_used_blocks(self) -> int:
+        """Blocks in some sequence's table."""
         return self._num_used
 
     @property
+    def num_cached_blocks(self) -> int:
+        """Blocks held only by prefix-cache entries: they count against the budget, but ``allocate``
+        reclaims them before it fails."""
+        return self._num_cached
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks ``allocate`` can hand out: the free ones and, with a reclaimer, the cached-only ones."""
+        return len(self._free) + (self._num_cached if self.reclaim is not None else 0)
+
+    @property
     def usage(self) -> float:
-        """Used real blocks / real blocks, in [0, 1]."""
+        """Blocks held by sequences / real blocks, in [0, 1] (as vLLM reports it: blocks held only by the
+        prefix cache are reclaimed on demand, so they do not count as used)."""
         return self._num_used / self.num_blocks
 
     @property
@@ -117,36 +147,115 @@ class KVCache:
         return max(0, self.blocks_for(num_tokens) - self.num_blocks_of(slot))
 
     def can_allocate(self, slot: int, num_tokens: int) -> bool:
-        return self.blocks_needed(slot, num_tokens) <= len(self._free)
+        return self.blocks_needed(slot, num_tokens) <= self.num_available_blocks
 
     def allocate(self, slot: int, num_tokens: int) -> bool:
         """Grow ``slot``'s table to hold ``num_tokens`` tokens; all or nothing (False: not enough free
-        blocks, nothing changed). Raises past ``max_tokens_per_seq`` (a caller's bug: the engine
-        bounds sequences by max_model_len)."""
+        blocks, even after reclaiming cached ones; the table unchanged). Raises past
+        ``max_tokens_per_seq`` (a caller's bug: the engine bounds sequences by max_model_len)."""
         if slot == PAD_SLOT:
             raise ValueError("the padding slot holds no KV blocks")
         if num_tokens > self.max_tokens_per_seq:
             raise ValueError(f"{num_tokens} tokens exceed the KV cache's {self.max_tokens_per_seq} per sequence")
         need = self.blocks_needed(slot, num_tokens)
-        if need > len(self._free):
+        if not self._ensure_free(need):
             return False
         if need:
             table = self._tables.setdefault(slot, [])
             for _ in range(need):
-                block = heapq.heappop(self._free)
+                block = self._pop_free()
                 self.block_tables[slot, len(table)] = block
                 table.append(block)
-            self._num_used += need
         return True
 
     def free(self, slot: int) -> int:
-        """Give back every block of ``slot`` (a slot without blocks is fine); the number freed."""
+        """Drop ``slot``'s hold on every block of its table (a slot without blocks is fine); the number
+        of blocks it held. Blocks nobody else holds go back to the free list."""
         table = self._tables.pop(slot, [])
         for block in table:
-            heapq.heappush(self._free, block)
-        self._num_used -= len(table)
+            self._unref_table(block)
         self.block_tables[slot, : len(table)] = PAD_BLOCK
         return len(table)
+
+    def share(self, slot: int, blocks: list[int], num_tokens: int) -> bool:
+        """Give ``slot`` (which holds no blocks) the first ``num_tokens`` tokens of ``blocks``: the full
+        blocks by reference, the partial last one (``num_tokens % block_size`` rows) as a private copy,
+        since the slot appends into it. False, with nothing changed, when no block is left for the copy."""
+        if slot == PAD_SLOT or self._tables.get(slot):
+            raise ValueError(f"slot {slot} cannot share blocks: it is the padding slot or already holds blocks")
+        if len(blocks) != self.blocks_for(num_tokens):
+            raise ValueError(f"{len(blocks)} blocks do not hold exactly {num_tokens} tokens")
+        if not blocks:
+            return True
+        table = list(blocks)
+        for block in table:
+            self._ref_table(block)  # held from here: reclaiming below cannot free them
+        self._tables[slot] = table
+        self.block_tables[slot, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        if num_tokens % self.block_size:
+            if not self._ensure_free(1):
+                self.free(slot)
+                return False
+            src, dst = table[-1], self._pop_free()
+            with torch.no_grad():
+                for k_cache, v_cache in self._caches:  # [num_blocks + 1, block_size, Hkv, D]
+                    k_cache[dst].copy_(k_cache[src])
+                    v_cache[dst].copy_(v_cache[src])
+            table[-1] = dst
+            self.block_tables[slot, len(table) - 1] = dst
+            self._unref_table(src)
+        return True
+
+    def fork(self, src_slot: int, dst_slot: int, num_tokens: int) -> bool:
+        """``share`` the first ``num_tokens`` tokens of ``src_slot``'s blocks with ``dst_slot`` (n > 1)."""
+        return self.share(dst_slot, self.block_table(src_slot)[: self.blocks_for(num_tokens)], num_tokens)
+
+    def retain(self, blocks: list[int]) -> None:
+        """A prefix-cache entry takes a hold on ``blocks`` (each in some table or already cached)."""
+        for block in blocks:
+            if self._table_refs[block] == 0 and self._cache_refs[block] == 0:
+                raise ValueError(f"block {block} is free: there is nothing in it to cache")
+            self._cache_refs[block] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        """A prefix-cache entry drops its hold on ``blocks``; those nobody holds are free again."""
+        for block in blocks:
+            self._cache_refs[block] -= 1
+            if self._cache_refs[block] == 0 and self._table_refs[block] == 0:
+                self._num_cached -= 1
+                heapq.heappush(self._free, block)
+
+    def frees_on_release(self, blocks: list[int]) -> int:
+        """How many of ``blocks`` one entry's ``release`` would free now."""
+        return sum(1 for b in blocks if self._cache_refs[b] == 1 and self._table_refs[b] == 0)
+
+    def _ensure_free(self, need: int) -> bool:
+        if need > len(self._free) and self.reclaim is not None:
+            self.reclaim(need - len(self._free))
+        return need <= len(self._free)
+
+    def _pop_free(self) -> int:
+        block = heapq.heappop(self._free)
+        self._table_refs[block] = 1
+        self._num_used += 1
+        return block
+
+    def _ref_table(self, block: int) -> None:
+        if self._table_refs[block] == 0:
+            if self._cache_refs[block] == 0:
+                raise ValueError(f"block {block} is free: there is nothing in it to share")
+            self._num_cached -= 1
+            self._num_used += 1
+        self._table_refs[block] += 1
+
+    def _unref_table(self, block: int) -> None:
+        self._table_refs[block] -= 1
+        if self._table_refs[block] == 0:
+            self._num_used -= 1
+            if self._cache_refs[block]:
+                self._num_cached += 1
+            else:
+                heapq.heappush(self._free, block)
 
     def block_table(self, slot: int) -> list[int]:
         return list(self._tables.get(slot, ()))

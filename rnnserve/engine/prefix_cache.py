@@ -23,8 +23,15 @@ Trees are kept per namespace: the default one (""), and one per initial state (a
 loaded state is another state than the same prefix run from zero).
 
 Models with attention layers (the Transformer baseline, hybrids) keep part of their memory in the
-engine's paged KV cache, which a snapshot of the slot does not hold: the engine runs them without
-the prefix cache.
+engine's paged KV cache. Their entries hold, beside the snapshot of the slot's recurrent state at
+token t, references to the KV blocks covering tokens [0, t) (``KVCache.retain``): the full blocks
+are shared with every sequence that restores the entry, and its partial last block (t is any token,
+not a block edge) is copied into a private block of the restoring slot (``KVCache.share``), so a
+hit is exact at any token, as for a pure recurrent model. Those blocks count against the KV budget;
+when the KV cache runs short, it reclaims them by evicting the least recently used entries whose
+blocks nobody else holds (``reclaim_kv_blocks``), before the scheduler preempts a running request.
+Their entries are not written to the cache folder: KV blocks stay in device memory (a log line says
+so at start-up), so their cached prefixes do not survive a restart.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pathlib import Path
 import torch
 
 from rnnserve.config import PrefixCacheConfig
+from rnnserve.engine.kv_cache import KVCache
 from rnnserve.engine.state_pool import Snapshot, StatePool
 
 logger = logging.getLogger(__name__)
@@ -148,6 +156,7 @@ class _Entry:
     nbytes: int
     tier: str
     file: Path | None = None
+    blocks: list[int] = field(default_factory=list)  # KV blocks covering the prefix (models with attention)
 
 
 @dataclass(frozen=True)
@@ -158,13 +167,19 @@ class PrefixCacheStats:
     host_bytes: int
     device_entries: int
     host_entries: int
-    evictions: int  # snapshots dropped from the cache (host tier full)
+    evictions: int  # snapshots dropped from the cache (host tier full, or their KV blocks reclaimed)
     spills: int  # snapshots moved from the device tier to the host tier
+    kv_blocks: int = 0  # KV blocks held by cache entries only (reclaimable)
 
 
 class PrefixCache:
-    def __init__(self, pool: StatePool, config: PrefixCacheConfig, identity: StateIdentity) -> None:
+    def __init__(
+        self, pool: StatePool, config: PrefixCacheConfig, identity: StateIdentity, kv_cache: KVCache | None = None
+    ) -> None:
         self.pool = pool
+        self.kv_cache = kv_cache
+        if kv_cache is not None:
+            kv_cache.reclaim = self.reclaim_kv_blocks
         self.config = config
         self.identity = identity
         self._roots: dict[str, _Node] = {}
@@ -183,7 +198,13 @@ class PrefixCache:
                 config.device_memory,
                 config.host_memory,
             )
-        if config.cache_dir is not None:
+        if config.cache_dir is not None and kv_cache is not None:
+            logger.warning(
+                "prefix cache: %s is not used: this model's cached prefixes hold paged KV blocks, which stay "
+                "in memory, so they do not survive a restart",
+                config.cache_dir,
+            )
+        elif config.cache_dir is not None:
             self._open_dir(Path(config.cache_dir))
 
     # -- lookup and insertion ------------------------------------------------------------------
@@ -195,6 +216,8 @@ class PrefixCache:
         entry = self._longest(tokens, limit, namespace)
         if entry is None:
             return 0
+        if self.kv_cache is not None and not self.kv_cache.share(slot, entry.blocks, entry.node.depth):
+            return 0  # no block left for the copy of its partial last block: run the prompt from the start
         self.pool.restore(slot, entry.snapshot)
         self._tiers[entry.tier].move_to_end(id(entry))
         self.hits += entry.node.depth
@@ -210,8 +233,9 @@ class PrefixCache:
         return node is not None and node.entry is not None
 
     def insert(self, tokens: list[int], slot: int, namespace: str = "") -> bool:
-        """Snapshot ``slot`` (the state after exactly ``tokens``) under ``tokens``. An existing entry is
-        only marked used. False when the snapshot fits in no tier."""
+        """Snapshot ``slot`` (the state after exactly ``tokens``, and with a KV cache its blocks holding
+        them) under ``tokens``. An existing entry is only marked used. False when the snapshot fits in
+        no tier."""
         if not tokens:
             return False
         node = self._find(tokens, namespace)
@@ -224,8 +248,37 @@ class PrefixCache:
             return False
         device = self.pool.device if tier == DEVICE else torch.device("cpu")
         snapshot = self.pool.snapshot(slot, device=device)
-        self._add(tokens, namespace, snapshot, tier)
+        blocks: list[int] = []
+        if self.kv_cache is not None:
+            blocks = self.kv_cache.block_table(slot)[: self.kv_cache.blocks_for(len(tokens))]
+            if len(blocks) != self.kv_cache.blocks_for(len(tokens)):
+                raise ValueError(f"slot {slot} holds {len(blocks)} KV blocks, fewer than {len(tokens)} tokens need")
+            self.kv_cache.retain(blocks)
+        self._add(tokens, namespace, snapshot, tier, blocks=blocks)
         return True
+
+    def reclaim_kv_blocks(self, need: int) -> None:
+        """Evict least recently used entries (host tier first, then device) whose KV blocks nobody
+        else holds, until ``need`` blocks are free or no entry can free any (the KV cache's reclaimer)."""
+        kv = self.kv_cache
+        assert kv is not None
+        freed, progress = 0, True
+        # Another pass after one that evicted: an entry skipped earlier may hold blocks alone now (a
+        # shorter prefix of an evicted one).
+        while freed < need and progress:
+            progress = False
+            for tier in (HOST, DEVICE):
+                for entry in list(self._tiers[tier].values()):
+                    if freed >= need:
+                        return
+                    n = kv.frees_on_release(entry.blocks)
+                    if n == 0:
+                        continue  # a running sequence or another entry holds its blocks too: evicting frees nothing
+                    del self._tiers[tier][id(entry)]
+                    self._bytes[tier] -= entry.nbytes
+                    self._drop(entry)
+                    freed += n
+                    progress = True
 
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(
@@ -237,6 +290,7 @@ class PrefixCache:
             host_entries=len(self._tiers[HOST]),
             evictions=self.evictions,
             spills=self.spills,
+            kv_blocks=self.kv_cache.num_cached_blocks if self.kv_cache is not None else 0,
         )
 
     def __len__(self) -> int:
@@ -324,11 +378,22 @@ class PrefixCache:
 
     # -- tiers ---------------------------------------------------------------------------------
 
-    def _add(self, tokens: list[int], namespace: str, snapshot: Snapshot, tier: str, file: Path | None = None) -> None:
+    def _add(
+        self,
+        tokens: list[int],
+        namespace: str,
+        snapshot: Snapshot,
+        tier: str,
+        file: Path | None = None,
+        blocks: list[int] | None = None,
+    ) -> None:
         node = self._node_for(tokens, namespace)
         if node.entry is not None:
+            if blocks and self.kv_cache is not None:
+                self.kv_cache.release(blocks)
             return
-        entry = _Entry(node=node, namespace=namespace, snapshot=snapshot, nbytes=snapshot_nbytes(snapshot), tier=tier)
+        nbytes = snapshot_nbytes(snapshot)
+        entry = _Entry(node=node, namespace=namespace, snapshot=snapshot, nbytes=nbytes, tier=tier, blocks=blocks or [])
         node.entry = entry
         self._tiers[tier][id(entry)] = entry
         self._bytes[tier] += entry.nbytes
@@ -356,6 +421,8 @@ class PrefixCache:
 
     def _drop(self, entry: _Entry) -> None:
         self.evictions += 1
+        if self.kv_cache is not None:
+            self.kv_cache.release(entry.blocks)
         entry.node.entry = None
         self._prune(entry.node)
         if entry.file is not None:

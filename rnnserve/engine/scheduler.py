@@ -18,15 +18,21 @@ scheduler decides how many of its not-yet-computed tokens run. Order of service:
 With a paged KV cache a running request that needs a block when none is free preempts the youngest
 running request (maybe itself): its blocks and slot go back and it is queued first, to recompute its
 prompt and output tokens (as prefill chunks, without sampling again) once it is admitted again.
+Blocks held only by the prefix cache count as available: the KV cache reclaims them (evicting cache
+entries, least recently used first) before anyone is preempted.
 
 With a prefix cache, admission restores the longest cached prefix of the prompt into the new slot
 (at most all but the last prompt token: one always runs, to give logits), and a prefill chunk that
 does not finish its prompt ends at a multiple of the cache interval where it can, so that the state
-after it is a snapshot worth keeping. ``n > 1``: a request added with ``fork_of`` its sibling waits
-for that sibling's prompt and starts from a copy of its state (``fork``), sampling from the same
-logits, so the prompt is prefilled once.
+after it is a snapshot worth keeping. With a KV cache, a hit also shares the entry's KV blocks with
+the new slot (see ``PrefixCache``). ``n > 1``: a request added with ``fork_of`` its sibling waits
+for that sibling's prompt and starts from a copy of its state (``fork``; with a KV cache, the
+prompt's full blocks shared and its partial last block copied), sampling from the same logits, so
+the prompt is prefilled once.
 
 A request holds its slot from admission until it finishes or is aborted; every exit path frees it.
+When a step's model pass fails, its requests are recomputed one per step (``recompute_alone``), so
+the engine can end only the one that fails alone.
 
 The scheduler owns the request lifecycle (as vLLM's ``Scheduler.update_from_output`` does): after a
 step it advances progress, records prompt logprobs, appends sampled tokens, applies stop conditions
@@ -107,6 +113,9 @@ class Scheduler:
         self._initial_states = initial_states
         self._save_state = save_state
         self._forking: list[Request] = []  # n > 1 children waiting for their parent's prompt
+        # After a failed model pass (see ``recompute_alone``): request id -> the number of computed
+        # tokens it must reach in steps of its own before it shares steps again.
+        self._suspects: dict[str, int] = {}
         # The served limit (the config's, or the model's if smaller): requests stop with LENGTH at it.
         self.max_model_len = config.max_model_len if max_model_len is None else max_model_len
         self.waiting: deque[Request] = deque()
@@ -170,6 +179,11 @@ class Scheduler:
         )
 
     def schedule(self) -> SchedulerOutput:
+        if self._suspects:
+            alone = self._schedule_suspect()
+            if not alone.is_empty:
+                return alone
+            self._suspects.clear()  # it cannot run alone (no slot or KV blocks): steps are shared again
         budget = self.config.max_num_batched_tokens
         out = SchedulerOutput()
         preemptions = self.num_preemptions
@@ -195,22 +209,57 @@ class Scheduler:
                 if not self._preempt_for(req, out):
                     break
                 preemptions += 1
-            slot = self.pool.alloc()
-            if slot is None:
-                break
-            self._take_waiting(req)
-            req.slot = slot
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            self._restore_prefix(req)
-            # Admitted only with blocks for at least one token; admission never preempts.
-            n = self._fit(req, self._chunk_len(req, budget))
+            n = self._admit(req, budget, out)
             if n == 0:
-                self._requeue(req)
                 break
-            self._reserve(req, n, out)
-            out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
+        return out
+
+    def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> int:
+        """Give waiting ``req`` a slot and schedule its first chunk; the chunk's tokens (0: no slot, or
+        no KV blocks for even one token, and ``req`` still waits)."""
+        slot = self.pool.alloc()
+        if slot is None:
+            return 0
+        self._take_waiting(req)
+        req.slot = slot
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        self._restore_prefix(req)
+        # Admitted only with blocks for at least one token; admission never preempts.
+        n = self._fit(req, self._chunk_len(req, budget))
+        if n == 0:
+            self._requeue(req)
+            return 0
+        self._reserve(req, n, out)
+        out.scheduled.append(ScheduledRequest(req, n))
+        return n
+
+    def recompute_alone(self, sched: SchedulerOutput) -> None:
+        """The model pass of step ``sched`` failed, so its requests' states may be half-written. Each
+        goes back to be recomputed (as a preempted request is: its sent tokens stay sent) in steps of
+        its own, until it is past the tokens of the failed step; then it shares steps again. A request
+        whose step of its own fails is the culprit, which the engine ends alone."""
+        for s in sched.scheduled:
+            req = s.request
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            self._suspects[req.request_id] = max(self._suspects.get(req.request_id, 0), s.start + s.num_tokens)
+            self._requeue(req)
+
+    def _schedule_suspect(self) -> SchedulerOutput:
+        """A step of one request from a failed step (see ``recompute_alone``): its next chunk, alone."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        req = next((r for r in [*self.running, *self.waiting] if r.request_id in self._suspects), None)
+        if req is None:
+            return out
+        if req.status is RequestStatus.WAITING:
+            self._admit(req, budget, out)
+            return out
+        n = 1 if self._is_decoding(req) else max(1, self._fit(req, self._chunk_len(req, budget)))
+        if self._reserve(req, n, out):
+            out.scheduled.append(ScheduledRequest(req, n))
         return out
 
     def _next_waiting(self) -> Request:
@@ -275,7 +324,7 @@ class Scheduler:
         if kv is None:
             return n
         assert req.slot is not None
-        room = (kv.num_blocks_of(req.slot) + kv.num_free_blocks) * kv.block_size - req.num_computed_tokens
+        room = (kv.num_blocks_of(req.slot) + kv.num_available_blocks) * kv.block_size - req.num_computed_tokens
         return max(0, min(n, room))
 
     def _reserve(self, req: Request, n: int, out: SchedulerOutput) -> bool:
@@ -363,6 +412,11 @@ class Scheduler:
                 self._forking.remove(child)
                 child.fork_parent = None
                 slot = self.pool.alloc() if len(self.running) < self.config.max_num_seqs else None
+                # With a KV cache the child shares the prompt's blocks (needs one for the partial last block).
+                kv = self.kv_cache
+                if slot is not None and kv is not None and not kv.fork(parent.slot, slot, parent.num_prompt_tokens):
+                    self.pool.free(slot)
+                    slot = None
                 if slot is None:
                     self.waiting.append(child)
                     continue
@@ -400,6 +454,9 @@ class Scheduler:
                 self._record_prompt_logprobs(s, prompt_logits.get(req.request_id))
             req.num_computed_tokens += s.num_tokens
             self._after_prompt_chunk(req)
+        for s in sched.scheduled if self._suspects else []:
+            if s.request.num_computed_tokens >= self._suspects.get(s.request.request_id, s.request.num_tokens + 1):
+                del self._suspects[s.request.request_id]  # past the failed step: it shares steps again
         if sampled is None:
             return outputs
         for b, s in enumerate(to_sample):
@@ -479,6 +536,7 @@ class Scheduler:
         """Mark a request finished and give back its slot (idempotent)."""
         if request.status is RequestStatus.FINISHED:
             return
+        self._suspects.pop(request.request_id, None)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.fork_parent is not None:

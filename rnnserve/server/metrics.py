@@ -102,6 +102,11 @@ class _EngineCollector(Collector):
         yield self._gauge("rnnserve:kv_cache_blocks", "KV-cache blocks.", s.kv_cache_blocks)
         yield self._gauge("rnnserve:kv_cache_blocks_used", "KV-cache blocks held by sequences.", s.kv_cache_blocks_used)
         yield self._gauge(
+            "rnnserve:kv_cache_blocks_cached",
+            "KV-cache blocks held only by prefix-cache entries (reclaimed before any preemption).",
+            getattr(s, "kv_cache_blocks_cached", 0),
+        )
+        yield self._gauge(
             "rnnserve:kv_cache_bytes_per_token", "KV-cache bytes per token of a sequence.", s.kv_bytes_per_token
         )
         yield self._counter(

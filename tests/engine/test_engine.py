@@ -153,14 +153,15 @@ def test_prompt_logprobs_across_chunks_and_logprobs():
 
 
 def test_step_error_finishes_requests_and_engine_keeps_serving():
+    # A request alone in a failing step ends with ERROR (a shared step is retried request by request:
+    # tests/engine/test_failure_isolation.py).
     model = FakeRecurrentLM(VOCAB)
     engine = make_engine(model, budget=64, slots=4)
     engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=5, temperature=0.0))
-    engine.add_request("b", [4, 5], SamplingParams(max_tokens=5, temperature=0.0))
     engine.step()
     model.fail_with = RuntimeError("boom")
     outs = engine.step()
-    assert {o.request_id for o in outs} == {"a", "b"}
+    assert [o.request_id for o in outs] == ["a"]
     assert all(o.finished and o.finish_reason is FinishReason.ERROR and "boom" in (o.error or "") for o in outs)
     assert engine.pool.num_used == 0 and not engine.has_unfinished()
     # Failing in the middle of a chunked prefill leaks nothing either.

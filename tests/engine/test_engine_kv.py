@@ -148,9 +148,9 @@ def test_pure_recurrent_models_have_no_kv_cache() -> None:
     assert engine.kv_cache is None and engine.stats().kv_cache_blocks == 0
 
 
-def test_state_features_are_off_for_kv_models(llama, tmp_path: Path) -> None:
-    """Prefix-cache snapshots and saved states hold the state pool only, which is not all of a KV
-    model's memory: the cache is off for it and named states are a clear input error."""
+def test_named_states_are_off_for_kv_models(llama, tmp_path: Path) -> None:
+    """Saved states hold the state pool only, which is not all of a KV model's memory: named states
+    are a clear input error (the prefix cache also holds KV blocks: tests/engine/test_prefix_cache_kv.py)."""
     from rnnserve.config import PrefixCacheConfig
 
     engine = LLMEngine(
@@ -162,7 +162,7 @@ def test_state_features_are_off_for_kv_models(llama, tmp_path: Path) -> None:
         prefix_cache_config=PrefixCacheConfig(),
         state_dir=str(tmp_path),
     )
-    assert engine.prefix_cache is None
+    assert engine.prefix_cache is not None and engine.prefix_cache.kv_cache is engine.kv_cache
     with pytest.raises(EngineInputError, match="KV cache"):
         engine.add_request("a", [1, 2], SamplingParams(max_tokens=1), initial_state="s")
     with pytest.raises(EngineInputError, match="KV cache"):

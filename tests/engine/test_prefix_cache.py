@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnnserve.config import KVCacheConfig, PrefixCacheConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
+from rnnserve.config import PrefixCacheConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
 from rnnserve.engine import EngineInputError, LLMEngine, RequestOutput, SamplingParams
 from rnnserve.engine.prefix_cache import PrefixCache, state_identity
 from rnnserve.engine.state_pool import StatePool
@@ -354,28 +354,3 @@ def test_initial_state_and_save_state(tmp_path: Path):
     other = make_engine(FakeRecurrentLM(VOCAB, seed=3), None, state_dir=str(tmp_path / "states"))
     with pytest.raises(EngineInputError, match="another model"):
         other.add_request("y", question, greedy(), initial_state="persona")
-
-
-def test_models_with_a_paged_kv_cache_neither_cache_nor_fork(caplog: pytest.LogCaptureFixture):
-    from rnnserve.models.base import KVSpec
-
-    class Hybrid(FakeRecurrentLM):
-        def kv_specs(self) -> list[KVSpec]:
-            return [KVSpec(num_kv_heads=1, head_dim=4, dtype=torch.float32)]
-
-    engine = LLMEngine(
-        Hybrid(VOCAB),
-        StatePoolConfig(max_num_seqs=2),
-        SchedulerConfig(max_num_seqs=2),
-        RunnerConfig(),
-        eos_token_id=None,
-        prefix_cache_config=PrefixCacheConfig(),
-        kv_cache_config=KVCacheConfig(kv_cache_memory=1 << 20),  # the default 4 GiB takes seconds to allocate
-    )
-    assert engine.prefix_cache is None and "paged KV cache" in caplog.text
-    prompt = prompt_of(10, 20)
-    engine.add_request("a", prompt, greedy())
-    engine.add_request("b", prompt, greedy(), fork_of="a")
-    outs = drain(engine)
-    assert engine.stats().prompt_tokens_total == 2 * len(prompt)  # each prefilled its own prompt
-    assert tokens(outs["a"]) == tokens(outs["b"])
