@@ -158,9 +158,16 @@ class MambaMixer(nn.Module):
     def _x_dbl(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Conv output x [T, E] -> dt (pre-bias) [T, E], B [T, N], C [T, N]."""
         cfg = self.cfg
-        delta, b, c = self.x_proj(x).split([cfg.dt_rank, cfg.state_size, cfg.state_size], dim=-1)
+        delta, b, c = self.norm_dt_b_c(*self.x_proj(x).split([cfg.dt_rank, cfg.state_size, cfg.state_size], dim=-1))
         # dt_proj's bias is added in fp32 inside the scan (as transformers does).
         return F.linear(delta, self.dt_proj.weight), b, c
+
+    def norm_dt_b_c(
+        self, delta: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hook on x_proj's outputs δ [T, R], B [T, N], C [T, N] before dt_proj and the scan: Mamba-1
+        uses them as they are; Jamba's mixer RMS-normalises each (so δ must stay apart from dt_proj)."""
+        return delta, b, c
 
     def prefill(
         self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, batch: PrefillBatch

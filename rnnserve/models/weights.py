@@ -4,13 +4,17 @@
 A family describes how checkpoint names become its parameter names (``WeightsMapper``: prefix and
 substring renames, names to ignore) and, for the few parameters that need more than a copy, attaches
 a hook with ``set_weight_loader``: a transpose, a split of a fused tensor, or an exact fp32 copy kept
-beside the parameter before any dtype cast. ``load_weights`` then does the rest the same way for
-every family: unknown names and wrong shapes are clear errors, the filled names are returned for the
-loader's missing-weights check.
+beside the parameter before any dtype cast. Checkpoints that store one tensor per slice of a stacked
+parameter (one per expert of an ``[E, ...]`` expert weight, as vLLM's ``expert_params_mapping``) name
+those slices with a ``ShardRule`` and fill them through a shard hook (``set_shard_loader``).
+``load_weights`` then does the rest the same way for every family: unknown names and wrong shapes are
+clear errors, the filled names are returned for the loader's missing-weights check (a stacked
+parameter counts as filled once all of its shards arrived, from however many files).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -19,6 +23,19 @@ from torch import nn
 
 # hook(param, checkpoint_tensor): fill ``param`` (and whatever derives from the tensor).
 WeightLoader = Callable[[nn.Parameter, torch.Tensor], None]
+# shard_hook(param, checkpoint_tensor, shard): fill the slice of ``param`` that ``shard`` (the named
+# groups of the ShardRule's match, e.g. {"expert": "3", "proj": "gate"}) names.
+ShardLoader = Callable[[nn.Parameter, torch.Tensor, dict[str, str]], None]
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """Checkpoint tensors that each fill one slice of a stacked parameter: a mapped name that
+    ``pattern`` (a regex with named groups) matches in full goes to the parameter named
+    ``match.expand(target)``, through that parameter's shard hook, with the match's named groups."""
+
+    pattern: str
+    target: str
 
 
 @dataclass(frozen=True)
@@ -30,6 +47,7 @@ class WeightsMapper:
     prefixes: tuple[tuple[str, str], ...] = ()
     substrings: tuple[tuple[str, str], ...] = ()
     ignore_suffixes: tuple[str, ...] = ()
+    shards: tuple[ShardRule, ...] = ()
     ignore_prefixes: tuple[str, ...] = ()
 
     def map(self, name: str) -> str | None:
@@ -44,6 +62,14 @@ class WeightsMapper:
         for old, new in self.substrings:
             name = name.replace(old, new)
         return name
+
+    def shard(self, name: str) -> tuple[str, dict[str, str]] | None:
+        """(stacked parameter name, shard) for a mapped name that a shard rule matches, else None."""
+        for rule in self.shards:
+            match = re.fullmatch(rule.pattern, name)
+            if match:
+                return match.expand(rule.target), match.groupdict()
+        return None
 
 
 @torch.no_grad()
@@ -69,6 +95,14 @@ def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
     param.weight_loader = loader  # type: ignore[attr-defined]
 
 
+def set_shard_loader(param: nn.Parameter, loader: ShardLoader, num_shards: int) -> None:
+    """Attach a shard hook to a stacked parameter that ``num_shards`` checkpoint tensors fill (e.g.
+    2E for gate and up rows of E experts). Attach in ``load_weights``, as ``set_weight_loader``."""
+    param.shard_loader = loader  # type: ignore[attr-defined]
+    param.num_shards = num_shards  # type: ignore[attr-defined]
+    param.shards_loaded = set()  # type: ignore[attr-defined]
+
+
 @torch.no_grad()
 def load_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapper: WeightsMapper) -> set[str]:
     """Fill ``module``'s parameters from (checkpoint name, tensor) pairs; the parameter names filled.
@@ -81,13 +115,24 @@ def load_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         name = mapper.map(ckpt_name)
         if name is None:
             continue
+        sharded = mapper.shard(name)
+        shard: dict[str, str] | None = None
+        if sharded is not None:
+            name, shard = sharded
         param = params.get(name)
-        if param is None:
+        if param is None or (shard is not None and not hasattr(param, "shard_loader")):
             raise KeyError(f"unexpected checkpoint tensor {ckpt_name!r} (no parameter {name!r})")
-        loader: WeightLoader = getattr(param, "weight_loader", default_weight_loader)
         try:
-            loader(param, tensor)
+            if shard is None:
+                loader: WeightLoader = getattr(param, "weight_loader", default_weight_loader)
+                loader(param, tensor)
+            else:
+                param.shard_loader(param, tensor, shard)
         except ValueError as exc:
             raise ValueError(f"{ckpt_name}: {exc}") from exc
+        if shard is not None:
+            param.shards_loaded.add(tuple(sorted(shard.items())))
+            if len(param.shards_loaded) < param.num_shards:
+                continue  # filled once every shard has arrived
         filled.add(name)
     return filled
