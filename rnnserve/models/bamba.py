@@ -39,7 +39,7 @@ from rnnserve.models.base import (
 )
 from rnnserve.models.layers import RMSNorm, lm_logits
 from rnnserve.models.mamba2 import Mamba2Config, Mamba2Mixer, _json_float
-from rnnserve.models.weights import WeightsMapper, default_weight_loader, load_weights, set_weight_loader
+from rnnserve.models.weights import WeightsMapper, load_weights
 
 
 @dataclass(frozen=True)
@@ -259,23 +259,8 @@ class BambaLM(RecurrentLM):
     @staticmethod
     def keep_fp32_ssm_params(mixer: Mamba2Mixer) -> None:
         """A = -exp(A_log), dt_bias and D in fp32 straight from the checkpoint tensors, whatever the
-        model dtype (the mixer's fp32 copies, see Mamba2Mixer.set_fp32_params)."""
-
-        def a_log(param: nn.Parameter, tensor: torch.Tensor) -> None:
-            default_weight_loader(param, tensor)
-            mixer.A = -torch.exp(tensor.to(param.device, torch.float32))
-
-        def dt_bias(param: nn.Parameter, tensor: torch.Tensor) -> None:
-            default_weight_loader(param, tensor)
-            mixer.dt_bias_f = tensor.to(param.device, torch.float32)
-
-        def d(param: nn.Parameter, tensor: torch.Tensor) -> None:
-            default_weight_loader(param, tensor)
-            mixer.D_f = tensor.to(param.device, torch.float32)
-
-        set_weight_loader(mixer.A_log, a_log)
-        set_weight_loader(mixer.dt_bias, dt_bias)
-        set_weight_loader(mixer.D, d)
+        model dtype (``Mamba2Mixer.keep_fp32_params``'s load hooks)."""
+        mixer.keep_fp32_params()
 
     def post_load(self) -> None:
         # The loader casts the module to the model dtype; RoPE frequencies must stay fp32.

@@ -32,6 +32,7 @@ from torch import nn
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, gated_rms_norm, lm_logits, quantize_int8, use_column_major_weight
+from rnnserve.models.weights import WeightsMapper, default_weight_loader, load_weights, set_weight_loader
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,27 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias_f = dt_bias.to(device=dev, dtype=torch.float32)  # [H]
         self.D_f = d.to(device=dev, dtype=torch.float32)  # [H]
 
+    def keep_fp32_params(self) -> None:
+        """Load hooks on A_log, dt_bias and D that also set their fp32 copies (A = -exp(A_log)) straight
+        from the checkpoint tensors, whatever the model dtype. Every family with this mixer calls it in
+        its ``load_weights`` (hooks attach to the materialised parameters)."""
+
+        def a_log(param: nn.Parameter, tensor: torch.Tensor) -> None:
+            default_weight_loader(param, tensor)
+            self.A = -torch.exp(tensor.to(param.device, torch.float32))
+
+        def dt_bias(param: nn.Parameter, tensor: torch.Tensor) -> None:
+            default_weight_loader(param, tensor)
+            self.dt_bias_f = tensor.to(param.device, torch.float32)
+
+        def d(param: nn.Parameter, tensor: torch.Tensor) -> None:
+            default_weight_loader(param, tensor)
+            self.D_f = tensor.to(param.device, torch.float32)
+
+        set_weight_loader(self.A_log, a_log)
+        set_weight_loader(self.dt_bias, dt_bias)
+        set_weight_loader(self.D, d)
+
     def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """in_proj -> z [T, E], xBC [T, E + 2GN], Δ [T, H] (fp32, softplus and clamped)."""
         cfg = self.cfg
@@ -250,8 +272,6 @@ class Mamba2LM(RecurrentLM):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
-        # Exact fp32 copies of A_log, dt_bias and D seen by load_weights, per layer (see post_load).
-        self._fp32_ssm_params: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> Mamba2LM:
@@ -265,45 +285,24 @@ class Mamba2LM(RecurrentLM):
 
     # ------------------------------------------------------------------ loading
 
-    @staticmethod
-    def _our_name(ckpt_name: str) -> str:
-        # Original mamba_ssm checkpoints say ``backbone.embedding``; transformers renames it on load too.
-        if ckpt_name.startswith("backbone.embedding."):
-            return "backbone.embeddings." + ckpt_name[len("backbone.embedding.") :]
-        return ckpt_name
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        filled: set[str] = set()
-        for ckpt_name, tensor in weights:
-            name = self._our_name(ckpt_name)
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                continue  # tied: the embedding is the head
-            if name not in params:
-                raise KeyError(f"unexpected checkpoint tensor {ckpt_name!r} for Mamba2ForCausalLM")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{ckpt_name}: checkpoint shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            if name.endswith(("mixer.A_log", "mixer.dt_bias", "mixer.D")):
-                self._fp32_ssm_params[name] = tensor.detach().to(torch.float32, copy=True)
-            filled.add(name)
-        return filled
+        for layer in self.backbone.layers:
+            layer.mixer.keep_fp32_params()
+        mapper = WeightsMapper(
+            # Original mamba_ssm checkpoints say ``backbone.embedding``; transformers renames it on load too.
+            prefixes=(("backbone.embedding.", "backbone.embeddings."),),
+            # Tied: the embedding is the head.
+            ignore_suffixes=("lm_head.weight",) if self.cfg.tie_word_embeddings else (),
+        )
+        return load_weights(self, weights, mapper)
 
     def post_load(self) -> None:
-        for i, layer in enumerate(self.backbone.layers):
-            mixer: Mamba2Mixer = layer.mixer
-            prefix = f"backbone.layers.{i}.mixer."
-            exact = {
-                n: self._fp32_ssm_params.get(prefix + n, getattr(mixer, n).detach()) for n in ("A_log", "dt_bias", "D")
-            }
-            mixer.set_fp32_params(exact["A_log"], exact["dt_bias"], exact["D"])
-            if self.device.type == "cpu":
-                for linear in (mixer.in_proj, mixer.out_proj):
+        if self.device.type == "cpu":
+            for layer in self.backbone.layers:
+                for linear in (layer.mixer.in_proj, layer.mixer.out_proj):
                     use_column_major_weight(linear)
-        if self.device.type == "cpu" and not self.cfg.tie_word_embeddings:
-            use_column_major_weight(self.lm_head)
-        self._fp32_ssm_params = {}
+            if not self.cfg.tie_word_embeddings:
+                use_column_major_weight(self.lm_head)
 
     def quantize_int8(self) -> None:
         """int8 in_proj, out_proj and head (all the weight bytes but the conv, norms and embedding)."""

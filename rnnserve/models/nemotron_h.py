@@ -31,7 +31,6 @@ from torch import nn
 
 from rnnserve.kernels.dispatch import Backend
 from rnnserve.models.attention import PagedAttention
-from rnnserve.models.bamba import BambaLM
 from rnnserve.models.base import (
     DecodeBatch,
     KVSpec,
@@ -323,7 +322,7 @@ class NemotronHLM(RecurrentLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         for layer in self.backbone.layers:
             if layer.kind == MAMBA:
-                BambaLM.keep_fp32_ssm_params(layer.mixer)
+                layer.mixer.keep_fp32_params()
             elif layer.kind == MOE:
                 set_weight_loader(layer.mixer.gate.weight, fp32_weight_loader)
                 set_weight_loader(layer.mixer.gate.e_score_correction_bias, fp32_weight_loader)
