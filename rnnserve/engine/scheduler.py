@@ -28,7 +28,11 @@ after it is a snapshot worth keeping. With a KV cache, a hit also shares the ent
 the new slot (see ``PrefixCache``). ``n > 1``: a request added with ``fork_of`` its sibling waits
 for that sibling's prompt and starts from a copy of its state (``fork``; with a KV cache, the
 prompt's full blocks shared and its partial last block copied), sampling from the same logits, so
-the prompt is prefilled once.
+the prompt is prefilled once. Equal prefixes in flight at the same time are prefilled once too: a
+waiting request whose prompt shares more with a running request's prompt still being prefilled than
+the cache holds is not admitted yet; that request ends a chunk at the end of the shared part and
+snapshots it there, and the waiting one is admitted once it is cached (n identical prompts sent
+together, a burst with one system prompt).
 
 A request holds its slot from admission until it finishes or is aborted; every exit path frees it.
 When a step's model pass fails, its requests are recomputed one per step (``recompute_alone``), so
@@ -113,6 +117,10 @@ class Scheduler:
         self._initial_states = initial_states
         self._save_state = save_state
         self._forking: list[Request] = []  # n > 1 children waiting for their parent's prompt
+        # request id -> prompt lengths to snapshot at (where another request's shared prefix ends), and
+        # request id -> (request added before it, length of their shared prefix): see _wait_for_prefix.
+        self._snapshot_at: dict[str, set[int]] = {}
+        self._shares: dict[str, list[tuple[Request, int]]] = {}
         # After a failed model pass (see ``recompute_alone``): request id -> the number of computed
         # tokens it must reach in steps of its own before it shares steps again.
         self._suspects: dict[str, int] = {}
@@ -163,7 +171,32 @@ class Scheduler:
             parent.fork_children.append(request)
             self._forking.append(request)
             return
+        self._note_shared_prefixes(request)
         self.waiting.append(request)
+
+    def _note_shared_prefixes(self, request: Request) -> None:
+        """Equal prefixes in flight are prefilled once: for every request in flight whose prompt
+        shares a prefix with ``request``'s (at most all but its last token, which must run), both
+        snapshot at the end of the shared part when they get there, and ``request`` remembers the
+        other, to wait for it at admission (``_wait_for_prefix``)."""
+        if self.prefix_cache is None or not self._uses_cache(request):
+            return
+        limit = request.num_prompt_tokens - 1
+        shares: list[tuple[Request, int]] = []
+        for other in [*self.running, *self.waiting]:
+            if (
+                not other.is_prefilling
+                or not self._uses_cache(other)
+                or other.cache_namespace != request.cache_namespace
+            ):
+                continue
+            shared = min(_common_prefix(other.prompt_token_ids, request.prompt_token_ids), limit)
+            if shared > other.num_computed_tokens:
+                self._snapshot_at.setdefault(other.request_id, set()).add(shared)
+                self._snapshot_at.setdefault(request.request_id, set()).add(shared)
+                shares.append((other, shared))
+        if shares:
+            self._shares[request.request_id] = shares
 
     @staticmethod
     def _can_fork(parent: Request, child: Request) -> bool:
@@ -203,8 +236,14 @@ class Scheduler:
                     out.scheduled.append(ScheduledRequest(req, n))
                     budget -= n
         # No admission in a step that preempted for KV blocks: the blocks just freed are the running requests'.
+        deferred: set[str] = set()  # waiting for a running request to prefill their prefix
         while self.waiting and budget > 0 and self.num_preemptions == preemptions:
-            req = self._next_waiting()
+            req = self._next_waiting(deferred)
+            if req is None:
+                break
+            if self._wait_for_prefix(req):
+                deferred.add(req.request_id)
+                continue
             if len(self.running) >= self.config.max_num_seqs or self.pool.num_free == 0:
                 if not self._preempt_for(req, out):
                     break
@@ -262,15 +301,19 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n))
         return out
 
-    def _next_waiting(self) -> Request:
-        """The next waiting request to admit: the front if it was put back there, else the oldest
-        request of the waiting client running the fewest requests, of those the one admitted least
-        recently (never admitted counts as longest ago), then the earlier in the queue."""
-        head = self.waiting[0]
+    def _next_waiting(self, skip: set[str]) -> Request | None:
+        """The next waiting request to admit, of those not in ``skip`` (None: none left): the front if
+        it was put back there, else the oldest request of the waiting client running the fewest
+        requests, of those the one admitted least recently (never admitted counts as longest ago),
+        then the earlier in the queue."""
+        candidates = [r for r in self.waiting if r.request_id not in skip] if skip else list(self.waiting)
+        if not candidates:
+            return None
+        head = candidates[0]
         if head.request_id in self._front:
             return head
         oldest: dict[str, Request] = {}  # client -> its oldest waiting request (deque order)
-        for req in self.waiting:
+        for req in candidates:
             oldest.setdefault(req.params.client, req)
         if len(oldest) == 1:
             return head
@@ -365,6 +408,25 @@ class Scheduler:
         if first:
             self._front.add(req.request_id)
 
+    def _wait_for_prefix(self, req: Request) -> bool:
+        """Whether waiting ``req`` should stay queued because a running request is prefilling a longer
+        prefix of its prompt than the cache holds: that request's chunks end at the end of the shared
+        part and snapshot it (``_note_shared_prefixes``), and ``req`` restores it once it is cached.
+        It stops waiting when the other request is past that point or no longer running (finished,
+        aborted, preempted), whether the snapshot got in or not."""
+        shares = self._shares.get(req.request_id)
+        if not shares or self.prefix_cache is None:
+            return False
+        ahead = [
+            shared
+            for other, shared in shares
+            if other.status is RequestStatus.RUNNING and other.is_prefilling and other.num_computed_tokens < shared
+        ]
+        if not ahead:
+            return False
+        cached = self.prefix_cache.longest_prefix(req.prompt_token_ids, max(ahead), req.cache_namespace)
+        return max(ahead) > cached
+
     def _uses_cache(self, req: Request) -> bool:
         # Prompt logprobs need the logits of every prompt token, which a restored prefix skips.
         return self.prefix_cache is not None and req.params.prompt_logprobs is None
@@ -391,6 +453,10 @@ class Scheduler:
             boundary = (start + n) // self.prefix_cache.config.interval * self.prefix_cache.config.interval
             if boundary > start:
                 n = boundary - start
+        # A waiting request shares the prompt up to a snapshot point: the chunk ends there.
+        stop = min((p for p in self._snapshot_at.get(req.request_id, ()) if start < p < start + n), default=None)
+        if stop is not None and req.is_prefilling:
+            n = stop - start
         return n
 
     def fork(
@@ -478,7 +544,8 @@ class Scheduler:
         assert req.slot is not None
         done = n == req.num_prompt_tokens
         cache = self.prefix_cache
-        if cache is not None and self._uses_cache(req) and (done or n % cache.config.interval == 0):
+        wanted = n in self._snapshot_at.get(req.request_id, ())  # another request shares the prompt up to here
+        if cache is not None and self._uses_cache(req) and (done or wanted or n % cache.config.interval == 0):
             cache.insert(req.prompt_token_ids[:n], req.slot, req.cache_namespace)
         if done and req.save_state is not None and self._save_state is not None:
             self._save_state(req.save_state, self.pool.snapshot(req.slot), req)
@@ -546,6 +613,8 @@ class Scheduler:
         else:
             self.waiting.remove(request)
             self._front.discard(request.request_id)
+        self._snapshot_at.pop(request.request_id, None)
+        self._shares.pop(request.request_id, None)
         # Children of a parent that ends before its prompt does prefill on their own, first in line.
         for child in reversed(request.fork_children):
             self._forking.remove(child)
@@ -581,3 +650,16 @@ class Scheduler:
             return None
         self.finish(request, FinishReason.ABORT)
         return request
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of two token lists (a binary search over slice
+    comparisons, which run in C: a shared system prompt of thousands of tokens costs no Python loop)."""
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; the answer is at most hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -354,3 +354,51 @@ def test_initial_state_and_save_state(tmp_path: Path):
     other = make_engine(FakeRecurrentLM(VOCAB, seed=3), None, state_dir=str(tmp_path / "states"))
     with pytest.raises(EngineInputError, match="another model"):
         other.add_request("y", question, greedy(), initial_state="persona")
+
+
+def _prefilled_tokens(model: FakeRecurrentLM) -> int:
+    return sum(tokens for kind, _, tokens in model.calls if kind == "prefill")
+
+
+def test_equal_prefixes_in_flight_are_prefilled_once():
+    """Requests sent together that share a prefix (n identical prompts without ``fork_of``, a burst
+    with one system prompt) wait for the first one's snapshot at the end of the shared part instead
+    of prefilling it again: counted in tokens fed to the model's prefill, not timed."""
+    model = FakeRecurrentLM(VOCAB)
+    prompt = prompt_of(40, 30)
+    expected = cold(model, prompt, greedy())
+    system = prompt_of(30, 31)
+    burst = [system + prompt_of(5, 32 + i) for i in range(4)]
+    expected_burst = [cold(model, p, greedy()) for p in burst]
+    for prompts, shared, want in ((4 * [prompt], 39, 4 * [expected]), (burst, 30, expected_burst)):
+        engine = make_engine(model, PrefixCacheConfig(interval=1000), budget=16)
+        model.calls.clear()
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, greedy())
+        outs = drain(engine)
+        # The first prefilled its prompt; each other restored the shared part and ran the rest.
+        assert _prefilled_tokens(model) == len(prompts[0]) + sum(len(p) - shared for p in prompts[1:])
+        for i in range(len(prompts)):
+            assert outs[f"r{i}"][-1].num_cached_tokens == (shared if i else 0)
+            assert_same(outs[f"r{i}"], want[i])
+        assert engine.pool.num_used == 0
+
+
+def test_a_request_waiting_for_an_aborted_prefill_runs_on_its_own():
+    model = FakeRecurrentLM(VOCAB)
+    prompt = prompt_of(40, 40)
+    engine = make_engine(model, PrefixCacheConfig(interval=1000), budget=8)
+    for i in range(3):
+        engine.add_request(f"r{i}", prompt, greedy())
+    engine.step()
+    # r1 and r2 waited for r0: r1 resumes from r0's 8 tokens (cached at its abort) and prefills the
+    # rest, r2 waits for r1.
+    engine.abort_request("r0")
+    model.calls.clear()
+    outs = drain(engine)
+    assert _prefilled_tokens(model) == (40 - 8) + 1
+    expected = cold(model, prompt, greedy())
+    assert_same(outs["r1"], expected)
+    assert_same(outs["r2"], expected)
+    assert (outs["r1"][-1].num_cached_tokens, outs["r2"][-1].num_cached_tokens) == (8, 39)
+    assert engine.pool.num_used == 0

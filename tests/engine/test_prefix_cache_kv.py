@@ -147,6 +147,22 @@ def test_a_hit_while_its_writer_still_appends_and_n_3_forks(family: str, request
     assert_blocks_accounted(engine)
 
 
+def test_equal_prompts_in_flight_are_prefilled_once(bamba) -> None:  # noqa: F811
+    """Three equal prompts sent together (no ``fork_of``): the first prefills, the others wait for its
+    snapshot (state and blocks) at all but the last token, and run that token only."""
+    engine = make_engine(bamba, cache=True, budget=8)
+    prompt = prompt_of(bamba, 21, 7)
+    for i in range(3):
+        engine.add_request(f"r{i}", prompt, greedy())
+    outs = drain(engine)
+    assert engine.stats().prompt_tokens_total == len(prompt) + 2
+    expected = cold(bamba, prompt)
+    for i in range(3):
+        assert outs[f"r{i}"][-1].num_cached_tokens == (len(prompt) - 1 if i else 0)
+        assert_same(outs[f"r{i}"], expected)
+    assert_blocks_accounted(engine)
+
+
 def test_cached_blocks_are_reclaimed_before_any_preemption(bamba) -> None:  # noqa: F811
     """12 blocks of 4 tokens: after two conversations the cache holds blocks; two concurrent
     requests that need 12 blocks between them get them by evicting entries (LRU), never by
