@@ -29,6 +29,7 @@ from torch import nn
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, lm_logits, quantize_int8, rms_norm, use_column_major_weight
+from rnnserve.models.weights import WeightsMapper, default_weight_loader, load_weights, set_weight_loader
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class MambaMixer(nn.Module):
         self.conv_step = get_kernel("causal_conv1d.recurrent", backend)
         self.scan_chunk = get_kernel("selective_scan.chunk", backend)
         self.scan_step = get_kernel("selective_scan.recurrent", backend)
-        # fp32 SSM parameters (set_fp32_params, after loading): A = -exp(A_log) [E, N], D [E],
+        # fp32 SSM parameters (keep_fp32_params' load hooks): A = -exp(A_log) [E, N], D [E],
         # dt_bias [E]; exact whatever the model dtype. Non-persistent: never in a state dict. Cast the
         # module before loading (as the loader does), not after: a later cast would round them too.
         self.register_buffer("A", torch.empty(0), persistent=False)
@@ -154,6 +155,27 @@ class MambaMixer(nn.Module):
         self.A = -torch.exp(a_log.to(device=dev, dtype=torch.float32))
         self.D_f = d.to(device=dev, dtype=torch.float32)
         self.dt_bias_f = dt_bias.to(device=dev, dtype=torch.float32)
+
+    def keep_fp32_params(self) -> None:
+        """Load hooks on A_log, D and dt_proj's bias that also set their fp32 copies (A = -exp(A_log))
+        straight from the checkpoint tensors, whatever the model dtype. Every family with this mixer
+        calls it in its ``load_weights`` (hooks attach to the materialised parameters)."""
+
+        def a_log(param: nn.Parameter, tensor: torch.Tensor) -> None:
+            default_weight_loader(param, tensor)
+            self.A = -torch.exp(tensor.to(param.device, torch.float32))
+
+        def d(param: nn.Parameter, tensor: torch.Tensor) -> None:
+            default_weight_loader(param, tensor)
+            self.D_f = tensor.to(param.device, torch.float32)
+
+        def dt_bias(param: nn.Parameter, tensor: torch.Tensor) -> None:
+            default_weight_loader(param, tensor)
+            self.dt_bias_f = tensor.to(param.device, torch.float32)
+
+        set_weight_loader(self.A_log, a_log)
+        set_weight_loader(self.D, d)
+        set_weight_loader(self.dt_proj.bias, dt_bias)
 
     def _x_dbl(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Conv output x [T, E] -> dt (pre-bias) [T, E], B [T, N], C [T, N]."""
@@ -248,9 +270,6 @@ class MambaLM(RecurrentLM):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
-        # Exact fp32 copies of A_log, D and dt_proj.bias as read from the checkpoint (see post_load):
-        # the model may be cast to bf16 before its weights arrive.
-        self._fp32_ssm_params: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> MambaLM:
@@ -264,48 +283,25 @@ class MambaLM(RecurrentLM):
 
     # ------------------------------------------------------------------ loading
 
-    @staticmethod
-    def _our_name(ckpt_name: str) -> str:
-        # Original mamba_ssm checkpoints say ``backbone.embedding``; transformers says ``embeddings``.
-        if ckpt_name.startswith("backbone.embedding."):
-            return "backbone.embeddings." + ckpt_name[len("backbone.embedding.") :]
-        return ckpt_name
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        filled: set[str] = set()
-        for ckpt_name, tensor in weights:
-            name = self._our_name(ckpt_name)
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                continue  # tied: the embedding is the head (mamba_ssm files store both)
-            if name not in params:
-                raise KeyError(f"unexpected checkpoint tensor {ckpt_name!r} for MambaForCausalLM")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{ckpt_name}: checkpoint shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            if name.endswith(("mixer.A_log", "mixer.D", "mixer.dt_proj.bias")):
-                self._fp32_ssm_params[name] = tensor.detach().to(torch.float32, copy=True)
-            filled.add(name)
-        return filled
+        for layer in self.backbone.layers:
+            layer.mixer.keep_fp32_params()
+        mapper = WeightsMapper(
+            # Original mamba_ssm checkpoints say ``backbone.embedding``; transformers says ``embeddings``.
+            prefixes=(("backbone.embedding.", "backbone.embeddings."),),
+            # Tied: the embedding is the head (mamba_ssm files store both).
+            ignore_suffixes=("lm_head.weight",) if self.cfg.tie_word_embeddings else (),
+        )
+        return load_weights(self, weights, mapper)
 
     def post_load(self) -> None:
-        for i, layer in enumerate(self.backbone.layers):
-            mixer: MambaMixer = layer.mixer
-            prefix = f"backbone.layers.{i}.mixer."
-
-            def exact(name: str, param: torch.Tensor, prefix: str = prefix) -> torch.Tensor:
-                return self._fp32_ssm_params.get(prefix + name, param.detach())
-
-            mixer.set_fp32_params(
-                exact("A_log", mixer.A_log), exact("D", mixer.D), exact("dt_proj.bias", mixer.dt_proj.bias)
-            )
-            if self.device.type == "cpu":
+        if self.device.type == "cpu":
+            for layer in self.backbone.layers:
+                mixer: MambaMixer = layer.mixer
                 for linear in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):
                     use_column_major_weight(linear)
-        if self.device.type == "cpu" and not self.cfg.tie_word_embeddings:
-            use_column_major_weight(self.lm_head)
-        self._fp32_ssm_params = {}
+            if not self.cfg.tie_word_embeddings:
+                use_column_major_weight(self.lm_head)
 
     def quantize_int8(self) -> None:
         """int8 in_proj, out_proj and head (96% of the weight bytes). x_proj and dt_proj, which make
