@@ -87,7 +87,19 @@ class PagedAttention(nn.Module):
         cu_seqlens: torch.Tensor,
     ) -> torch.Tensor:
         """x [T, D] packed by ``cu_seqlens``; ``cache``: this layer's index in ``kv.caches``. -> [T, D]."""
-        q, k, v = self._qkv(x, rope)
+        return self.attend_prefill(*self._qkv(x, rope), kv, cache, cu_seqlens)
+
+    def attend_prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv: PagedKVMetadata,
+        cache: int,
+        cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """``prefill`` from projected q [T, H, hd], k and v [T, Hkv, hd] (positions applied), for a
+        family that projects its own (Zamba2's per-position adapters) -> o_proj(attention) [T, D_out]."""
         k_cache, v_cache = kv.caches[cache]
         o = self._prefill(
             q,
@@ -109,7 +121,12 @@ class PagedAttention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv: PagedKVMetadata, cache: int
     ) -> torch.Tensor:
         """x [B, D], one token per sequence -> [B, D]."""
-        q, k, v = self._qkv(x, rope)
+        return self.attend_decode(*self._qkv(x, rope), kv, cache)
+
+    def attend_decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: PagedKVMetadata, cache: int
+    ) -> torch.Tensor:
+        """``decode`` from projected q [B, H, hd], k and v [B, Hkv, hd] -> o_proj(attention) [B, D_out]."""
         k_cache, v_cache = kv.caches[cache]
         o = self._decode(
             q, k, v, k_cache, v_cache, kv.seq_lens, kv.block_tables, kv.slot_mapping, self.scale, kv.max_seq_len

@@ -21,6 +21,7 @@ _ARCHITECTURES: dict[str, str] = {
     "DenseMambaForCausalLM": "rnnserve.models.dense_mamba:DenseMambaLM",
     "BambaForCausalLM": "rnnserve.models.bamba:BambaLM",
     "GraniteMoeHybridForCausalLM": "rnnserve.models.granitemoehybrid:GraniteMoeHybridLM",
+    "Zamba2ForCausalLM": "rnnserve.models.zamba2:Zamba2LM",
     "FalconH1ForCausalLM": "rnnserve.models.falcon_h1:FalconH1LM",
     "NemotronHForCausalLM": "rnnserve.models.nemotron_h:NemotronHLM",
 }
@@ -37,6 +38,7 @@ _MODEL_TYPES: dict[str, str] = {
     "dense_mamba": "rnnserve.models.dense_mamba:DenseMambaLM",
     "bamba": "rnnserve.models.bamba:BambaLM",
     "granitemoehybrid": "rnnserve.models.granitemoehybrid:GraniteMoeHybridLM",
+    "zamba2": "rnnserve.models.zamba2:Zamba2LM",
     "falcon_h1": "rnnserve.models.falcon_h1:FalconH1LM",
     "nemotron_h": "rnnserve.models.nemotron_h:NemotronHLM",
 }
