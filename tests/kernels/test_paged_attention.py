@@ -138,3 +138,45 @@ def test_gqa_head_count_mismatch_is_an_error() -> None:
             case.scale,
             case.max_seq_len,
         )
+
+
+def test_gather_reuses_a_host_buffer_per_name_and_thread() -> None:
+    """``gather_padded(..., reuse=name)`` equals a fresh gather, writes into the same buffer call
+    after call (grown when a larger batch needs it, then reused for smaller ones), keeps "k" and "v"
+    apart, and gives each thread its own buffers (each engine loop runs in its own thread)."""
+    import threading
+
+    from rnnserve.kernels.paged_attention.cache import gather_padded
+
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(9, 4, 2, 3, generator=g)  # 8 real blocks of 4 tokens
+    small, large = torch.tensor([[3, 1]], dtype=torch.int32), torch.tensor([[2, 5, 7], [8, 4, 6]], dtype=torch.int32)
+
+    def gathered(tables: torch.Tensor, length: int, name: str) -> torch.Tensor:
+        out = gather_padded(cache, tables, length, name)
+        torch.testing.assert_close(out, gather_padded(cache, tables, length), atol=0, rtol=0)
+        return out
+
+    first = gathered(small, 6, "k")
+    assert gathered(small, 5, "k").data_ptr() == first.data_ptr()
+    grown = gathered(large, 11, "k")
+    assert gathered(small, 6, "k").data_ptr() == grown.data_ptr()
+    assert gathered(small, 6, "v").data_ptr() != grown.data_ptr()
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: other.append(gathered(large, 11, "k").data_ptr()))
+    thread.start()
+    thread.join()
+    assert other and other[0] != grown.data_ptr()
+
+
+def test_gather_buffer_made_under_inference_mode_serves_no_grad_callers() -> None:
+    """The engine runs under inference_mode, the test harness under no_grad: a buffer the first
+    made must still take the second's writes."""
+    from rnnserve.kernels.paged_attention.cache import gather_padded
+
+    cache, tables = torch.randn(5, 2, 1, 2), torch.tensor([[4, 2, 1, 3]], dtype=torch.int32)
+    with torch.inference_mode():
+        gather_padded(cache, tables, 8, "inference")
+    with torch.no_grad():
+        out = gather_padded(cache, tables, 7, "inference")
+    torch.testing.assert_close(out, gather_padded(cache, tables, 7), atol=0, rtol=0)

@@ -34,8 +34,8 @@ def paged_attention_decode(
     write_kv(k, v, k_cache, v_cache, slot_mapping)
     if batch == 0:
         return torch.empty_like(q)
-    keys = gather_padded(k_cache, block_tables, max_seq_len).transpose(1, 2)  # [B, Hkv, L, D]
-    vals = gather_padded(v_cache, block_tables, max_seq_len).transpose(1, 2)
+    keys = gather_padded(k_cache, block_tables, max_seq_len, "k").transpose(1, 2)  # [B, Hkv, L, D]
+    vals = gather_padded(v_cache, block_tables, max_seq_len, "v").transpose(1, 2)
     k_pos = torch.arange(max_seq_len, device=q.device)
     mask = (k_pos[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
     o = F.scaled_dot_product_attention(q[:, :, None, :], keys, vals, attn_mask=mask, scale=scale, enable_gqa=True)

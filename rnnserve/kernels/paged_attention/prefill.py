@@ -54,8 +54,8 @@ def paged_attention_prefill(
     q_valid = offs[None, :] < q_lens[:, None]  # [B, Q]
     rows = (starts[:, None] + offs[None, :]).clamp_(max=total - 1)  # [B, Q], padding rows clamped
     q_pad = q[rows].transpose(1, 2)  # [B, H, Q, D]
-    keys = gather_padded(k_cache, block_tables, max_seq_len).transpose(1, 2)  # [B, Hkv, L, D]
-    vals = gather_padded(v_cache, block_tables, max_seq_len).transpose(1, 2)
+    keys = gather_padded(k_cache, block_tables, max_seq_len, "k").transpose(1, 2)  # [B, Hkv, L, D]
+    vals = gather_padded(v_cache, block_tables, max_seq_len, "v").transpose(1, 2)
     q_pos = ctx[:, None] + offs[None, :]  # [B, Q] absolute positions
     k_pos = torch.arange(max_seq_len, device=device)  # [L]
     # Causal; padding keys lie past seq_len > every real query's position. Padding query rows still
