@@ -26,6 +26,13 @@ from torch import nn
 from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, LayerStates, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.weights import (
+    WeightLoader,
+    WeightsMapper,
+    load_weights,
+    reshape_weight_loader,
+    set_weight_loader,
+)
 
 # Initial running max of the WKV state: exp(pp - anything) is 0, so a fresh state contributes nothing.
 PP_FILL = -1e30
@@ -184,6 +191,18 @@ _HF_RENAMES = (
 )
 
 
+def _keep_fp32(att: Rwkv4Attention, buffer: str, derive: Callable[[torch.Tensor], torch.Tensor]) -> WeightLoader:
+    """A load hook that also sets ``att.<buffer>`` to ``derive`` of the checkpoint tensor in fp32:
+    the loader casts the module (buffers included) to the model dtype before loading, and the WKV
+    kernels read w = -exp(time_decay) and u = time_first exact."""
+
+    def load(param: nn.Parameter, tensor: torch.Tensor) -> None:
+        reshape_weight_loader(param, tensor)
+        setattr(att, buffer, derive(tensor.reshape(param.shape).to(param.device, torch.float32)).clone())
+
+    return load
+
+
 class Rwkv4LM(RecurrentLM):
     """RWKV-4 over packed batches; states ``att_x, aa, bb, pp, ffn_x`` per layer."""
 
@@ -242,41 +261,20 @@ class Rwkv4LM(RecurrentLM):
 
     # ----------------------------------------------------------------- weights
 
-    @staticmethod
-    def _our_name(name: str) -> str:
-        if name.startswith("rwkv."):  # transformers layout
-            name = name.removeprefix("rwkv.").replace("embeddings.", "emb.", 1)
-            for old, new in _HF_RENAMES:
-                name = name.replace(old, new)
-        return name
-
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        filled: set[str] = set()
-        for ckpt_name, tensor in weights:
-            name = self._our_name(ckpt_name)
-            if self.cfg.tie_word_embeddings and name == "head.weight":
-                continue
-            if name not in params:
-                raise KeyError(f"unexpected checkpoint tensor {ckpt_name!r} for RWKV-4")
-            param = params[name]
-            if param.dim() == 1 and tensor.numel() == param.numel():
-                tensor = tensor.reshape(param.shape)  # time_mix_* are stored [1, 1, D]
-            if tensor.shape != param.shape:
-                raise ValueError(f"{ckpt_name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
-            param.copy_(tensor)
-            filled.add(name)
-            if name.endswith(("att.time_decay", "att.time_first")):
-                # Assigned, not copied: the loader casts the module (buffers included) to the model
-                # dtype before loading, and these must stay fp32, computed from the checkpoint's values.
-                att = self.get_submodule(name.rsplit(".", 1)[0])
-                exact = tensor.to(device=att.w.device, dtype=torch.float32)
-                if name.endswith("time_decay"):
-                    att.w = -torch.exp(exact)
-                else:
-                    att.u = exact.clone()
-        return filled
+        for block in self.blocks:
+            att, ffn = block.att, block.ffn
+            for lerp in (att.time_mix_k, att.time_mix_v, att.time_mix_r, ffn.time_mix_k, ffn.time_mix_r):
+                set_weight_loader(lerp, reshape_weight_loader)  # stored [1, 1, D]
+            set_weight_loader(att.time_decay, _keep_fp32(att, "w", lambda exact: -torch.exp(exact)))
+            set_weight_loader(att.time_first, _keep_fp32(att, "u", lambda exact: exact))
+        mapper = WeightsMapper(
+            # transformers layout (``rwkv.*``, ``head``) -> BlinkDL's names, which are ours
+            prefixes=(("rwkv.embeddings.", "emb."), ("rwkv.", "")),
+            substrings=_HF_RENAMES,
+            ignore_suffixes=("head.weight",) if self.cfg.tie_word_embeddings else (),
+        )
+        return load_weights(self, weights, mapper)
 
     # ----------------------------------------------------------------- forward
 

@@ -80,6 +80,15 @@ def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def reshape_weight_loader(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    """A checkpoint tensor with the parameter's number of elements in another shape (RWKV's lerp
+    weights stored ``[1, 1, D]`` for a ``[D]`` parameter) is copied reshaped."""
+    if tensor.shape != param.shape and tensor.numel() == param.numel():
+        tensor = tensor.reshape(param.shape)
+    default_weight_loader(param, tensor)
+
+
+@torch.no_grad()
 def fp32_weight_loader(param: nn.Parameter, tensor: torch.Tensor) -> None:
     """Fill ``param`` and keep it in fp32 whatever the model dtype (a router that transformers keeps
     in fp32): the parameter's storage becomes an fp32 copy of the checkpoint tensor."""
