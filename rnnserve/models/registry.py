@@ -22,6 +22,7 @@ _ARCHITECTURES: dict[str, str] = {
     "BambaForCausalLM": "rnnserve.models.bamba:BambaLM",
     "GraniteMoeHybridForCausalLM": "rnnserve.models.granitemoehybrid:GraniteMoeHybridLM",
     "Zamba2ForCausalLM": "rnnserve.models.zamba2:Zamba2LM",
+    "JambaForCausalLM": "rnnserve.models.jamba:JambaLM",
     "FalconH1ForCausalLM": "rnnserve.models.falcon_h1:FalconH1LM",
     "NemotronHForCausalLM": "rnnserve.models.nemotron_h:NemotronHLM",
 }
@@ -39,6 +40,7 @@ _MODEL_TYPES: dict[str, str] = {
     "bamba": "rnnserve.models.bamba:BambaLM",
     "granitemoehybrid": "rnnserve.models.granitemoehybrid:GraniteMoeHybridLM",
     "zamba2": "rnnserve.models.zamba2:Zamba2LM",
+    "jamba": "rnnserve.models.jamba:JambaLM",
     "falcon_h1": "rnnserve.models.falcon_h1:FalconH1LM",
     "nemotron_h": "rnnserve.models.nemotron_h:NemotronHLM",
 }
