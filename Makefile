@@ -20,6 +20,9 @@ $(STAMP): $(PY) pyproject.toml
 	PYTHONWARNINGS=ignore $(PIP) install -q -e ".[dev,loadtest,ray]"
 # Reference-only packages whose own pins (old timm/fairscale deps) we do not want.
 	$(PIP) install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
+# The fused CPU decode kernels (--cpu-decode fused) are built now, into torch's extension cache, so
+# neither the first serve nor the tests wait for the compiler; a failed build only logs a warning.
+	$(PY) -c "from rnnserve.kernels import cpu_decode; cpu_decode.load()"
 	touch $(STAMP)
 
 install: $(STAMP)

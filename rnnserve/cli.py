@@ -142,7 +142,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=parse_bytes,
         default=None,
         help="KV-cache budget of attention layers (Transformer baseline, hybrids), e.g. 4GiB "
-        "(default: every slot at --max-model-len, at most 4GiB)",
+        "(default: every slot at --max-model-len, at most half the memory available at startup)",
     )
     g.add_argument("--block-size", type=int, default=KVCacheConfig().block_size, help="tokens per KV-cache block")
     g.add_argument(
@@ -155,6 +155,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", default=d_run.enforce_eager, help="no CUDA graphs")
     g.add_argument(
         "--compile", action="store_true", default=d_run.compile_cpu_decode, help="torch.compile the CPU decode step"
+    )
+    g.add_argument(
+        "--cpu-decode",
+        choices=("torch", "fused"),
+        default=d_run.cpu_decode,
+        help="CPU decode step: torch ops, or fused C++/AVX2 kernels (Mamba, Mamba-2, float32; built on first use)",
     )
     g.add_argument(
         "--max-graph-batch-size", type=int, default=d_run.max_graph_batch_size, help="largest CUDA-graph batch"
@@ -280,6 +286,7 @@ def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
         runner=RunnerConfig(
             enforce_eager=args.enforce_eager,
             compile_cpu_decode=args.compile,
+            cpu_decode=args.cpu_decode,
             max_graph_batch_size=args.max_graph_batch_size,
         ),
         prefix_cache=PrefixCacheConfig(

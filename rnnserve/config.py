@@ -11,6 +11,7 @@ from typing import Literal
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 KernelBackend = Literal["auto", "torch", "triton"]
 Quantization = Literal["none", "int8"]
+CPUDecode = Literal["torch", "fused"]
 
 
 class ConfigError(ValueError):
@@ -57,7 +58,8 @@ class StatePoolConfig:
 @dataclass(frozen=True)
 class KVCacheConfig:
     """The paged KV cache of attention layers (``--kv-cache-memory`` bytes, ``--block-size`` tokens per
-    block). Without a memory budget it holds every slot at ``--max-model-len``, within 4 GiB."""
+    block). Without a memory budget it holds every slot at ``--max-model-len``, within half the memory
+    available when it is made (free GPU memory on CUDA, MemAvailable on the host)."""
 
     kv_cache_memory: int | None = None
     block_size: int = 16
@@ -100,14 +102,21 @@ class PrefixCacheConfig:
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    """How the model runs (``--enforce-eager``, ``--compile``, CUDA-graph batch ladder)."""
+    """How the model runs (``--enforce-eager``, ``--compile``, ``--cpu-decode``, CUDA-graph batch ladder)."""
 
     enforce_eager: bool = False
     compile_cpu_decode: bool = False
+    # fused: Mamba / Mamba-2 float32 decode steps in one C++ call (rnnserve/kernels/cpu_decode), else torch.
+    cpu_decode: CPUDecode = "torch"
     max_graph_batch_size: int = 256
 
     def __post_init__(self) -> None:
         _require(self.max_graph_batch_size >= 1, "max_graph_batch_size must be >= 1")
+        _require(self.cpu_decode in ("torch", "fused"), f"bad cpu_decode {self.cpu_decode!r} (torch or fused)")
+        _require(
+            not (self.compile_cpu_decode and self.cpu_decode == "fused"),
+            "compile_cpu_decode and cpu_decode fused are two CPU decode paths: pick one",
+        )
 
 
 LOCALHOST_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")

@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compiled decode")
     p.add_argument("--compile", action="store_true", help="torch.compile the CPU decode step (RunnerConfig)")
+    p.add_argument(
+        "--cpu-decode", default="torch", choices=["torch", "fused"], help="fused: C++/AVX2 decode (Mamba, Mamba-2)"
+    )
     p.add_argument("--quantization", default="none", choices=["none", "int8"], help="int8: int8 linear weights (CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs at each batch's shapes first (default 1)")
@@ -238,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     hf = None if args.no_baseline else load_hf(loaded.path, dtype, device)
     pad = loaded.eos_token_id if loaded.eos_token_id is not None else 0
 
-    runner_config = RunnerConfig(enforce_eager=args.enforce_eager, compile_cpu_decode=args.compile)
+    runner_config = RunnerConfig(
+        enforce_eager=args.enforce_eager, compile_cpu_decode=args.compile, cpu_decode=args.cpu_decode
+    )
     results = []
     for b in batch_sizes:
         prompts = make_prompts(b, args.prompt_len, vocab, args.seed)
@@ -289,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "enforce_eager": args.enforce_eager,
         "compile_cpu_decode": args.compile,
+        "cpu_decode": args.cpu_decode,
         "quantization": args.quantization,
         "results": results,
     }

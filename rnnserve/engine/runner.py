@@ -20,6 +20,7 @@ import torch
 
 from rnnserve.config import RunnerConfig
 from rnnserve.engine.compiled import CompiledDecoder
+from rnnserve.engine.cpu_decode import fused_decoder
 from rnnserve.engine.cuda_graph import CUDAGraphDecoder, eager_decoder
 from rnnserve.engine.kv_cache import KVCache
 from rnnserve.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -143,8 +144,9 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _make_decoder(self) -> Callable[[DecodeBatch], torch.Tensor]:
-        """CUDA graphs on CUDA, the compiled decode on the CPU when asked (``compile_cpu_decode``),
-        eager otherwise or with ``enforce_eager``. Capture / compilation happens here, at start-up."""
+        """CUDA graphs on CUDA; on the CPU the fused C++ decode (``cpu_decode="fused"``) or the compiled
+        decode (``compile_cpu_decode``) when asked; eager otherwise or with ``enforce_eager``. Capture /
+        compilation / the fused kernels' first build happens here, at start-up."""
         states = self.pool.states
         if self.config.enforce_eager:
             return eager_decoder(self.model, states)
@@ -160,6 +162,10 @@ class ModelRunner:
                 logger.exception("CUDA-graph capture failed; decoding eagerly")
                 return eager_decoder(self.model, states)
             return graphs
+        if self.config.cpu_decode == "fused":
+            fused = fused_decoder(self.model, states)  # None (reason logged): the torch path below
+            if fused is not None:
+                return fused
         if self.config.compile_cpu_decode:
             compiled = CompiledDecoder(self.model, states)
             compiled.warmup()

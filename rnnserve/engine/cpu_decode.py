@@ -1,0 +1,152 @@
+"""``--cpu-decode fused``: the whole decode step of a float32 Mamba-1 / Mamba-2 model in one C++ call
+(``rnnserve/kernels/cpu_decode``): AVX2 skinny GEMMs on the weights as loaded, and per layer one fused
+pass for the conv, the step size, the state update (in place, by slot) and the gate. The torch
+``model.decode`` stays the reference it is tested against (tests/engine/test_cpu_decode.py).
+
+``fused_decoder`` returns None, with the reason logged, where the path does not apply (another family,
+another dtype or device, int8 weights, non-contiguous state pools) or the extension cannot be built;
+the runner then decodes with the torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from rnnserve.kernels import cpu_decode
+from rnnserve.models.base import DecodeBatch, RecurrentLM, States
+from rnnserve.models.mamba import MambaLM
+from rnnserve.models.mamba2 import Mamba2LM
+
+logger = logging.getLogger(__name__)
+
+
+def _kn(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's weight [out, in] as the contiguous [in, out] matrix the kernels read: a view
+    when the model stores it column-major (``use_column_major_weight``, the CPU default), else a copy."""
+    w = linear.weight.detach()
+    return w.t() if w.t().is_contiguous() else w.t().contiguous()
+
+
+def _bias(linear: nn.Module) -> torch.Tensor:
+    return torch.empty(0) if linear.bias is None else linear.bias.detach().float().contiguous()
+
+
+def _head(model: RecurrentLM) -> tuple[torch.Tensor, bool]:
+    """The head weight and whether it is read as [D, V] (kn, column-major) or [V, D] (a tied embedding)."""
+    w = model.lm_head.weight.detach()
+    if w.is_contiguous():
+        return w, False
+    return _kn(model.lm_head), True
+
+
+def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
+    """Why the fused path cannot serve this model (None when it can)."""
+    if not isinstance(model, MambaLM | Mamba2LM):
+        return f"{type(model).__name__} has no fused CPU decode (Mamba and Mamba-2 do)"
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return f"the fused CPU decode runs float32 on the CPU (model: {model.dtype} on {model.device.type})"
+    if not isinstance(model.lm_head, nn.Linear) or any(
+        not isinstance(layer.mixer.in_proj, nn.Linear) for layer in model.backbone.layers
+    ):
+        return "the fused CPU decode runs float32 weights (not --quantization int8)"
+    if not model.cfg.residual_in_fp32:
+        return "the fused CPU decode keeps the residual in float32 (residual_in_fp32 is false)"
+    for layer in states:
+        for t in layer.values():
+            if t.dtype != torch.float32 or not t[0].is_contiguous():
+                return "the fused CPU decode needs float32 state pools contiguous per slot"
+    return None
+
+
+def fused_decoder(model: RecurrentLM, states: States) -> Callable[[DecodeBatch], torch.Tensor] | None:
+    """The fused decode of ``model`` over ``states`` (a callable ``DecodeBatch -> logits [B, V]``), or
+    None with the reason logged."""
+    reason = unsupported_reason(model, states)
+    if reason is not None:
+        logger.warning("--cpu-decode fused: %s; decoding with the torch path", reason)
+        return None
+    ops = cpu_decode.load()
+    if ops is None:
+        return None
+    return (
+        FusedMambaDecoder(model, states, ops) if isinstance(model, MambaLM) else FusedMamba2Decoder(model, states, ops)
+    )
+
+
+class FusedMambaDecoder:
+    """Mamba-1: every layer's weights gathered once (views, no copies for the column-major CPU layout)."""
+
+    def __init__(self, model: MambaLM, states: States, ops) -> None:
+        self.model, self.states, self.ops = model, states, ops
+        mixers = [layer.mixer for layer in model.backbone.layers]
+        self.head_w, self.head_kn = _head(model)
+        self.args = dict(
+            emb=model.backbone.embeddings.weight.detach(),
+            norm_w=[layer.norm.weight.detach() for layer in model.backbone.layers],
+            in_w=[_kn(m.in_proj) for m in mixers],
+            in_b=[_bias(m.in_proj) for m in mixers],
+            conv_w=[m.conv1d.weight.detach().squeeze(1).contiguous() for m in mixers],  # [E, K]
+            conv_b=[_bias(m.conv1d) for m in mixers],
+            x_w=[_kn(m.x_proj) for m in mixers],  # [E, R + 2N]
+            dt_w=[_kn(m.dt_proj) for m in mixers],  # [R, E]
+            dt_b=[m.dt_bias_f.contiguous() for m in mixers],
+            A=[m.A.contiguous() for m in mixers],  # [E, N]
+            D=[m.D_f.contiguous() for m in mixers],
+            out_w=[_kn(m.out_proj) for m in mixers],  # [E, D]
+            out_b=[_bias(m.out_proj) for m in mixers],
+        )
+        self.conv_state = [st["conv"] for st in states]
+        self.ssm_state = [st["ssm"] for st in states]
+        self.norm_f = model.backbone.norm_f.weight.detach()
+        self.eps = model.cfg.norm_eps
+
+    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        a = self.args
+        return self.ops.mamba1_decode(
+            batch.input_ids, batch.slot_ids, a["emb"], a["norm_w"], a["in_w"], a["in_b"], a["conv_w"],
+            a["conv_b"], a["x_w"], a["dt_w"], a["dt_b"], a["A"], a["D"], a["out_w"], a["out_b"],
+            self.conv_state, self.ssm_state, self.norm_f, self.head_w, self.head_kn, self.eps,
+        )  # fmt: skip
+
+
+class FusedMamba2Decoder:
+    """Mamba-2: every layer's weights gathered once; the state [S, H, N, P] is updated in place."""
+
+    def __init__(self, model: Mamba2LM, states: States, ops) -> None:
+        self.model, self.states, self.ops = model, states, ops
+        cfg = model.cfg
+        mixers = [layer.mixer for layer in model.backbone.layers]
+        self.head_w, self.head_kn = _head(model)
+        self.args = dict(
+            emb=model.backbone.embeddings.weight.detach(),
+            norm_w=[layer.norm.weight.detach() for layer in model.backbone.layers],
+            in_w=[_kn(m.in_proj) for m in mixers],  # [D, E + C + H]
+            in_b=[_bias(m.in_proj) for m in mixers],
+            conv_w=[m.conv1d.weight.detach().squeeze(1).contiguous() for m in mixers],  # [C, K]
+            conv_b=[torch.empty(0) if m.conv1d.bias is None else m.conv1d.bias.detach() for m in mixers],
+            dt_bias=[m.dt_bias_f.contiguous() for m in mixers],
+            A=[m.A.contiguous() for m in mixers],
+            D=[m.D_f.contiguous() for m in mixers],
+            gnorm_w=[m.norm.weight.detach() for m in mixers],
+            out_w=[_kn(m.out_proj) for m in mixers],
+            out_b=[_bias(m.out_proj) for m in mixers],
+        )
+        self.conv_state = [st["conv"] for st in states]
+        self.ssm_state = [st["ssm"] for st in states]
+        self.norm_f = model.backbone.norm_f.weight.detach()
+        self.eps = cfg.norm_eps
+        lo, hi = cfg.time_step_limit
+        self.dims = (cfg.num_heads, cfg.head_dim, cfg.n_groups, cfg.state_size, float(lo), float(min(hi, math.inf)))
+
+    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        a = self.args
+        return self.ops.mamba2_decode(
+            batch.input_ids, batch.slot_ids, a["emb"], a["norm_w"], a["in_w"], a["in_b"], a["conv_w"],
+            a["conv_b"], a["dt_bias"], a["A"], a["D"], a["gnorm_w"], a["out_w"], a["out_b"],
+            self.conv_state, self.ssm_state, self.norm_f, self.head_w, self.head_kn, self.eps, *self.dims,
+        )  # fmt: skip

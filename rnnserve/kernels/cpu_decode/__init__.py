@@ -1,0 +1,57 @@
+"""The fused CPU decode step (Mamba-1, Mamba-2; float32; AVX2 + FMA): ``cpu_decode.cpp``, built on first
+use by ``torch.utils.cpp_extension`` (g++ and ninja) into torch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so later start-ups only load it.
+
+``load()`` returns the op namespace ``torch.ops.rnnserve_cpu`` or None with the reason logged once (no
+AVX2, no compiler, a failed build): callers fall back to the torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+_state: dict[str, Any] = {}
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension cannot run on this machine (None when it can)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2/FMA (torch reports {capability})"
+    return None
+
+
+def load() -> Any | None:
+    """Build (first use) and load the extension; ``torch.ops.rnnserve_cpu``, or None when it cannot."""
+    if "ops" in _state:
+        return _state["ops"]
+    ops = None
+    reason = unavailable_reason()
+    if reason is None:
+        t0 = time.perf_counter()
+        try:
+            from torch.utils.cpp_extension import load as build
+
+            build(
+                name="rnnserve_cpu_decode",
+                sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off"],
+                is_python_module=False,
+                verbose=False,
+            )
+            ops = torch.ops.rnnserve_cpu
+            logger.info("fused CPU decode kernels loaded in %.1f s", time.perf_counter() - t0)
+        except Exception as exc:  # no compiler or ninja, a failed build: the torch path serves
+            reason = f"building {_SOURCE.name} failed: {exc}"
+    if ops is None:
+        logger.warning("fused CPU decode unavailable, decoding with the torch path: %s", reason)
+    _state["ops"] = ops
+    return ops

@@ -1,0 +1,554 @@
+// The fused CPU decode step of Mamba-1 and Mamba-2 (float32, AVX2 + FMA), one call per model step.
+//
+// Built on first use by torch.utils.cpp_extension (see __init__.py) and registered as
+// torch.ops.rnnserve_cpu.*. What it does per step:
+//   - one C++ call for the whole model (embedding, 24 layers, final norm, head): no Python per op;
+//   - the matrix products through an AVX2/FMA skinny GEMM on the weights as the model stores them
+//     (column-major [out, in], i.e. a contiguous [in, out] "kn" matrix; the tied head [V, D] as "nk"),
+//     both threads splitting the output columns;
+//   - conv shift, softplus, exp decay, state update (in place, by slot) and gating fused in one pass
+//     per layer, vectorised over the state dimension, with denormals flushed inside those loops.
+// Only scratch activations are allocated per step (a few [B, width] buffers), none per layer.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------- math
+
+// exp(x) for 8 floats: Cephes' range reduction x = n ln2 + r, a degree-5 polynomial for e^r and 2^n
+// through the exponent bits (relative error ~2e-7). Inputs below -87.3 give 0, never a denormal.
+inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
+  const __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, z, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_cvttps_epi32(fx);
+  n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+  return _mm256_andnot_ps(below, y);
+}
+
+// log(x) for 8 floats x > 0 (Cephes: mantissa in [sqrt(1/2), sqrt(2)), degree-8 polynomial).
+inline __m256 log256(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256i xi = _mm256_castps_si256(x);
+  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(127));
+  x = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+  __m256 ef = _mm256_add_ps(_mm256_cvtepi32_ps(e), one);  // x = m * 2^ef with m in [0.5, 1)
+  const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  ef = _mm256_sub_ps(ef, _mm256_and_ps(one, small));
+  x = _mm256_add_ps(_mm256_sub_ps(x, one), _mm256_and_ps(x, small));
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(7.0376836292E-2f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.1514610310E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.1676998740E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.2420140846E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.4249322787E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.6668057665E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(2.0000714765E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-2.4999993993E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(3.3333331174E-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, x), z);
+  y = _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  x = _mm256_add_ps(x, y);
+  return _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693359375f), x);
+}
+
+// softplus(x) = max(x, 0) + log(1 + exp(-|x|)); torch returns x itself above its threshold 20.
+inline __m256 softplus256(__m256 x) {
+  const __m256 absx = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 sp = _mm256_add_ps(
+      _mm256_max_ps(x, _mm256_setzero_ps()),
+      log256(_mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), absx)))));
+  return _mm256_blendv_ps(sp, x, _mm256_cmp_ps(x, _mm256_set1_ps(20.0f), _CMP_GT_OQ));
+}
+
+inline __m256 silu256(__m256 x) {
+  const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), x));
+  return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Scalar forms for tails (widths not a multiple of 8).
+inline float silu1(float x) { return x / (1.0f + std::exp(-x)); }
+inline float softplus1(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+// In-place silu over n floats.
+void silu_inplace(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, silu256(_mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) x[i] = silu1(x[i]);
+}
+
+// Denormals flushed (FTZ + DAZ) for the scope of a loop body, then the caller's mode restored: a
+// decaying state would otherwise spend most of its time in microcode assists.
+struct FlushDenormals {
+  unsigned int saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+};
+
+// ---------------------------------------------------------------------------------------------- GEMM
+
+// C[MR, 16] (+)= X[MR, kn] · W[kn, 16]; X rows ldx apart, W rows ldw apart, C rows ldc apart.
+template <int MR>
+inline void micro_kn(const float* x, int64_t ldx, const float* w, int64_t ldw, float* c, int64_t ldc, int64_t kn,
+                     bool zero) {
+  __m256 a0[MR], a1[MR];
+  for (int r = 0; r < MR; ++r) {
+    a0[r] = zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc);
+    a1[r] = zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8);
+  }
+  for (int64_t k = 0; k < kn; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(w + k * ldw);
+    const __m256 w1 = _mm256_loadu_ps(w + k * ldw + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+      a0[r] = _mm256_fmadd_ps(xb, w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(xb, w1, a1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(c + r * ldc, a0[r]);
+    _mm256_storeu_ps(c + r * ldc + 8, a1[r]);
+  }
+}
+
+template <int MR>
+inline void rows_kn(const float* x, int64_t ldx, const float* w, int64_t ldw, float* c, int64_t ldc, int64_t k0,
+                    int64_t k1, int64_t n0, int64_t n1, bool zero) {
+  int64_t n = n0;
+  for (; n + 16 <= n1; n += 16) micro_kn<MR>(x + k0, ldx, w + k0 * ldw + n, ldw, c + n, ldc, k1 - k0, zero);
+  for (; n < n1; ++n) {  // a last partial block (widths that are not a multiple of 16)
+    for (int r = 0; r < MR; ++r) {
+      float acc = zero ? 0.0f : c[r * ldc + n];
+      for (int64_t k = k0; k < k1; ++k) acc += x[r * ldx + k] * w[k * ldw + n];
+      c[r * ldc + n] = acc;
+    }
+  }
+}
+
+// C[M, N] = X[M, K] · W[K, N] (+ bias[N]) (+ C when accumulate): W a contiguous [K, N] matrix (a linear
+// layer's weight stored column-major). Threads split the columns in blocks of 16; inside a block the
+// k loop is tiled so the [KB, NC] slice of W stays in L2 while every row tile uses it.
+void gemm_kn(const float* x, int64_t ldx, const float* w, const float* bias, float* c, int64_t ldc, int64_t M,
+             int64_t K, int64_t N, bool accumulate) {
+  const int64_t nblocks = (N + 15) / 16;
+  const int64_t NC = M <= 2 ? 1 << 30 : 256;  // one row: stream each thread's whole column range
+  const int64_t KB = M <= 2 ? K : 128;
+  at::parallel_for(0, nblocks, 8, [&](int64_t b0, int64_t b1) {
+    const int64_t lo = b0 * 16, hi = std::min(N, b1 * 16);
+    for (int64_t nc = lo; nc < hi; nc += NC) {
+      const int64_t nce = std::min(hi, nc + NC);
+      for (int64_t k0 = 0; k0 < K; k0 += KB) {
+        const int64_t k1 = std::min(K, k0 + KB);
+        const bool zero = k0 == 0 && !accumulate && bias == nullptr;
+        if (k0 == 0 && bias != nullptr) {
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = nc; n < nce; ++n) c[m * ldc + n] = (accumulate ? c[m * ldc + n] : 0.0f) + bias[n];
+        }
+        int64_t m = 0;
+        for (; m + 6 <= M; m += 6) rows_kn<6>(x + m * ldx, ldx, w, N, c + m * ldc, ldc, k0, k1, nc, nce, zero);
+        switch (M - m) {
+          case 5: rows_kn<5>(x + m * ldx, ldx, w, N, c + m * ldc, ldc, k0, k1, nc, nce, zero); break;
+          case 4: rows_kn<4>(x + m * ldx, ldx, w, N, c + m * ldc, ldc, k0, k1, nc, nce, zero); break;
+          case 3: rows_kn<3>(x + m * ldx, ldx, w, N, c + m * ldc, ldc, k0, k1, nc, nce, zero); break;
+          case 2: rows_kn<2>(x + m * ldx, ldx, w, N, c + m * ldc, ldc, k0, k1, nc, nce, zero); break;
+          case 1: rows_kn<1>(x + m * ldx, ldx, w, N, c + m * ldc, ldc, k0, k1, nc, nce, zero); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
+
+// C[M, N] = X[M, K] · W[N, K]ᵀ: W row-major (a tied head: the embedding [V, D]). Four W rows by two X
+// rows per tile, dot products along K (8 floats at a time), reduced horizontally at the end.
+void gemm_nk(const float* x, int64_t ldx, const float* w, float* c, int64_t ldc, int64_t M, int64_t K, int64_t N) {
+  const int64_t K8 = K / 8 * 8;
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t n = q0 * 4; n < std::min(N, q1 * 4); n += 4) {
+      const int64_t nn = std::min<int64_t>(4, N - n);
+      const float* wr[4];
+      for (int j = 0; j < 4; ++j) wr[j] = w + (n + std::min<int64_t>(j, nn - 1)) * K;
+      for (int64_t m = 0; m < M; m += 2) {
+        const int64_t mm = std::min<int64_t>(2, M - m);
+        const float* x0 = x + m * ldx;
+        const float* x1 = x + (m + mm - 1) * ldx;
+        __m256 acc[2][4];
+        for (auto& a : acc)
+          for (auto& v : a) v = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K8; k += 8) {
+          const __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x1 + k);
+          for (int j = 0; j < 4; ++j) {
+            const __m256 wv = _mm256_loadu_ps(wr[j] + k);
+            acc[0][j] = _mm256_fmadd_ps(xa, wv, acc[0][j]);
+            acc[1][j] = _mm256_fmadd_ps(xb, wv, acc[1][j]);
+          }
+        }
+        for (int64_t r = 0; r < mm; ++r) {
+          const float* xr = r == 0 ? x0 : x1;
+          for (int64_t j = 0; j < nn; ++j) {
+            float s = hsum256(acc[r][j]);
+            for (int64_t k = K8; k < K; ++k) s += xr[k] * wr[j][k];
+            c[(m + r) * ldc + n + j] = s;
+          }
+        }
+      }
+    }
+  });
+}
+
+// y[M, D] = rms_norm(x[M, D]) * weight (as F.rms_norm: x / sqrt(mean(x²) + eps) * w).
+void rms_norm_rows(const float* x, const float* weight, float* y, int64_t M, int64_t D, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * D;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + i);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum256(acc);
+    for (; i < D; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t j = 0; j < D; ++j) y[m * D + j] = xr[j] * inv * weight[j];
+  }
+}
+
+// Causal depthwise conv step for channels [c0, c1) of one row: window = state[c, 0..K-2] then x[c];
+// state shifted left in place; out[c] = bias + Σ w[c, k] window[k], then silu. state [C, K-1], w [C, K].
+void conv_step(const float* x, float* state, const float* w, const float* bias, float* out, int64_t c0, int64_t c1,
+               int64_t K) {
+  const int64_t km1 = K - 1;
+  for (int64_t c = c0; c < c1; ++c) {
+    float* s = state + c * km1;
+    const float* wc = w + c * K;
+    float acc = bias ? bias[c] : 0.0f;
+    for (int64_t k = 0; k < km1; ++k) acc += wc[k] * s[k];
+    acc += wc[km1] * x[c];
+    for (int64_t k = 0; k + 1 < km1; ++k) s[k] = s[k + 1];
+    s[km1 - 1] = x[c];
+    out[c] = acc;
+  }
+  silu_inplace(out + c0, c1 - c0);
+}
+
+const float* fptr(const Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+void check_f32(const Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, " must be a float32 CPU tensor");
+}
+
+// The head: logits [M, V] from the normalised last hidden state.
+Tensor head_logits(const Tensor& hn, const Tensor& head_w, bool head_kn) {
+  const int64_t M = hn.size(0), D = hn.size(1);
+  if (head_kn) {  // head_w [D, V]
+    Tensor out = at::empty({M, head_w.size(1)}, hn.options());
+    gemm_kn(hn.data_ptr<float>(), D, head_w.data_ptr<float>(), nullptr, out.data_ptr<float>(), head_w.size(1), M, D,
+            head_w.size(1), false);
+    return out;
+  }
+  Tensor out = at::empty({M, head_w.size(0)}, hn.options());  // head_w [V, D]
+  gemm_nk(hn.data_ptr<float>(), D, head_w.data_ptr<float>(), out.data_ptr<float>(), head_w.size(0), M, D,
+          head_w.size(0));
+  return out;
+}
+
+Tensor embed(const Tensor& ids, const Tensor& emb) {
+  const int64_t M = ids.size(0), D = emb.size(1);
+  Tensor h = at::empty({M, D}, emb.options());
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(id[m] >= 0 && id[m] < emb.size(0), "token id ", id[m], " out of range");
+    std::copy_n(emb.data_ptr<float>() + id[m] * D, D, h.data_ptr<float>() + m * D);
+  }
+  return h;
+}
+
+// ---------------------------------------------------------------------------------------------- ops
+
+// X [M, K] · W: W a [K, N] contiguous matrix (kn) or [N, K] (nk). For tests of the GEMM alone.
+Tensor linear(const Tensor& x, const Tensor& w, bool kn) {
+  check_f32(x, "x");
+  check_f32(w, "w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "2-D contiguous inputs");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK((kn ? w.size(0) : w.size(1)) == K, "inner dimensions differ");
+  if (!kn) return head_logits(x, w, false);
+  Tensor out = at::empty({M, w.size(1)}, x.options());
+  gemm_kn(x.data_ptr<float>(), K, w.data_ptr<float>(), nullptr, out.data_ptr<float>(), w.size(1), M, K, w.size(1),
+          false);
+  return out;
+}
+
+// Mamba-1 decode, every layer (see models/mamba.py for the maths). Per layer l: in_w[l] [D, 2E],
+// conv_w [E, K], x_w [E, R + 2N], dt_w [R, E], A [E, N], out_w [E, D]; conv_state[l] [S, E, K-1] and
+// ssm_state[l] [S, E, N] updated in place at rows slots[b]. Returns logits [B, V].
+Tensor mamba1_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, at::TensorList norm_w,
+                     at::TensorList in_w, at::TensorList in_b, at::TensorList conv_w, at::TensorList conv_b,
+                     at::TensorList x_w, at::TensorList dt_w, at::TensorList dt_b, at::TensorList A,
+                     at::TensorList Dp, at::TensorList out_w, at::TensorList out_b, at::TensorList conv_state,
+                     at::TensorList ssm_state, const Tensor& norm_f, const Tensor& head_w, bool head_kn,
+                     double eps_d) {
+  const float eps = static_cast<float>(eps_d);
+  const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(in_w.size());
+  const int64_t E = in_w[0].size(1) / 2, N = A[0].size(1), R = dt_w[0].size(0), K = conv_w[0].size(1);
+  const int64_t XD = R + 2 * N;
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  Tensor h = embed(ids, emb);  // [B, D] residual stream, fp32
+  Tensor hn = at::empty({B, D}, h.options());
+  Tensor xz = at::empty({B, 2 * E}, h.options());
+  Tensor xc = at::empty({B, E}, h.options());
+  Tensor xdbl = at::empty({B, XD}, h.options());
+  Tensor dt = at::empty({B, E}, h.options());
+  Tensor y = at::empty({B, E}, h.options());
+  float* hp = h.data_ptr<float>();
+  float* hnp = hn.data_ptr<float>();
+  float* xzp = xz.data_ptr<float>();
+  float* xcp = xc.data_ptr<float>();
+  float* xdp = xdbl.data_ptr<float>();
+  float* dtp = dt.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t l = 0; l < L; ++l) {
+    rms_norm_rows(hp, norm_w[l].data_ptr<float>(), hnp, B, D, eps);
+    gemm_kn(hnp, D, in_w[l].data_ptr<float>(), fptr(in_b[l]), xzp, 2 * E, B, D, 2 * E, false);
+    float* cs = conv_state[l].data_ptr<float>();
+    const int64_t cs_stride = conv_state[l].stride(0);
+    const float* cw = conv_w[l].data_ptr<float>();
+    const float* cb = fptr(conv_b[l]);
+    at::parallel_for(0, B * (E / 64 + (E % 64 != 0)), 4, [&](int64_t t0, int64_t t1) {
+      const int64_t per = E / 64 + (E % 64 != 0);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / per, c0 = (t % per) * 64, c1 = std::min(E, c0 + 64);
+        conv_step(xzp + b * 2 * E, cs + slot[b] * cs_stride, cw, cb, xcp + b * E, c0, c1, K);
+      }
+    });
+    gemm_kn(xcp, E, x_w[l].data_ptr<float>(), nullptr, xdp, XD, B, E, XD, false);
+    gemm_kn(xdp, XD, dt_w[l].data_ptr<float>(), nullptr, dtp, E, B, R, E, false);
+    // Selective state update, per (sequence, block of channels): Δ = softplus(dt + bias),
+    // s ← exp(Δ A) s + Δ x B, y = s·C + D x, y *= silu(z).
+    float* ss = ssm_state[l].data_ptr<float>();
+    const int64_t ss_stride = ssm_state[l].stride(0);
+    const float* Ap = A[l].data_ptr<float>();
+    const float* Dv = Dp[l].data_ptr<float>();
+    const float* db = dt_b[l].data_ptr<float>();
+    const int64_t EB = 64, per = (E + EB - 1) / EB;
+    at::parallel_for(0, B * per, 4, [&](int64_t t0, int64_t t1) {
+      FlushDenormals ftz;
+      alignas(32) float delta[64], gate[64];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / per, e0 = (t % per) * EB, e1 = std::min(E, e0 + EB), ne = e1 - e0;
+        const float* x = xcp + b * E;
+        const float* z = xzp + b * 2 * E + E;
+        const float* Bv = xdp + b * XD + R;
+        const float* Cv = Bv + N;
+        int64_t i = 0;
+        for (; i + 8 <= ne; i += 8) {
+          const __m256 d = _mm256_add_ps(_mm256_loadu_ps(dtp + b * E + e0 + i), _mm256_loadu_ps(db + e0 + i));
+          _mm256_store_ps(delta + i, softplus256(d));
+          _mm256_store_ps(gate + i, silu256(_mm256_loadu_ps(z + e0 + i)));
+        }
+        for (; i < ne; ++i) {
+          delta[i] = softplus1(dtp[b * E + e0 + i] + db[e0 + i]);
+          gate[i] = silu1(z[e0 + i]);
+        }
+        float* sb = ss + slot[b] * ss_stride;
+        for (int64_t e = e0; e < e1; ++e) {
+          const float d = delta[e - e0], xe = x[e];
+          const __m256 dv = _mm256_set1_ps(d), dx = _mm256_set1_ps(d * xe);
+          float* s = sb + e * N;
+          const float* a = Ap + e * N;
+          __m256 acc = _mm256_setzero_ps();
+          int64_t n = 0;
+          for (; n + 8 <= N; n += 8) {
+            const __m256 decay = exp256(_mm256_mul_ps(dv, _mm256_loadu_ps(a + n)));
+            const __m256 sv = _mm256_fmadd_ps(decay, _mm256_loadu_ps(s + n), _mm256_mul_ps(dx, _mm256_loadu_ps(Bv + n)));
+            _mm256_storeu_ps(s + n, sv);
+            acc = _mm256_fmadd_ps(sv, _mm256_loadu_ps(Cv + n), acc);
+          }
+          float out = hsum256(acc);
+          for (; n < N; ++n) {
+            const float sv = std::exp(d * a[n]) * s[n] + d * xe * Bv[n];
+            s[n] = sv;
+            out += sv * Cv[n];
+          }
+          yp[b * E + e] = (out + Dv[e] * xe) * gate[e - e0];
+        }
+      }
+    });
+    // h += out_proj(y): the GEMM accumulates into the residual stream.
+    gemm_kn(yp, E, out_w[l].data_ptr<float>(), fptr(out_b[l]), hp, D, B, E, D, true);
+  }
+  rms_norm_rows(hp, norm_f.data_ptr<float>(), hnp, B, D, eps);
+  return head_logits(hn, head_w, head_kn);
+}
+
+// Mamba-2 decode, every layer (see models/mamba2.py). Per layer: in_w [D, E + C + H] (z, xBC, dt),
+// conv_w [C, K] with C = E + 2GN, dt_bias / A / D [H], gnorm_w [E], out_w [E, D]; conv_state [S, C, K-1]
+// and ssm_state [S, H, N, P] updated in place at rows slots[b]. Returns logits [B, V].
+Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, at::TensorList norm_w,
+                     at::TensorList in_w, at::TensorList in_b, at::TensorList conv_w, at::TensorList conv_b,
+                     at::TensorList dt_bias, at::TensorList A, at::TensorList Dp, at::TensorList gnorm_w,
+                     at::TensorList out_w, at::TensorList out_b, at::TensorList conv_state, at::TensorList ssm_state,
+                     const Tensor& norm_f, const Tensor& head_w, bool head_kn, double eps_d, int64_t H, int64_t P,
+                     int64_t G, int64_t N, double dt_min, double dt_max) {
+  const float eps = static_cast<float>(eps_d);
+  const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(in_w.size());
+  const int64_t E = H * P, C = E + 2 * G * N, W = E + C + H, K = conv_w[0].size(1), rep = H / G;
+  TORCH_CHECK(in_w[0].size(1) == W, "mamba2_decode: in_proj width ", in_w[0].size(1), " != ", W);
+  TORCH_CHECK(P % 8 == 0, "mamba2_decode: head_dim must be a multiple of 8");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  Tensor h = embed(ids, emb);
+  Tensor hn = at::empty({B, D}, h.options());
+  Tensor proj = at::empty({B, W}, h.options());
+  Tensor xbc = at::empty({B, C}, h.options());
+  Tensor y = at::empty({B, E}, h.options());
+  float* hp = h.data_ptr<float>();
+  float* hnp = hn.data_ptr<float>();
+  float* pp = proj.data_ptr<float>();
+  float* xp = xbc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float lo = static_cast<float>(dt_min), hi = static_cast<float>(dt_max);
+  for (int64_t l = 0; l < L; ++l) {
+    rms_norm_rows(hp, norm_w[l].data_ptr<float>(), hnp, B, D, eps);
+    gemm_kn(hnp, D, in_w[l].data_ptr<float>(), fptr(in_b[l]), pp, W, B, D, W, false);
+    float* cs = conv_state[l].data_ptr<float>();
+    const int64_t cs_stride = conv_state[l].stride(0);
+    const float* cw = conv_w[l].data_ptr<float>();
+    const float* cb = fptr(conv_b[l]);
+    const int64_t per_c = (C + 63) / 64;
+    at::parallel_for(0, B * per_c, 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / per_c, c0 = (t % per_c) * 64, c1 = std::min(C, c0 + 64);
+        conv_step(pp + b * W + E, cs + slot[b] * cs_stride, cw, cb, xp + b * C, c0, c1, K);
+      }
+    });
+    // Per (sequence, head): Δ = clamp(softplus(dt + dt_bias)), S ← exp(Δ A) S + B (Δ x)ᵀ in place,
+    // y = C S + D x. S [N, P] is read and written once.
+    float* ss = ssm_state[l].data_ptr<float>();
+    const int64_t ss_stride = ssm_state[l].stride(0);
+    const float* Ap = A[l].data_ptr<float>();
+    const float* Dv = Dp[l].data_ptr<float>();
+    const float* dbias = dt_bias[l].data_ptr<float>();
+    at::parallel_for(0, B * H, 2, [&](int64_t t0, int64_t t1) {
+      FlushDenormals ftz;
+      alignas(32) float dx[512];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, hh = t % H, g = hh / rep;
+        const float d = std::min(hi, std::max(lo, softplus1(pp[b * W + E + C + hh] + dbias[hh])));
+        const float decay = std::exp(d * Ap[hh]);
+        const float* x = xp + b * C + hh * P;
+        const float* Bv = xp + b * C + E + g * N;
+        const float* Cv = Bv + G * N;
+        float* S = ss + slot[b] * ss_stride + hh * N * P;
+        float* yo = yp + b * E + hh * P;
+        for (int64_t p0 = 0; p0 < P; p0 += 512) {
+          const int64_t pe = std::min(P, p0 + 512);
+          for (int64_t p = p0; p < pe; ++p) dx[p - p0] = d * x[p];
+          for (int64_t q = p0; q < pe; q += 32) {  // 32 columns of S at a time: 4 accumulators
+            const int64_t qn = std::min<int64_t>(32, pe - q) / 8;
+            __m256 acc[4], dxv[4];
+            for (int j = 0; j < qn; ++j) {
+              acc[j] = _mm256_setzero_ps();
+              dxv[j] = _mm256_load_ps(dx + (q - p0) + 8 * j);
+            }
+            const __m256 dec = _mm256_set1_ps(decay);
+            for (int64_t n = 0; n < N; ++n) {
+              const __m256 bn = _mm256_set1_ps(Bv[n]), cn = _mm256_set1_ps(Cv[n]);
+              float* row = S + n * P + q;
+              for (int j = 0; j < qn; ++j) {
+                const __m256 sv = _mm256_fmadd_ps(dec, _mm256_loadu_ps(row + 8 * j), _mm256_mul_ps(bn, dxv[j]));
+                _mm256_storeu_ps(row + 8 * j, sv);
+                acc[j] = _mm256_fmadd_ps(cn, sv, acc[j]);
+              }
+            }
+            for (int j = 0; j < qn; ++j) _mm256_storeu_ps(yo + q + 8 * j, acc[j]);
+          }
+        }
+        for (int64_t p = 0; p < P; ++p) yo[p] += Dv[hh] * x[p];
+      }
+    });
+    // Gated group norm: y ⊙ silu(z), normalised over each of the G groups, times the norm weight.
+    const float* gw = gnorm_w[l].data_ptr<float>();
+    const int64_t EG = E / G;
+    at::parallel_for(0, B * G, 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / G, g = t % G;
+        float* yr = yp + b * E + g * EG;
+        const float* z = pp + b * W + g * EG;
+        float ss2 = 0.0f;
+        int64_t i = 0;
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= EG; i += 8) {
+          const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(yr + i), silu256(_mm256_loadu_ps(z + i)));
+          _mm256_storeu_ps(yr + i, v);
+          acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        ss2 = hsum256(acc);
+        for (; i < EG; ++i) {
+          yr[i] *= silu1(z[i]);
+          ss2 += yr[i] * yr[i];
+        }
+        const float inv = 1.0f / std::sqrt(ss2 / static_cast<float>(EG) + eps);
+        for (int64_t j = 0; j < EG; ++j) yr[j] = yr[j] * inv * gw[g * EG + j];
+      }
+    });
+    gemm_kn(yp, E, out_w[l].data_ptr<float>(), fptr(out_b[l]), hp, D, B, E, D, true);
+  }
+  rms_norm_rows(hp, norm_f.data_ptr<float>(), hnp, B, D, eps);
+  return head_logits(hn, head_w, head_kn);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rnnserve_cpu, m) {
+  m.def("linear(Tensor x, Tensor w, bool kn) -> Tensor");
+  m.def(
+      "mamba1_decode(Tensor ids, Tensor slots, Tensor emb, Tensor[] norm_w, Tensor[] in_w, Tensor[] in_b, "
+      "Tensor[] conv_w, Tensor[] conv_b, Tensor[] x_w, Tensor[] dt_w, Tensor[] dt_b, Tensor[] A, Tensor[] D, "
+      "Tensor[] out_w, Tensor[] out_b, Tensor(a!)[] conv_state, Tensor(b!)[] ssm_state, Tensor norm_f, "
+      "Tensor head_w, bool head_kn, float eps) -> Tensor");
+  m.def(
+      "mamba2_decode(Tensor ids, Tensor slots, Tensor emb, Tensor[] norm_w, Tensor[] in_w, Tensor[] in_b, "
+      "Tensor[] conv_w, Tensor[] conv_b, Tensor[] dt_bias, Tensor[] A, Tensor[] D, Tensor[] gnorm_w, "
+      "Tensor[] out_w, Tensor[] out_b, Tensor(a!)[] conv_state, Tensor(b!)[] ssm_state, Tensor norm_f, "
+      "Tensor head_w, bool head_kn, float eps, int H, int P, int G, int N, float dt_min, float dt_max) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rnnserve_cpu, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("mamba1_decode", &mamba1_decode);
+  m.impl("mamba2_decode", &mamba2_decode);
+}
