@@ -33,14 +33,39 @@ from rnnserve.models.base import PAD_SLOT, KVCaches, KVSpec, PagedKVMetadata
 
 # The padding block: padding rows of a CUDA-graph batch write their keys there, never into a real block.
 PAD_BLOCK = 0
-# Without --kv-cache-memory: every slot at max_model_len, but never more than this (a 256k-context
-# hybrid would otherwise ask for hundreds of GiB); past it, sequences share the blocks and preemption
-# arbitrates.
+# Without --kv-cache-memory: every slot at max_model_len, within this share of the memory available
+# when the cache is made (a 256k-context hybrid would otherwise ask for hundreds of GiB), as vLLM's
+# gpu_memory_utilization bounds its cache; past it, sequences share the blocks and preemption arbitrates.
+DEFAULT_KV_CACHE_FRACTION = 0.5
+# The bound instead where the available memory cannot be read (the meta device, no /proc/meminfo).
 DEFAULT_KV_CACHE_MEMORY = 4 * 1024**3
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` now: the GPU's free memory on CUDA, the host's
+    MemAvailable on the CPU; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def default_kv_cache_memory(device: torch.device) -> int:
+    """The KV cache's bound without ``--kv-cache-memory``: half the memory available now."""
+    free = available_memory(device)
+    return DEFAULT_KV_CACHE_MEMORY if free is None else int(free * DEFAULT_KV_CACHE_FRACTION)
 
 
 class KVCache:
@@ -68,9 +93,9 @@ class KVCache:
                     f"{config.block_size} tokens needs {self.bytes_per_block} bytes"
                 )
         else:
-            num_blocks = max(1, DEFAULT_KV_CACHE_MEMORY // self.bytes_per_block)
+            num_blocks = max(1, default_kv_cache_memory(self.device) // self.bytes_per_block)
             if max_model_len is not None:
-                # Every real slot at full length (what a per-slot cache would hold), within the default.
+                # Every real slot at full length (what a per-slot cache would hold), within the bound.
                 num_blocks = min(num_blocks, (num_slots - 1) * cdiv(max_model_len, config.block_size))
         self.num_blocks = num_blocks  # real blocks: 1..num_blocks
         # Longest table: max_model_len positions, and never more blocks than exist.

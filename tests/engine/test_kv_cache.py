@@ -30,7 +30,7 @@ def test_sizing() -> None:
     assert cache.max_blocks_per_seq == 4  # 64 tokens
     # Without a budget: every real slot at max_model_len, within the default memory.
     assert _cache(blocks=None, num_slots=5, max_model_len=40).num_blocks == 4 * 3
-    for slots, max_len in ((5, None), (65, 1 << 20)):  # on the meta device: the default is 4 GiB
+    for slots, max_len in ((5, None), (65, 1 << 20)):  # the meta device has no free memory to read: 4 GiB
         big = KVCache(SPECS, KVCacheConfig(), slots, max_len, "meta")
         assert big.num_blocks == DEFAULT_KV_CACHE_MEMORY // BYTES_PER_BLOCK
     with pytest.raises(ConfigError, match="holds no block"):
@@ -143,3 +143,17 @@ def test_metadata_drives_the_kernels_to_the_dense_result() -> None:
     for s in lens:
         q, k, v = full[s]
         torch.testing.assert_close(torch.cat(outs[s]), causal_attention_naive(q, k, v, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_default_size_is_bounded_by_half_the_available_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --kv-cache-memory: every slot at max_model_len while that fits in half the memory
+    available now, else that half (the sequences then share the blocks, preemption arbitrates)."""
+    import rnnserve.engine.kv_cache as kv_cache
+
+    free = kv_cache.available_memory(torch.device("cpu"))
+    assert free is None or free > 0
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 40 * BYTES_PER_BLOCK)
+    assert _cache(blocks=None, num_slots=5, max_model_len=64).num_blocks == 4 * 4  # 16 blocks fit in 20
+    tight = _cache(blocks=None, num_slots=9, max_model_len=64)
+    assert tight.num_blocks == 20 and tight.max_blocks_per_seq == 4
+    assert _cache(blocks=None, num_slots=9, max_model_len=None).num_blocks == 20
