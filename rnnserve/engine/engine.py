@@ -107,7 +107,7 @@ class LLMEngine:
             model.limit_context(self.max_model_len)
         self.pool = StatePool(model.state_specs(), pool_config, model.device)
         self.kv_cache = self._make_kv_cache(kv_cache_config or KVCacheConfig())
-        identity = state_identity(model, self.pool)
+        identity = state_identity(model, self.pool, self.kv_cache)
         # With attention layers, cache entries and n > 1 forks also share the paged KV cache's blocks.
         self.prefix_cache = (
             PrefixCache(self.pool, prefix_cache_config, identity, self.kv_cache)

@@ -250,6 +250,29 @@ class KVCache:
                 self._num_cached -= 1
                 heapq.heappush(self._free, block)
 
+    def load_block(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> int | None:
+        """A free block filled with saved keys and values (per attention layer, ``[r, Hkv, D]`` each,
+        ``r <= block_size`` rows from the top) and held by the caller as a cache entry holds one
+        (``release`` it when done); None when no block is free. For a restarted prefix cache."""
+        if not self._free:
+            return None
+        block = heapq.heappop(self._free)
+        self._cache_refs[block] = 1
+        self._num_cached += 1
+        with torch.no_grad():
+            for (k_cache, v_cache), (k, v) in zip(self._caches, rows):  # [num_blocks + 1, block_size, Hkv, D]
+                k_cache[block, : k.shape[0]].copy_(k)
+                v_cache[block, : v.shape[0]].copy_(v)
+        return block
+
+    def block_rows(self, block: int, num_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``num_rows`` keys and values of ``block`` per attention layer, ``[num_rows, Hkv, D]``
+        each, copied to the host (to save them)."""
+        return [
+            (k[block, :num_rows].to("cpu", copy=True), v[block, :num_rows].to("cpu", copy=True))
+            for k, v in self._caches
+        ]
+
     def frees_on_release(self, blocks: list[int]) -> int:
         """How many of ``blocks`` one entry's ``release`` would free now."""
         return sum(1 for b in blocks if self._cache_refs[b] == 1 and self._table_refs[b] == 0)

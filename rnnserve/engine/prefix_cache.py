@@ -30,8 +30,10 @@ not a block edge) is copied into a private block of the restoring slot (``KVCach
 hit is exact at any token, as for a pure recurrent model. Those blocks count against the KV budget;
 when the KV cache runs short, it reclaims them by evicting the least recently used entries whose
 blocks nobody else holds (``reclaim_kv_blocks``), before the scheduler preempts a running request.
-Their entries are not written to the cache folder: KV blocks stay in device memory (a log line says
-so at start-up), so their cached prefixes do not survive a restart.
+In the cache folder such an entry's file also holds the keys and values of its partial last block,
+and each full block is a file of its own (``kv-<hash>.safetensors``, named by the token prefix it
+ends: written once, however many entries share it, deleted with the last of them); a restarted
+server loads entries into free blocks, newest first, while blocks are free.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
+BLOCK_FILE_PREFIX = "kv-"  # a full KV block of a cache entry, shared by every entry that holds it
 DEVICE, HOST = "device", "host"
 
 
@@ -91,21 +94,33 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
-def state_identity(model: torch.nn.Module, pool: StatePool) -> StateIdentity:
+def state_identity(model: torch.nn.Module, pool: StatePool, kv_cache: KVCache | None = None) -> StateIdentity:
     shapes = [[[s.name, list(s.shape), str(s.dtype)] for s in layer] for layer in pool.specs]
+    layout: object = shapes
+    if kv_cache is not None:  # cache entries hold KV blocks too: their layout must match as well
+        kv = [[s.num_kv_heads, s.head_dim, str(s.dtype)] for s in kv_cache.specs]
+        layout = {"states": shapes, "kv": kv, "block_size": kv_cache.block_size}
     dtype = str(next(model.parameters()).dtype)
-    return StateIdentity(model=model_fingerprint(model), dtype=dtype, state_shapes=json.dumps(shapes))
+    return StateIdentity(model=model_fingerprint(model), dtype=dtype, state_shapes=json.dumps(layout))
 
 
 def snapshot_nbytes(snapshot: Snapshot) -> int:
     return sum(t.numel() * t.element_size() for layer in snapshot for t in layer.values())
 
 
-def save_state_file(path: Path, snapshot: Snapshot, identity: StateIdentity, extra: dict[str, str]) -> None:
-    """One snapshot as safetensors: tensors ``"{layer}.{name}"``, identity and ``extra`` as metadata."""
+def save_state_file(
+    path: Path,
+    snapshot: Snapshot,
+    identity: StateIdentity,
+    extra: dict[str, str],
+    more: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """One snapshot as safetensors: tensors ``"{layer}.{name}"`` (and ``more``), identity and ``extra``
+    as metadata."""
     from safetensors.torch import save_file
 
     tensors = {f"{i}.{name}": t.to("cpu").contiguous() for i, layer in enumerate(snapshot) for name, t in layer.items()}
+    tensors.update({name: t.to("cpu").contiguous() for name, t in (more or {}).items()})
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={**identity.as_metadata(), **extra})
     tmp.replace(path)  # a reader never sees a half-written file
@@ -137,6 +152,41 @@ def load_state_file(path: Path, identity: StateIdentity, pool: StatePool) -> tup
     return snapshot, meta
 
 
+def _save_kv_rows(path: Path, rows: list[tuple[torch.Tensor, torch.Tensor]], identity: StateIdentity) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"{i}.{kv}": t.contiguous() for i, pair in enumerate(rows) for kv, t in zip("kv", pair)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=identity.as_metadata())
+    tmp.replace(path)
+
+
+def _load_kv_rows(
+    path: Path, prefix: str, num_rows: int, kv_cache: KVCache, identity: StateIdentity
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values ``"{prefix}{layer}.k|v"`` of ``num_rows`` tokens per attention layer, checked
+    against the served model and KV layout; ValueError if they are not there or not ours."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            why = identity.mismatch(f.metadata() or {})
+            if why is not None:
+                raise ValueError(f"{path.name} holds KV blocks of {why}")
+            rows = []
+            for i, spec in enumerate(kv_cache.specs):
+                pair = tuple(f.get_tensor(f"{prefix}{i}.{kv}") for kv in "kv")
+                for t in pair:
+                    if tuple(t.shape) != (num_rows, spec.num_kv_heads, spec.head_dim) or t.dtype != spec.dtype:
+                        raise ValueError(f"{path.name}: {prefix}{i} is {tuple(t.shape)} {t.dtype}")
+                rows.append(pair)
+    except ValueError:
+        raise
+    except Exception as exc:  # a missing, truncated or garbage file
+        raise ValueError(f"{path.name} does not load: {type(exc).__name__}: {exc}") from exc
+    return rows  # type: ignore[return-value]
+
+
 @dataclass(eq=False)
 class _Node:
     """A radix-tree node: ``key`` is the edge label from its parent; ``entry`` its snapshot, if any."""
@@ -157,6 +207,7 @@ class _Entry:
     tier: str
     file: Path | None = None
     blocks: list[int] = field(default_factory=list)  # KV blocks covering the prefix (models with attention)
+    block_keys: list[str] = field(default_factory=list)  # the block files of its full blocks (cache folder)
 
 
 @dataclass(frozen=True)
@@ -191,6 +242,7 @@ class PrefixCache:
         self.evictions = 0
         self.spills = 0
         self._dir: Path | None = None
+        self._block_files: dict[str, int] = {}  # block file key -> entries whose file names it
         if pool.bytes_per_slot > max(config.device_memory, config.host_memory):
             logger.warning(
                 "prefix cache: one state is %d bytes, more than both budgets (%d device, %d host): nothing is cached",
@@ -198,13 +250,7 @@ class PrefixCache:
                 config.device_memory,
                 config.host_memory,
             )
-        if config.cache_dir is not None and kv_cache is not None:
-            logger.warning(
-                "prefix cache: %s is not used: this model's cached prefixes hold paged KV blocks, which stay "
-                "in memory, so they do not survive a restart",
-                config.cache_dir,
-            )
-        elif config.cache_dir is not None:
+        if config.cache_dir is not None:
             self._open_dir(Path(config.cache_dir))
 
     # -- lookup and insertion ------------------------------------------------------------------
@@ -386,6 +432,7 @@ class PrefixCache:
         tier: str,
         file: Path | None = None,
         blocks: list[int] | None = None,
+        block_keys: list[str] | None = None,
     ) -> None:
         node = self._node_for(tokens, namespace)
         if node.entry is not None:
@@ -398,7 +445,12 @@ class PrefixCache:
         self._tiers[tier][id(entry)] = entry
         self._bytes[tier] += entry.nbytes
         if self._dir is not None:
-            entry.file = file or self._persist(tokens, namespace, snapshot)
+            if file is not None:
+                entry.file, entry.block_keys = file, block_keys or []
+            else:
+                entry.file, entry.block_keys = self._persist(tokens, namespace, snapshot, entry.blocks)
+            for key in entry.block_keys:
+                self._block_files[key] = self._block_files.get(key, 0) + 1
         self._enforce_budgets()
 
     def _enforce_budgets(self) -> None:
@@ -427,6 +479,12 @@ class PrefixCache:
         self._prune(entry.node)
         if entry.file is not None:
             entry.file.unlink(missing_ok=True)
+        for key in entry.block_keys:
+            self._block_files[key] -= 1
+            if self._block_files[key] == 0:  # the last entry that named it
+                del self._block_files[key]
+                assert self._dir is not None
+                self._block_path(key).unlink(missing_ok=True)
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -447,8 +505,11 @@ class PrefixCache:
         else:
             index.write_text(json.dumps(ours, indent=1))
         self._dir = folder
-        files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-        loaded: list[tuple[list[int], str, Snapshot, Path]] = []
+        files = [p for p in folder.glob("*.safetensors") if not p.name.startswith(BLOCK_FILE_PREFIX)]
+        files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        loaded: list[tuple[list[int], str, Snapshot, Path, list[int], list[str]]] = []
+        held: dict[str, int] = {}  # block key -> block loaded into the KV cache (held until the end)
+        partial: list[int] = []  # loaded partial blocks (held until the end)
         host_bytes = 0
         for path in files:
             try:
@@ -464,20 +525,94 @@ class PrefixCache:
             if host_bytes + nbytes > self._budget[HOST]:
                 path.unlink(missing_ok=True)  # ours, but evicted: the host tier is full
                 continue
+            blocks: list[int] = []
+            keys: list[str] = []
+            if self.kv_cache is not None:
+                try:
+                    got = self._load_blocks(path, meta, len(tokens), held, partial)
+                except (ValueError, KeyError) as exc:
+                    logger.warning("prefix cache: skipping %s: %s", path, exc)
+                    continue
+                if got is None:
+                    path.unlink(missing_ok=True)  # ours, but evicted: no KV block left for it
+                    continue
+                blocks, keys = got
             host_bytes += nbytes
-            loaded.append((tokens, namespace, snapshot, path))
-        for tokens, namespace, snapshot, path in reversed(loaded):  # oldest first: LRU order kept
-            self._add(tokens, namespace, snapshot, HOST, file=path)
+            loaded.append((tokens, namespace, snapshot, path, blocks, keys))
+        for tokens, namespace, snapshot, path, blocks, keys in reversed(loaded):  # oldest first: LRU order kept
+            if self.kv_cache is not None:
+                self.kv_cache.retain(blocks)
+            self._add(tokens, namespace, snapshot, HOST, file=path, blocks=blocks, block_keys=keys)
+        if self.kv_cache is not None:
+            self.kv_cache.release([*held.values(), *partial])  # blocks no loaded entry holds are free again
+            for path in folder.glob(f"{BLOCK_FILE_PREFIX}*.safetensors"):
+                if path.name[len(BLOCK_FILE_PREFIX) : -len(".safetensors")] not in self._block_files:
+                    path.unlink(missing_ok=True)  # no entry names it any more
         if loaded:
             logger.info("prefix cache: %d snapshots loaded from %s", len(loaded), folder)
 
-    def _persist(self, tokens: list[int], namespace: str, snapshot: Snapshot) -> Path | None:
+    def _load_blocks(
+        self, path: Path, meta: dict[str, str], num_tokens: int, held: dict[str, int], partial: list[int]
+    ) -> tuple[list[int], list[str]] | None:
+        """Load the KV blocks of the entry in ``path`` into free blocks (full blocks from their files,
+        once each: ``held``; the partial last block from the entry's file): its blocks and full blocks'
+        keys, None when no block is free. ValueError when a file is missing or not ours."""
+        kv = self.kv_cache
+        assert kv is not None
+        keys = json.loads(meta["kv_blocks"])
+        if not isinstance(keys, list) or len(keys) != num_tokens // kv.block_size:
+            raise ValueError(f"{path.name} names {keys!r:.40} as the KV blocks of {num_tokens} tokens")
+        blocks: list[int] = []
+        for key in keys:
+            if key not in held:
+                rows = _load_kv_rows(self._block_path(str(key)), "", kv.block_size, kv, self.identity)
+                block = kv.load_block(rows)
+                if block is None:
+                    return None
+                held[key] = block
+            blocks.append(held[key])
+        rest = num_tokens % kv.block_size
+        if rest:
+            block = kv.load_block(_load_kv_rows(path, "kv.", rest, kv, self.identity))
+            if block is None:
+                return None
+            partial.append(block)
+            blocks.append(block)
+        return blocks, keys
+
+    def _block_path(self, key: str) -> Path:
         assert self._dir is not None
-        name = hashlib.sha256(json.dumps([namespace, tokens]).encode()).hexdigest()[:32]
-        path = self._dir / f"{name}.safetensors"
+        return self._dir / f"{BLOCK_FILE_PREFIX}{key}.safetensors"
+
+    def _persist(
+        self, tokens: list[int], namespace: str, snapshot: Snapshot, blocks: list[int]
+    ) -> tuple[Path | None, list[str]]:
+        """Write an entry's file (and, for a model with attention layers, the files of its full KV
+        blocks that are not written yet): its path and block keys, (None, []) when it cannot be written."""
+        assert self._dir is not None
+        path = self._dir / f"{_digest([namespace, tokens])}.safetensors"
+        keys: list[str] = []
+        more: dict[str, torch.Tensor] = {}
+        kv = self.kv_cache
         try:
-            save_state_file(path, snapshot, self.identity, {"tokens": json.dumps(tokens), "namespace": namespace})
+            if kv is not None:
+                full = len(tokens) // kv.block_size
+                for j in range(full):
+                    # Named by the prefix the block ends: equal prefixes share one file.
+                    key = _digest([namespace, tokens[: (j + 1) * kv.block_size]])
+                    if key not in self._block_files:
+                        _save_kv_rows(self._block_path(key), kv.block_rows(blocks[j], kv.block_size), self.identity)
+                    keys.append(key)
+                if len(tokens) > full * kv.block_size:
+                    rows = kv.block_rows(blocks[full], len(tokens) - full * kv.block_size)
+                    more = {f"kv.{i}.{name}": t for i, pair in enumerate(rows) for name, t in zip("kv", pair)}
+            meta = {"tokens": json.dumps(tokens), "namespace": namespace, "kv_blocks": json.dumps(keys)}
+            save_state_file(path, snapshot, self.identity, meta, more)
         except OSError as exc:
             logger.warning("prefix cache: cannot write %s: %s", path, exc)
-            return None
-        return path
+            return None, []
+        return path, keys
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:32]

@@ -5,9 +5,14 @@ mid-prompt hits, a hit taken while the request that computed the prefix still ap
 partial block, and n > 1 forks all give the greedy tokens of the cache-off engine and its logprobs
 within 1e-4 (fp32; the chunks start at other positions, so sums differ in rounding only). Cached
 blocks count against the KV budget and are reclaimed before any running request is preempted; no
-block or slot leaks after aborts."""
+block or slot leaks after aborts. With a cache folder, full blocks are files of their own, written
+once, loaded back by a restarted engine and deleted with the last entry naming them."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,16 +30,22 @@ ATOL = 1e-4
 
 
 def make_engine(
-    model: RecurrentLM, cache: bool, blocks: int | None = None, slots: int = 4, budget: int = INTERVAL
+    model: RecurrentLM,
+    cache: bool,
+    blocks: int | None = None,
+    slots: int = 4,
+    budget: int = INTERVAL,
+    cache_dir: Path | None = None,
 ) -> LLMEngine:
     per_block = BLOCK * sum(s.bytes_per_token for s in model.kv_specs())
+    folder = None if cache_dir is None else str(cache_dir)
     return LLMEngine(
         model,
         StatePoolConfig(max_num_seqs=slots),
         SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=slots, max_model_len=128),
         RunnerConfig(enforce_eager=True),
         eos_token_id=None,
-        prefix_cache_config=PrefixCacheConfig(interval=INTERVAL) if cache else None,
+        prefix_cache_config=PrefixCacheConfig(interval=INTERVAL, cache_dir=folder) if cache else None,
         kv_cache_config=KVCacheConfig(kv_cache_memory=None if blocks is None else blocks * per_block, block_size=BLOCK),
     )
 
@@ -239,3 +250,33 @@ def test_share_refcounts_and_copy_on_share() -> None:
     kv.free(2)
     kv.free(3)
     assert kv.num_free_blocks == 5 and kv.num_used_blocks == kv.num_cached_blocks == 0
+
+
+def test_restart_from_the_cache_folder(bamba, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    folder = tmp_path / "cache"
+    first = make_engine(bamba, cache=True, cache_dir=folder)
+    turn1 = prompt_of(bamba, 13, 50)
+    out1 = tokens(run(first, turn1, "t1"))
+    # Entries at 8 (interval), 13 (prompt) and 18 (answer); full blocks [0, 4), [4, 8), ... [12, 16): one
+    # file each, however many entries hold them.
+    assert sorted(len(k) for k in first.prefix_cache.prefixes()) == [8, 13, 18]
+    block_files = sorted(folder.glob("kv-*.safetensors"))
+    assert len(block_files) == 4
+    turn2 = turn1 + out1 + prompt_of(bamba, 5, 51)
+    expected = cold(bamba, turn2)
+    restarted = make_engine(bamba, cache=True, cache_dir=folder)
+    assert restarted.prefix_cache.prefixes() == first.prefix_cache.prefixes()
+    hit = run(restarted, turn2, "t2")
+    assert hit[-1].num_cached_tokens == 18
+    assert_same(hit, expected)
+    # A missing block file: the entries naming it are skipped with a warning (and left where they
+    # are), the others load. Block [12, 16) ends the prefix turn1 + out1[:3]: the 3 entries of 18
+    # tokens and more name it (18, and the restarted engine's 24 = turn 2's prompt and 29 = its answer).
+    key = hashlib.sha256(json.dumps(["", (turn1 + out1)[:16]]).encode()).hexdigest()[:32]
+    (folder / f"kv-{key}.safetensors").unlink()
+    caplog.clear()
+    third = make_engine(bamba, cache=True, cache_dir=folder)
+    assert caplog.text.count("skipping") == 3 and key in caplog.text
+    assert third.prefix_cache.prefixes() == [turn1[:8], turn1]
+    assert_blocks_accounted(third)  # evicts every entry: their files, and the block files, go with them
+    assert len(list(folder.glob("*.safetensors"))) == 3 and not list(folder.glob("kv-*"))
