@@ -19,7 +19,7 @@ Two retention styles (config field ``retention_style``, see models/README.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +30,7 @@ from torch import nn
 from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.weights import WeightsMapper, load_weights
 
 RetentionStyle = Literal["fla", "torchscale"]
 RetentionNorm = Literal["none", "sqrt_cn", "abs_sum"]
@@ -340,6 +341,20 @@ class _Backbone(nn.Module):
 _IGNORED_SUFFIXES = ("rotary.inv_freq",)
 
 
+def _split_fused_gate_up(
+    weights: Iterable[tuple[str, torch.Tensor]], intermediate_size: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Older fla checkpoints fuse the MLP's gate and up projections in one ``gate_proj [2I, D]``: split
+    into ``gate_proj`` and ``up_proj [I, D]``."""
+    for name, tensor in weights:
+        if name.endswith("mlp.gate_proj.weight") and tensor.shape[0] == 2 * intermediate_size:
+            gate, up = tensor.chunk(2, dim=0)
+            yield name, gate
+            yield name.removesuffix("gate_proj.weight") + "up_proj.weight", up
+        else:
+            yield name, tensor
+
+
 class RetNetLM(RecurrentLM):
     """RetNet in fla's HF layout (``RetNetForCausalLM``); parameter names equal checkpoint names."""
 
@@ -361,29 +376,13 @@ class RetNetLM(RecurrentLM):
         return [[StateSpec("S", shape, torch.float32)] for _ in range(self.cfg.num_layers)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        filled: set[str] = set()
-        for name, tensor in weights:
-            if name.endswith(_IGNORED_SUFFIXES):
-                continue
-            # fla names the gated norm g_norm when fuse_norm is off; older fla fused gate+up in gate_proj.
-            name = name.replace(".attn.g_norm.", ".attn.g_norm_swish_gate.")
-            fused_mlp = name.endswith("mlp.gate_proj.weight") and name in params
-            if fused_mlp and tensor.shape[0] == 2 * params[name].shape[0]:
-                gate, up = tensor.chunk(2, dim=0)
-                for part, t in ((name, gate), (name.replace("gate_proj", "up_proj"), up)):
-                    params[part].data.copy_(t)
-                    filled.add(part)
-                continue
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                continue
-            if name not in params:
-                raise ValueError(f"unexpected tensor {name!r} in RetNet checkpoint")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
-            params[name].data.copy_(tensor)
-            filled.add(name)
-        return filled
+        tied = ("lm_head.weight",) if self.cfg.tie_word_embeddings else ()
+        mapper = WeightsMapper(
+            # fla names the gated norm g_norm when fuse_norm is off.
+            substrings=((".attn.g_norm.", ".attn.g_norm_swish_gate."),),
+            ignore_suffixes=_IGNORED_SUFFIXES + tied,
+        )
+        return load_weights(self, _split_fused_gate_up(weights, self.cfg.intermediate_size), mapper)
 
     def post_load(self) -> None:
         for module in self.modules():
