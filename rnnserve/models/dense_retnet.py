@@ -36,9 +36,12 @@ from rnnserve.kernels.dispatch import Backend
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import DenseSelect
 from rnnserve.models.retnet import Retention, RetentionConfig, rms_norm
+from rnnserve.models.weights import WeightsMapper, load_weights
 
 # Checkpoint tensors we do not need: the released model stores its rotation angles and decays as buffers.
 _IGNORED_SUFFIXES = ("retnet_rel_pos.angle", "retnet_rel_pos.decay")
+# The dense connection's weights (in layers >= 1 when dense_block_layers > 0).
+_DENSE_NAMES = (".k_select.", ".v_select.", ".k_norm.", ".v_norm.")
 
 
 @dataclass(frozen=True)
@@ -229,23 +232,10 @@ class DenseRetNetLM(RecurrentLM):
         return [[StateSpec("S", shape, torch.float32)] for _ in range(self.cfg.num_layers)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        dense_names = (".k_select.", ".v_select.", ".k_norm.", ".v_norm.")
-        filled: set[str] = set()
-        for name, tensor in weights:
-            if name.endswith(_IGNORED_SUFFIXES):
-                continue
-            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-                continue
-            if name not in params and self.cfg.dense_block_layers == 0 and any(s in name for s in dense_names):
-                continue  # m = 0: the dense connection is off, its weights unused
-            if name not in params:
-                raise ValueError(f"unexpected tensor {name!r} in DenseRetNet checkpoint")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
-            params[name].data.copy_(tensor)
-            filled.add(name)
-        return filled
+        tied = ("lm_head.weight",) if self.cfg.tie_word_embeddings else ()
+        if self.cfg.dense_block_layers == 0:  # the dense connection is off: its weights are unused
+            weights = ((n, t) for n, t in weights if not any(s in n for s in _DENSE_NAMES))
+        return load_weights(self, weights, WeightsMapper(ignore_suffixes=_IGNORED_SUFFIXES + tied))
 
     def post_load(self) -> None:
         for module in self.modules():
