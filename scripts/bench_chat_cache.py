@@ -13,7 +13,9 @@ turn-T TTFT of each with their ratio.
 conversation of token ids (each answer's ids appended as generated), two engines over one model
 (with and without the cache), and per turn the time from adding the request to its first token on
 each engine, back to back, so a shared machine's load hits both alike (the uncached engine stops
-at its first token, which must equal the cached engine's). Writes OUT/engine.json.
+at its first token, which must equal the cached engine's). Writes OUT/engine.json. ``--model-dir``
+measures another model folder that way instead (a hybrid, the Llama baseline: their cache entries
+hold KV blocks too).
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ def main() -> int:
     p.add_argument("--answer-len", type=int, default=128)
     p.add_argument("--think-time", type=float, default=0.0)
     p.add_argument("--engine", action="store_true", help="measure in-process, without HTTP (see above)")
+    p.add_argument("--model-dir", type=Path, default=None, help="with --engine: this model folder instead")
     p.add_argument(
         "--threads",
         type=int,
@@ -135,7 +138,9 @@ def main() -> int:
         "waiting at OpenMP barriers for descheduled threads)",
     )
     args = p.parse_args()
-    mamba, _, _ = create_models(PRESETS["130m"], args.models)
+    if args.model_dir is not None and not args.engine:
+        p.error("--model-dir needs --engine")
+    mamba = args.model_dir or create_models(PRESETS["130m"], args.models)[0]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.engine:
         import torch
