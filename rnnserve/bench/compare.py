@@ -13,10 +13,12 @@ writes:
 
 Without ``--recurrent`` / ``--baseline`` folders it creates random-weight models on the fly
 (``--size 130m``: a ~130M Mamba and a ~124M LLaMA, the sizes of mamba-130m and GPT-2 small;
-``small`` and ``tiny`` for quick runs) with the GPT-NeoX tokenizer. The baseline's KV cache is
-sized per prompt length (``max_position_embeddings`` = context + output, plus a margin for prompt
-sizing), so its bytes per sequence grow with context as a Transformer server's memory does; the
-recurrent model's state does not depend on context at all.
+``small`` and ``tiny`` for quick runs) with the GPT-NeoX tokenizer; ``--recurrent-family bamba``
+makes the recurrent one a Bamba-shaped hybrid (Mamba-2 layers, about 1 in 8 attention) instead.
+The baseline's KV cache is sized per prompt length (``max_position_embeddings`` = context + output,
+plus a margin for prompt sizing), so its bytes per sequence grow with context as a Transformer
+server's memory does; a Mamba's state does not depend on context at all (a hybrid's attention
+layers add their few KV blocks).
 
 Throughput and latency depend on random weights only through the output length, which is fixed
 (``ignore_eos``), so random models measure what trained ones would.
@@ -78,6 +80,28 @@ PRESETS = {
     "tiny": ModelPreset(64, 2, 64, 2, 4, 192),
 }
 NEOX_VOCAB = 50280  # GPT-NeoX-20B's 50277 entries, padded as mamba-130m pads them
+
+
+@dataclass(frozen=True)
+class HybridPreset:
+    """A Bamba-shaped hybrid (``--recurrent-family bamba``): Mamba-2 layers (head dim 64, one group)
+    and a few attention layers (about 1 in 8, as Bamba-9B's 3 of 32), a gated MLP in every layer."""
+
+    hidden: int
+    layers: int
+    attn_layers: tuple[int, ...]
+    mamba_heads: int
+    state_size: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+
+
+HYBRID_PRESETS = {
+    "130m": HybridPreset(768, 16, (5, 11), 24, 128, 1024, 12, 4),  # 132M parameters
+    "small": HybridPreset(256, 8, (4,), 8, 64, 512, 4, 2),  # 19M
+    "tiny": HybridPreset(64, 2, (1,), 2, 16, 128, 4, 2),  # 3.3M
+}
 
 
 # --------------------------------------------------------------------------- servers
@@ -174,17 +198,46 @@ def _num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def create_models(preset: ModelPreset, folder: Path, seed: int = 0) -> tuple[Path, Path, dict[str, int]]:
-    """Random-weight Mamba and LLaMA folders (HF format, NeoX tokenizer); returns their paths and
-    parameter counts. Reuses folders a previous run left."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
+def _bamba_config(preset: HybridPreset) -> object:
+    from transformers import BambaConfig
 
-    mamba_dir, llama_dir = folder / "mamba", folder / "llama"
+    return BambaConfig(
+        vocab_size=NEOX_VOCAB,
+        hidden_size=preset.hidden,
+        intermediate_size=preset.intermediate,
+        num_hidden_layers=preset.layers,
+        attn_layer_indices=list(preset.attn_layers),
+        num_attention_heads=preset.heads,
+        num_key_value_heads=preset.kv_heads,
+        mamba_n_heads=preset.mamba_heads,
+        mamba_d_head=2 * preset.hidden // preset.mamba_heads,
+        mamba_n_groups=1,
+        mamba_d_state=preset.state_size,
+        mamba_d_conv=4,
+        max_position_embeddings=262144,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+
+
+def create_models(
+    preset: ModelPreset, folder: Path, seed: int = 0, hybrid: HybridPreset | None = None
+) -> tuple[Path, Path, dict[str, int]]:
+    """Random-weight recurrent (a Mamba, or with ``hybrid`` a Bamba-shaped hybrid: folder ``bamba``)
+    and LLaMA folders (HF format, NeoX tokenizer); returns their paths and parameter counts (keyed by
+    folder name). Reuses folders a previous run left."""
+    import torch
+    from transformers import BambaForCausalLM, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
+
+    rec_dir, llama_dir = folder / ("mamba" if hybrid is None else "bamba"), folder / "llama"
     counts: dict[str, int] = {}
-    specs = (
-        (
-            mamba_dir,
+    if hybrid is not None:
+        recurrent = (rec_dir, BambaForCausalLM, _bamba_config(hybrid))
+    else:
+        recurrent = (
+            rec_dir,
             MambaForCausalLM,
             MambaConfig(
                 vocab_size=NEOX_VOCAB,
@@ -198,7 +251,9 @@ def create_models(preset: ModelPreset, folder: Path, seed: int = 0) -> tuple[Pat
                 eos_token_id=0,
                 pad_token_id=1,
             ),
-        ),
+        )
+    specs = (
+        recurrent,
         (
             llama_dir,
             LlamaForCausalLM,
@@ -228,7 +283,7 @@ def create_models(preset: ModelPreset, folder: Path, seed: int = 0) -> tuple[Pat
         _save_tokenizer(path)
         counts[path.name] = _num_params(model)
         marker.write_text(str(counts[path.name]))
-    return mamba_dir, llama_dir, counts
+    return rec_dir, llama_dir, counts
 
 
 def count_params(folder: Path) -> int | None:
@@ -290,6 +345,7 @@ class CompareConfig:
     startup_timeout_s: float
     seed: int
     repeats: int = 1
+    recurrent_family: str = "mamba"  # the random recurrent model without --recurrent: mamba or bamba
 
 
 def resolve_state_memory(value: str | None, device: str) -> str | None:
@@ -425,9 +481,10 @@ def run_sweep(cfg: CompareConfig) -> dict:
     params: dict[str, int | None] = {}
     if cfg.recurrent is None or cfg.baseline is None:
         print(f"creating random-weight models ({cfg.size}) in {models_dir} ...", flush=True)
-        mamba_dir, llama_dir, counts = create_models(PRESETS[cfg.size], models_dir, cfg.seed)
-        params = {"recurrent": counts["mamba"], "transformer": counts["llama"]}
-    recurrent = cfg.recurrent or mamba_dir
+        hybrid = HYBRID_PRESETS[cfg.size] if cfg.recurrent_family == "bamba" else None
+        rec_dir, llama_dir, counts = create_models(PRESETS[cfg.size], models_dir, cfg.seed, hybrid)
+        params = {"recurrent": counts[cfg.recurrent_family], "transformer": counts["llama"]}
+    recurrent = cfg.recurrent or rec_dir
     baseline = cfg.baseline or llama_dir
     if cfg.recurrent is not None:
         params["recurrent"] = count_params(recurrent)
@@ -724,9 +781,17 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="rnnserve bench compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--recurrent", type=Path, default=None, help="recurrent model folder (default: random Mamba)")
+    p.add_argument(
+        "--recurrent", type=Path, default=None, help="recurrent model folder (default: random, --recurrent-family)"
+    )
     p.add_argument("--baseline", type=Path, default=None, help="Transformer folder (default: random LLaMA)")
     p.add_argument("--size", choices=sorted(PRESETS), default="130m", help="random-model preset (default 130m)")
+    p.add_argument(
+        "--recurrent-family",
+        choices=["mamba", "bamba"],
+        default="mamba",
+        help="the random recurrent model: Mamba (default) or a Bamba-shaped hybrid (Mamba-2 + a few attention layers)",
+    )
     p.add_argument("--contexts", type=_int_list, default=(128, 1024, 4096, 16384), help="prompt lengths")
     p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16), help="concurrency levels")
     p.add_argument("--output-len", type=int, default=64)
@@ -781,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         startup_timeout_s=args.startup_timeout,
         seed=args.seed,
         repeats=max(1, args.repeats),
+        recurrent_family=args.recurrent_family,
     )
     for folder in (cfg.recurrent, cfg.baseline):
         if folder is not None and not (folder / "config.json").exists():

@@ -163,3 +163,21 @@ def test_repeats_merge_to_medians() -> None:
     assert merged["completed"] == 3 * 8 and merged["failed"] == 1
     assert merged["errors"] == ["HTTP 500"] and merged["repeats"] == 3
     assert merged["context"] == 128 and merged["model"] == "recurrent"
+
+
+@pytest.mark.parametrize("size", sorted(compare.HYBRID_PRESETS))
+def test_bamba_shaped_hybrid_presets(size: str) -> None:
+    """``--recurrent-family bamba``: each preset's random recurrent model is a Bamba config our
+    BambaLM takes (Mamba-2 layers and the preset's attention layers, one KV spec each)."""
+    import torch
+
+    from rnnserve.models.bamba import BambaLM
+
+    args = compare.build_parser().parse_args(["--recurrent-family", "bamba", "--size", size])
+    assert args.recurrent_family == "bamba"
+    hybrid = compare.HYBRID_PRESETS[size]
+    with torch.device("meta"):
+        model = BambaLM.from_hf_config(compare._bamba_config(hybrid).to_dict(), backend="torch")
+    assert model.cfg.attn_layer_indices == hybrid.attn_layers and len(model.kv_specs()) == len(hybrid.attn_layers)
+    assert sum(len(layer) > 0 for layer in model.state_specs()) == hybrid.layers - len(hybrid.attn_layers)
+    assert model.cfg.mamba.head_dim == 64 and model.cfg.hidden_size == compare.PRESETS[size].llama_hidden
