@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,7 @@ from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, LayerStates, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.rwkv4 import token_shift_step, token_shift_varlen
+from rnnserve.models.weights import WeightsMapper, load_weights, reshape_weight_loader, set_weight_loader
 
 # log w = -e^{-1/2} σ(·): every step keeps at least e^{-0.61} of each state channel.
 _DECAY_SCALE = math.exp(-0.5)
@@ -272,6 +273,30 @@ _FLA_RENAMES = (
 _BLINKDL_LORA = re.compile(r"(blocks\.\d+\.att)\.([wavg])([012])$")
 
 
+def _unstack_and_transpose(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint tensors that need more than a rename, as tensors of our parameters: fla's first
+    layout stacks the six lerp weights in one ``attn.x_x [6, ..., D]``; BlinkDL's low-rank
+    ``att.{w,a,v,g}{1,2}`` are [in, out] matrices (transposed here to nn.Linear's [out, in]) and
+    ``att.{w,a,v}0`` the up-projection's bias. BlinkDL stores layer 0's value-residual weights too,
+    which nothing reads: dropped."""
+    for name, tensor in weights:
+        if name.endswith("attn.x_x"):
+            prefix, parts = name.removesuffix("x_x"), tensor.reshape(6, -1)
+            yield from ((f"{prefix}x_{c}", parts[i]) for i, c in enumerate("rwkvag"))
+            continue
+        m = _BLINKDL_LORA.match(name)
+        if m is None:
+            yield name, tensor
+            continue
+        prefix, kind, part = m.groups()
+        if kind == "v" and prefix == "blocks.0.att":
+            continue
+        if part == "0":
+            yield f"{prefix}.{kind}_lora.up.bias", tensor
+        else:
+            yield f"{prefix}.{kind}_lora.{'down' if part == '1' else 'up'}.weight", tensor.t()
+
+
 class Rwkv7LM(RecurrentLM):
     """RWKV-7 over packed batches; states ``att_x, wkv, ffn_x`` per layer."""
 
@@ -336,51 +361,22 @@ class Rwkv7LM(RecurrentLM):
 
     # ----------------------------------------------------------------- weights
 
-    @staticmethod
-    def _our_name(name: str) -> tuple[str | None, bool]:
-        """Checkpoint name -> (parameter name or None to skip, whether to transpose)."""
-        if name.startswith(("model.", "lm_head.")):  # fla-hub layout
-            name = name.replace("model.embeddings.", "emb.").replace("model.norm.", "ln_out.")
-            name = name.replace("lm_head.", "head.").replace("model.layers.", "blocks.")
-            for old, new in _FLA_RENAMES:
-                name = name.replace(old, new)
-            return name, False
-        m = _BLINKDL_LORA.match(name)
-        if m:
-            prefix, kind, part = m.groups()
-            if kind == "v" and prefix == "blocks.0.att":
-                return None, False  # BlinkDL stores layer 0's value-residual weights; nothing reads them
-            if part == "0":
-                return f"{prefix}.{kind}_lora.up.bias", False
-            return f"{prefix}.{kind}_lora.{'down' if part == '1' else 'up'}.weight", True
-        return name, False
-
-    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        filled: set[str] = set()
-        for ckpt_name, tensor in weights:
-            if ckpt_name.endswith("attn.x_x"):  # fla's first layout: the six lerp weights stacked [6, ..., D]
-                prefix = ckpt_name.removesuffix("x_x")
-                parts = tensor.reshape(6, -1)
-                loaded = self.load_weights((f"{prefix}x_{c}", parts[i]) for i, c in enumerate("rwkvag"))
-                filled |= loaded
-                continue
-            name, transpose = self._our_name(ckpt_name)
-            if name is None or (self.cfg.tie_word_embeddings and name == "head.weight"):
-                continue
-            if name not in params:
-                raise KeyError(f"unexpected checkpoint tensor {ckpt_name!r} for RWKV-7")
-            param = params[name]
-            if transpose:
-                tensor = tensor.t()
-            if tensor.shape != param.shape and tensor.numel() == param.numel():
-                tensor = tensor.reshape(param.shape)  # [1, 1, D] lerp weights, [H, N] vs flat r_k
-            if tensor.shape != param.shape:
-                raise ValueError(f"{ckpt_name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
-            param.copy_(tensor)
-            filled.add(name)
-        return filled
+        for name, param in self.named_parameters():
+            if param.dim() == 1 or name.endswith(".r_k"):  # [1, 1, D] lerp weights and biases, [H, N] vs flat r_k
+                set_weight_loader(param, reshape_weight_loader)
+        mapper = WeightsMapper(
+            # fla-hub layout -> BlinkDL's names, which are ours
+            prefixes=(
+                ("model.embeddings.", "emb."),
+                ("model.norm.", "ln_out."),
+                ("model.layers.", "blocks."),
+                ("lm_head.", "head."),
+            ),
+            substrings=_FLA_RENAMES,
+            ignore_suffixes=("head.weight",) if self.cfg.tie_word_embeddings else (),
+        )
+        return load_weights(self, _unstack_and_transpose(weights), mapper)
 
     # ----------------------------------------------------------------- forward
 

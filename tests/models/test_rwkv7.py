@@ -212,6 +212,24 @@ def test_fla_layout_equals_pth(checkpoints, model) -> None:
     torch.testing.assert_close(_all_logits(fla, prompt), _all_logits(model, prompt), atol=1e-6, rtol=1e-6)
 
 
+@torch.no_grad()
+def test_fla_stacked_lerp_layout_equals_pth(checkpoints, model, tmp_path) -> None:
+    """fla's first layout stacks the six lerp weights of a layer in one ``attn.x_x [6, 1, 1, D]``."""
+    from safetensors.torch import load_file
+
+    _, folder = checkpoints
+    tensors = load_file(str(folder / "model.safetensors"))
+    for i in range(LAYERS):
+        prefix = f"model.layers.{i}.attn."
+        lerps = [tensors.pop(f"{prefix}x_{c}").reshape(1, 1, HIDDEN) for c in "rwkvag"]
+        tensors[f"{prefix}x_x"] = torch.stack(lerps)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    stacked = load_model(ModelConfig(model=str(tmp_path), dtype="float32", device="cpu")).model
+    for (name, p), (_, q) in zip(model.named_parameters(), stacked.named_parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0, msg=name)
+
+
 def test_chunked_prefill_and_batch(model) -> None:
     harness.check_chunked_prefill(model, _prompt(), chunk_sizes=(1, 2, 3, 7, 16, 64))
     g = torch.Generator().manual_seed(2)
