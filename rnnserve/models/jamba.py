@@ -165,6 +165,13 @@ class JambaMoE(nn.Module):
         set_shard_loader(gate_up, load, 2 * num_experts)
         set_shard_loader(down, load, num_experts)
 
+    def use_column_major_experts(self) -> None:
+        """Store each expert's matrices column-major (``layers.use_column_major_weight`` for the stacked
+        [E, out, in] weights): same values and shapes, but on the CPU ``F.linear`` on an expert's few
+        rows then reads the weight without repacking it (``scripts/bench_moe.py``)."""
+        for param in (self.experts.gate_up_proj, self.experts.down_proj):
+            param.data = param.data.transpose(1, 2).contiguous().transpose(1, 2)
+
     def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(xs, self.experts.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
         return F.linear(F.silu(gate) * up, self.experts.down_proj[e])
@@ -251,8 +258,14 @@ class JambaLM(BambaLM):
 
     def post_load(self) -> None:
         super().post_load()
-        if self.device.type == "cpu":  # as MambaLM: F.linear without repacking the weight per call
-            for layer in self.model.layers:
-                if not layer.is_attention:
-                    for linear in (layer.mamba.in_proj, layer.mamba.x_proj, layer.mamba.dt_proj, layer.mamba.out_proj):
-                        use_column_major_weight(linear)
+        if self.device.type != "cpu":
+            return
+        # As MambaLM: column-major weights, so F.linear on a decode step's few rows does not repack them.
+        for layer in self.model.layers:
+            for linear in layer.modules():
+                if isinstance(linear, nn.Linear):
+                    use_column_major_weight(linear)
+            if isinstance(layer.feed_forward, JambaMoE):
+                layer.feed_forward.use_column_major_experts()
+        if not self.cfg.tie_word_embeddings:
+            use_column_major_weight(self.lm_head)
