@@ -3,10 +3,12 @@ shared machine slows every arm alike):
 
     .venv/bin/python scripts/bench_decode_step.py --model DIR [--batch-sizes 1,8,32] [--repeats 7] [--threads 1]
 
-Decode arms: float32 as loaded, ``--quantization int8`` (Mamba, Mamba-2), and for Mamba-2 float32 with
-row-major in/out projections (the layout before they were stored column-major). Then one mixed step
-(``--mixed-decodes`` decode rows + a ``--mixed-prompt``-token chunk): ``model.mixed`` (one pass) against
-the interface's two-call default. Prints the median ms per step with the range.
+Decode arms: float32 as loaded, ``--quantization int8`` (Mamba, Mamba-2), for Mamba-2 float32 with
+row-major in/out projections (the layout before they were stored column-major), and ``--cpu-decode
+fused`` (the C++ decode of rnnserve/kernels/cpu_decode, Mamba and Mamba-2; ``--no-fused`` leaves it out).
+Then one mixed step (``--mixed-decodes`` decode rows + a ``--mixed-prompt``-token chunk; ``--no-mixed``
+leaves it out): ``model.mixed`` (one pass) against the interface's two-call default. Prints the median ms
+per step with the range.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from rnnserve.config import ModelConfig
+from rnnserve.engine.cpu_decode import fused_decoder
 from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States
 from rnnserve.models.loader import load_model
 
@@ -57,6 +60,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mixed-decodes", type=int, default=8)
     p.add_argument("--mixed-prompt", type=int, default=64)
+    p.add_argument("--no-fused", action="store_true", help="leave out the --cpu-decode fused arm")
+    p.add_argument("--no-mixed", action="store_true", help="leave out the mixed step")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,7 +83,12 @@ def main() -> None:
             batch = DecodeBatch(torch.randint(10, 1000, (b,)), torch.zeros(b, dtype=torch.long), torch.arange(1, b + 1))
             states = {k: alloc_states(m, b + 1) for k, m in models.items()}
             arms = {k: (lambda m=m, s=states[k], x=batch: m.decode(x, s)) for k, m in models.items()}
+            fused = None if args.no_fused else fused_decoder(fp32, alloc_states(fp32, b + 1))
+            if fused is not None:
+                arms["fp32 fused"] = lambda f=fused, x=batch: f(x)
             show(f"decode batch {b}", interleaved(arms, args.repeats), b)
+        if args.no_mixed:
+            return
 
         n, t = args.mixed_decodes, args.mixed_prompt
         states = alloc_states(fp32, n + 2)
