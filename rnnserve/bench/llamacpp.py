@@ -45,6 +45,8 @@ from rnnserve.console import ArgumentParser, print_error
 GGUF_TYPES = {"fp32": "f32", "int8": "q8_0"}
 TOOL_NAMES = ("llama-batched-bench", "llama-bench", "llama-quantize")
 CONVERTER_NAME = "convert_hf_to_gguf.py"
+# What rnnserve.kernels.cpu_decode logs when --cpu-decode fused falls back to the torch path.
+FUSED_UNAVAILABLE = "fused CPU decode unavailable"
 
 
 class BenchError(Exception):
@@ -139,6 +141,7 @@ def rnnserve_command(
     prompt_len: int,
     gen_len: int,
     precision: str,
+    cpu_decode: str,
     threads: int,
     json_path: Path,
 ) -> Command:
@@ -146,7 +149,8 @@ def rnnserve_command(
     argv = [python, "-m", "rnnserve", "bench", "throughput", "--model", str(model_dir), "--no-baseline"]
     argv += ["--dtype", "float32", "--device", "cpu", "--batch-sizes", ",".join(str(b) for b in batch_sizes)]
     argv += ["--prompt-len", str(prompt_len), "--gen-len", str(gen_len)]
-    argv += ["--quantization", "int8" if precision == "int8" else "none", "--json", str(json_path)]
+    argv += ["--quantization", "int8" if precision == "int8" else "none", "--cpu-decode", cpu_decode]
+    argv += ["--json", str(json_path)]
     return Command(tuple(argv), (("OMP_NUM_THREADS", str(threads)),))
 
 
@@ -235,6 +239,7 @@ class Settings:
     prompt_len: int
     gen_len: int
     prefill_len: int
+    cpu_decode: str
     threads: int
     rounds: int
     timeout_s: float
@@ -284,8 +289,13 @@ def prepare_gguf(s: Settings, log: Callable[[str], None], commands: list[str]) -
 
 
 def run_rnnserve(cmd: Command, json_path: Path, timeout_s: float) -> dict:
-    """Our throughput benchmark's JSON report (the command writes it to ``json_path``)."""
-    run_command(cmd, timeout_s)
+    """Our throughput benchmark's JSON report (the command writes it to ``json_path``). A fused CPU
+    decode that could not be built falls back to the torch path with a warning: that run would not
+    measure what was asked, so it is an error."""
+    out = run_command(cmd, timeout_s)
+    if FUSED_UNAVAILABLE in out:
+        line = next(x for x in out.splitlines() if FUSED_UNAVAILABLE in x)
+        raise BenchError(f"{line.strip()}: {cmd.text()}")
     try:
         return json.loads(json_path.read_text())
     except (OSError, ValueError) as exc:
@@ -305,7 +315,15 @@ def measure_round(s: Settings, gguf: Path, round_index: int, tmp: Path, log: Cal
 
     decode_json = tmp / f"decode-{round_index}.json"
     ours_decode = rnnserve_command(
-        s.rnnserve_python, s.model_dir, s.batch_sizes, s.prompt_len, s.gen_len, s.precision, s.threads, decode_json
+        s.rnnserve_python,
+        s.model_dir,
+        s.batch_sizes,
+        s.prompt_len,
+        s.gen_len,
+        s.precision,
+        s.cpu_decode,
+        s.threads,
+        decode_json,
     )
     theirs_decode = batched_bench_command(s.tools, gguf, s.batch_sizes, s.prompt_len, s.gen_len, s.threads)
 
@@ -328,7 +346,7 @@ def measure_round(s: Settings, gguf: Path, round_index: int, tmp: Path, log: Cal
     if s.prefill_len > 0:
         prefill_json = tmp / f"prefill-{round_index}.json"
         ours_prefill = rnnserve_command(
-            s.rnnserve_python, s.model_dir, (1,), s.prefill_len, 2, s.precision, s.threads, prefill_json
+            s.rnnserve_python, s.model_dir, (1,), s.prefill_len, 2, s.precision, s.cpu_decode, s.threads, prefill_json
         )
         theirs_prefill = llama_bench_command(s.tools, gguf, s.prefill_len, s.threads, 1)
 
@@ -459,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence before decode")
     p.add_argument("--gen-len", type=int, default=128, help="generated tokens per sequence")
     p.add_argument("--prefill-len", type=int, default=2048, help="prefill benchmark prompt length (0: skip)")
+    p.add_argument(
+        "--cpu-decode", choices=["torch", "fused"], default="torch", help="rnnserve's CPU decode path (RunnerConfig)"
+    )
     p.add_argument("--threads", type=int, default=2, help="threads for both engines")
     p.add_argument("--rounds", type=int, default=2, help="rounds; the engine that goes first alternates")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds any one command may take")
@@ -487,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             work_dir=args.work_dir,
             tools=tools,
             precision=args.precision,
+            cpu_decode=args.cpu_decode,
             batch_sizes=args.batch_sizes,
             prompt_len=args.prompt_len,
             gen_len=args.gen_len,
@@ -515,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model_dir),
         "gguf": str(gguf),
         "precision": settings.precision,
+        "cpu_decode": settings.cpu_decode,
         "threads": settings.threads,
         "batch_sizes": list(settings.batch_sizes),
         "prompt_len": settings.prompt_len,
@@ -527,7 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarize(rounds),
     }
     print(format_table(report))
-    print(f"\n{settings.rounds} rounds, {settings.threads} threads each, engines alternated; commands:")
+    print(
+        f"\n{settings.rounds} rounds, {settings.threads} threads each, engines alternated, rnnserve "
+        f"--cpu-decode {settings.cpu_decode}; commands:"
+    )
     for cmd in [*setup_commands, *commands]:
         print(f"  {cmd}")
     if args.json is not None:

@@ -99,11 +99,12 @@ def test_commands_match_the_benchmarks_flags(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_rnnserve_command_is_a_valid_throughput_command(precision, tmp_path):
-    cmd = llamacpp.rnnserve_command("py", Path("ckpt"), (1, 8), 128, 64, precision, 3, tmp_path / "o.json")
+    cmd = llamacpp.rnnserve_command("py", Path("ckpt"), (1, 8), 128, 64, precision, "fused", 3, tmp_path / "o.json")
     assert cmd.argv[:5] == ("py", "-m", "rnnserve", "bench", "throughput") and cmd.env == (("OMP_NUM_THREADS", "3"),)
     args = throughput.build_parser().parse_args(list(cmd.argv[5:]))
     assert args.no_baseline and args.batch_sizes == "1,8" and (args.prompt_len, args.gen_len) == (128, 64)
     assert args.quantization == ("int8" if precision == "int8" else "none") and args.dtype == "float32"
+    assert args.cpu_decode == "fused"
     assert cmd.text().startswith("OMP_NUM_THREADS=3 py -m rnnserve bench throughput")
 
 
@@ -249,3 +250,14 @@ def test_failing_tool_is_one_error_line(tmp_path, monkeypatch, capsys):
     assert "exit status 1" in err and "unknown model architecture" in err
     assert llamacpp.main(["--model", str(tmp_path), "--llamacpp-bin", str(bin_dir)]) == 2  # no config.json
     assert llamacpp.main([*argv, "--gen-len", "1"]) == 2
+
+
+def test_fused_decode_fallback_is_an_error(tmp_path):
+    """A run whose fused decode fell back to the torch path (the kernel's warning) is not reported."""
+    warn = "fused CPU decode unavailable, decoding with the torch path: the CPU lacks AVX2/FMA"
+    prog = _script(tmp_path / "ours", f"import sys; print({warn!r}, file=sys.stderr)")
+    (tmp_path / "o.json").write_text('{"results": []}')
+    with pytest.raises(BenchError, match="lacks AVX2"):
+        llamacpp.run_rnnserve(Command((str(prog),)), tmp_path / "o.json", 60)
+    quiet = _script(tmp_path / "quiet", "print('done')")
+    assert llamacpp.run_rnnserve(Command((str(quiet),)), tmp_path / "o.json", 60) == {"results": []}
