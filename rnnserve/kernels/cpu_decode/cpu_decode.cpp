@@ -172,43 +172,6 @@ void gemm_kn(const float* x, int64_t ldx, const float* w, const float* bias, flo
   });
 }
 
-// C[M, N] = X[M, K] · W[N, K]ᵀ: W row-major (a tied head: the embedding [V, D]). Four W rows by two X
-// rows per tile, dot products along K (8 floats at a time), reduced horizontally at the end.
-void gemm_nk(const float* x, int64_t ldx, const float* w, float* c, int64_t ldc, int64_t M, int64_t K, int64_t N) {
-  const int64_t K8 = K / 8 * 8;
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t q0, int64_t q1) {
-    for (int64_t n = q0 * 4; n < std::min(N, q1 * 4); n += 4) {
-      const int64_t nn = std::min<int64_t>(4, N - n);
-      const float* wr[4];
-      for (int j = 0; j < 4; ++j) wr[j] = w + (n + std::min<int64_t>(j, nn - 1)) * K;
-      for (int64_t m = 0; m < M; m += 2) {
-        const int64_t mm = std::min<int64_t>(2, M - m);
-        const float* x0 = x + m * ldx;
-        const float* x1 = x + (m + mm - 1) * ldx;
-        __m256 acc[2][4];
-        for (auto& a : acc)
-          for (auto& v : a) v = _mm256_setzero_ps();
-        for (int64_t k = 0; k < K8; k += 8) {
-          const __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x1 + k);
-          for (int j = 0; j < 4; ++j) {
-            const __m256 wv = _mm256_loadu_ps(wr[j] + k);
-            acc[0][j] = _mm256_fmadd_ps(xa, wv, acc[0][j]);
-            acc[1][j] = _mm256_fmadd_ps(xb, wv, acc[1][j]);
-          }
-        }
-        for (int64_t r = 0; r < mm; ++r) {
-          const float* xr = r == 0 ? x0 : x1;
-          for (int64_t j = 0; j < nn; ++j) {
-            float s = hsum256(acc[r][j]);
-            for (int64_t k = K8; k < K; ++k) s += xr[k] * wr[j][k];
-            c[(m + r) * ldc + n + j] = s;
-          }
-        }
-      }
-    }
-  });
-}
-
 // y[M, D] = rms_norm(x[M, D]) * weight (as F.rms_norm: x / sqrt(mean(x²) + eps) * w).
 void rms_norm_rows(const float* x, const float* weight, float* y, int64_t M, int64_t D, float eps) {
   for (int64_t m = 0; m < M; ++m) {
@@ -244,26 +207,42 @@ void conv_step(const float* x, float* state, const float* w, const float* bias, 
   silu_inplace(out + c0, c1 - c0);
 }
 
-const float* fptr(const Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+const float* fptr(const Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
 
 void check_f32(const Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, " must be a float32 CPU tensor");
 }
 
-// The head: logits [M, V] from the normalised last hidden state.
+// out (+)= x · w (+ bias): x [M, K] (rows may be strided), w [K, N] contiguous, out [M, N] contiguous.
+// One row goes to MKL's sgemv, more to gemm_kn: with the weights streaming from DRAM (a real step),
+// MKL read a single row's 24 in_proj matrices ~25% faster; from 2 rows on the streaming kernel
+// was as fast or faster (2-2.5x at 8 rows) with the weights in L3.
+void gemm(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out, bool accumulate) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(1);
+  if (M == 1) {
+    if (accumulate) {
+      out.addmm_(x, w);
+    } else {
+      at::mm_out(out, x, w);
+    }
+    if (bias.defined() && bias.numel()) out.add_(bias);
+    return;
+  }
+  gemm_kn(x.data_ptr<float>(), x.stride(0), w.data_ptr<float>(), fptr(bias), out.data_ptr<float>(), N, M, K, N,
+          accumulate);
+}
+
+// The head: logits [M, V] from the normalised last hidden state; a tied head [V, D] (row-major) goes
+// to MKL's sgemm / sgemv, which read it ~30% faster than a dot-product kernel here.
 Tensor head_logits(const Tensor& hn, const Tensor& head_w, bool head_kn) {
-  const int64_t M = hn.size(0), D = hn.size(1);
+  const int64_t M = hn.size(0);
   if (head_kn) {  // head_w [D, V]
     Tensor out = at::empty({M, head_w.size(1)}, hn.options());
-    gemm_kn(hn.data_ptr<float>(), D, head_w.data_ptr<float>(), nullptr, out.data_ptr<float>(), head_w.size(1), M, D,
-            head_w.size(1), false);
+    gemm(hn, head_w, Tensor(), out, false);
     return out;
   }
   Tensor out = at::empty({M, head_w.size(0)}, hn.options());  // head_w [V, D]
-  if (M > 4) return at::mm_out(out, hn, head_w.t());  // MKL's sgemm beat the dot-product kernel here
-  gemm_nk(hn.data_ptr<float>(), D, head_w.data_ptr<float>(), out.data_ptr<float>(), head_w.size(0), M, D,
-          head_w.size(0));
-  return out;
+  return at::mm_out(out, hn, head_w.t());
 }
 
 Tensor embed(const Tensor& ids, const Tensor& emb) {
@@ -279,14 +258,13 @@ Tensor embed(const Tensor& ids, const Tensor& emb) {
 
 // ---------------------------------------------------------------------------------------------- ops
 
-// X [M, K] · W: W a [K, N] contiguous matrix (kn) or [N, K] (nk). For tests of the GEMM alone.
-Tensor linear(const Tensor& x, const Tensor& w, bool kn) {
+// X [M, K] · W [K, N] through gemm_kn whatever M (for tests of the kernel alone).
+Tensor linear(const Tensor& x, const Tensor& w) {
   check_f32(x, "x");
   check_f32(w, "w");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "2-D contiguous inputs");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK((kn ? w.size(0) : w.size(1)) == K, "inner dimensions differ");
-  if (!kn) return head_logits(x, w, false);
+  TORCH_CHECK(w.size(0) == K, "inner dimensions differ");
   Tensor out = at::empty({M, w.size(1)}, x.options());
   gemm_kn(x.data_ptr<float>(), K, w.data_ptr<float>(), nullptr, out.data_ptr<float>(), w.size(1), M, K, w.size(1),
           false);
@@ -323,7 +301,7 @@ Tensor mamba1_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
   float* yp = y.data_ptr<float>();
   for (int64_t l = 0; l < L; ++l) {
     rms_norm_rows(hp, norm_w[l].data_ptr<float>(), hnp, B, D, eps);
-    gemm_kn(hnp, D, in_w[l].data_ptr<float>(), fptr(in_b[l]), xzp, 2 * E, B, D, 2 * E, false);
+    gemm(hn, in_w[l], in_b[l], xz, false);
     float* cs = conv_state[l].data_ptr<float>();
     const int64_t cs_stride = conv_state[l].stride(0);
     const float* cw = conv_w[l].data_ptr<float>();
@@ -335,8 +313,8 @@ Tensor mamba1_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
         conv_step(xzp + b * 2 * E, cs + slot[b] * cs_stride, cw, cb, xcp + b * E, c0, c1, K);
       }
     });
-    gemm_kn(xcp, E, x_w[l].data_ptr<float>(), nullptr, xdp, XD, B, E, XD, false);
-    gemm_kn(xdp, XD, dt_w[l].data_ptr<float>(), nullptr, dtp, E, B, R, E, false);
+    gemm(xc, x_w[l], Tensor(), xdbl, false);
+    gemm(xdbl.narrow(1, 0, R), dt_w[l], Tensor(), dt, false);
     // Selective state update, per (sequence, block of channels): Δ = softplus(dt + bias),
     // s ← exp(Δ A) s + Δ x B, y = s·C + D x, y *= silu(z).
     float* ss = ssm_state[l].data_ptr<float>();
@@ -389,7 +367,7 @@ Tensor mamba1_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
       }
     });
     // h += out_proj(y): the GEMM accumulates into the residual stream.
-    gemm_kn(yp, E, out_w[l].data_ptr<float>(), fptr(out_b[l]), hp, D, B, E, D, true);
+    gemm(y, out_w[l], out_b[l], h, true);
   }
   rms_norm_rows(hp, norm_f.data_ptr<float>(), hnp, B, D, eps);
   return head_logits(hn, head_w, head_kn);
@@ -423,7 +401,7 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
   const float lo = static_cast<float>(dt_min), hi = static_cast<float>(dt_max);
   for (int64_t l = 0; l < L; ++l) {
     rms_norm_rows(hp, norm_w[l].data_ptr<float>(), hnp, B, D, eps);
-    gemm_kn(hnp, D, in_w[l].data_ptr<float>(), fptr(in_b[l]), pp, W, B, D, W, false);
+    gemm(hn, in_w[l], in_b[l], proj, false);
     float* cs = conv_state[l].data_ptr<float>();
     const int64_t cs_stride = conv_state[l].stride(0);
     const float* cw = conv_w[l].data_ptr<float>();
@@ -505,7 +483,7 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
         for (int64_t j = 0; j < EG; ++j) yr[j] = yr[j] * inv * gw[g * EG + j];
       }
     });
-    gemm_kn(yp, E, out_w[l].data_ptr<float>(), fptr(out_b[l]), hp, D, B, E, D, true);
+    gemm(y, out_w[l], out_b[l], h, true);
   }
   rms_norm_rows(hp, norm_f.data_ptr<float>(), hnp, B, D, eps);
   return head_logits(hn, head_w, head_kn);
@@ -514,7 +492,7 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
 }  // namespace
 
 TORCH_LIBRARY(rnnserve_cpu, m) {
-  m.def("linear(Tensor x, Tensor w, bool kn) -> Tensor");
+  m.def("linear(Tensor x, Tensor w) -> Tensor");
   m.def(
       "mamba1_decode(Tensor ids, Tensor slots, Tensor emb, Tensor[] norm_w, Tensor[] in_w, Tensor[] in_b, "
       "Tensor[] conv_w, Tensor[] conv_b, Tensor[] x_w, Tensor[] dt_w, Tensor[] dt_b, Tensor[] A, Tensor[] D, "
