@@ -15,6 +15,11 @@ scheduler decides how many of its not-yet-computed tokens run. Order of service:
    but queued in its client's turn) if it runs at least two more than the waiting request's client:
    one client's burst cannot hold every slot while another client waits.
 
+Newcomers first (models without attention layers): while some client runs two requests or more, a
+waiting request of a client that runs none is admitted in a step of its own (with any other such
+newcomers, no decodes), so its first token waits for one short step rather than for a step carrying
+another client's whole batch. One client alone never triggers it.
+
 With a paged KV cache a running request that needs a block when none is free preempts the youngest
 running request (maybe itself): its blocks and slot go back and it is queued first, to recompute its
 prompt and output tokens (as prefill chunks, without sampling again) once it is admitted again.
@@ -219,6 +224,8 @@ class Scheduler:
             self._suspects.clear()  # it cannot run alone (no slot or KV blocks): steps are shared again
         budget = self.config.max_num_batched_tokens
         out = SchedulerOutput()
+        if self._admit_newcomers(budget, out):
+            return out
         preemptions = self.num_preemptions
         # Copies: reserving KV blocks may preempt (remove) running requests.
         for req in list(self.running):
@@ -253,6 +260,31 @@ class Scheduler:
                 break
             budget -= n
         return out
+
+    def _admit_newcomers(self, budget: int, out: SchedulerOutput) -> bool:
+        """Admit, into ``out`` alone, the waiting requests of clients that run nothing while another
+        client runs two or more (see "Newcomers first"); False (``out`` untouched): none to admit."""
+        if not self.waiting or len(self.running) < 2 or self.waiting[0].request_id in self._front:
+            return False
+        if self.kv_cache is not None:  # admission there may need blocks the running requests are about to use
+            return False
+        deferred: set[str] = set()  # waiting for a running request to prefill their prefix
+        while self.waiting and budget > 0:
+            req = self._next_waiting(deferred)
+            running = self._running_per_client()
+            if req is None or running.get(req.params.client, 0) > 0 or max(running.values(), default=0) < 2:
+                break
+            if self._wait_for_prefix(req):
+                deferred.add(req.request_id)
+                continue
+            full = len(self.running) >= self.config.max_num_seqs or self.pool.num_free == 0
+            if full and not self._preempt_for(req, out):
+                break
+            n = self._admit(req, budget, out)
+            if n == 0:
+                break
+            budget -= n
+        return not out.is_empty
 
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> int:
         """Give waiting ``req`` a slot and schedule its first chunk; the chunk's tokens (0: no slot, or

@@ -189,3 +189,26 @@ def test_a_client_holding_every_slot_gives_one_back_to_a_new_client():
     sched.add(client_req("q2", "quiet", max_tokens=8))
     sched.schedule()
     assert sched.num_preemptions == 2 and sched.get("q2").status is RequestStatus.WAITING
+
+
+def test_a_new_client_gets_a_step_of_its_own_before_a_busy_clients_decodes():
+    sched = make(budget=64, slots=8)
+    for i in range(4):
+        sched.add(client_req(f"b{i}", "busy", max_tokens=8))
+    fake_run(sched, sched.schedule())  # b0..b3 have their first token: decodes next
+    sched.add(client_req("q0", "quiet", max_tokens=8))
+    sched.add(client_req("n0", "new", max_tokens=8))
+    out = sched.schedule()
+    assert plan(out) == [("q0", 2), ("n0", 2)]  # newcomers alone: their first token after one short step
+    fake_run(sched, out)
+    sched.add(client_req("q1", "quiet", max_tokens=8))  # quiet runs one now: no newcomer any more
+    out = sched.schedule()
+    assert [rid for rid, _ in plan(out)] == ["b0", "b1", "b2", "b3", "q0", "n0", "q1"]
+    assert [s.is_decode for s in out.scheduled] == [True] * 6 + [False]
+    # One client alone (a load generator, a proxy): decodes first, as always.
+    solo = make(budget=64, slots=8)
+    for i in range(3):
+        solo.add(client_req(f"s{i}", "solo", max_tokens=8))
+    fake_run(solo, solo.schedule())
+    solo.add(client_req("s3", "solo", max_tokens=8))
+    assert [rid for rid, _ in plan(solo.schedule())] == ["s0", "s1", "s2", "s3"]
