@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from rnnserve.server.errors import bad_request, overloaded
+from rnnserve.server.errors import APIError, bad_request, overloaded
 
 RETRY_AFTER_OVERLOADED_S = 1  # a queue slot frees within a few engine steps
 RETRY_AFTER_DRAINING_S = 5  # this server is going away: try again later (or another replica)
@@ -46,8 +46,16 @@ class Admission:
 
     def admit(self, fanout: int, client: str = "") -> None:
         """Reserve ``fanout`` engine requests for ``client``, or raise the APIError that refuses them."""
+        refusal = self.refusal(fanout, client)
+        if refusal is not None:
+            raise refusal
+        self.in_flight += fanout
+        self._per_client[client] = self._per_client.get(client, 0) + fanout
+
+    def refusal(self, fanout: int, client: str = "") -> APIError | None:
+        """The APIError that would refuse ``fanout`` more engine requests for ``client`` now, or None."""
         if self.draining:
-            raise overloaded(
+            return overloaded(
                 "the server is shutting down and takes no new requests",
                 RETRY_AFTER_DRAINING_S,
                 status=503,
@@ -55,26 +63,25 @@ class Admission:
             )
         limit = self.max_fanout if self.max_in_flight is None else min(self.max_fanout, self.max_in_flight)
         if fanout > limit:
-            raise bad_request(
+            return bad_request(
                 f"this request asks for {fanout} completions (prompts x n); this server takes at most {limit} "
                 "in one request (--max-fanout)",
                 param="n",
                 code="fanout_exceeded",
             )
         if self.max_in_flight is not None and self.in_flight + fanout > self.max_in_flight:
-            raise overloaded(
+            return overloaded(
                 f"the server is at capacity ({self.in_flight} sequences running or queued); retry shortly",
                 RETRY_AFTER_OVERLOADED_S,
             )
         held = self._per_client.get(client, 0)
         if self.max_per_client is not None and held > 0 and held + fanout > self.max_per_client:
-            raise overloaded(
+            return overloaded(
                 f"this client has {held} sequences running or queued, its share of this server "
                 f"(--max-in-flight-per-client {self.max_per_client}); retry shortly",
                 RETRY_AFTER_OVERLOADED_S,
             )
-        self.in_flight += fanout
-        self._per_client[client] = held + fanout
+        return None
 
     def release(self, fanout: int, client: str = "") -> None:
         self.in_flight -= fanout
@@ -127,3 +134,22 @@ def client_key(user: str | None, address: str | None) -> str:
 def unbounded() -> Admission:
     """No queue bound (an app built without one, e.g. in tests of other features)."""
     return Admission(max_in_flight=None, max_fanout=2**31)
+
+
+def raw_fanout(body: object, chat: bool) -> int | None:
+    """prompts x ``n`` of a generation request's parsed JSON body, counted as its handler counts
+    them; None when the body is not a well-formed request (the handler then answers 400)."""
+    if not isinstance(body, dict):
+        return None
+    n = body.get("n", 1)
+    n = 1 if n is None else n
+    if type(n) is not int or n < 1:
+        return None
+    if chat:
+        return n
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
+        return n
+    if isinstance(prompt, list) and prompt:
+        return len(prompt) * n
+    return None

@@ -1,9 +1,15 @@
-"""Per-client fair share of the admission bound (rnnserve/server/admission.py)."""
+"""Per-client fair share of the admission bound (rnnserve/server/admission.py), and the gate that
+refuses a burst's excess before the handler runs."""
+
+from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
-from rnnserve.server.admission import Admission, client_key, per_client_share
+from rnnserve.config import ServerConfig
+from rnnserve.server.admission import Admission, client_key, per_client_share, raw_fanout
 from rnnserve.server.errors import APIError
+from tests.server.conftest import make_app
 
 
 def test_a_client_past_its_share_gets_429_while_others_are_admitted() -> None:
@@ -45,3 +51,44 @@ def test_share_flag_and_client_key() -> None:
     assert client_key("alice", "127.0.0.1") == "user:alice"
     assert client_key(None, "127.0.0.1") == client_key("", "127.0.0.1") == "addr:127.0.0.1"
     assert client_key("127.0.0.1", "10.0.0.1") != client_key(None, "127.0.0.1")
+
+
+def test_raw_fanout_counts_as_the_handlers_do() -> None:
+    assert raw_fanout({"prompt": "x"}, chat=False) == 1
+    assert raw_fanout({"prompt": [1, 2, 3], "n": 2}, chat=False) == 2  # one token-id prompt
+    assert raw_fanout({"prompt": ["a", "b", [1]], "n": 3}, chat=False) == 9
+    assert raw_fanout({"messages": [], "n": 4}, chat=True) == 4
+    assert raw_fanout({"prompt": "x", "n": None}, chat=False) == 1
+    # Not a well-formed request: left to the handler's 400.
+    for body in ([], {"prompt": []}, {"prompt": 3}, {"prompt": "x", "n": 0}, {"prompt": "x", "n": True}):
+        assert raw_fanout(body, chat=False) is None
+
+
+def test_a_refused_request_is_answered_before_its_handler_runs(model_dir: Path) -> None:
+    server = ServerConfig(max_queued_requests=2, max_in_flight_per_client=2)
+    with TestClient(make_app(model_dir, max_num_seqs=2, server=server)) as client:
+        app = client.app
+        tok = app.state.ctx.tokenizer
+        encoded: list[str] = []
+        encode = tok.encode
+        tok.encode = lambda text, **kw: encoded.append(text) or encode(text, **kw)  # type: ignore[method-assign]
+        app.state.admission.admit(2, "user:burst")  # that client holds its whole share
+        for path, body in [
+            ("/v1/completions", {"prompt": "refused", "max_tokens": 2, "user": "burst"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "refused"}], "user": "burst"}),
+        ]:
+            r = client.post(path, json=body)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        assert encoded == []  # refused before tokenization (and validation)
+        # A body the handler must answer (not JSON, no prompt, a fan-out past the cap) still gets its 400.
+        bad = client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        assert client.post("/v1/completions", json={"user": "burst"}).status_code == 400
+        assert client.post("/v1/completions", json={"prompt": "x", "n": 9, "user": "burst"}).status_code == 400
+        # Another client is admitted, through the gate, as before.
+        encoded.clear()
+        r = client.post("/v1/completions", json={"prompt": "admitted", "max_tokens": 2, "user": "quiet"})
+        assert r.status_code == 200 and encoded == ["admitted"]
+        app.state.admission.release(2, "user:burst")
+        assert app.state.admission.in_flight == 0
