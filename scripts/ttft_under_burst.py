@@ -16,6 +16,10 @@ has it) so that without ``user`` its address differs too.
         --setting "no-share=--max-in-flight-per-client 0" --setting "fair=" \
         --setting "unbounded=--max-queued-requests 1000000"
 
+A setting's flags may start with environment variables (``NAME=PYTHONPATH=/tmp/old FLAGS``), e.g. to
+compare two source trees; ``--rounds N`` runs every setting N times, interleaved, as a shared
+machine's load then falls on all of them alike.
+
 Prints one table and writes the figures to ``--out`` (JSON).
 """
 
@@ -156,6 +160,10 @@ def during_burst(
 
 
 def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    while extra and "=" in extra[0] and extra[0].split("=", 1)[0].isupper():
+        key, value = extra.pop(0).split("=", 1)
+        env[key] = value
     port = free_port()
     cmd = [
         sys.executable,
@@ -170,7 +178,7 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
         *extra,
     ]
     log = open(Path(args.out).with_suffix(f".{name}.log"), "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -219,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=40, help="well-behaved requests per phase")
     p.add_argument("--serve-args", type=shlex.split, default=[], help="flags for every server, e.g. '--model DIR'")
     p.add_argument("--setting", action="append", default=[], help="NAME=FLAGS, one server per setting")
+    p.add_argument("--rounds", type=int, default=1, help="run every setting this many times, interleaved")
     p.add_argument("--out", default="ttft_under_burst.json")
     args = p.parse_args(argv)
     settings = [s.split("=", 1) for s in args.setting] or [["bounded", ""]]
-    rows = [run_setting(name, shlex.split(flags), args) for name, flags in settings]
+    rows = [run_setting(name, shlex.split(flags), args) for _ in range(args.rounds) for name, flags in settings]
     print(f"{'setting':<12} {'quiet p50':>9} {'quiet p99':>9} {'burst p50':>9} {'burst p99':>9} {'ratio':>6} "
           f"{'429s':>5} {'RSS MiB before/after':>21}  burst statuses")  # fmt: skip
     for r in rows:
