@@ -45,8 +45,9 @@ from rnnserve.console import ArgumentParser, print_error
 GGUF_TYPES = {"fp32": "f32", "int8": "q8_0"}
 TOOL_NAMES = ("llama-batched-bench", "llama-bench", "llama-quantize")
 CONVERTER_NAME = "convert_hf_to_gguf.py"
-# What rnnserve.kernels.cpu_decode logs when --cpu-decode fused falls back to the torch path.
-FUSED_UNAVAILABLE = "fused CPU decode unavailable"
+# What rnnserve logs when --cpu-decode fused falls back to the torch path (no AVX2, a failed build of the
+# kernels, int8 weights, ...).
+FUSED_FALLBACK = "decoding with the torch path"
 
 
 class BenchError(Exception):
@@ -293,8 +294,8 @@ def run_rnnserve(cmd: Command, json_path: Path, timeout_s: float) -> dict:
     decode that could not be built falls back to the torch path with a warning: that run would not
     measure what was asked, so it is an error."""
     out = run_command(cmd, timeout_s)
-    if FUSED_UNAVAILABLE in out:
-        line = next(x for x in out.splitlines() if FUSED_UNAVAILABLE in x)
+    if FUSED_FALLBACK in out:
+        line = next(x for x in out.splitlines() if FUSED_FALLBACK in x)
         raise BenchError(f"{line.strip()}: {cmd.text()}")
     try:
         return json.loads(json_path.read_text())
@@ -420,9 +421,11 @@ def create_random_model(shape: str, folder: Path, seed: int = 0) -> Path:
         ),
         "mamba2-130m": (
             Mamba2ForCausalLM,
-            # mamba2-130m: 24 heads of 64 (expand 2), one group, state 128.
+            # mamba2-130m: 24 heads of 64 (expand 2), one group, state 128, the vocabulary padded to a
+            # multiple of 16 (llama.cpp's converter assumes that padding for Mamba-2: a model without it
+            # converts, but its GGUF does not load).
             Mamba2Config(
-                vocab_size=NEOX_VOCAB,
+                vocab_size=-(NEOX_VOCAB // -16) * 16,
                 hidden_size=768,
                 num_hidden_layers=24,
                 num_heads=24,

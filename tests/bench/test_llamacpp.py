@@ -252,12 +252,18 @@ def test_failing_tool_is_one_error_line(tmp_path, monkeypatch, capsys):
     assert llamacpp.main([*argv, "--gen-len", "1"]) == 2
 
 
-def test_fused_decode_fallback_is_an_error(tmp_path):
-    """A run whose fused decode fell back to the torch path (the kernel's warning) is not reported."""
-    warn = "fused CPU decode unavailable, decoding with the torch path: the CPU lacks AVX2/FMA"
-    prog = _script(tmp_path / "ours", f"import sys; print({warn!r}, file=sys.stderr)")
+@pytest.mark.parametrize(
+    "warning",
+    [
+        "fused CPU decode unavailable, decoding with the torch path: the CPU lacks AVX2/FMA",
+        "--cpu-decode fused: the fused CPU decode runs float32 weights; decoding with the torch path",
+    ],
+)
+def test_fused_decode_fallback_is_an_error(warning, tmp_path):
+    """A run whose fused decode fell back to the torch path (rnnserve's warning) is not reported."""
+    prog = _script(tmp_path / "ours", f"import sys; print({warning!r}, file=sys.stderr)")
     (tmp_path / "o.json").write_text('{"results": []}')
-    with pytest.raises(BenchError, match="lacks AVX2"):
+    with pytest.raises(BenchError, match="decoding with the torch path"):
         llamacpp.run_rnnserve(Command((str(prog),)), tmp_path / "o.json", 60)
     quiet = _script(tmp_path / "quiet", "print('done')")
     assert llamacpp.run_rnnserve(Command((str(quiet),)), tmp_path / "o.json", 60) == {"results": []}
