@@ -274,10 +274,14 @@ def prepare_gguf(s: Settings, log: Callable[[str], None], commands: list[str]) -
     if s.precision != "fp32":
         target = s.work_dir / f"{name}-{GGUF_TYPES[s.precision]}.gguf"
         steps.append((target, quantize_command(s.tools, f32, target, GGUF_TYPES[s.precision], s.threads)))
+    # Each file is reused only while it is newer than what it was made from (the checkpoint's files,
+    # then the f32 GGUF): a checkpoint written again, or a reconverted f32, makes the next step rerun.
+    source_mtime = max(f.stat().st_mtime for f in s.model_dir.iterdir() if f.is_file())
     for path, cmd in steps:
         commands.append(cmd.text())
-        if path.is_file() and path.stat().st_size > 0:
+        if path.is_file() and path.stat().st_size > 0 and path.stat().st_mtime >= source_mtime:
             log(f"reusing {path}")
+            source_mtime = path.stat().st_mtime
             continue
         log(f"$ {cmd.text()}")
         # Write under a temporary name, so an interrupted run never leaves a truncated file to reuse.
@@ -286,6 +290,7 @@ def prepare_gguf(s: Settings, log: Callable[[str], None], commands: list[str]) -
         if not partial.is_file():
             raise BenchError(f"no {partial} after: {cmd.text()}")
         partial.replace(path)
+        source_mtime = path.stat().st_mtime
     return steps[-1][0]
 
 

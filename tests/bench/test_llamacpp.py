@@ -5,6 +5,7 @@ programs (small Python scripts) with our engine's benchmark replaced by a stub. 
 from __future__ import annotations
 
 import json
+import os
 import stat
 import sys
 from pathlib import Path
@@ -235,6 +236,14 @@ def test_whole_run_against_fake_llamacpp(tmp_path, monkeypatch, capsys):
     assert llamacpp.main([*argv[:-4], "--rounds", "1"]) == 0
     new_calls = calls.read_text().splitlines()[n_calls:]
     assert [c for c in new_calls if "--outfile" in c or "Q8_0" in c] == []
+
+    # An f32 GGUF newer than the Q8_0 one (reconverted) makes the Q8_0 stale: quantized again, not converted.
+    f32, q8 = work / "ckpt-f32.gguf", work / "ckpt-q8_0.gguf"
+    os.utime(q8, (q8.stat().st_atime, f32.stat().st_mtime - 10))
+    n_calls = len(calls.read_text().splitlines())
+    assert llamacpp.main([*argv[:-4], "--rounds", "1"]) == 0
+    new_calls = calls.read_text().splitlines()[n_calls:]
+    assert [c for c in new_calls if "--outfile" in c] == [] and len([c for c in new_calls if "Q8_0" in c]) == 1
 
 
 def test_failing_tool_is_one_error_line(tmp_path, monkeypatch, capsys):
