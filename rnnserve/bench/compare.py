@@ -512,7 +512,11 @@ def run_sweep(cfg: CompareConfig) -> dict:
     with ExitStack() as stack:
         rec: tuple[str, str, str, dict[str, float]] | None = None
         try:
-            args = _serve_args(cfg, None, state_memory)
+            # The longest context of the sweep: a pure recurrent model's memory does not depend on it,
+            # but a hybrid's attention layers size their KV cache by it (not by the 256k positions
+            # a Bamba config allows).
+            rec_len = math.ceil((max(cfg.contexts) + cfg.output_len) * _CONTEXT_MARGIN) + _CONTEXT_PAD
+            args = _serve_args(cfg, rec_len, state_memory)
             url = stack.enter_context(launch_server(recurrent, args, logs / "recurrent.log", cfg.startup_timeout_s))
             rec = ("recurrent", url, recurrent.name, _warm_up(url))
         except (RuntimeError, httpx.HTTPError) as exc:
