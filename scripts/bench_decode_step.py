@@ -5,7 +5,8 @@ shared machine slows every arm alike):
 
 Decode arms: float32 as loaded, ``--quantization int8`` (Mamba, Mamba-2), for Mamba-2 float32 with
 row-major in/out projections (the layout before they were stored column-major), and ``--cpu-decode
-fused`` (the C++ decode of rnnserve/kernels/cpu_decode, Mamba and Mamba-2; ``--no-fused`` leaves it out).
+fused`` (the C++ decode of rnnserve/kernels/cpu_decode, Mamba and Mamba-2); ``--no-fused`` / ``--no-int8``
+leave those out.
 Then one mixed step (``--mixed-decodes`` decode rows + a ``--mixed-prompt``-token chunk; ``--no-mixed``
 leaves it out): ``model.mixed`` (one pass) against the interface's two-call default. Prints the median ms
 per step with the range.
@@ -61,6 +62,7 @@ def main() -> None:
     p.add_argument("--mixed-decodes", type=int, default=8)
     p.add_argument("--mixed-prompt", type=int, default=64)
     p.add_argument("--no-fused", action="store_true", help="leave out the --cpu-decode fused arm")
+    p.add_argument("--no-int8", action="store_true", help="leave out the int8 arm")
     p.add_argument("--no-mixed", action="store_true", help="leave out the mixed step")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,7 +70,8 @@ def main() -> None:
     fp32 = load_model(ModelConfig(model=args.model)).model
     models: dict[str, RecurrentLM] = {"fp32": fp32}
     try:
-        models["int8"] = load_model(ModelConfig(model=args.model, quantization="int8")).model
+        if not args.no_int8:
+            models["int8"] = load_model(ModelConfig(model=args.model, quantization="int8")).model
     except Exception as exc:  # a family without int8: decode arms are float32 only
         print(f"int8: {exc}")
     if hasattr(fp32, "backbone") and type(fp32).__name__ == "Mamba2LM":
