@@ -100,17 +100,17 @@ class FusedMambaDecoder:
             out_w=[_kn(m.out_proj) for m in mixers],  # [E, D]
             out_b=[_bias(m.out_proj) for m in mixers],
         )
-        self.conv_state = [st["conv"] for st in states]
-        self.ssm_state = [st["ssm"] for st in states]
         self.norm_f = model.backbone.norm_f.weight.detach()
         self.eps = model.cfg.norm_eps
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        # The state tensors are looked up per step (48 dict reads), so a pool that swaps one is followed.
         a = self.args
         return self.ops.mamba1_decode(
             batch.input_ids, batch.slot_ids, a["emb"], a["norm_w"], a["in_w"], a["in_b"], a["conv_w"],
             a["conv_b"], a["x_w"], a["dt_w"], a["dt_b"], a["A"], a["D"], a["out_w"], a["out_b"],
-            self.conv_state, self.ssm_state, self.norm_f, self.head_w, self.head_kn, self.eps,
+            [st["conv"] for st in self.states], [st["ssm"] for st in self.states],
+            self.norm_f, self.head_w, self.head_kn, self.eps,
         )  # fmt: skip
 
 
@@ -136,8 +136,6 @@ class FusedMamba2Decoder:
             out_w=[_kn(m.out_proj) for m in mixers],
             out_b=[_bias(m.out_proj) for m in mixers],
         )
-        self.conv_state = [st["conv"] for st in states]
-        self.ssm_state = [st["ssm"] for st in states]
         self.norm_f = model.backbone.norm_f.weight.detach()
         self.eps = cfg.norm_eps
         lo, hi = cfg.time_step_limit
@@ -148,5 +146,6 @@ class FusedMamba2Decoder:
         return self.ops.mamba2_decode(
             batch.input_ids, batch.slot_ids, a["emb"], a["norm_w"], a["in_w"], a["in_b"], a["conv_w"],
             a["conv_b"], a["dt_bias"], a["A"], a["D"], a["gnorm_w"], a["out_w"], a["out_b"],
-            self.conv_state, self.ssm_state, self.norm_f, self.head_w, self.head_kn, self.eps, *self.dims,
+            [st["conv"] for st in self.states], [st["ssm"] for st in self.states],
+            self.norm_f, self.head_w, self.head_kn, self.eps, *self.dims,
         )  # fmt: skip

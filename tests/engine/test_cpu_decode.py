@@ -115,6 +115,14 @@ def test_fused_decode_equals_torch(family: str, request) -> None:
             assert torch.equal(a[name][:2], b[name][:2])
 
 
+@torch.inference_mode()
+def test_fused_decode_refuses_a_slot_outside_the_pool(mamba) -> None:
+    states = alloc_states(mamba, 4)
+    fused = fused_decoder(mamba, states)
+    with pytest.raises(RuntimeError, match="slot id 4 out of range"):
+        fused(DecodeBatch(torch.tensor([3, 5]), torch.zeros(2, dtype=torch.long), torch.tensor([1, 4])))
+
+
 def _runner(model: RecurrentLM, cpu_decode_choice: str) -> ModelRunner:
     from rnnserve.config import StatePoolConfig
 

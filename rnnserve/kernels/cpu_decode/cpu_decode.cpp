@@ -245,6 +245,17 @@ Tensor head_logits(const Tensor& hn, const Tensor& head_w, bool head_kn) {
   return at::mm_out(out, hn, head_w.t());
 }
 
+// Every slot id indexes a row of the state pools (the kernels write there without further checks).
+void check_slots(const Tensor& slots, const Tensor& ids, at::TensorList conv_state, at::TensorList ssm_state) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && ids.scalar_type() == at::kLong && slots.numel() == ids.numel(),
+              "slot_ids and input_ids must be int64 of the same length");
+  TORCH_CHECK(!conv_state.empty() && conv_state.size() == ssm_state.size(), "one conv and one ssm state per layer");
+  const int64_t S = std::min(conv_state[0].size(0), ssm_state[0].size(0));
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < slots.numel(); ++b)
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < S, "slot id ", slot[b], " out of range [0, ", S, ")");
+}
+
 Tensor embed(const Tensor& ids, const Tensor& emb) {
   const int64_t M = ids.size(0), D = emb.size(1);
   Tensor h = at::empty({M, D}, emb.options());
@@ -284,6 +295,7 @@ Tensor mamba1_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
   const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(in_w.size());
   const int64_t E = in_w[0].size(1) / 2, N = A[0].size(1), R = dt_w[0].size(0), K = conv_w[0].size(1);
   const int64_t XD = R + 2 * N;
+  check_slots(slots, ids, conv_state, ssm_state);
   const int64_t* slot = slots.data_ptr<int64_t>();
   Tensor h = embed(ids, emb);  // [B, D] residual stream, fp32
   Tensor hn = at::empty({B, D}, h.options());
@@ -387,6 +399,7 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
   const int64_t E = H * P, C = E + 2 * G * N, W = E + C + H, K = conv_w[0].size(1), rep = H / G;
   TORCH_CHECK(in_w[0].size(1) == W, "mamba2_decode: in_proj width ", in_w[0].size(1), " != ", W);
   TORCH_CHECK(P % 8 == 0, "mamba2_decode: head_dim must be a multiple of 8");
+  check_slots(slots, ids, conv_state, ssm_state);
   const int64_t* slot = slots.data_ptr<int64_t>();
   Tensor h = embed(ids, emb);
   Tensor hn = at::empty({B, D}, h.options());
