@@ -29,7 +29,7 @@ from torch import nn
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, lm_logits, quantize_int8, rms_norm, use_column_major_weight
-from rnnserve.models.weights import WeightsMapper, default_weight_loader, load_weights, set_weight_loader
+from rnnserve.models.weights import WeightsMapper, fp32_copy_loader, load_weights, set_weight_loader
 
 
 @dataclass(frozen=True)
@@ -160,22 +160,9 @@ class MambaMixer(nn.Module):
         """Load hooks on A_log, D and dt_proj's bias that also set their fp32 copies (A = -exp(A_log))
         straight from the checkpoint tensors, whatever the model dtype. Every family with this mixer
         calls it in its ``load_weights`` (hooks attach to the materialised parameters)."""
-
-        def a_log(param: nn.Parameter, tensor: torch.Tensor) -> None:
-            default_weight_loader(param, tensor)
-            self.A = -torch.exp(tensor.to(param.device, torch.float32))
-
-        def d(param: nn.Parameter, tensor: torch.Tensor) -> None:
-            default_weight_loader(param, tensor)
-            self.D_f = tensor.to(param.device, torch.float32)
-
-        def dt_bias(param: nn.Parameter, tensor: torch.Tensor) -> None:
-            default_weight_loader(param, tensor)
-            self.dt_bias_f = tensor.to(param.device, torch.float32)
-
-        set_weight_loader(self.A_log, a_log)
-        set_weight_loader(self.D, d)
-        set_weight_loader(self.dt_proj.bias, dt_bias)
+        set_weight_loader(self.A_log, fp32_copy_loader(self, "A", lambda a_log: -torch.exp(a_log)))
+        set_weight_loader(self.D, fp32_copy_loader(self, "D_f"))
+        set_weight_loader(self.dt_proj.bias, fp32_copy_loader(self, "dt_bias_f"))
 
     def _x_dbl(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Conv output x [T, E] -> dt (pre-bias) [T, E], B [T, N], C [T, N]."""

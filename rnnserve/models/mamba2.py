@@ -32,7 +32,7 @@ from torch import nn
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, gated_rms_norm, lm_logits, quantize_int8, use_column_major_weight
-from rnnserve.models.weights import WeightsMapper, default_weight_loader, load_weights, set_weight_loader
+from rnnserve.models.weights import WeightsMapper, fp32_copy_loader, load_weights, set_weight_loader
 
 
 @dataclass(frozen=True)
@@ -147,22 +147,9 @@ class Mamba2Mixer(nn.Module):
         """Load hooks on A_log, dt_bias and D that also set their fp32 copies (A = -exp(A_log)) straight
         from the checkpoint tensors, whatever the model dtype. Every family with this mixer calls it in
         its ``load_weights`` (hooks attach to the materialised parameters)."""
-
-        def a_log(param: nn.Parameter, tensor: torch.Tensor) -> None:
-            default_weight_loader(param, tensor)
-            self.A = -torch.exp(tensor.to(param.device, torch.float32))
-
-        def dt_bias(param: nn.Parameter, tensor: torch.Tensor) -> None:
-            default_weight_loader(param, tensor)
-            self.dt_bias_f = tensor.to(param.device, torch.float32)
-
-        def d(param: nn.Parameter, tensor: torch.Tensor) -> None:
-            default_weight_loader(param, tensor)
-            self.D_f = tensor.to(param.device, torch.float32)
-
-        set_weight_loader(self.A_log, a_log)
-        set_weight_loader(self.dt_bias, dt_bias)
-        set_weight_loader(self.D, d)
+        set_weight_loader(self.A_log, fp32_copy_loader(self, "A", lambda a_log: -torch.exp(a_log)))
+        set_weight_loader(self.dt_bias, fp32_copy_loader(self, "dt_bias_f"))
+        set_weight_loader(self.D, fp32_copy_loader(self, "D_f"))
 
     def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """in_proj -> z [T, E], xBC [T, E + 2GN], Δ [T, H] (fp32, softplus and clamped)."""

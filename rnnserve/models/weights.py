@@ -97,6 +97,21 @@ def fp32_weight_loader(param: nn.Parameter, tensor: torch.Tensor) -> None:
     param.data = torch.empty(param.shape, dtype=torch.float32, device=param.device).copy_(tensor)
 
 
+def fp32_copy_loader(
+    owner: nn.Module, attr: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> WeightLoader:
+    """A load hook that fills the parameter as usual and also sets ``owner.<attr>`` to an fp32 copy of
+    the checkpoint tensor (optionally transformed, e.g. A = -exp(A_log)), whatever the model dtype:
+    the recurrence reads these fp32 values, and rounding them to bf16 first would change its decay."""
+
+    def loader(param: nn.Parameter, tensor: torch.Tensor) -> None:
+        default_weight_loader(param, tensor)
+        value = tensor.to(param.device, torch.float32)
+        setattr(owner, attr, transform(value) if transform is not None else value)
+
+    return loader
+
+
 def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
     """Attach a load hook to one parameter (used instead of the plain copy). Attach hooks in the
     family's ``load_weights``, not its constructor: materialising a meta-device module makes new
