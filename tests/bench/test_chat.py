@@ -64,7 +64,9 @@ def test_bench_chat_with_and_without_the_cache(model_dir: Path, tmp_path: Path, 
     assert results[False]["cached_ratio_after_turn_1"] == 0.0
     # With the cache, the previous turns (all but the new message and the answer's re-tokenised end).
     assert results[True]["cached_ratio_after_turn_1"] > 0.4
-    assert results[True]["per_turn"][0]["cached_ratio"] == 0.0
+    # First turns hold no history; they may only share the chat template's opening tokens, which
+    # requests in flight together prefill once.
+    assert results[True]["per_turn"][0]["cached_ratio"] < 0.2
     text = capsys.readouterr().out
     assert "Multi-turn Chat Benchmark" in text and "Cached prompt tokens, turns 2+:" in text
     pytest.importorskip("matplotlib")
