@@ -52,6 +52,17 @@ class Admission:
         self.in_flight += fanout
         self._per_client[client] = self._per_client.get(client, 0) + fanout
 
+    def could_refuse(self) -> bool:
+        """Whether any request of an admissible fan-out could be refused now (429 / 503). False while
+        the server has room even for the largest fan-out from its busiest client, so the admission
+        gate need not parse the body of requests it would let through anyway."""
+        if self.draining:
+            return True
+        limit = self.max_fanout if self.max_in_flight is None else min(self.max_fanout, self.max_in_flight)
+        bounds = [b for b in (self.max_in_flight, self.max_per_client) if b is not None]
+        # A client holds at most everything in flight, so in_flight bounds every per-client count.
+        return any(self.in_flight + limit > b for b in bounds)
+
     def refusal(self, fanout: int, client: str = "") -> APIError | None:
         """The APIError that would refuse ``fanout`` more engine requests for ``client`` now, or None."""
         if self.draining:

@@ -189,7 +189,9 @@ class AdmissionGateMiddleware:
     clients', are not held up behind the refusals. The decision is ``Admission.refusal`` on the
     fan-out and client key the handler computes (the handler's ``admit`` still reserves); a body
     that is not a well-formed request, or whose fan-out is a 400, goes on to the handler's answer.
-    Sits inside ``BodyLimitMiddleware``, which delivers the whole body in one message.
+    While ``Admission.could_refuse()`` is false (room for any fan-out), bodies pass unparsed, so an
+    admitted request is not parsed twice. Sits inside ``BodyLimitMiddleware``, which delivers the
+    whole body in one message.
     """
 
     PATHS = {"/v1/completions": False, "/v1/chat/completions": True}  # path -> is chat
@@ -200,7 +202,7 @@ class AdmissionGateMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         chat = self.PATHS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if chat is None:
+        if chat is None or not self.admission.could_refuse():
             await self.app(scope, receive, send)
             return
         message = await receive()

@@ -43,6 +43,19 @@ def test_no_share_lets_one_client_take_the_whole_bound() -> None:
         adm.admit(1, "other")  # the shared bound: the old behaviour, a burst locks others out
 
 
+def test_could_refuse_is_false_only_while_every_admissible_request_would_be_admitted() -> None:
+    adm = Admission(max_in_flight=8, max_fanout=4, max_per_client=6)
+    assert not adm.could_refuse()  # 0 + 4 fits both bounds: the gate skips parsing
+    adm.admit(2, "c")
+    assert not adm.could_refuse()
+    adm.admit(1, "c")  # 3 + 4 > 6: a client could pass its share
+    assert adm.could_refuse() and adm.refusal(4, "c") is not None
+    adm.release(3, "c")
+    adm.start_draining()
+    assert adm.could_refuse()
+    assert Admission(max_in_flight=None, max_fanout=4).could_refuse() is False
+
+
 def test_share_flag_and_client_key() -> None:
     # Default: every slot and half the queue (one client alone can still fill every slot).
     assert per_client_share(None, 8, 8) == 12 and per_client_share(None, 4, 1) == 4
