@@ -389,18 +389,30 @@ class Zamba2LM(RecurrentLM):
             return layer.mamba, layer.input_layernorm(h)
         return layer.mamba_decoder.mamba, layer.mamba_decoder.input_layernorm(h + layer.linear(t))
 
+    def _shared_block(
+        self, i: int, h: torch.Tensor, e: torch.Tensor, rope: _ROPE, attend: Callable[..., torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Layer i's shared-block output [N, D] (None for a Mamba layer): its shared block on
+        concat(h, e) at hybrid position j, attention through ``attend(attn, q, k, v, j)`` (the prefill
+        or the decode kernel over position j's KV blocks)."""
+        if i not in self._hybrid:
+            return None
+        j = self._hybrid[i]
+        block = self._block(j)
+        q, k, v = block.self_attn.qkv_at(j, block.attention_input(h, e), rope)
+        return block.ff(j, attend(block.self_attn, q, k, v, j))
+
     @torch.no_grad()
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
         kv, rope = self._kv(batch.kv), self._rope(batch.positions)
         e = self.model.embed_tokens(batch.input_ids)  # [T, D]
         h = e
+
+        def attend(attn: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, j: int) -> torch.Tensor:
+            return attn.attend_prefill(q, k, v, kv, j, batch.cu_seqlens)
+
         for i, (layer, st) in enumerate(zip(self.model.layers, states)):
-            t = None
-            if i in self._hybrid:
-                j = self._hybrid[i]
-                block = self._block(j)
-                q, k, v = block.self_attn.qkv_at(j, block.attention_input(h, e), rope)
-                t = block.ff(j, block.self_attn.attend_prefill(q, k, v, kv, j, batch.cu_seqlens))  # [T, D]
+            t = self._shared_block(i, h, e, rope, attend)  # [T, D] or None
             mamba, x = self._mamba_input(layer, h, t)
             h = h + mamba.prefill(x, st["conv"], st["ssm"], batch)
         return self._logits(h.index_select(0, batch.logits_indices))
@@ -410,13 +422,12 @@ class Zamba2LM(RecurrentLM):
         kv, rope = self._kv(batch.kv), self._rope(batch.positions)
         e = self.model.embed_tokens(batch.input_ids)  # [B, D]
         h = e
+
+        def attend(attn: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, j: int) -> torch.Tensor:
+            return attn.attend_decode(q, k, v, kv, j)
+
         for i, (layer, st) in enumerate(zip(self.model.layers, states)):
-            t = None
-            if i in self._hybrid:
-                j = self._hybrid[i]
-                block = self._block(j)
-                q, k, v = block.self_attn.qkv_at(j, block.attention_input(h, e), rope)
-                t = block.ff(j, block.self_attn.attend_decode(q, k, v, kv, j))  # [B, D]
+            t = self._shared_block(i, h, e, rope, attend)  # [B, D] or None
             mamba, x = self._mamba_input(layer, h, t)
             h = h + mamba.decode(x, st["conv"], st["ssm"], batch.slot_ids)
         return self._logits(h)
