@@ -1,6 +1,7 @@
 """``rnnserve bench chat``: a multi-turn chat benchmark for any OpenAI-compatible server.
 
-``--conversations`` conversations run at once, each ``--turns`` turns long. A turn sends the whole
+``--conversations`` conversations, each ``--turns`` turns long, run at once (or at most
+``--concurrency`` of them at a time: a conversation starts when one ends). A turn sends the whole
 conversation so far (as a chat client does) plus a new user message of about ``--user-len`` tokens
 of random words, streams an answer of exactly ``--answer-len`` tokens (``ignore_eos``), keeps the
 answer's text in the history and waits ``--think-time`` seconds before the next turn. Reported per
@@ -52,10 +53,13 @@ class ChatBenchConfig:
     seed: int = 0
     api_key: str | None = None
     timeout_s: float = 600.0
+    concurrency: int | None = None  # conversations in flight at once (None: all of them)
 
     def __post_init__(self) -> None:
         if min(self.conversations, self.turns, self.user_len, self.answer_len) < 1:
             raise ValueError("conversations, turns, user_len and answer_len must be >= 1")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
         if self.think_time < 0:
             raise ValueError("think_time must be >= 0")
 
@@ -118,7 +122,8 @@ async def _turn(client: httpx.AsyncClient, url: str, body: dict, result: TurnRes
 async def run_benchmark(cfg: ChatBenchConfig) -> dict:
     """Run every conversation; returns the result dict that ``--json`` writes."""
     root = api_root(cfg.base_url)
-    limits = httpx.Limits(max_connections=cfg.conversations, max_keepalive_connections=None)
+    in_flight = min(cfg.conversations, cfg.concurrency or cfg.conversations)
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=None)
     timeout = httpx.Timeout(cfg.timeout_s, connect=30.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=_headers(cfg.api_key)) as client:
         try:
@@ -138,8 +143,13 @@ async def run_benchmark(cfg: ChatBenchConfig) -> dict:
         messages = [[words(n_words) for _ in range(cfg.turns)] for _ in range(cfg.conversations)]
         url = f"{root}/v1/chat/completions"
         results: list[TurnResult] = []
+        slots = asyncio.Semaphore(in_flight)
 
         async def conversation(c: int) -> None:
+            async with slots:
+                await _conversation(c)
+
+        async def _conversation(c: int) -> None:
             history: list[dict[str, str]] = []
             for t in range(cfg.turns):
                 history.append({"role": "user", "content": messages[c][t]})
@@ -224,6 +234,7 @@ def format_summary(s: dict) -> str:
     lines.append(
         f"{cfg['conversations']} conversations x {cfg['turns']} turns, ~{cfg['user_len']} user tokens and "
         f"{cfg['answer_len']} answer tokens per turn, think time {cfg['think_time']} s"
+        + (f", {cfg['concurrency']} at a time" if cfg.get("concurrency") else "")
     )
     lines.append(f"{'turn':>4} {'done':>5} {'prompt tok':>11} {'cached':>8} {'TTFT mean':>11} {'median':>9} {'p90':>9}")
     for row in s["per_turn"]:
@@ -278,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="rnnserve bench chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000 (a /v1 suffix is fine)")
     p.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
-    p.add_argument("--conversations", type=int, default=8, help="conversations running at once")
+    p.add_argument("--conversations", type=int, default=8, help="conversations (all at once unless --concurrency)")
+    p.add_argument("--concurrency", type=int, default=None, help="conversations in flight at once (default: all)")
     p.add_argument("--turns", type=int, default=10, help="turns per conversation")
     p.add_argument("--user-len", type=int, default=200, help="tokens per user message (approximate)")
     p.add_argument("--answer-len", type=int, default=128, help="tokens per answer")
@@ -313,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             api_key=args.api_key or api_key_from_env(),
             timeout_s=args.timeout,
+            concurrency=args.concurrency,
         )
         summary = asyncio.run(run_benchmark(cfg))
         print(format_summary(summary))

@@ -4,6 +4,7 @@ turns 1..t-1, the cache serves most of each later prompt and nothing without it;
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -78,3 +79,18 @@ def test_bench_chat_with_and_without_the_cache(model_dir: Path, tmp_path: Path, 
 def test_bench_chat_unreachable_server_is_an_error(capsys) -> None:
     rc = chat.main(["--base-url", f"http://127.0.0.1:{free_port()}", *ARGS, "--timeout", "5"])
     assert rc == 2 and "cannot reach" in capsys.readouterr().err
+
+
+def test_bench_chat_concurrency_bounds_conversations_in_flight() -> None:
+    from tests.bench.stub_openai import stub_server
+
+    with stub_server(token_delay_s=0.001) as stub:
+        cfg = chat.ChatBenchConfig(base_url=stub.url, conversations=4, turns=3, user_len=3, answer_len=2, concurrency=1)
+        summary = asyncio.run(chat.run_benchmark(cfg))
+    assert summary["completed"] == 12 and summary["failed"] == 0
+    # One conversation at a time: each conversation's turns arrive together (its first message names it).
+    firsts = [r["messages"][0]["content"] for r in stub.requests if "messages" in r]
+    runs = [firsts[i] for i in range(len(firsts)) if i == 0 or firsts[i] != firsts[i - 1]]
+    assert len(firsts) == 12 and len(runs) == 4 and len(set(runs)) == 4, firsts
+    with pytest.raises(ValueError, match="concurrency"):
+        chat.ChatBenchConfig(base_url=stub.url, concurrency=0)
