@@ -2,7 +2,8 @@
 
 Each app owns a ``CollectorRegistry``: two apps in one process (tests) never share series. Latency
 histograms are observed by the server as outputs stream; engine gauges and token counters are read
-from ``engine.stats()`` at scrape time, so they are exact and cost nothing between scrapes.
+from ``engine.stats()`` at scrape time, so they are exact and cost nothing between scrapes. The standard
+``process_*`` series (resident memory, CPU seconds, open files; Linux) describe the server's process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -178,6 +179,7 @@ class ServerMetrics:
             self._success.labels(model_name, reason)
         if stats is not None:
             self.registry.register(_EngineCollector(model_name, stats))
+        ProcessCollector(registry=self.registry)
 
     def observe_ttft(self, seconds: float) -> None:
         self._ttft.observe(seconds)

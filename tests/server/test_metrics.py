@@ -69,3 +69,18 @@ def test_a_failing_stats_call_does_not_break_the_scrape() -> None:
     s = _samples(ServerMetrics("x", broken))
     assert not any(name == "vllm:num_requests_running" for name, _ in s)
     assert any(name == "vllm:e2e_request_latency_seconds_count" for name, _ in s)
+
+
+def test_process_resident_memory_is_exported() -> None:
+    import os
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("prometheus_client reads process_* series from /proc")
+    s = _samples(ServerMetrics("x", _Stats))
+    rss = s[("process_resident_memory_bytes", ())]
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        pages = int(f.read().split()[1])
+    assert rss > 0 and abs(rss - pages * os.sysconf("SC_PAGE_SIZE")) < 256 * 2**20
