@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,8 @@ def save_state_file(
 
     tensors = {f"{i}.{name}": t.to("cpu").contiguous() for i, layer in enumerate(snapshot) for name, t in layer.items()}
     tensors.update({name: t.to("cpu").contiguous() for name, t in (more or {}).items()})
-    tmp = path.with_suffix(".tmp")
+    # A name of its own: processes sharing a folder (Ray Serve replicas) may save one name at once.
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     save_file(tensors, str(tmp), metadata={**identity.as_metadata(), **extra})
     tmp.replace(path)  # a reader never sees a half-written file
 

@@ -3,13 +3,16 @@ file per name, in the prefix cache's format (``prefix_cache.save_state_file``), 
 model, dtype and state shapes it belongs to and a state of another model is refused.
 
 A request may start from a named state (``initial_state``), and a prompt's final state may be saved
-under a name (``POST /v1/states``). Loaded states are kept in memory after their first use. The
-engine thread reads and writes through here while the server thread validates names, hence the lock.
+under a name (``POST /v1/states``). Loaded states are kept in memory after their first use, and
+loaded again when their file changed (another process saved that name: several Ray Serve replicas
+share one folder) or is gone. The engine thread reads and writes through here while the server thread
+validates names, hence the lock.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 from pathlib import Path
@@ -38,6 +41,7 @@ class StateStore:
         self.pool = pool
         self._loaded: dict[str, Snapshot] = {}
         self._versions: dict[str, str] = {}  # name -> hash of its file, to tell a re-saved state apart
+        self._stats: dict[str, tuple[int, int, int]] = {}  # name -> (inode, size, mtime) of the file loaded
         self._lock = threading.Lock()
 
     def _path(self, name: str) -> Path:
@@ -47,18 +51,28 @@ class StateStore:
         """The state saved under ``name``; StateNotFoundError if there is none this model can use."""
         check_state_name(name)
         with self._lock:
-            if name in self._loaded:
-                return self._loaded[name]
             path = self._path(name)
-            if not path.is_file():
+            stat = _stat(path)
+            if stat is None:
+                self._forget(name)
                 raise StateNotFoundError(f"there is no state named {name!r}")
+            if name in self._loaded and self._stats[name] == stat:
+                return self._loaded[name]
+            # Saves replace the file atomically (a new inode), so a reader never loads half a file.
             try:
                 snapshot, _ = load_state_file(path, self.identity, self.pool)
             except ValueError as exc:
+                self._forget(name)
                 raise StateNotFoundError(f"the state {name!r} cannot be used with this model: {exc}") from exc
             self._loaded[name] = snapshot
             self._versions[name] = _file_hash(path)
+            self._stats[name] = stat
             return snapshot
+
+    def _forget(self, name: str) -> None:
+        self._loaded.pop(name, None)
+        self._versions.pop(name, None)
+        self._stats.pop(name, None)
 
     def version(self, name: str) -> str:
         """A hash of the state's file, as loaded (``get`` first)."""
@@ -73,11 +87,25 @@ class StateStore:
             save_state_file(self._path(name), snapshot, self.identity, {"num_tokens": str(num_tokens)})
             self._loaded[name] = [{k: t.to("cpu") for k, t in layer.items()} for layer in snapshot]
             self._versions[name] = _file_hash(self._path(name))
+            self._stats[name] = _stat(self._path(name)) or (0, 0, 0)
 
     def names(self) -> list[str]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(p.stem for p in self.folder.glob("*.safetensors"))
+        return state_names(self.folder)
+
+
+def state_names(folder: Path) -> list[str]:
+    """The names saved in a state folder (none when it does not exist)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.safetensors"))
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _file_hash(path: Path) -> str:

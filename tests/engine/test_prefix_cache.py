@@ -356,6 +356,30 @@ def test_initial_state_and_save_state(tmp_path: Path):
         other.add_request("y", question, greedy(), initial_state="persona")
 
 
+def test_engines_sharing_a_state_folder_see_each_others_saves(tmp_path: Path):
+    """Ray Serve replicas share --state-dir: a state saved by one engine is loaded on demand by the
+    other, again after it is saved anew, and is gone for both once its file is."""
+    model = FakeRecurrentLM(VOCAB)
+    folder = str(tmp_path / "states")
+    a = make_engine(model, PrefixCacheConfig(interval=4), state_dir=folder)
+    b = make_engine(model, PrefixCacheConfig(interval=4), state_dir=folder)
+    question = prompt_of(6, 23)
+    with pytest.raises(EngineInputError, match="no state named"):
+        b.add_request("early", question, greedy(), initial_state="shared")
+    for i, persona in enumerate((prompt_of(12, 24), prompt_of(12, 25))):
+        a.add_request(f"save{i}", persona, SamplingParams(max_tokens=1), save_state="shared")
+        drain(a)
+        b.add_request(f"q{i}", question, greedy(), initial_state="shared")
+        out = drain(b)[f"q{i}"]
+        assert out[-1].num_cached_tokens == 0  # a new state: nothing of the old one's tree is used
+        assert_same(out, cold(model, persona + question, greedy()))
+    assert not list((tmp_path / "states").glob("*.tmp"))
+    (tmp_path / "states" / "shared.safetensors").unlink()
+    for engine in (a, b):
+        with pytest.raises(EngineInputError, match="no state named"):
+            engine.add_request("gone", question, greedy(), initial_state="shared")
+
+
 def _prefilled_tokens(model: FakeRecurrentLM) -> int:
     return sum(tokens for kind, _, tokens in model.calls if kind == "prefill")
 
