@@ -35,6 +35,7 @@ from rnnserve.console import (
     ArgumentParser,
     CLIError,
     api_key_from_env,
+    error_message,
     missing_package_message,
     print_error,
     require,
@@ -160,7 +161,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--cpu-decode",
         choices=("torch", "fused"),
         default=d_run.cpu_decode,
-        help="CPU decode step: torch ops, or fused C++/AVX2 kernels (Mamba, Mamba-2, float32; built on first use)",
+        help="CPU decode step: torch ops, or fused C++ kernels (Mamba, Mamba-2, RWKV-7, RetNet; float32)",
     )
     g.add_argument(
         "--max-graph-batch-size", type=int, default=d_run.max_graph_batch_size, help="largest CUDA-graph batch"
@@ -393,7 +394,7 @@ def complete(argv: list[str]) -> int:
             else:
                 resp = client.get("/models")
                 if resp.status_code != 200:
-                    raise CLIError(f"GET {base}/models: HTTP {resp.status_code}: {_error_message(resp.text)}")
+                    raise CLIError(f"GET {base}/models: HTTP {resp.status_code}: {error_message(resp.text)}")
                 model = resp.json()["data"][0]["id"]
             body = {
                 "model": model,
@@ -405,7 +406,7 @@ def complete(argv: list[str]) -> int:
             with client.stream("POST", "/completions", json=body) as resp:
                 if resp.status_code != 200:
                     resp.read()
-                    raise CLIError(f"HTTP {resp.status_code}: {_error_message(resp.text)}")
+                    raise CLIError(f"HTTP {resp.status_code}: {error_message(resp.text)}")
                 for line in resp.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -420,16 +421,6 @@ def complete(argv: list[str]) -> int:
             raise CLIError(f"cannot reach {base}: {exc}") from exc
     sys.stdout.write("\n")
     return 0
-
-
-def _error_message(text: str) -> str:
-    """The message of an OpenAI-shaped error body, else the body itself."""
-    import json
-
-    try:
-        return str(json.loads(text)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return text.strip()[:300]
 
 
 def _dispatch(module: str, argv: list[str]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
 import os
 import sys
 from typing import NoReturn
@@ -53,6 +54,15 @@ def api_key_from_env(server: bool = False) -> str | None:
     take ``OPENAI_API_KEY`` (what the openai package reads)."""
     names = ("RNNSERVE_API_KEY",) if server else ("RNNSERVE_API_KEY", "OPENAI_API_KEY")
     return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def error_message(text: str) -> str:
+    """The message of an OpenAI-shaped error body (``{"error": {"message": ...}}``), else the body
+    itself, cut to one line of at most 300 characters."""
+    try:
+        return str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return " ".join(text.split())[:300]
 
 
 def v1_url(base_url: str) -> str:

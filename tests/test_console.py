@@ -100,6 +100,19 @@ def test_complete_reports_an_http_error_in_one_line(capsys: pytest.CaptureFixtur
     assert "HTTP 404" in err and "no such model" in err
 
 
+@pytest.mark.parametrize("argv", [["bench", "serve", "--num-prompts", "1"], ["bench", "chat", "--turns", "1"]])
+def test_bench_reports_a_refused_api_key_in_one_line(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RNNSERVE_API_KEY", "wrong")
+    with stub_server(token_delay_s=0.0, api_key="right") as stub:
+        assert main([*argv, "--base-url", stub.url]) == 2
+    err = _one_error_line(capsys.readouterr().err)
+    # The server's answer, not "cannot reach" and an httpx status dump over two lines.
+    assert "/v1/models: HTTP 401: missing or invalid API key" in err and "cannot reach" not in err
+    assert stub.requests == []
+
+
 def _scripted(lines: list[str]):
     it = iter(lines)
 

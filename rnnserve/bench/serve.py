@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from rnnserve.console import ArgumentParser, api_key_from_env, print_error
+from rnnserve.console import ArgumentParser, api_key_from_env, error_message, print_error
 
 # Common short English words: each is one token in BPE vocabularies, so word count ~ token count.
 _WORD_TEXT = (
@@ -101,7 +101,8 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 async def fetch_model_id(client: httpx.AsyncClient, root: str) -> str:
     resp = await client.get(f"{root}/v1/models")
-    resp.raise_for_status()
+    if resp.status_code != 200:  # a wrong API key is no unreachable server: say what the server said
+        raise BenchError(f"GET {root}/v1/models: HTTP {resp.status_code}: {error_message(resp.text)}")
     data = resp.json().get("data") or []
     if not data:
         raise BenchError(f"{root}/v1/models lists no model; pass --model")

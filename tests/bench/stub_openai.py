@@ -29,6 +29,7 @@ class StubServer:
     token_delay_s: float
     requests: list[dict] = field(default_factory=list)
     authorizations: list[str | None] = field(default_factory=list)  # each request's Authorization header
+    api_key: str | None = None  # when set, /v1/models answers 401 to any other bearer token
 
 
 def free_port() -> int:
@@ -45,8 +46,11 @@ def _app(state: StubServer) -> FastAPI:
         return PlainTextResponse("ok")
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict:
+    async def models(request: Request) -> object:
         state.authorizations.append(request.headers.get("authorization"))
+        if state.api_key is not None and request.headers.get("authorization") != f"Bearer {state.api_key}":
+            error = {"message": "missing or invalid API key", "type": "authentication_error", "code": "invalid_api_key"}
+            return JSONResponse({"error": error}, status_code=401)
         return {"object": "list", "data": [{"id": "stub-model", "object": "model", "owned_by": "test"}]}
 
     @app.post("/tokenize")
@@ -104,10 +108,10 @@ def _app(state: StubServer) -> FastAPI:
 
 
 @contextmanager
-def stub_server(token_delay_s: float = 0.005) -> Iterator[StubServer]:
+def stub_server(token_delay_s: float = 0.005, api_key: str | None = None) -> Iterator[StubServer]:
     """Serve the stub on 127.0.0.1:<free port> in a background thread for the ``with`` block."""
     port = free_port()
-    state = StubServer(url=f"http://127.0.0.1:{port}", token_delay_s=token_delay_s)
+    state = StubServer(url=f"http://127.0.0.1:{port}", token_delay_s=token_delay_s, api_key=api_key)
     server = uvicorn.Server(uvicorn.Config(_app(state), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
