@@ -17,6 +17,11 @@ routing outcomes. ``/health`` is 200 while at least one replica is running.
 
 A replica that dies mid-stream ends its requests with an error event and ``[DONE]``; Serve starts a
 new replica and routes new requests to the live ones meanwhile.
+
+Named states (``--state-dir``) live in one folder at the same path on every machine (a shared volume,
+as the model is): ``POST /v1/states`` runs on one replica, which writes the file; every replica loads
+a name from the folder when a request first names it, and again once the file changed. The ingress
+lists the folder for ``GET /v1/states``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -219,13 +225,16 @@ def aggregate_stats(per_replica: list[dict[str, Any]]) -> EngineStats:
 class RayEngineClient:
     """The ``EngineClient`` of the ingress app: every request streams from an engine replica.
 
-    No ``takes_state_options``: the choices of an n > 1 request are prefilled one by one (a fork
-    needs its sibling on the same replica, which routing does not promise), and named states
-    (``initial_state``, ``/v1/states``) stay with the single-process server."""
+    It takes the engine's state options: ``initial_state`` and ``save_state`` go to the replica, which
+    reads and writes the shared ``--state-dir``; ``fork_of`` too, though an n > 1 choice shares its
+    sibling's prefill only where both land on one replica (elsewhere the engine runs it on its own)."""
 
-    def __init__(self, handle: DeploymentHandle, app_name: str) -> None:
+    takes_state_options = True
+
+    def __init__(self, handle: DeploymentHandle, app_name: str, state_dir: str | None = None) -> None:
         self._handle = handle
         self._app_name = app_name
+        self._state_dir = Path(state_dir) if state_dir is not None else None
         self.max_model_len: int | None = None
         self.vocab_size = 0
 
@@ -265,19 +274,38 @@ class RayEngineClient:
     def stats(self) -> EngineStats:
         return aggregate_stats(list(self.replica_stats().values()))
 
+    def state_names(self) -> list[str]:
+        """The saved states in the shared ``--state-dir`` (none without one)."""
+        from rnnserve.engine.state_store import state_names
+
+        return state_names(self._state_dir) if self._state_dir is not None else []
+
     async def abort(self, request_id: str) -> None:
         """Requests are aborted by closing their stream (the replica's generator is cancelled)."""
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        fork_of: str | None = None,
+        initial_state: str | None = None,
+        save_state: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        return self._generate(request_id, list(prompt_token_ids), params, CONVERSATION.get())
+        options = {"fork_of": fork_of, "initial_state": initial_state, "save_state": save_state}
+        return self._generate(request_id, list(prompt_token_ids), params, CONVERSATION.get(), options)
 
     async def _generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, session: str | None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        session: str | None,
+        options: dict[str, str | None],
     ) -> AsyncIterator[RequestOutput]:
         stream = self._handle.options(stream=True).generate.remote(
-            request_id=request_id, prompt_token_ids=prompt_token_ids, params=params, session=session
+            request_id=request_id, prompt_token_ids=prompt_token_ids, params=params, session=session, **options
         )
         finished = False
         try:
@@ -381,6 +409,7 @@ class EngineReplica:
             cfg.scheduler,
             cfg.runner,
             prefix_cache_config=cfg.prefix_cache,
+            state_dir=cfg.state_dir,
             kv_cache_config=cfg.kv_cache,
         )
         await self.engine.start()
@@ -399,11 +428,21 @@ class EngineReplica:
         }
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, session: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        session: str | None = None,
+        fork_of: str | None = None,
+        initial_state: str | None = None,
+        save_state: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for one request. ``session`` is read by the router, not here."""
+        """The engine's outputs for one request. ``session`` is read by the router, not here; the
+        state options are ``AsyncEngine.generate``'s (named states in the shared ``--state-dir``)."""
         self.requests_total += 1
-        stream = self.engine.generate(request_id, prompt_token_ids, params)
+        stream = self.engine.generate(
+            request_id, prompt_token_ids, params, fork_of=fork_of, initial_state=initial_state, save_state=save_state
+        )
         try:
             async for out in stream:
                 yield out
@@ -431,7 +470,7 @@ class OpenAIIngress:
     async def __init__(self, engine: DeploymentHandle, cfg: ServeConfigs, app_name: str) -> None:
         _keep_replica_grpc_on_loopback()
         self._cfg = cfg
-        self._client = RayEngineClient(engine, app_name)
+        self._client = RayEngineClient(engine, app_name, cfg.state_dir)
         await self._client.connect()
         initial = cfg.ray.autoscale[0] if cfg.ray.autoscale is not None else cfg.ray.num_replicas
         await self._client.wait_for_stats(initial, timeout_s=60.0)
@@ -463,8 +502,6 @@ def _uses_gpu(model_cfg: ModelConfig) -> bool:
 
 def build_application(cfg: ServeConfigs, app_name: str = APP_NAME) -> serve.Application:
     """The Serve application (needs a connected Ray: GPU replicas are chosen from the cluster's resources)."""
-    if cfg.state_dir is not None:
-        raise ConfigError("--state-dir (named states) is not available with --ray: each replica has its own disk")
     ray_cfg: RayConfig = cfg.ray
     gpu = _uses_gpu(cfg.model)
     actor_options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": ray_cfg.threads_per_replica}

@@ -251,10 +251,11 @@ def test_kuberay_manifest_is_a_valid_rayservice() -> None:
 
 
 class RayServer:
-    def __init__(self, base_url: str, process: subprocess.Popen, log: Path) -> None:
+    def __init__(self, base_url: str, process: subprocess.Popen, log: Path, state_dir: Path) -> None:
         self.base_url = base_url
         self.process = process
         self.log = log
+        self.state_dir = state_dir  # --state-dir, shared by the replicas
 
     def metrics(self) -> str:
         return httpx.get(self.base_url + "/metrics", timeout=10).text
@@ -299,12 +300,13 @@ def ray_server(neox_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactor
     log = tmp / "serve.log"
     cmd = [sys.executable, "-m", "rnnserve", "serve", "--ray", "--ray-address", context.address_info["gcs_address"],
            "--num-replicas", "2", "--threads-per-replica", "1", "--model", str(model_dir), "--served-model-name",
-           MODEL, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "8"]  # fmt: skip
+           MODEL, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "8",
+           "--state-dir", str(tmp / "states")]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RNNSERVE_API_KEY", None)
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    server = RayServer(f"http://127.0.0.1:{port}", proc, log)
+    server = RayServer(f"http://127.0.0.1:{port}", proc, log, tmp / "states")
     try:
 
         def healthy() -> bool:
@@ -423,10 +425,10 @@ def test_same_conversation_lands_on_the_same_replica(ray_server: RayServer) -> N
 class _Stream(threading.Thread):
     """A long completion streamed in the background; ``stop`` closes it like a client that leaves."""
 
-    def __init__(self, base_url: str, session: str) -> None:
+    def __init__(self, base_url: str, session: str, **body: object) -> None:
         super().__init__(daemon=True)
         self.body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 10**6, "ignore_eos": True,
-                     "stream": True, "session_id": session}  # fmt: skip
+                     "stream": True, "session_id": session, **body}  # fmt: skip
         self.url = base_url + "/v1/completions"
         self.events: list[str] = []
         self.stop = threading.Event()
@@ -440,22 +442,72 @@ class _Stream(threading.Thread):
                     return
 
 
+def _running_on_both_replicas(server: RayServer) -> list[str]:
+    """Waits until both replicas run a request (they report every second, later on a busy machine)."""
+    return _wait(
+        lambda: (
+            (busy := [r for r, n in server.per_replica("ray_replica_running").items() if n > 0])
+            and len(busy) == 2
+            and busy
+        ),
+        30,
+        f"both streams running, on different replicas ({server.per_replica('ray_replica_requests_total')})",
+    )
+
+
+def test_named_states_work_on_every_replica(ray_server: RayServer) -> None:
+    """--state-dir with --ray: a state saved through the endpoint (on one replica) starts requests on
+    both replicas, which load it from the shared folder; unknown and foreign states are 400s."""
+    import torch
+    from safetensors.torch import save_file
+
+    url = ray_server.base_url
+    persona, question = list(range(500, 530)), [11, 12, 13]
+    greedy = {"model": MODEL, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    r = httpx.post(url + "/v1/completions", json={**greedy, "prompt": question, "initial_state": "persona"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "initial_state", r.text
+    assert "no state named" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/states", json={"name": "persona", "prompt": persona}, timeout=60)
+    assert r.status_code == 200 and r.json()["num_tokens"] == len(persona), r.text
+    assert {"object": "state", "name": "persona"} in httpx.get(url + "/v1/states", timeout=30).json()["data"]
+    assert (ray_server.state_dir / "persona.safetensors").is_file()
+    reference = httpx.post(url + "/v1/completions", json={**greedy, "prompt": persona + question, "max_tokens": 6},
+                           timeout=60).json()["choices"][0]["token_ids"]  # fmt: skip
+    # Two streams from the state at once: the second goes to the least-loaded replica, the other one.
+    streams = [_Stream(url, f"state-{i}", **greedy, prompt=question, initial_state="persona") for i in range(2)]
+    try:
+        for stream in streams:
+            stream.start()
+            _wait(lambda s=stream: len(s.events) >= 3, 30, "a stream from the saved state")
+        _running_on_both_replicas(ray_server)
+        _wait(lambda: all(len(s.events) >= 6 for s in streams), 30, "six tokens of each stream")
+    finally:
+        for stream in streams:
+            stream.stop.set()
+    for stream in streams:
+        stream.join(30)
+        ids = [i for e in stream.events for i in json.loads(e)["choices"][0]["token_ids"]]
+        assert ids[:6] == reference, (ids, reference)  # as if the persona were the prompt's start
+    # n > 1 from the state: every choice is the greedy continuation (a fork on one replica, or its own run).
+    body = {**greedy, "prompt": question, "initial_state": "persona", "n": 2, "max_tokens": 6}
+    choices = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"]
+    assert [c["token_ids"] for c in choices] == [reference, reference]
+    # A state of another model in the folder is refused as on a single server.
+    meta = {"model": "another", "dtype": "torch.float32", "state_shapes": "[]"}
+    save_file({"0.ssm": torch.zeros(4)}, str(ray_server.state_dir / "alien.safetensors"), metadata=meta)
+    r = httpx.post(url + "/v1/completions", json={**greedy, "prompt": question, "initial_state": "alien"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "initial_state", r.text
+    assert "cannot be used with this model" in r.json()["error"]["message"]
+    _wait(lambda: not any(ray_server.per_replica("ray_replica_running").values()), 30, "no request left running")
+
+
 def test_killed_replica_fails_only_its_own_requests(ray_server: RayServer) -> None:
     victim, bystander = _Stream(ray_server.base_url, "victim"), _Stream(ray_server.base_url, "bystander")
     victim.start()
     _wait(lambda: len(victim.events) >= 3, 30, "the first stream")
     bystander.start()  # to the least-loaded replica: the other one
     _wait(lambda: len(bystander.events) >= 3, 30, "the second stream")
-    # Each replica reports every second (later when the machine is busy).
-    running = _wait(
-        lambda: (
-            (busy := [r for r, n in ray_server.per_replica("ray_replica_running").items() if n > 0])
-            and len(busy) == 2
-            and busy
-        ),
-        30,
-        f"both streams running, on different replicas ({ray_server.per_replica('ray_replica_requests_total')})",
-    )
+    running = _running_on_both_replicas(ray_server)
     replica = running[0]
     actor = ray.get_actor(f"SERVE_REPLICA::rnnserve#{ENGINE_DEPLOYMENT}#{replica}", namespace="serve")
     pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
