@@ -23,6 +23,7 @@ $(STAMP): $(PY) pyproject.toml
 # The fused CPU decode kernels (--cpu-decode fused) are built now, into torch's extension cache, so
 # neither the first serve nor the tests wait for the compiler; a failed build only logs a warning.
 	$(PY) -c "from rnnserve.kernels import cpu_decode; cpu_decode.load()"
+	$(PY) -c "from rnnserve.kernels.cpu_decode import families; families.load()"
 	touch $(STAMP)
 
 install: $(STAMP)

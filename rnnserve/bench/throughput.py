@@ -184,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compiled decode")
     p.add_argument("--compile", action="store_true", help="torch.compile the CPU decode step (RunnerConfig)")
     p.add_argument(
-        "--cpu-decode", default="torch", choices=["torch", "fused"], help="fused: C++/AVX2 decode (Mamba, Mamba-2)"
+        "--cpu-decode",
+        default="torch",
+        choices=["torch", "fused"],
+        help="fused: C++ decode (Mamba, Mamba-2, RWKV-7, RetNet)",
     )
     p.add_argument("--quantization", default="none", choices=["none", "int8"], help="int8: int8 linear weights (CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")

@@ -17,7 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from rnnserve.engine import cpu_decode_families
 from rnnserve.kernels import cpu_decode
+from rnnserve.kernels.cpu_decode import families as cpu_decode_rwkv_retnet
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
 from rnnserve.models.mamba import MambaLM
 from rnnserve.models.mamba2 import Mamba2LM
@@ -46,8 +48,10 @@ def _head(model: RecurrentLM) -> tuple[torch.Tensor, bool]:
 
 def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
     """Why the fused path cannot serve this model (None when it can)."""
+    if isinstance(model, cpu_decode_families.FAMILIES):
+        return cpu_decode_families.unsupported_reason(model, states)
     if not isinstance(model, MambaLM | Mamba2LM):
-        return f"{type(model).__name__} has no fused CPU decode (Mamba and Mamba-2 do)"
+        return f"{type(model).__name__} has no fused CPU decode (Mamba, Mamba-2, RWKV-7 and RetNet do)"
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return f"the fused CPU decode runs float32 on the CPU (model: {model.dtype} on {model.device.type})"
     if not isinstance(model.lm_head, nn.Linear) or any(
@@ -70,6 +74,9 @@ def fused_decoder(model: RecurrentLM, states: States) -> Callable[[DecodeBatch],
     if reason is not None:
         logger.warning("--cpu-decode fused: %s; decoding with the torch path", reason)
         return None
+    if isinstance(model, cpu_decode_families.FAMILIES):
+        rnn_ops = cpu_decode_rwkv_retnet.load()
+        return None if rnn_ops is None else cpu_decode_families.make_decoder(model, states, rnn_ops)
     ops = cpu_decode.load()
     if ops is None:
         return None

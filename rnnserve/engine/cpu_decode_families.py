@@ -1,0 +1,170 @@
+"""``--cpu-decode fused`` for RWKV-7 and RetNet: the whole float32 decode step in one C++ call
+(``rnnserve/kernels/cpu_decode/rwkv_retnet.cpp``): projections through MKL on the weights as loaded,
+everything between them fused in per-(sequence, head) loops, states updated in place by slot. The torch
+``model.decode`` stays the reference it is tested against (tests/engine/test_cpu_decode_families.py).
+
+``engine.cpu_decode.fused_decoder`` dispatches here for these families; ``unsupported_reason`` says why
+a model cannot use the path (the runner then decodes with the torch path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rnnserve.models.base import DecodeBatch, RecurrentLM, States
+from rnnserve.models.layers import Int8Linear
+from rnnserve.models.retnet import RetNetLM
+from rnnserve.models.rwkv7 import Rwkv7LM
+
+FAMILIES = (Rwkv7LM, RetNetLM)
+
+
+def _w(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's weight [out, in], in the strides it is stored in (the kernel multiplies by its
+    transpose through MKL, which reads row-major and column-major weights alike)."""
+    return linear.weight.detach()
+
+
+def _norm_rows(norm: nn.LayerNorm) -> list[torch.Tensor]:
+    """A LayerNorm's weight and bias (zeros where it has none)."""
+    w = norm.weight.detach()
+    return [w, torch.zeros_like(w) if norm.bias is None else norm.bias.detach()]
+
+
+def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
+    """Why the fused path cannot serve this RWKV-7 / RetNet model (None when it can)."""
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return f"the fused CPU decode runs float32 on the CPU (model: {model.dtype} on {model.device.type})"
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        return "the fused CPU decode runs float32 weights (not --quantization int8)"
+    for layer in states:
+        for t in layer.values():
+            if t.dtype != torch.float32 or not t[0].is_contiguous():
+                return "the fused CPU decode needs float32 state pools contiguous per slot"
+    return None
+
+
+def make_decoder(model: RecurrentLM, states: States, ops: Any):
+    return (
+        FusedRwkv7Decoder(model, states, ops) if isinstance(model, Rwkv7LM) else FusedRetNetDecoder(model, states, ops)
+    )
+
+
+class FusedRwkv7Decoder:
+    """RWKV-7: per-layer vectors packed once into a few [n, D] tensors (a copy of ~0.1% of the weights);
+    the matrices are read where they lie."""
+
+    def __init__(self, model: Rwkv7LM, states: States, ops: Any) -> None:
+        self.model, self.states, self.ops = model, states, ops
+        cfg = model.cfg
+        d = cfg.hidden_size
+        blocks = list(model.blocks)
+        empty = torch.empty(0)
+
+        def vec(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().reshape(d)
+
+        with torch.no_grad():
+            first = blocks[0].ln0
+            self.ln0 = torch.stack(_norm_rows(first)).contiguous() if first is not None else empty  # [2, D]
+            self.ln = [torch.stack(_norm_rows(b.ln1) + _norm_rows(b.ln2)).contiguous() for b in blocks]  # [4, D]
+            self.mix = [
+                torch.stack(
+                    [vec(getattr(b.att, n)) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "k_k", "k_a", "r_k")]
+                    + [vec(b.ffn.x_k)]
+                ).contiguous()
+                for b in blocks
+            ]  # [10, D]
+            self.lora_b = [
+                torch.stack(
+                    [
+                        vec(b.att.w_lora.up.bias),
+                        vec(b.att.a_lora.up.bias),
+                        vec(b.att.v_lora.up.bias) if b.att.v_lora is not None else torch.zeros(d),
+                    ]
+                ).contiguous()
+                for b in blocks
+            ]  # [3, D]
+            self.ln_x = [torch.stack(_norm_rows(b.att.ln_x)).contiguous() for b in blocks]  # [2, D]
+            self.ln_out = torch.stack(_norm_rows(model.ln_out)).contiguous()
+        att = [b.att for b in blocks]
+        self.mats = (
+            [_w(a.receptance) for a in att],
+            [_w(a.key) for a in att],
+            [_w(a.value) for a in att],
+            [_w(a.output) for a in att],
+            [_w(a.w_lora.down) for a in att],
+            [_w(a.w_lora.up) for a in att],
+            [_w(a.a_lora.down) for a in att],
+            [_w(a.a_lora.up) for a in att],
+            [empty if a.v_lora is None else _w(a.v_lora.down) for a in att],
+            [empty if a.v_lora is None else _w(a.v_lora.up) for a in att],
+            [_w(a.g_lora.down) for a in att],
+            [_w(a.g_lora.up) for a in att],
+            [_w(b.ffn.key) for b in blocks],
+            [_w(b.ffn.value) for b in blocks],
+        )
+        self.emb = model.emb.weight.detach()
+        self.head = _w(model.head)
+        self.dims = (cfg.num_heads, cfg.norm_eps, blocks[0].att.gn_eps)
+
+    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        # The state tensors are looked up per step, so a pool that swaps one is followed.
+        st = self.states
+        return self.ops.rwkv7_decode(
+            batch.input_ids, batch.slot_ids, self.emb, self.ln0, self.ln, self.mix, self.lora_b, self.ln_x,
+            *self.mats, [s["att_x"] for s in st], [s["wkv"] for s in st], [s["ffn_x"] for s in st],
+            self.ln_out, self.head, *self.dims,
+        )  # fmt: skip
+
+
+class FusedRetNetDecoder:
+    """RetNet (fla and torchscale retention, GQA, with or without output gate and MLP)."""
+
+    def __init__(self, model: RetNetLM, states: States, ops: Any) -> None:
+        self.model, self.states, self.ops = model, states, ops
+        cfg = model.cfg
+        layers = list(model.model.layers)
+        attn = [layer.attn for layer in layers]
+        empty = torch.empty(0)
+        gnorm = attn[0].g_norm_swish_gate
+        self.mats = (
+            [layer.attn_norm.weight.detach() for layer in layers],
+            [_w(a.q_proj) for a in attn],
+            [_w(a.k_proj) for a in attn],
+            [_w(a.v_proj) for a in attn],
+            [_w(a.g_proj) if cfg.use_output_gate else empty for a in attn],
+            [_w(a.o_proj) for a in attn],
+            [a.g_norm_swish_gate.weight.detach() if gnorm.weight is not None else empty for a in attn],
+            [layer.mlp_norm.weight.detach() for layer in layers] if layers[0].has_mlp else [],
+            [_w(layer.mlp.gate_proj) for layer in layers] if layers[0].has_mlp else [],
+            [_w(layer.mlp.up_proj) for layer in layers] if layers[0].has_mlp else [],
+            [_w(layer.mlp.down_proj) for layer in layers] if layers[0].has_mlp else [],
+        )
+        retention = attn[0].retention
+        rcfg = retention.cfg
+        self.consts = (retention.inv_freq, retention.log_gamma)
+        self.emb = model.model.embeddings.weight.detach()
+        self.norm_f = model.model.norm.weight.detach()
+        self.head = _w(model.lm_head)
+        self.dims = (
+            rcfg.num_heads,
+            cfg.num_kv_heads,
+            rcfg.head_k_dim,
+            rcfg.head_v_dim,
+            0 if rcfg.style == "fla" else 1,
+            ("none", "sqrt_cn", "abs_sum").index(rcfg.norm),
+            cfg.feature_map == "swish",
+            cfg.value_act == "swish",
+            float(retention.scale),
+            float(cfg.norm_eps),
+        )
+
+    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        return self.ops.retnet_decode(
+            batch.input_ids, batch.positions, batch.slot_ids, self.emb, *self.mats,
+            [s["S"] for s in self.states], *self.consts, self.norm_f, self.head, *self.dims,
+        )  # fmt: skip

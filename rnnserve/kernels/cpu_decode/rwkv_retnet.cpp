@@ -1,0 +1,446 @@
+// The fused CPU decode step of RWKV-7 and RetNet (float32), one call per model step.
+//
+// Built by torch.utils.cpp_extension (see families.py) as its own extension, registered as
+// torch.ops.rnnserve_cpu_rnn.*. Per step:
+//   - one C++ call for the whole model (embedding, every layer, final norm, head): no Python per op;
+//   - the projections through at::mm_out / addmm_ (MKL) into buffers allocated once per step, on the
+//     weights as the model stores them (no copies, no repacking);
+//   - everything between the projections (token shift, lerps, low-rank decays and gates, the WKV-7 and
+//     retention state updates in place by slot, rotation, group / per-head norms, gates, residuals)
+//     in C++ loops parallel over (sequence, head) with at::parallel_for.
+// Each model's torch decode is the reference this is tested against (tests/engine/test_cpu_decode_families.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <xmmintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// Denormals flushed (FTZ + DAZ) for the scope of a loop body, then the caller's mode restored: a
+// decaying state would otherwise spend most of its time in microcode assists.
+struct FlushDenormals {
+  unsigned int saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+};
+
+inline float sigmoid1(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float silu1(float x) { return x / (1.0f + std::exp(-x)); }
+
+float* fp(const Tensor& t) { return t.data_ptr<float>(); }
+const float* fptr_or_null(const Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
+
+// out = x · wᵀ (+ out when accumulate): w a linear layer's weight [N, K] in whatever strides it is stored
+// (row-major or the column-major CPU layout); MKL reads either without a copy.
+void linear(const Tensor& x, const Tensor& w, Tensor& out, bool accumulate = false) {
+  if (accumulate) {
+    out.addmm_(x, w.t());
+  } else {
+    at::mm_out(out, x, w.t());
+  }
+}
+
+// Rows of x [M, D] → y: LayerNorm (bias may be null) over D, as F.layer_norm (biased variance).
+void layer_norm_rows(const float* x, const float* w, const float* b, float* y, int64_t M, int64_t D, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * D;
+    float* yr = y + m * D;
+    float mean = 0.0f;
+    for (int64_t i = 0; i < D; ++i) mean += xr[i];
+    mean /= static_cast<float>(D);
+    float var = 0.0f;
+    for (int64_t i = 0; i < D; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const float inv = 1.0f / std::sqrt(var / static_cast<float>(D) + eps);
+    for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+  }
+}
+
+// y = x / sqrt(mean(x²) + eps) (* w when given), over n values (nn.RMSNorm).
+void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * (w ? w[i] : 1.0f);
+}
+
+Tensor embed(const Tensor& ids, const Tensor& emb) {
+  const int64_t M = ids.size(0), D = emb.size(1);
+  Tensor h = at::empty({M, D}, emb.options());
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(id[m] >= 0 && id[m] < emb.size(0), "token id ", id[m], " out of range");
+    std::copy_n(emb.data_ptr<float>() + id[m] * emb.stride(0), D, h.data_ptr<float>() + m * D);
+  }
+  return h;
+}
+
+// Every state pool a float32 tensor [S, ...] contiguous per slot; every slot id a distinct row of
+// every pool (the loops below write there in parallel without further checks).
+void check_states_and_slots(const Tensor& slots, const Tensor& ids, const std::vector<at::TensorList>& pools) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && ids.scalar_type() == at::kLong && slots.numel() == ids.numel() &&
+                  slots.is_contiguous() && ids.is_contiguous(),
+              "slot_ids and input_ids must be contiguous int64 of the same length");
+  int64_t S = INT64_MAX;
+  for (const auto& pool : pools)
+    for (const Tensor& t : pool) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() >= 2 && t[0].is_contiguous(),
+                  "state pools must be float32 [slots, ...], contiguous per slot");
+      S = std::min(S, t.size(0));
+    }
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  std::vector<bool> seen(static_cast<size_t>(S), false);
+  for (int64_t b = 0; b < slots.numel(); ++b) {
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < S, "slot id ", slot[b], " out of range [0, ", S, ")");
+    TORCH_CHECK(!seen[slot[b]], "slot id ", slot[b], " appears twice in one step");
+    seen[slot[b]] = true;
+  }
+}
+
+Tensor head_logits(const Tensor& hn, const Tensor& head_w) {
+  Tensor out = at::empty({hn.size(0), head_w.size(0)}, hn.options());
+  linear(hn, head_w, out);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------- RWKV-7
+
+// RWKV-7 decode, every layer (see models/rwkv7.py for the maths). ln0 [2, D] (weight, bias; empty: no
+// LN0), ln_out [2, D], per layer l: ln[l] = [4, D] (ln1 w, b, ln2 w, b; zero biases where none), mix[l] = [10, D] (x_r, x_w, x_k, x_v, x_a, x_g, k_k, k_a, r_k flattened, ffn x_k),
+// lora_b[l] = [3, D] (w0, a0, v0; v0 unused in layer 0), ln_x[l] = [2, D]; the projections r, k, v, o
+// [D, D], the low-rank pairs w1 [Rw, D] / w2 [D, Rw] (likewise a, v, g; v1/v2 of layer 0 are empty), ffn
+// key [F, D] and value [D, F]. States: att_x [S, D], wkv [S, H, N, N] ([K, V]), ffn_x [S, D] updated in
+// place at rows slots[b]. Returns logits [B, Vocab].
+Tensor rwkv7_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, const Tensor& ln0,
+                    at::TensorList ln, at::TensorList mix, at::TensorList lora_b, at::TensorList ln_x,
+                    at::TensorList r_w, at::TensorList k_w, at::TensorList v_w, at::TensorList o_w,
+                    at::TensorList w1, at::TensorList w2, at::TensorList a1, at::TensorList a2, at::TensorList v1,
+                    at::TensorList v2, at::TensorList g1, at::TensorList g2, at::TensorList ffn_k,
+                    at::TensorList ffn_v, at::TensorList att_x, at::TensorList wkv, at::TensorList ffn_x,
+                    const Tensor& ln_out, const Tensor& head_w, int64_t H, double eps_d, double gn_eps_d) {
+  const float eps = static_cast<float>(eps_d), gn_eps = static_cast<float>(gn_eps_d);
+  const float decay_scale = std::exp(-0.5f);
+  const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(r_w.size()), N = D / H;
+  const int64_t F = ffn_k[0].size(0);
+  TORCH_CHECK(H * N == D, "rwkv7_decode: hidden size ", D, " is not heads x head size");
+  check_states_and_slots(slots, ids, {att_x, wkv, ffn_x});
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const auto opts = emb.options();
+  Tensor h = embed(ids, emb);                  // [B, D] residual stream
+  Tensor xx = at::empty({B, D}, opts);         // LN output
+  Tensor lerp = at::empty({6, B, D}, opts);    // x_r, x_w, x_k, x_v, x_a, x_g
+  Tensor r = at::empty({B, D}, opts), k = at::empty({B, D}, opts), v = at::empty({B, D}, opts);
+  Tensor v_first = at::empty({B, D}, opts);
+  Tensor wp = at::empty({B, D}, opts), ap = at::empty({B, D}, opts), vp = at::empty({B, D}, opts);
+  Tensor g = at::empty({B, D}, opts), o = at::empty({B, D}, opts), hid = at::empty({B, F}, opts);
+  float* hp = fp(h);
+  float* xxp = fp(xx);
+  float* lp = fp(lerp);
+  if (ln0.numel()) layer_norm_rows(hp, fp(ln0), fp(ln0) + D, hp, B, D, eps);
+  for (int64_t l = 0; l < L; ++l) {
+    const float* lnp = fp(ln[l]);
+    const float* mx = fp(mix[l]);
+    const float* lb = fp(lora_b[l]);
+    float* ax = fp(att_x[l]);
+    float* fx = fp(ffn_x[l]);
+    const int64_t ax_s = att_x[l].stride(0), fx_s = ffn_x[l].stride(0);
+    // LN1, token shift (the slot's previous LN1 output, replaced by this one) and the six lerps.
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* xr = xxp + b * D;
+        layer_norm_rows(hp + b * D, lnp, lnp + D, xr, 1, D, eps);
+        float* prev = ax + slot[b] * ax_s;
+        for (int64_t i = 0; i < D; ++i) {
+          const float delta = prev[i] - xr[i];
+          prev[i] = xr[i];
+          for (int64_t j = 0; j < 6; ++j) lp[(j * B + b) * D + i] = xr[i] + delta * mx[j * D + i];
+        }
+      }
+    });
+    linear(lerp[0], r_w[l], r);
+    linear(lerp[2], k_w[l], k);
+    linear(lerp[3], v_w[l], v);
+    Tensor wl = at::mm(lerp[1], w1[l].t());  // [B, Rw]: small, allocated
+    wl.tanh_();
+    linear(wl, w2[l], wp);
+    Tensor al = at::mm(lerp[4], a1[l].t());
+    linear(al, a2[l], ap);
+    Tensor gl = at::mm(lerp[5], g1[l].t());
+    gl.sigmoid_();
+    linear(gl, g2[l], g);
+    const bool first = v1[l].numel() == 0;
+    if (!first) {
+      Tensor vl = at::mm(lerp[3], v1[l].t());
+      linear(vl, v2[l], vp);
+    }
+    // Per (sequence, head): decays, κ, k, value residual, the WKV update in place, group norm, bonus.
+    float* wkv_p = fp(wkv[l]);
+    const int64_t wkv_s = wkv[l].stride(0);
+    const float* gx = fp(ln_x[l]);
+    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+      FlushDenormals ftz;
+      std::vector<float> w_(N), a_(N), kk(N), b_(N), sa(N);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, hh = t % H, off = b * D + hh * N;
+        float* rr = fp(r) + off;
+        float* kr = fp(k) + off;
+        float* vr = fp(v) + off;
+        float* vf = fp(v_first) + off;
+        float* orow = fp(o) + off;
+        const float* kkw = mx + 6 * D + hh * N;  // k_k
+        const float* kaw = mx + 7 * D + hh * N;  // k_a
+        const float* rkw = mx + 8 * D + hh * N;  // r_k
+        float nrm = 0.0f;
+        for (int64_t i = 0; i < N; ++i) {
+          w_[i] = std::exp(-decay_scale * sigmoid1(fp(wp)[off + i] + lb[hh * N + i]));
+          a_[i] = sigmoid1(fp(ap)[off + i] + lb[D + hh * N + i]);
+          kk[i] = kr[i] * kkw[i];
+          nrm += kk[i] * kk[i];
+        }
+        const float inv = 1.0f / std::max(std::sqrt(nrm), 1e-12f);  // F.normalize
+        for (int64_t i = 0; i < N; ++i) {
+          kk[i] *= inv;
+          b_[i] = kk[i] * a_[i];
+          kr[i] = kr[i] * (1.0f + (a_[i] - 1.0f) * kaw[i]);
+        }
+        if (first) {
+          std::copy_n(vr, N, vf);
+        } else {
+          for (int64_t i = 0; i < N; ++i) vr[i] += (vf[i] - vr[i]) * sigmoid1(fp(vp)[off + i] + lb[2 * D + hh * N + i]);
+        }
+        // S [K, V]: sa = (−κ)ᵀ S; S ← diag(w) S + b saᵀ + k vᵀ; o = rᵀ S.
+        float* S = wkv_p + slot[b] * wkv_s + hh * N * N;
+        std::fill(sa.begin(), sa.end(), 0.0f);
+        for (int64_t i = 0; i < N; ++i) {
+          const float ai = -kk[i];
+          const float* Si = S + i * N;
+          for (int64_t j = 0; j < N; ++j) sa[j] += ai * Si[j];
+        }
+        std::fill(orow, orow + N, 0.0f);
+        for (int64_t i = 0; i < N; ++i) {
+          const float wi = w_[i], bi = b_[i], ki = kr[i], ri = rr[i];
+          float* Si = S + i * N;
+          for (int64_t j = 0; j < N; ++j) {
+            const float s = wi * Si[j] + bi * sa[j] + ki * vr[j];
+            Si[j] = s;
+            orow[j] += ri * s;
+          }
+        }
+        // GroupNorm over the head, then the bonus (Σ r ⊙ k ⊙ r_k) v.
+        float mean = 0.0f, var = 0.0f, bonus = 0.0f;
+        for (int64_t j = 0; j < N; ++j) mean += orow[j];
+        mean /= static_cast<float>(N);
+        for (int64_t j = 0; j < N; ++j) var += (orow[j] - mean) * (orow[j] - mean);
+        const float ginv = 1.0f / std::sqrt(var / static_cast<float>(N) + gn_eps);
+        for (int64_t j = 0; j < N; ++j) bonus += rr[j] * kr[j] * rkw[j];
+        const float* gw = gx + hh * N;
+        const float* gb = gx + D + hh * N;
+        const float* gg = fp(g) + off;
+        for (int64_t j = 0; j < N; ++j) orow[j] = ((orow[j] - mean) * ginv * gw[j] + gb[j] + bonus * vr[j]) * gg[j];
+      }
+    });
+    linear(o, o_w[l], h, true);
+    // Channel mixing: LN2, token shift, relu(k)² and the value projection into the residual.
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* xr = xxp + b * D;
+        layer_norm_rows(hp + b * D, lnp + 2 * D, lnp + 3 * D, xr, 1, D, eps);
+        float* prev = fx + slot[b] * fx_s;
+        for (int64_t i = 0; i < D; ++i) {
+          const float cur = xr[i];
+          xr[i] = cur + (prev[i] - cur) * mx[9 * D + i];
+          prev[i] = cur;
+        }
+      }
+    });
+    linear(xx, ffn_k[l], hid);
+    float* hd = fp(hid);
+    at::parallel_for(0, B * F, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float x = std::max(hd[i], 0.0f);
+        hd[i] = x * x;
+      }
+    });
+    linear(hid, ffn_v[l], h, true);
+  }
+  layer_norm_rows(hp, fp(ln_out), fp(ln_out) + D, xxp, B, D, eps);
+  return head_logits(xx, head_w);
+}
+
+// ---------------------------------------------------------------------------------------------- RetNet
+
+// RetNet decode, every layer (see models/retnet.py). Per layer: attn_norm [D]; q [H dk, D], k and v
+// [Hkv dk | Hkv dv, D], g [H dv, D] (empty: no output gate), o [D, H dv]; gnorm [dv] (empty: not affine);
+// with an MLP mlp_norm [D], gate / up [I, D], down [D, I] (empty lists: none). State S [S, H, dk, dv']
+// (dv' = dv + 1 with abs_sum: the last column sums the keys) updated in place at rows slots[b].
+// style 0 = fla (halves rotated), 1 = torchscale (pairs); norm 0 none, 1 sqrt_cn, 2 abs_sum.
+Tensor retnet_decode(const Tensor& ids, const Tensor& positions, const Tensor& slots, const Tensor& emb,
+                     at::TensorList attn_norm, at::TensorList q_w, at::TensorList k_w, at::TensorList v_w,
+                     at::TensorList g_w, at::TensorList o_w, at::TensorList gnorm, at::TensorList mlp_norm,
+                     at::TensorList gate_w, at::TensorList up_w, at::TensorList down_w, at::TensorList state,
+                     const Tensor& inv_freq, const Tensor& log_gamma, const Tensor& norm_f, const Tensor& head_w,
+                     int64_t H, int64_t Hkv, int64_t dk, int64_t dv, int64_t style, int64_t norm,
+                     bool feature_map, bool value_act, double scale_d, double eps_d) {
+  const float eps = static_cast<float>(eps_d), scale = static_cast<float>(scale_d);
+  const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(q_w.size()), rep = H / Hkv;
+  const int64_t dvs = dv + (norm == 2 ? 1 : 0), half = dk / 2;
+  const bool gated = !g_w.empty() && g_w[0].numel(), has_mlp = !gate_w.empty();
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == B && positions.is_contiguous(),
+              "positions must be contiguous int64 [B]");
+  check_states_and_slots(slots, ids, {state});
+  TORCH_CHECK(state[0].size(1) == H && state[0].size(2) == dk && state[0].size(3) == dvs, "retnet_decode: state shape");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const auto opts = emb.options();
+  Tensor h = embed(ids, emb);
+  Tensor xn = at::empty({B, D}, opts);
+  Tensor q = at::empty({B, H * dk}, opts), k = at::empty({B, Hkv * dk}, opts), v = at::empty({B, Hkv * dv}, opts);
+  Tensor g = at::empty({B, gated ? H * dv : 0}, opts), o = at::empty({B, H * dv}, opts);
+  const int64_t I = has_mlp ? gate_w[0].size(0) : 0;
+  Tensor gt = at::empty({B, I}, opts), up = at::empty({B, I}, opts);
+  // Rotation phases and the sqrt_cn factor per sequence, shared by every layer (fp32 as the torch path).
+  std::vector<float> cosv(B * half), sinv(B * half), cn(B * H, 1.0f);
+  const float* inv = fp(inv_freq);
+  const float* lg = fp(log_gamma);
+  for (int64_t b = 0; b < B; ++b) {
+    const float p = static_cast<float>(pos[b]);
+    for (int64_t i = 0; i < half; ++i) {
+      const float th = p * inv[i];
+      cosv[b * half + i] = std::cos(th);
+      sinv[b * half + i] = std::sin(th);
+    }
+    if (norm != 0)
+      for (int64_t hh = 0; hh < H; ++hh)
+        cn[b * H + hh] = 1.0f / std::sqrt(std::expm1((p + 1.0f) * lg[hh]) / std::expm1(lg[hh]));
+  }
+  std::vector<float> decay(H);
+  for (int64_t hh = 0; hh < H; ++hh) decay[hh] = std::exp(lg[hh]);
+  float* hp = fp(h);
+  float* xp = fp(xn);
+  for (int64_t l = 0; l < L; ++l) {
+    const float* nw = fp(attn_norm[l]);
+    for (int64_t b = 0; b < B; ++b) rms_norm(hp + b * D, nw, xp + b * D, D, eps);
+    linear(xn, q_w[l], q);
+    linear(xn, k_w[l], k);
+    linear(xn, v_w[l], v);
+    if (gated) linear(xn, g_w[l], g);
+    // Activations and rotation of q and k (per sequence, in place), v's activation.
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> tmp(dk);
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* c = cosv.data() + b * half;
+        const float* s = sinv.data() + b * half;
+        auto rot = [&](float* x, int64_t heads) {
+          for (int64_t hh = 0; hh < heads; ++hh) {
+            float* xh = x + hh * dk;
+            if (feature_map)
+              for (int64_t i = 0; i < dk; ++i) xh[i] = silu1(xh[i]);
+            std::copy_n(xh, dk, tmp.data());
+            for (int64_t i = 0; i < half; ++i) {
+              if (style == 0) {
+                xh[i] = tmp[i] * c[i] - tmp[i + half] * s[i];
+                xh[i + half] = tmp[i + half] * c[i] + tmp[i] * s[i];
+              } else {
+                xh[2 * i] = tmp[2 * i] * c[i] - tmp[2 * i + 1] * s[i];
+                xh[2 * i + 1] = tmp[2 * i + 1] * c[i] + tmp[2 * i] * s[i];
+              }
+            }
+          }
+        };
+        rot(fp(q) + b * H * dk, H);
+        rot(fp(k) + b * Hkv * dk, Hkv);
+        if (value_act) {
+          float* vr = fp(v) + b * Hkv * dv;
+          for (int64_t i = 0; i < Hkv * dv; ++i) vr[i] = silu1(vr[i]);
+        }
+      }
+    });
+    // Per (sequence, head): S ← γ S + kᵀ v in place, o = scale q S, the output normalisation, the
+    // per-head RMSNorm and the swish gate.
+    float* st = fp(state[l]);
+    const int64_t st_s = state[l].stride(0);
+    const float* gnw = gnorm.empty() ? nullptr : fptr_or_null(gnorm[l]);
+    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+      FlushDenormals ftz;
+      std::vector<float> acc(dvs);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, hh = t % H, kvh = hh / rep;
+        const float* qh = fp(q) + b * H * dk + hh * dk;
+        const float* kh = fp(k) + b * Hkv * dk + kvh * dk;
+        const float* vh = fp(v) + b * Hkv * dv + kvh * dv;
+        float* S = st + slot[b] * st_s + hh * dk * dvs;
+        const float gm = decay[hh];
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t i = 0; i < dk; ++i) {
+          float* Si = S + i * dvs;
+          const float ki = kh[i], qi = qh[i];
+          for (int64_t j = 0; j < dv; ++j) {
+            const float s = gm * Si[j] + ki * vh[j];
+            Si[j] = s;
+            acc[j] += qi * s;
+          }
+          if (dvs > dv) {
+            const float s = gm * Si[dv] + ki;
+            Si[dv] = s;
+            acc[dv] += qi * s;
+          }
+        }
+        float* oh = fp(o) + b * H * dv + hh * dv;
+        const float c = cn[b * H + hh];
+        float div = 1.0f;
+        if (norm == 2) div = std::max(1.0f, std::abs(scale * acc[dv] * c));
+        for (int64_t j = 0; j < dv; ++j) oh[j] = scale * acc[j] * c / div;
+        rms_norm(oh, gnw, oh, dv, eps);
+        if (gated) {
+          const float* gh = fp(g) + b * H * dv + hh * dv;
+          for (int64_t j = 0; j < dv; ++j) oh[j] *= silu1(gh[j]);
+        }
+      }
+    });
+    linear(o, o_w[l], h, true);
+    if (has_mlp) {
+      const float* mw = fp(mlp_norm[l]);
+      for (int64_t b = 0; b < B; ++b) rms_norm(hp + b * D, mw, xp + b * D, D, eps);
+      linear(xn, gate_w[l], gt);
+      linear(xn, up_w[l], up);
+      float* gp = fp(gt);
+      const float* upp = fp(up);
+      at::parallel_for(0, B * I, 4096, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) gp[i] = silu1(gp[i]) * upp[i];
+      });
+      linear(gt, down_w[l], h, true);
+    }
+  }
+  const float* nf = fp(norm_f);
+  for (int64_t b = 0; b < B; ++b) rms_norm(hp + b * D, nf, xp + b * D, D, eps);
+  return head_logits(xn, head_w);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rnnserve_cpu_rnn, m) {
+  m.def(
+      "rwkv7_decode(Tensor ids, Tensor slots, Tensor emb, Tensor ln0, Tensor[] ln, Tensor[] mix, Tensor[] lora_b, "
+      "Tensor[] ln_x, Tensor[] r_w, Tensor[] k_w, Tensor[] v_w, Tensor[] o_w, Tensor[] w1, Tensor[] w2, "
+      "Tensor[] a1, Tensor[] a2, Tensor[] v1, Tensor[] v2, Tensor[] g1, Tensor[] g2, Tensor[] ffn_k, "
+      "Tensor[] ffn_v, Tensor(a!)[] att_x, Tensor(b!)[] wkv, Tensor(c!)[] ffn_x, Tensor ln_out, Tensor head_w, "
+      "int H, float eps, float gn_eps) -> Tensor");
+  m.def(
+      "retnet_decode(Tensor ids, Tensor positions, Tensor slots, Tensor emb, Tensor[] attn_norm, Tensor[] q_w, "
+      "Tensor[] k_w, Tensor[] v_w, Tensor[] g_w, Tensor[] o_w, Tensor[] gnorm, Tensor[] mlp_norm, "
+      "Tensor[] gate_w, Tensor[] up_w, Tensor[] down_w, Tensor(a!)[] state, Tensor inv_freq, Tensor log_gamma, "
+      "Tensor norm_f, Tensor head_w, int H, int Hkv, int dk, int dv, int style, int norm, bool feature_map, "
+      "bool value_act, float scale, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rnnserve_cpu_rnn, CPU, m) {
+  m.impl("rwkv7_decode", &rwkv7_decode);
+  m.impl("retnet_decode", &retnet_decode);
+}

@@ -1,0 +1,125 @@
+"""``--cpu-decode fused`` for RWKV-7 and RetNet equals the torch decode (the reference): logits within
+1e-4 of the largest logit, the same greedy tokens and the same states (1e-4), at batch 1, 3 and 33 on
+out-of-order slots whose states a chunked prefill left (resumed states), positions carried on per
+sequence (RetNet rotates by them). RWKV-7: LN0, an untied head, two heads of 64. RetNet: fla retention
+with grouped k/v heads and a tied head; torchscale retention (interleaved rotation, the abs_sum
+normaliser riding in an extra state column) with swish feature maps. Slots no step touched stay
+bit-identical; a slot outside the pool or repeated in a step is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnserve.config import ModelConfig
+from rnnserve.engine.cpu_decode import fused_decoder, unsupported_reason
+from rnnserve.engine.cpu_decode_families import FusedRetNetDecoder, FusedRwkv7Decoder
+from rnnserve.kernels import cpu_decode
+from rnnserve.models.base import DecodeBatch, RecurrentLM
+from rnnserve.models.loader import load_model
+from tests.models import test_retnet, test_rwkv7
+from tests.models.harness import alloc_states, assert_states_close, prefill_in_chunks
+
+pytestmark = pytest.mark.skipif(cpu_decode.unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
+
+NUM_SLOTS = 40
+# Each step's slots: batch 1, 3 and 33, out of order, some sequences resumed from earlier steps.
+STEPS = [[7], [30, 2, 11], list(range(39, 6, -1)), [2, 39, 7], [5]]
+VOCAB = 97  # both test models' vocabulary
+
+
+def _load(path) -> RecurrentLM:
+    return load_model(ModelConfig(model=str(path), dtype="float32", device="cpu", kernels="torch")).model
+
+
+@pytest.fixture(scope="module")
+def rwkv7(tmp_path_factory) -> RecurrentLM:
+    folder = tmp_path_factory.mktemp("rwkv7_fused")
+    pth = folder / "RWKV-x070-random.pth"
+    torch.save(test_rwkv7._blinkdl_state_dict(seed=3), pth)
+    return _load(pth)
+
+
+@pytest.fixture(scope="module")
+def retnet_fla(tmp_path_factory) -> RecurrentLM:
+    c = test_retnet.fla_config(num_kv_heads=2, tie_word_embeddings=True)
+    return _load(test_retnet.save_folder(tmp_path_factory.mktemp("retnet_fla"), c, test_retnet.fla_state_dict(c, 4)))
+
+
+@pytest.fixture(scope="module")
+def retnet_torchscale(tmp_path_factory) -> RecurrentLM:
+    c = test_retnet.fla_config(retention_style="torchscale", feature_map="swish", hidden_size=48, num_heads=3)
+    folder = tmp_path_factory.mktemp("retnet_ts")
+    return _load(test_retnet.save_folder(folder, c, test_retnet.fla_state_dict(c, 5)))
+
+
+def _prefilled_states(model: RecurrentLM) -> tuple[list, dict[int, int]]:
+    """Slots 1..39 hold prompts of 1-12 tokens, prefilled in chunks of 3; slot 0 is padding. Returns the
+    states and each slot's next position."""
+    states = alloc_states(model, NUM_SLOTS)
+    slots = list(range(1, NUM_SLOTS))
+    prompts = [[3 + (s * 7 + i) % 90 for i in range(1 + s % 12)] for s in slots]
+    prefill_in_chunks(model, states, prompts, slots, 3)
+    return states, {s: len(p) for s, p in zip(slots, prompts)}
+
+
+@pytest.mark.parametrize("family", ["rwkv7", "retnet_fla", "retnet_torchscale"])
+@torch.inference_mode()
+def test_fused_decode_equals_torch(family: str, request) -> None:
+    model: RecurrentLM = request.getfixturevalue(family)
+    ref_states, position = _prefilled_states(model)
+    fused_states = [{k: v.clone() for k, v in layer.items()} for layer in ref_states]
+    fused = fused_decoder(model, fused_states)
+    assert isinstance(fused, FusedRwkv7Decoder if family == "rwkv7" else FusedRetNetDecoder)
+    next_token = {s: 5 + s % (VOCAB - 5) for s in range(NUM_SLOTS)}
+    for slots in STEPS:
+        batch = DecodeBatch(
+            input_ids=torch.tensor([next_token[s] for s in slots]),
+            positions=torch.tensor([position[s] for s in slots]),
+            slot_ids=torch.tensor(slots),
+        )
+        ref = model.decode(batch, ref_states)
+        got = fused(batch)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        for s, row in zip(slots, ref):
+            next_token[s] = int(row.argmax())
+            position[s] += 1
+    assert_states_close(fused_states, ref_states, atol=1e-4, rtol=1e-4)
+    # Untouched slots (0 and 1 were in no step) are bit-identical.
+    for a, b in zip(fused_states, ref_states):
+        for name in a:
+            assert torch.equal(a[name][:2], b[name][:2])
+
+
+@pytest.mark.parametrize("family", ["rwkv7", "retnet_fla"])
+@torch.inference_mode()
+def test_bad_slots_are_refused_before_any_write(family: str, request) -> None:
+    model: RecurrentLM = request.getfixturevalue(family)
+    states = alloc_states(model, 4)
+    for layer in states:
+        for t in layer.values():
+            t.normal_()
+    before = [{k: v.clone() for k, v in layer.items()} for layer in states]
+    fused = fused_decoder(model, states)
+    ids, pos = torch.tensor([3, 5]), torch.tensor([4, 4])
+    with pytest.raises(RuntimeError, match="slot id 4 out of range"):
+        fused(DecodeBatch(ids, pos, torch.tensor([1, 4])))
+    with pytest.raises(RuntimeError, match="slot id 2 appears twice"):
+        fused(DecodeBatch(ids, pos, torch.tensor([2, 2])))
+    for a, b in zip(states, before):
+        for name in a:
+            assert torch.equal(a[name], b[name])
+
+
+def test_non_float32_model_is_refused(rwkv7) -> None:
+    half = _load_like(rwkv7).to(torch.bfloat16)
+    assert "float32" in str(unsupported_reason(half, alloc_states(half, 2)))
+
+
+def _load_like(model: RecurrentLM) -> RecurrentLM:
+    clone = type(model)(model.cfg)
+    clone.load_state_dict(model.state_dict())
+    return clone
