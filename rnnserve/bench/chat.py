@@ -11,6 +11,17 @@ overall: duration, output and total token throughput, and the cached-token ratio
 ``--json`` writes everything (per request too), ``--plot`` draws TTFT against turn (matplotlib,
 ``pip install rnnserve[loadtest]``).
 
+``--token-ids`` sends token ids instead of text, so every server sees the same prompts and a
+resent answer is exactly the ids that were generated (text that is tokenized again need not be:
+a random-weight model's answers are not). Each conversation is one growing prompt on the
+completions endpoint: user messages of exactly ``--user-len`` ids, drawn with the seed from the ids
+the server's ``/tokenize`` gives the word list, and each answer's ids as returned. ``--api openai``
+(default) streams ``/v1/completions`` with vLLM's ``return_token_ids`` (rnnserve, vLLM);
+``--api llamacpp`` posts to llama.cpp's own ``/completion`` with ``return_tokens`` and
+``cache_prompt``, unstreamed because its stream drops the id of a token that ends inside a UTF-8
+character: TTFT is then the latency less the generation time it reports (``timings.predicted_ms``,
+first token to last), and cached tokens are its ``timings.cache_n`` of ``cache_n + prompt_n``.
+
 Only httpx is needed (no torch), so it runs against ours, vLLM's or llama.cpp's server.
 """
 
@@ -18,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -54,6 +67,9 @@ class ChatBenchConfig:
     api_key: str | None = None
     timeout_s: float = 600.0
     concurrency: int | None = None  # conversations in flight at once (None: all of them)
+    token_ids: bool = False  # one growing prompt of token ids on the completions endpoint (see above)
+    api: str = "openai"  # with token_ids: "openai" (/v1/completions) or "llamacpp" (/completion)
+    progress: bool = False  # a line on stderr per finished turn (a long run's figures so far)
 
     def __post_init__(self) -> None:
         if min(self.conversations, self.turns, self.user_len, self.answer_len) < 1:
@@ -62,6 +78,10 @@ class ChatBenchConfig:
             raise ValueError("concurrency must be >= 1")
         if self.think_time < 0:
             raise ValueError("think_time must be >= 0")
+        if self.api not in ("openai", "llamacpp"):
+            raise ValueError(f"api must be openai or llamacpp, not {self.api!r}")
+        if self.api == "llamacpp" and not self.token_ids:
+            raise ValueError("--api llamacpp needs --token-ids")
 
 
 @dataclass
@@ -75,6 +95,14 @@ class TurnResult:
     completion_tokens: int = 0
     cached_tokens: int | None = None  # None: the server did not report it
     error: str = ""
+
+
+def _read_usage(usage: dict, result: TurnResult) -> None:
+    result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    result.completion_tokens = int(usage.get("completion_tokens") or 0)
+    details = usage.get("prompt_tokens_details") or {}
+    if details.get("cached_tokens") is not None:
+        result.cached_tokens = int(details["cached_tokens"])
 
 
 async def _turn(client: httpx.AsyncClient, url: str, body: dict, result: TurnResult) -> str:
@@ -101,13 +129,8 @@ async def _turn(client: httpx.AsyncClient, url: str, body: dict, result: TurnRes
                     if not text:
                         result.ttft = time.perf_counter() - start
                     text.append(piece)
-                usage = chunk.get("usage")
-                if usage:
-                    result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    result.completion_tokens = int(usage.get("completion_tokens") or 0)
-                    details = usage.get("prompt_tokens_details") or {}
-                    if details.get("cached_tokens") is not None:
-                        result.cached_tokens = int(details["cached_tokens"])
+                if chunk.get("usage"):
+                    _read_usage(chunk["usage"], result)
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return ""
@@ -117,6 +140,128 @@ async def _turn(client: httpx.AsyncClient, url: str, body: dict, result: TurnRes
         return ""
     result.success = True
     return "".join(text)
+
+
+async def _turn_ids_openai(client: httpx.AsyncClient, url: str, body: dict, result: TurnResult) -> list[int]:
+    """Stream one turn of ``--token-ids`` from /v1/completions; returns the answer's ids (vLLM's
+    ``choices[].token_ids``), empty on failure with result.error set. TTFT: the first chunk with
+    text or ids (a token that ends inside a UTF-8 character has ids but no text yet)."""
+    start = time.perf_counter()
+    ids: list[int] = []
+    first = True
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
+                return []
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = str(chunk["error"])[:300]
+                    return []
+                new = [int(i) for c in chunk.get("choices") or [] for i in (c.get("token_ids") or [])]
+                if first and (new or _chunk_text(chunk)):
+                    result.ttft = time.perf_counter() - start
+                    first = False
+                ids += new
+                if chunk.get("usage"):
+                    _read_usage(chunk["usage"], result)
+    except (httpx.HTTPError, json.JSONDecodeError, TypeError, ValueError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return []
+    result.latency = time.perf_counter() - start
+    return ids
+
+
+async def _turn_ids_llamacpp(client: httpx.AsyncClient, url: str, body: dict, result: TurnResult) -> list[int]:
+    """One unstreamed turn of ``--token-ids`` on llama.cpp's /completion; returns ``tokens``. TTFT is
+    the latency less ``timings.predicted_ms`` (llama-server's time from the first token to the last)."""
+    start = time.perf_counter()
+    try:
+        resp = await client.post(url, json=body)
+        result.latency = time.perf_counter() - start
+        if resp.status_code != 200:
+            result.error = f"HTTP {resp.status_code}: {resp.text[:300]}"
+            return []
+        out = resp.json()
+        timings = out["timings"]
+        ids = [int(i) for i in out["tokens"]]
+        result.ttft = max(0.0, result.latency - float(timings["predicted_ms"]) / 1000.0)
+        result.cached_tokens = int(timings["cache_n"])
+        result.prompt_tokens = result.cached_tokens + int(timings["prompt_n"])
+        result.completion_tokens = int(timings.get("predicted_n") or len(ids))
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return []
+    return ids
+
+
+async def _word_ids(client: httpx.AsyncClient, root: str, model: str) -> list[int]:
+    """The distinct ids of the word list as the server tokenizes it (vLLM's and llama.cpp's /tokenize)."""
+    text = " " + " ".join(_WORDS)
+    try:
+        resp = await client.post(f"{root}/tokenize", json={"model": model, "prompt": text, "content": text})
+        tokens = resp.json().get("tokens") if resp.status_code == 200 else None
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        raise BenchError(f"--token-ids needs the server's /tokenize: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(tokens, list) or not tokens:
+        raise BenchError(f"--token-ids needs the server's /tokenize (POST {root}/tokenize gave no tokens)")
+    # llama.cpp may answer {"id": ..., "piece": ...} objects (with_pieces); plain ints otherwise.
+    return sorted({int(t["id"]) if isinstance(t, dict) else int(t) for t in tokens})
+
+
+def _print_progress(r: TurnResult) -> None:
+    what = f"TTFT {r.ttft * 1000:.0f} ms, {r.cached_tokens}/{r.prompt_tokens} cached" if r.success else r.error
+    print(f"conversation {r.conversation} turn {r.turn}: {what}", file=sys.stderr, flush=True)
+
+
+async def _conversation_ids(
+    cfg: ChatBenchConfig,
+    client: httpx.AsyncClient,
+    root: str,
+    model: str,
+    c: int,
+    user_messages: list[list[int]],
+    results: list[TurnResult],
+) -> None:
+    """One ``--token-ids`` conversation: a prompt that grows by each user message and each answer's ids."""
+    url = f"{root}/completion" if cfg.api == "llamacpp" else f"{root}/v1/completions"
+    turn = _turn_ids_llamacpp if cfg.api == "llamacpp" else _turn_ids_openai
+    history: list[int] = []
+    for t in range(cfg.turns):
+        history += user_messages[t]
+        body = {
+            "model": model,
+            "prompt": list(history),
+            "max_tokens": cfg.answer_len,
+            "temperature": 0.0,
+            "ignore_eos": True,
+        }
+        if cfg.api == "llamacpp":
+            body |= {"stream": False, "return_tokens": True, "cache_prompt": True}
+        else:
+            body |= {"stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+        result = TurnResult(conversation=c, turn=t + 1)
+        answer = await turn(client, url, body, result)
+        if not result.error and len(answer) != cfg.answer_len:
+            result.error = (
+                f"the server returned {len(answer)} answer token ids, not {cfg.answer_len} "
+                "(--token-ids needs vLLM's return_token_ids, or --api llamacpp for llama-server)"
+            )
+        result.success = not result.error
+        results.append(result)
+        if cfg.progress:
+            _print_progress(result)
+        if not result.success:
+            return  # the rest of this conversation would not be the same conversation
+        history += answer
+        if cfg.think_time and t < cfg.turns - 1:
+            await asyncio.sleep(cfg.think_time)
 
 
 async def run_benchmark(cfg: ChatBenchConfig) -> dict:
@@ -135,19 +280,33 @@ async def run_benchmark(cfg: ChatBenchConfig) -> dict:
         def words(n: int) -> str:
             return " ".join(rng.choice(_WORDS) for _ in range(max(1, n)))
 
-        n_words = cfg.user_len
-        counted = await count_tokens(client, root, model, words(n_words))
-        if counted:
-            n_words = max(1, round(cfg.user_len * n_words / counted))
-        # All user messages drawn up front, so a run's requests depend on the seed only.
-        messages = [[words(n_words) for _ in range(cfg.turns)] for _ in range(cfg.conversations)]
-        url = f"{root}/v1/chat/completions"
         results: list[TurnResult] = []
         slots = asyncio.Semaphore(in_flight)
+        # All user messages drawn up front, so a run's requests depend on the seed only.
+        messages: list[list[str]] = []
+        id_messages: list[list[list[int]]] = []
+        if cfg.token_ids:
+            pool = await _word_ids(client, root, model)
+            # Drawn up front from the seed and the tokenizer only, so servers sharing a tokenizer see
+            # the same user messages (the summary's user_messages_sha256 shows it).
+            id_messages = [
+                [[rng.choice(pool) for _ in range(cfg.user_len)] for _ in range(cfg.turns)]
+                for _ in range(cfg.conversations)
+            ]
+        else:
+            n_words = cfg.user_len
+            counted = await count_tokens(client, root, model, words(n_words))
+            if counted:
+                n_words = max(1, round(cfg.user_len * n_words / counted))
+            messages = [[words(n_words) for _ in range(cfg.turns)] for _ in range(cfg.conversations)]
+        url = f"{root}/v1/chat/completions"
 
         async def conversation(c: int) -> None:
             async with slots:
-                await _conversation(c)
+                if cfg.token_ids:
+                    await _conversation_ids(cfg, client, root, model, c, id_messages[c], results)
+                else:
+                    await _conversation(c)
 
         async def _conversation(c: int) -> None:
             history: list[dict[str, str]] = []
@@ -165,6 +324,8 @@ async def run_benchmark(cfg: ChatBenchConfig) -> dict:
                 result = TurnResult(conversation=c, turn=t + 1)
                 answer = await _turn(client, url, body, result)
                 results.append(result)
+                if cfg.progress:
+                    _print_progress(result)
                 if not result.success:
                     return  # the rest of this conversation would not be the same conversation
                 history.append({"role": "assistant", "content": answer})
@@ -174,7 +335,10 @@ async def run_benchmark(cfg: ChatBenchConfig) -> dict:
         start = time.perf_counter()
         await asyncio.gather(*(conversation(c) for c in range(cfg.conversations)))
         duration = time.perf_counter() - start
-    return summarize(cfg, model, results, duration)
+    summary = summarize(cfg, model, results, duration)
+    if cfg.token_ids:
+        summary["user_messages_sha256"] = hashlib.sha256(json.dumps(id_messages).encode()).hexdigest()
+    return summary
 
 
 def _ms(values: list[float]) -> dict[str, float]:
@@ -183,6 +347,7 @@ def _ms(values: list[float]) -> dict[str, float]:
         "mean_ttft_ms": statistics.fmean(ms) if ms else 0.0,
         "median_ttft_ms": statistics.median(ms) if ms else 0.0,
         "p90_ttft_ms": _percentile(ms, 90),
+        "max_ttft_ms": max(ms) if ms else 0.0,
     }
 
 
@@ -236,12 +401,16 @@ def format_summary(s: dict) -> str:
         f"{cfg['answer_len']} answer tokens per turn, think time {cfg['think_time']} s"
         + (f", {cfg['concurrency']} at a time" if cfg.get("concurrency") else "")
     )
-    lines.append(f"{'turn':>4} {'done':>5} {'prompt tok':>11} {'cached':>8} {'TTFT mean':>11} {'median':>9} {'p90':>9}")
+    lines.append(
+        f"{'turn':>4} {'done':>5} {'prompt tok':>11} {'cached':>8} {'TTFT mean':>11} {'median':>9} {'p90':>9} "
+        f"{'max':>9}"
+    )
     for row in s["per_turn"]:
         cached = "n/a" if row["cached_ratio"] is None else f"{row['cached_ratio']:.1%}"
         lines.append(
             f"{row['turn']:>4} {row['completed']:>5} {row['mean_prompt_tokens']:>11.0f} {cached:>8} "
-            f"{row['mean_ttft_ms']:>9.1f}ms {row['median_ttft_ms']:>7.1f}ms {row['p90_ttft_ms']:>7.1f}ms"
+            f"{row['mean_ttft_ms']:>9.1f}ms {row['median_ttft_ms']:>7.1f}ms {row['p90_ttft_ms']:>7.1f}ms "
+            f"{row.get('max_ttft_ms', 0.0):>7.1f}ms"
         )
     ratio = s["cached_ratio_after_turn_1"]
     lines.append("-" * 72)
@@ -250,6 +419,8 @@ def format_summary(s: dict) -> str:
     lines.append(f"{'Output token throughput (tok/s):':<45}{s['output_throughput']:>15.2f}")
     lines.append(f"{'Total token throughput (tok/s):':<45}{s['total_token_throughput']:>15.2f}")
     lines.append(f"{'Cached prompt tokens, turns 2+:':<45}{'n/a' if ratio is None else f'{ratio:.1%}':>15}")
+    if s.get("user_messages_sha256"):
+        lines.append(f"{'User messages (token ids), sha256:':<45}{s['user_messages_sha256'][:15]:>15}")
     for e in sorted({r["error"] for r in s["requests"] if r["error"]})[:5]:
         lines.append(f"error: {e}")
     lines.append("=" * 72)
@@ -292,6 +463,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conversations", type=int, default=8, help="conversations (all at once unless --concurrency)")
     p.add_argument("--concurrency", type=int, default=None, help="conversations in flight at once (default: all)")
     p.add_argument("--turns", type=int, default=10, help="turns per conversation")
+    p.add_argument(
+        "--token-ids",
+        action="store_true",
+        help="send token ids on the completions endpoint (the same prompts for every server; see above)",
+    )
+    p.add_argument(
+        "--api",
+        choices=["openai", "llamacpp"],
+        default="openai",
+        help="with --token-ids: /v1/completions with return_token_ids, or llama.cpp's /completion",
+    )
     p.add_argument("--user-len", type=int, default=200, help="tokens per user message (approximate)")
     p.add_argument("--answer-len", type=int, default=128, help="tokens per answer")
     p.add_argument("--think-time", type=float, default=0.0, help="seconds between an answer and the next message")
@@ -299,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="default: $RNNSERVE_API_KEY, else $OPENAI_API_KEY")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--json", type=Path, default=None, help="write the full result (per request too) here")
+    p.add_argument("--progress", action="store_true", help="print each turn as it finishes (stderr)")
     p.add_argument("--plot", type=Path, default=None, help="PNG of TTFT against turn (needs matplotlib)")
     p.add_argument("--label", default="server", help="this run's name in the plot legend")
     p.add_argument(
@@ -326,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
             api_key=args.api_key or api_key_from_env(),
             timeout_s=args.timeout,
             concurrency=args.concurrency,
+            token_ids=args.token_ids,
+            api=args.api,
+            progress=args.progress,
         )
         summary = asyncio.run(run_benchmark(cfg))
         print(format_summary(summary))
