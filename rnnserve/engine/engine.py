@@ -330,6 +330,12 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         return outputs
 
+    def flush(self) -> None:
+        """Wait until the prefix cache folder (``--prefix-cache-dir``) holds every snapshot inserted so
+        far: its writes run in a background thread (shutdown calls this)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.flush()
+
     def _release(self, req: Request) -> None:
         self.sampler.release(req.request_id)
 
@@ -486,6 +492,7 @@ class AsyncEngine:
         with self._cond:
             self._commands = []
         self.engine.abort_all()
+        await asyncio.to_thread(self.engine.flush)
         for request_id, (_, queue) in list(self._queues.items()):
             queue.put_nowait(final_output(request_id, FinishReason.ABORT, "the engine was shut down"))
         self._stats = self.engine.stats()

@@ -15,9 +15,10 @@ Snapshots sit in one of two tiers, each with a byte budget and LRU order: the de
 on the pool's device) and the host tier (CPU). New snapshots enter the device tier; the device
 tier's least recently used snapshots spill to the host tier; the host tier's are evicted. With a
 cache folder, every snapshot in the cache also has a safetensors file there (written when inserted,
-deleted when evicted), so a restarted server loads them back. The folder's ``index.json`` and each
-file's metadata name the model identity, dtype and state shapes; a file of another model, another
-dtype or that does not load is skipped with a warning, never loaded.
+deleted when evicted; ``CacheWriter`` does both in a background thread, so a slow disk does not
+hold up the step loop, and ``flush`` waits for it), so a restarted server loads them back. The
+folder's ``index.json`` and each file's metadata name the model identity, dtype and state shapes; a
+file of another model, another dtype or that does not load is skipped with a warning, never loaded.
 
 Trees are kept per namespace: the default one (""), and one per initial state (a prefix run from a
 loaded state is another state than the same prefix run from zero).
@@ -44,11 +45,13 @@ import logging
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from rnnserve.config import PrefixCacheConfig
+from rnnserve.engine.cache_writer import CacheWriter
 from rnnserve.engine.kv_cache import KVCache
 from rnnserve.engine.state_pool import Snapshot, StatePool
 
@@ -245,6 +248,7 @@ class PrefixCache:
         self.spills = 0
         self._dir: Path | None = None
         self._block_files: dict[str, int] = {}  # block file key -> entries whose file names it
+        self.writer: CacheWriter | None = CacheWriter() if config.cache_dir is not None else None
         if pool.bytes_per_slot > max(config.device_memory, config.host_memory):
             logger.warning(
                 "prefix cache: one state is %d bytes, more than both budgets (%d device, %d host): nothing is cached",
@@ -480,13 +484,14 @@ class PrefixCache:
         entry.node.entry = None
         self._prune(entry.node)
         if entry.file is not None:
-            entry.file.unlink(missing_ok=True)
+            assert self.writer is not None
+            self.writer.delete(entry.file)
         for key in entry.block_keys:
             self._block_files[key] -= 1
             if self._block_files[key] == 0:  # the last entry that named it
                 del self._block_files[key]
-                assert self._dir is not None
-                self._block_path(key).unlink(missing_ok=True)
+                assert self.writer is not None
+                self.writer.delete(self._block_path(key))
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -586,32 +591,40 @@ class PrefixCache:
         assert self._dir is not None
         return self._dir / f"{BLOCK_FILE_PREFIX}{key}.safetensors"
 
+    def flush(self) -> None:
+        """Wait until the cache folder holds what was inserted and evicted so far (no-op without one)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def _persist(
         self, tokens: list[int], namespace: str, snapshot: Snapshot, blocks: list[int]
     ) -> tuple[Path | None, list[str]]:
-        """Write an entry's file (and, for a model with attention layers, the files of its full KV
-        blocks that are not written yet): its path and block keys, (None, []) when it cannot be written."""
-        assert self._dir is not None
+        """Queue the writes of an entry's file (and, for a model with attention layers, the files of
+        its full KV blocks that are not written yet): its path and block keys, (None, []) when the
+        writer refused them (too many writes waiting: the entry is cached in memory only)."""
+        assert self._dir is not None and self.writer is not None
         path = self._dir / f"{_digest([namespace, tokens])}.safetensors"
         keys: list[str] = []
         more: dict[str, torch.Tensor] = {}
         kv = self.kv_cache
-        try:
-            if kv is not None:
-                full = len(tokens) // kv.block_size
-                for j in range(full):
-                    # Named by the prefix the block ends: equal prefixes share one file.
-                    key = _digest([namespace, tokens[: (j + 1) * kv.block_size]])
-                    if key not in self._block_files:
-                        _save_kv_rows(self._block_path(key), kv.block_rows(blocks[j], kv.block_size), self.identity)
-                    keys.append(key)
-                if len(tokens) > full * kv.block_size:
-                    rows = kv.block_rows(blocks[full], len(tokens) - full * kv.block_size)
-                    more = {f"kv.{i}.{name}": t for i, pair in enumerate(rows) for name, t in zip("kv", pair)}
-            meta = {"tokens": json.dumps(tokens), "namespace": namespace, "kv_blocks": json.dumps(keys)}
-            save_state_file(path, snapshot, self.identity, meta, more)
-        except OSError as exc:
-            logger.warning("prefix cache: cannot write %s: %s", path, exc)
+        if kv is not None:
+            # block_rows copies to the host now: once the entry is evicted its blocks may be reused
+            # before the writer gets to them. The snapshot's tensors are never written in place.
+            full = len(tokens) // kv.block_size
+            for j in range(full):
+                # Named by the prefix the block ends: equal prefixes share one file.
+                key = _digest([namespace, tokens[: (j + 1) * kv.block_size]])
+                if key not in self._block_files:
+                    block_path = self._block_path(key)
+                    rows = kv.block_rows(blocks[j], kv.block_size)
+                    if not self.writer.write(block_path, partial(_save_kv_rows, block_path, rows, self.identity)):
+                        return None, []  # a block file already queued is removed at the next start-up
+                keys.append(key)
+            if len(tokens) > full * kv.block_size:
+                rows = kv.block_rows(blocks[full], len(tokens) - full * kv.block_size)
+                more = {f"kv.{i}.{name}": t for i, pair in enumerate(rows) for name, t in zip("kv", pair)}
+        meta = {"tokens": json.dumps(tokens), "namespace": namespace, "kv_blocks": json.dumps(keys)}
+        if not self.writer.write(path, partial(save_state_file, path, snapshot, self.identity, meta, more)):
             return None, []
         return path, keys
 

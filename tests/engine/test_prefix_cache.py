@@ -247,7 +247,9 @@ def test_restart_from_the_cache_folder(tmp_path: Path, caplog: pytest.LogCapture
     model = FakeRecurrentLM(VOCAB)
     cfg = PrefixCacheConfig(interval=1000, cache_dir=str(tmp_path / "cache"))
     turn1 = prompt_of(25, 13)
-    out1 = tokens(run(make_engine(model, cfg), turn1, greedy(), "t1"))
+    first = make_engine(model, cfg)
+    out1 = tokens(run(first, turn1, greedy(), "t1"))
+    first.flush()  # the folder is written in the background
     files = sorted((tmp_path / "cache").glob("*.safetensors"))
     assert len(files) == 2 and (tmp_path / "cache" / "index.json").exists()
     # A corrupt file among ours is skipped with a warning.
@@ -263,7 +265,9 @@ def test_restart_from_the_cache_folder(tmp_path: Path, caplog: pytest.LogCapture
 
 def test_a_folder_of_another_model_is_not_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     cfg = PrefixCacheConfig(interval=1000, cache_dir=str(tmp_path / "cache"))
-    run(make_engine(FakeRecurrentLM(VOCAB, seed=0), cfg), prompt_of(10, 15), greedy(), "a")
+    first = make_engine(FakeRecurrentLM(VOCAB, seed=0), cfg)
+    run(first, prompt_of(10, 15), greedy(), "a")
+    first.flush()
     caplog.set_level(logging.WARNING)
     other = make_engine(FakeRecurrentLM(VOCAB, seed=1), cfg)
     assert len(other.prefix_cache) == 0

@@ -67,6 +67,7 @@ def test_hits_equal_cold_runs(family: str, tmp_path: Path) -> None:
     diverging = turn1[:37] + torch.randint(2, vocab, (6,), generator=g).tolist()
     cold = make_engine(model, None)
     expected = {"turn2": run(cold, turn2, "c2"), "diverging": run(cold, diverging, "c3")}
+    first.flush()  # the folder is written in the background
     restarted = make_engine(model, cache)  # a new engine over the folder the first one wrote
     for engine in (first, restarted):
         hit = run(engine, turn2, "t2")

@@ -257,6 +257,7 @@ def test_restart_from_the_cache_folder(bamba, tmp_path: Path, caplog: pytest.Log
     first = make_engine(bamba, cache=True, cache_dir=folder)
     turn1 = prompt_of(bamba, 13, 50)
     out1 = tokens(run(first, turn1, "t1"))
+    first.flush()  # the folder is written in the background
     # Entries at 8 (interval), 13 (prompt) and 18 (answer); full blocks [0, 4), [4, 8), ... [12, 16): one
     # file each, however many entries hold them.
     assert sorted(len(k) for k in first.prefix_cache.prefixes()) == [8, 13, 18]
@@ -273,10 +274,12 @@ def test_restart_from_the_cache_folder(bamba, tmp_path: Path, caplog: pytest.Log
     # are), the others load. Block [12, 16) ends the prefix turn1 + out1[:3]: the 3 entries of 18
     # tokens and more name it (18, and the restarted engine's 24 = turn 2's prompt and 29 = its answer).
     key = hashlib.sha256(json.dumps(["", (turn1 + out1)[:16]]).encode()).hexdigest()[:32]
+    restarted.flush()
     (folder / f"kv-{key}.safetensors").unlink()
     caplog.clear()
     third = make_engine(bamba, cache=True, cache_dir=folder)
     assert caplog.text.count("skipping") == 3 and key in caplog.text
     assert third.prefix_cache.prefixes() == [turn1[:8], turn1]
     assert_blocks_accounted(third)  # evicts every entry: their files, and the block files, go with them
+    third.flush()
     assert len(list(folder.glob("*.safetensors"))) == 3 and not list(folder.glob("kv-*"))
