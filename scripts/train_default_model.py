@@ -51,6 +51,11 @@ import torch.nn.functional as F
 EOS = "<|endoftext|>"
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data", "__pycache__"}
 
+# The sampling a server uses for requests that set none (generation_config.json, as vLLM reads it):
+# sampled at temperature 1 a model this small writes noise, near greedy it repeats "#" lines; a low
+# temperature with a light repetition penalty gives readable Python.
+SAMPLING = {"do_sample": True, "temperature": 0.3, "repetition_penalty": 1.1}
+
 # The user's message becomes a comment (every line prefixed with "# "), a system message too, and an
 # assistant's earlier reply is code; the model then continues the file: it completes Python.
 CHAT_TEMPLATE = (
@@ -477,7 +482,7 @@ def main() -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0).save_pretrained(out)
+    GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0, **SAMPLING).save_pretrained(out)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.model_max_length = 1 << 30  # a recurrent model has no context limit of its own

@@ -139,6 +139,10 @@ def run_hf(
     # No EOS at all, like our ignore_eos (min_new_tokens would mask EOS instead and change the tokens).
     # generate() fills a None field from the model's own generation config, so clear it there.
     model.generation_config.eos_token_id = None
+    # Plain greedy, as our side runs: not the sampling a model's generation_config.json recommends
+    # for serving (a repetition_penalty there changes even greedy tokens).
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        setattr(model.generation_config, name, None)
     gen_config = copy.deepcopy(model.generation_config)
     gen_config.update(max_new_tokens=gen_len, min_new_tokens=None, do_sample=False, pad_token_id=pad_token_id)
     one_config = copy.deepcopy(gen_config)

@@ -36,6 +36,7 @@ from rnnserve.server.protocol import (
     TokenizeResponse,
     now,
 )
+from rnnserve.server.sampling_defaults import SamplingDefaults
 from rnnserve.server.serving_chat import create_chat_completion, render_chat_prompt
 from rnnserve.server.serving_completions import create_completion
 from rnnserve.server.serving_states import SaveStateRequest, list_states, save_state
@@ -303,6 +304,7 @@ def build_app(
         model_root=model_root,
         admission=admission,
         request_timeout=cfg.request_timeout,
+        sampling_defaults=SamplingDefaults.from_model_folder(model_root),
     )
 
     @asynccontextmanager

@@ -8,6 +8,7 @@ from rnnserve.server.admission import Admission, unbounded
 from rnnserve.server.engine_client import EngineClient
 from rnnserve.server.errors import APIError, bad_request
 from rnnserve.server.metrics import ServerMetrics
+from rnnserve.server.sampling_defaults import SamplingDefaults
 from rnnserve.server.tokenizer import Tokenizer
 
 
@@ -20,6 +21,7 @@ class ServingContext:
     model_root: str  # the checkpoint folder: accepted as a model id, never shown to clients
     admission: Admission = field(default_factory=unbounded)
     request_timeout: float | None = None  # seconds; a request still running then ends with "abort"
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)  # fields a request leaves out
 
     @property
     def max_model_len(self) -> int | None:

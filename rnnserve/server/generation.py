@@ -30,6 +30,7 @@ from rnnserve.server.engine_client import EngineClient
 from rnnserve.server.errors import APIError, bad_request
 from rnnserve.server.metrics import ServerMetrics
 from rnnserve.server.protocol import PromptTokensDetails, SamplingRequest, UsageInfo
+from rnnserve.server.sampling_defaults import SamplingDefaults
 from rnnserve.server.streaming import SSE_DONE, InputRejected, MergedStreams, sse
 from rnnserve.server.tokenizer import Tokenizer
 
@@ -324,17 +325,21 @@ def build_sampling_params(
     default_max_tokens: int | None,
     logprobs: int | None,
     prompt_logprobs: int | None,
+    defaults: SamplingDefaults,
 ) -> SamplingParams:
-    """SamplingParams from the OpenAI fields; range errors come back as 400 with the parameter."""
+    """SamplingParams from the OpenAI fields, ``defaults`` for those the body leaves out; range
+    errors come back as 400 with the parameter."""
     try:
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
             min_tokens=body.min_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_k=0 if body.top_k is None else body.top_k,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            min_p=0.0 if body.min_p is None else body.min_p,
-            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            temperature=defaults.temperature if body.temperature is None else body.temperature,
+            top_k=defaults.top_k if body.top_k is None else body.top_k,
+            top_p=defaults.top_p if body.top_p is None else body.top_p,
+            min_p=defaults.min_p if body.min_p is None else body.min_p,
+            repetition_penalty=defaults.repetition_penalty
+            if body.repetition_penalty is None
+            else body.repetition_penalty,
             presence_penalty=0.0 if body.presence_penalty is None else body.presence_penalty,
             frequency_penalty=0.0 if body.frequency_penalty is None else body.frequency_penalty,
             seed=body.seed,

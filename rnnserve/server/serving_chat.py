@@ -119,6 +119,7 @@ async def create_chat_completion(
         default_max_tokens=default_chat_max_tokens(len(prompt.token_ids), ctx.max_model_len),
         logprobs=top_n if body.logprobs else None,
         prompt_logprobs=None,
+        defaults=ctx.sampling_defaults,
     )
     request_id = random_id("chatcmpl")
     gen = Generation(

@@ -121,6 +121,7 @@ async def create_completion(
         default_max_tokens=None,
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if (body.echo and want_logprobs) else None,
+        defaults=ctx.sampling_defaults,
     )
     request_id = random_id("cmpl")
     gen = Generation(

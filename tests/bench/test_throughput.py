@@ -41,6 +41,18 @@ def test_bench_writes_json_and_matches_transformers(mamba_dir, tmp_path, capsys)
     assert "prefill tok/s" in text and "decode tok/s" in text
 
 
+def test_the_baseline_stays_greedy_with_a_recommended_sampling(mamba_dir, tmp_path):
+    # A generation_config.json that recommends sampling for serving (as the embedded model's does):
+    # generate() would apply its repetition_penalty even to greedy tokens.
+    config = mamba_dir / "generation_config.json"
+    recommended = {"do_sample": True, "temperature": 0.3, "top_k": 5, "repetition_penalty": 2.0}
+    config.write_text(json.dumps(json.loads(config.read_text()) | recommended))
+    out = tmp_path / "bench.json"
+    argv = ["--model", str(mamba_dir), "--batch-sizes", "2", "--prompt-len", "6", "--gen-len", "12", "--json", str(out)]
+    assert throughput.main([*argv, "--dtype", "float32", "--device", "cpu"]) == 0
+    assert json.loads(out.read_text())["results"][0]["greedy_match"] == 1.0
+
+
 def test_bench_without_baseline_and_bad_args(mamba_dir, tmp_path):
     out = tmp_path / "b.json"
     argv = ["--model", str(mamba_dir), "--batch-sizes", "2", "--prompt-len", "4", "--gen-len", "3", "--no-baseline"]
