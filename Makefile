@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 ARGS ?=
 
 .PHONY: install serve test lint format bench gpu-check clean
@@ -12,23 +13,31 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): $(PY) pyproject.toml
+# What `make serve` needs, and no more (a first serve should not wait for the test, load-test and Ray
+# packages or the compiler): torch, first and pinned (a bare `torch` requirement would pull a
+# multi-GB CUDA build), then rnnserve with its clients (rnnserve chat, complete, bench serve).
+$(SERVE_STAMP): $(PY) pyproject.toml
 	$(PIP) install -q torch==2.13.0
 # setuptools warns on every editable install that a ./rnnserve folder may shadow the package:
 # true of any editable install, and alarming on a first `make serve`.
+	PYTHONWARNINGS=ignore $(PIP) install -q -e ".[clients]"
+	touch $(SERVE_STAMP)
+
+# Everything else `make test` needs.
+$(STAMP): $(SERVE_STAMP)
 	PYTHONWARNINGS=ignore $(PIP) install -q -e ".[dev,loadtest,ray]"
 # Reference-only packages whose own pins (old timm/fairscale deps) we do not want.
 	$(PIP) install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
 # The fused CPU decode kernels (--cpu-decode fused) are built now, into torch's extension cache, so
-# neither the first serve nor the tests wait for the compiler; a failed build only logs a warning.
+# the tests do not wait for the compiler (a serve builds them on first use); a failed build only
+# logs a warning.
 	$(PY) -c "from rnnserve.kernels import cpu_decode; cpu_decode.load()"
 	$(PY) -c "from rnnserve.kernels.cpu_decode import families; families.load()"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(VENV)/bin/rnnserve serve $(ARGS)
 
 test: $(STAMP)
