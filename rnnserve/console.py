@@ -95,7 +95,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _shows_default(action: argparse.Action) -> bool:
-    return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
+    # A flag that takes no value (store_true / store_false) has as default only "not given":
+    # "--no-ignore-eos ... (default: True)" read as if it were on.
+    return bool(action.option_strings) and action.nargs != 0 and action.default not in (None, False, argparse.SUPPRESS)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -65,6 +65,7 @@ def test_help_shows_defaults_and_no_code_marks(argv: list[str], capsys: pytest.C
     out = capsys.readouterr().out
     assert "usage:" in out and "``" not in out
     assert "(default: " in out or "default: " in out
+    assert "(default: True)" not in " ".join(out.split())  # a flag without a value shows no default
 
 
 def test_serve_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
