@@ -98,6 +98,12 @@ class ServeConfigs:
     state_dir: str | None = None  # --state-dir: named initial states
     ray: RayConfig = field(default_factory=RayConfig)
 
+    def __post_init__(self) -> None:
+        # Replicas would share one folder, each loading and deleting the others' snapshot files, and a
+        # replica Ray restarts has a new identity, so a per-replica folder would not be found again.
+        if self.ray.enabled and self.prefix_cache.cache_dir is not None:
+            raise ConfigError("--prefix-cache-dir cannot be used with --ray (replicas would share one folder)")
+
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())

@@ -72,3 +72,11 @@ def test_serve_reports_a_missing_model_clearly(tmp_path, capsys: pytest.CaptureF
     assert main(["serve", "--model", str(tmp_path / "nowhere"), "--port", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("rnnserve: error:") and "nowhere" in err and err.count("\n") == 1
+
+
+def test_serve_refuses_a_prefix_cache_dir_with_ray(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused before Ray is imported or a model loaded: one line naming both flags.
+    assert main(["serve", "--ray", "--prefix-cache-dir", str(tmp_path / "cache"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnserve: error:") and "--prefix-cache-dir" in err and "--ray" in err
+    assert err.count("\n") == 1
