@@ -1,5 +1,5 @@
 """``--cpu-decode fused``: the whole decode step of a float32 Mamba-1 / Mamba-2 model in one C++ call
-(``rnnserve/kernels/cpu_decode``): AVX2 skinny GEMMs on the weights as loaded, and per layer one fused
+(``rnnserve/kernels/cpu_decode``): AVX2 GEMMs on weights packed once into 16-column panels, and per layer one fused
 pass for the conv, the step size, the state update (in place, by slot) and the gate. The torch
 ``model.decode`` stays the reference it is tested against (tests/engine/test_cpu_decode.py).
 
@@ -27,23 +27,22 @@ from rnnserve.models.mamba2 import Mamba2LM
 logger = logging.getLogger(__name__)
 
 
-def _kn(linear: nn.Module) -> torch.Tensor:
-    """A linear layer's weight [out, in] as the contiguous [in, out] matrix the kernels read: a view
-    when the model stores it column-major (``use_column_major_weight``, the CPU default), else a copy."""
+def _packed(linear: nn.Module, ops) -> torch.Tensor:
+    """A linear layer's weight [out, in] packed once into the kernels' panels [ceil(out/16), in, 16]
+    (``pack_weight``): a copy, so the fused path holds a second float32 copy of the weights next to
+    the model's own, which the torch prefill reads."""
     w = linear.weight.detach()
-    return w.t() if w.t().is_contiguous() else w.t().contiguous()
+    return ops.pack_weight(w.t(), True) if w.t().is_contiguous() else ops.pack_weight(w.contiguous(), False)
 
 
 def _bias(linear: nn.Module) -> torch.Tensor:
     return torch.empty(0) if linear.bias is None else linear.bias.detach().float().contiguous()
 
 
-def _head(model: RecurrentLM) -> tuple[torch.Tensor, bool]:
-    """The head weight and whether it is read as [D, V] (kn, column-major) or [V, D] (a tied embedding)."""
-    w = model.lm_head.weight.detach()
-    if w.is_contiguous():
-        return w, False
-    return _kn(model.lm_head), True
+def _head(model: RecurrentLM, ops) -> tuple[torch.Tensor, bool]:
+    """The head weight packed (a tied embedding [V, D] or a column-major [D, V] alike); the flag is the
+    ops' ``head_kn``, unused for a packed head."""
+    return _packed(model.lm_head, ops), False
 
 
 def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
@@ -51,7 +50,7 @@ def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
     if isinstance(model, cpu_decode_families.FAMILIES):
         return cpu_decode_families.unsupported_reason(model, states)
     if not isinstance(model, MambaLM | Mamba2LM):
-        return f"{type(model).__name__} has no fused CPU decode (Mamba, Mamba-2, RWKV-7 and RetNet do)"
+        return f"{type(model).__name__} has no fused CPU decode (Mamba, Mamba-2, RWKV-4, RWKV-7 and RetNet do)"
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return f"the fused CPU decode runs float32 on the CPU (model: {model.dtype} on {model.device.type})"
     if not isinstance(model.lm_head, nn.Linear) or any(
@@ -86,25 +85,25 @@ def fused_decoder(model: RecurrentLM, states: States) -> Callable[[DecodeBatch],
 
 
 class FusedMambaDecoder:
-    """Mamba-1: every layer's weights gathered once (views, no copies for the column-major CPU layout)."""
+    """Mamba-1: every layer's weights gathered once, the matrices packed (``_packed``)."""
 
     def __init__(self, model: MambaLM, states: States, ops) -> None:
         self.model, self.states, self.ops = model, states, ops
         mixers = [layer.mixer for layer in model.backbone.layers]
-        self.head_w, self.head_kn = _head(model)
+        self.head_w, self.head_kn = _head(model, ops)
         self.args = dict(
             emb=model.backbone.embeddings.weight.detach(),
             norm_w=[layer.norm.weight.detach() for layer in model.backbone.layers],
-            in_w=[_kn(m.in_proj) for m in mixers],
+            in_w=[_packed(m.in_proj, ops) for m in mixers],
             in_b=[_bias(m.in_proj) for m in mixers],
             conv_w=[m.conv1d.weight.detach().squeeze(1).contiguous() for m in mixers],  # [E, K]
             conv_b=[_bias(m.conv1d) for m in mixers],
-            x_w=[_kn(m.x_proj) for m in mixers],  # [E, R + 2N]
-            dt_w=[_kn(m.dt_proj) for m in mixers],  # [R, E]
+            x_w=[_packed(m.x_proj, ops) for m in mixers],  # [ceil((R + 2N) / 16), E, 16]
+            dt_w=[_packed(m.dt_proj, ops) for m in mixers],  # [E / 16, R, 16]
             dt_b=[m.dt_bias_f.contiguous() for m in mixers],
             A=[m.A.contiguous() for m in mixers],  # [E, N]
             D=[m.D_f.contiguous() for m in mixers],
-            out_w=[_kn(m.out_proj) for m in mixers],  # [E, D]
+            out_w=[_packed(m.out_proj, ops) for m in mixers],  # [D / 16, E, 16]
             out_b=[_bias(m.out_proj) for m in mixers],
         )
         self.norm_f = model.backbone.norm_f.weight.detach()
@@ -128,11 +127,11 @@ class FusedMamba2Decoder:
         self.model, self.states, self.ops = model, states, ops
         cfg = model.cfg
         mixers = [layer.mixer for layer in model.backbone.layers]
-        self.head_w, self.head_kn = _head(model)
+        self.head_w, self.head_kn = _head(model, ops)
         self.args = dict(
             emb=model.backbone.embeddings.weight.detach(),
             norm_w=[layer.norm.weight.detach() for layer in model.backbone.layers],
-            in_w=[_kn(m.in_proj) for m in mixers],  # [D, E + C + H]
+            in_w=[_packed(m.in_proj, ops) for m in mixers],  # [ceil((E + C + H) / 16), D, 16]
             in_b=[_bias(m.in_proj) for m in mixers],
             conv_w=[m.conv1d.weight.detach().squeeze(1).contiguous() for m in mixers],  # [C, K]
             conv_b=[torch.empty(0) if m.conv1d.bias is None else m.conv1d.bias.detach() for m in mixers],
@@ -140,7 +139,7 @@ class FusedMamba2Decoder:
             A=[m.A.contiguous() for m in mixers],
             D=[m.D_f.contiguous() for m in mixers],
             gnorm_w=[m.norm.weight.detach() for m in mixers],
-            out_w=[_kn(m.out_proj) for m in mixers],
+            out_w=[_packed(m.out_proj, ops) for m in mixers],
             out_b=[_bias(m.out_proj) for m in mixers],
         )
         self.norm_f = model.backbone.norm_f.weight.detach()

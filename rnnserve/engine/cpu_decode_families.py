@@ -1,4 +1,4 @@
-"""``--cpu-decode fused`` for RWKV-7 and RetNet: the whole float32 decode step in one C++ call
+"""``--cpu-decode fused`` for RWKV-4, RWKV-7 and RetNet: the whole float32 decode step in one C++ call
 (``rnnserve/kernels/cpu_decode/rwkv_retnet.cpp``): projections through MKL on the weights as loaded,
 everything between them fused in per-(sequence, head) loops, states updated in place by slot. The torch
 ``model.decode`` stays the reference it is tested against (tests/engine/test_cpu_decode_families.py).
@@ -17,9 +17,10 @@ from torch import nn
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
 from rnnserve.models.layers import Int8Linear
 from rnnserve.models.retnet import RetNetLM
+from rnnserve.models.rwkv4 import Rwkv4LM
 from rnnserve.models.rwkv7 import Rwkv7LM
 
-FAMILIES = (Rwkv7LM, RetNetLM)
+FAMILIES = (Rwkv4LM, Rwkv7LM, RetNetLM)
 
 
 def _w(linear: nn.Module) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _norm_rows(norm: nn.LayerNorm) -> list[torch.Tensor]:
 
 
 def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
-    """Why the fused path cannot serve this RWKV-7 / RetNet model (None when it can)."""
+    """Why the fused path cannot serve a model of ``FAMILIES`` (None when it can)."""
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return f"the fused CPU decode runs float32 on the CPU (model: {model.dtype} on {model.device.type})"
     if any(isinstance(m, Int8Linear) for m in model.modules()):
@@ -48,9 +49,55 @@ def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
 
 
 def make_decoder(model: RecurrentLM, states: States, ops: Any):
-    return (
-        FusedRwkv7Decoder(model, states, ops) if isinstance(model, Rwkv7LM) else FusedRetNetDecoder(model, states, ops)
-    )
+    """The fused decoder of a model of ``FAMILIES`` (callable ``DecodeBatch -> logits [B, V]``)."""
+    if isinstance(model, Rwkv4LM):
+        return FusedRwkv4Decoder(model, states, ops)
+    if isinstance(model, Rwkv7LM):
+        return FusedRwkv7Decoder(model, states, ops)
+    return FusedRetNetDecoder(model, states, ops)
+
+
+class FusedRwkv4Decoder:
+    """RWKV-4: per-layer vectors packed once into [n, D] tensors; the matrices read where they lie."""
+
+    def __init__(self, model: Rwkv4LM, states: States, ops: Any) -> None:
+        self.model, self.states, self.ops = model, states, ops
+        blocks = list(model.blocks)
+        first = blocks[0].ln0
+        assert first is not None
+        with torch.no_grad():
+            self.ln0 = torch.stack(_norm_rows(first)).contiguous()  # [2, D]
+            self.ln = [torch.stack(_norm_rows(b.ln1) + _norm_rows(b.ln2)).contiguous() for b in blocks]  # [4, D]
+            self.mix = [
+                torch.stack(
+                    [b.att.time_mix_k, b.att.time_mix_v, b.att.time_mix_r, b.ffn.time_mix_k, b.ffn.time_mix_r]
+                ).contiguous()
+                for b in blocks
+            ]  # [5, D]
+            self.wu = [torch.stack([b.att.w, b.att.u]).contiguous() for b in blocks]  # [2, A] fp32
+            self.ln_out = torch.stack(_norm_rows(model.ln_out)).contiguous()
+        self.mats = tuple(
+            [_w(getattr(getattr(b, part), name)) for b in blocks]
+            for part, name in (
+                ("att", "key"),
+                ("att", "value"),
+                ("att", "receptance"),
+                ("att", "output"),
+                ("ffn", "key"),
+                ("ffn", "receptance"),
+                ("ffn", "value"),
+            )
+        )
+        self.emb = model.emb.weight.detach()
+        self.head = _w(model.head)
+        self.eps = model.cfg.layer_norm_eps
+
+    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        st = self.states
+        return self.ops.rwkv4_decode(
+            batch.input_ids, batch.slot_ids, self.emb, self.ln0, self.ln, self.mix, self.wu, *self.mats,
+            *([s[n] for s in st] for n in ("att_x", "aa", "bb", "pp", "ffn_x")), self.ln_out, self.head, self.eps,
+        )  # fmt: skip
 
 
 class FusedRwkv7Decoder:

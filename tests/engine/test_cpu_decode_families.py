@@ -1,10 +1,11 @@
-"""``--cpu-decode fused`` for RWKV-7 and RetNet equals the torch decode (the reference): logits within
-1e-4 of the largest logit, the same greedy tokens and the same states (1e-4), at batch 1, 3 and 33 on
-out-of-order slots whose states a chunked prefill left (resumed states), positions carried on per
-sequence (RetNet rotates by them). RWKV-7: LN0, an untied head, two heads of 64. RetNet: fla retention
-with grouped k/v heads and a tied head; torchscale retention (interleaved rotation, the abs_sum
-normaliser riding in an extra state column) with swish feature maps. Slots no step touched stay
-bit-identical; a slot outside the pool or repeated in a step is refused before anything is written.
+"""``--cpu-decode fused`` for RWKV-4, RWKV-7 and RetNet equals the torch decode (the reference): logits
+within 1e-4 of the largest logit, the same greedy tokens and the same states (1e-4), at batch 1, 3 and
+33 on out-of-order slots whose states a chunked prefill left (resumed states), positions carried on per
+sequence (RetNet rotates by them). RWKV-4: attention size != hidden size, large keys. RWKV-7: LN0, an
+untied head, two heads of 64. RetNet: fla retention with grouped k/v heads and a tied head; torchscale
+retention (interleaved rotation, the abs_sum normaliser riding in an extra state column) with swish
+feature maps. Slots no step touched stay bit-identical; a slot outside the pool or repeated in a step
+is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import torch
 
 from rnnserve.config import ModelConfig
 from rnnserve.engine.cpu_decode import fused_decoder, unsupported_reason
-from rnnserve.engine.cpu_decode_families import FusedRetNetDecoder, FusedRwkv7Decoder
+from rnnserve.engine.cpu_decode_families import FusedRetNetDecoder, FusedRwkv4Decoder, FusedRwkv7Decoder
 from rnnserve.kernels import cpu_decode
 from rnnserve.models.base import DecodeBatch, RecurrentLM
 from rnnserve.models.loader import load_model
-from tests.models import test_retnet, test_rwkv7
+from tests.models import test_retnet, test_rwkv4, test_rwkv7
 from tests.models.harness import alloc_states, assert_states_close, prefill_in_chunks
 
 pytestmark = pytest.mark.skipif(cpu_decode.unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
@@ -31,6 +32,14 @@ VOCAB = 97  # both test models' vocabulary
 
 def _load(path) -> RecurrentLM:
     return load_model(ModelConfig(model=str(path), dtype="float32", device="cpu", kernels="torch")).model
+
+
+@pytest.fixture(scope="module")
+def rwkv4(tmp_path_factory) -> RecurrentLM:
+    """Attention size 40 != hidden size 48, large keys (the running max matters)."""
+    pth = tmp_path_factory.mktemp("rwkv4_fused") / "RWKV-4-random.pth"
+    torch.save(test_rwkv4._hf_to_blinkdl(test_rwkv4._random_model(40, seed=6).state_dict()), pth)
+    return _load(pth)
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +73,15 @@ def _prefilled_states(model: RecurrentLM) -> tuple[list, dict[int, int]]:
     return states, {s: len(p) for s, p in zip(slots, prompts)}
 
 
-@pytest.mark.parametrize("family", ["rwkv7", "retnet_fla", "retnet_torchscale"])
+@pytest.mark.parametrize("family", ["rwkv4", "rwkv7", "retnet_fla", "retnet_torchscale"])
 @torch.inference_mode()
 def test_fused_decode_equals_torch(family: str, request) -> None:
     model: RecurrentLM = request.getfixturevalue(family)
     ref_states, position = _prefilled_states(model)
     fused_states = [{k: v.clone() for k, v in layer.items()} for layer in ref_states]
     fused = fused_decoder(model, fused_states)
-    assert isinstance(fused, FusedRwkv7Decoder if family == "rwkv7" else FusedRetNetDecoder)
+    expected = {"rwkv4": FusedRwkv4Decoder, "rwkv7": FusedRwkv7Decoder}.get(family, FusedRetNetDecoder)
+    assert isinstance(fused, expected)
     next_token = {s: 5 + s % (VOCAB - 5) for s in range(NUM_SLOTS)}
     for slots in STEPS:
         batch = DecodeBatch(
@@ -94,7 +104,7 @@ def test_fused_decode_equals_torch(family: str, request) -> None:
             assert torch.equal(a[name][:2], b[name][:2])
 
 
-@pytest.mark.parametrize("family", ["rwkv7", "retnet_fla"])
+@pytest.mark.parametrize("family", ["rwkv4", "rwkv7", "retnet_fla"])
 @torch.inference_mode()
 def test_bad_slots_are_refused_before_any_write(family: str, request) -> None:
     model: RecurrentLM = request.getfixturevalue(family)

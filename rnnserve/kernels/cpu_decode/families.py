@@ -1,4 +1,4 @@
-"""The fused CPU decode steps of RWKV-7 and RetNet (float32): ``rwkv_retnet.cpp``, built by
+"""The fused CPU decode steps of RWKV-4, RWKV-7 and RetNet (float32): ``rwkv_retnet.cpp``, built by
 ``torch.utils.cpp_extension`` into torch's extension cache like ``cpu_decode.cpp`` (``make install``
 builds both), as its own extension so that either source builds and loads without the other.
 
@@ -42,7 +42,7 @@ def load() -> Any | None:
                 verbose=False,
             )
             ops = torch.ops.rnnserve_cpu_rnn
-            logger.info("fused RWKV-7 / RetNet CPU decode kernels loaded in %.1f s", time.perf_counter() - t0)
+            logger.info("fused RWKV-4 / RWKV-7 / RetNet CPU decode kernels loaded in %.1f s", time.perf_counter() - t0)
         except Exception as exc:  # no compiler or ninja, a failed build: the torch path serves
             reason = f"building {_SOURCE.name} failed: {exc}"
     if ops is None:

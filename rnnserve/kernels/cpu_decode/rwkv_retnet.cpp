@@ -1,10 +1,10 @@
-// The fused CPU decode step of RWKV-7 and RetNet (float32), one call per model step.
+// The fused CPU decode step of RWKV-4, RWKV-7 and RetNet (float32), one call per model step.
 //
 // Built by torch.utils.cpp_extension (see families.py) as its own extension, registered as
 // torch.ops.rnnserve_cpu_rnn.*. Per step:
 //   - one C++ call for the whole model (embedding, every layer, final norm, head): no Python per op;
-//   - the projections through at::mm_out / addmm_ (MKL) into buffers allocated once per step, on the
-//     weights as the model stores them (no copies, no repacking);
+//   - the projections through sgemm (MKL), the threads splitting the output columns, into buffers
+//     allocated once per step, on the weights as the model stores them (no copies, no repacking);
 //   - everything between the projections (token shift, lerps, low-rank decays and gates, the WKV-7 and
 //     retention state updates in place by slot, rotation, group / per-head norms, gates, residuals)
 //     in C++ loops parallel over (sequence, head) with at::parallel_for.
@@ -38,14 +38,45 @@ inline float silu1(float x) { return x / (1.0f + std::exp(-x)); }
 float* fp(const Tensor& t) { return t.data_ptr<float>(); }
 const float* fptr_or_null(const Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
 
-// out = x · wᵀ (+ out when accumulate): w a linear layer's weight [N, K] in whatever strides it is stored
-// (row-major or the column-major CPU layout); MKL reads either without a copy.
+// MKL's (or the BLAS torch links) Fortran sgemm, exported by libtorch_cpu.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+// MKL's per-thread thread count (0: back to the global setting); returns the previous one.
+extern "C" int MKL_Set_Num_Threads_Local(int n);  // mkl_service.h's mkl_set_num_threads_local
+
+// out[M, N] = x[M, K] · wᵀ (+ out when accumulate): w a linear layer's weight [N, K], row-major or
+// column-major (the CPU layout some families keep), read where it lies; x and out may have strided rows.
+// The threads split the output columns and each calls a single-threaded sgemm on its slice: MKL's own
+// threading (also when called inside a parallel region) waited 10-20x longer than the product took on
+// a shared 2-core machine whenever one of its threads was descheduled (8-32 rows).
 void linear(const Tensor& x, const Tensor& w, Tensor& out, bool accumulate = false) {
-  if (accumulate) {
-    out.addmm_(x, w.t());
-  } else {
-    at::mm_out(out, x, w.t());
-  }
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && out.size(0) == M && out.size(1) == N, "linear: shapes differ");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && (w.stride(1) == 1 || w.stride(0) == 1),
+              "linear: unit-stride rows (x, out) and a row- or column-major weight");
+  if (M == 0 || N == 0) return;
+  const bool row_major = w.stride(1) == 1;
+  const char ta = row_major ? 'T' : 'N', tb = 'N';
+  const int lda = static_cast<int>(std::max<int64_t>(1, row_major ? w.stride(0) : w.stride(1)));
+  const int ldb = static_cast<int>(std::max<int64_t>(1, x.stride(0))), ldc = static_cast<int>(std::max<int64_t>(1, out.stride(0)));
+  const int n = static_cast<int>(M), k = static_cast<int>(K);
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const float* wp = w.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 64));
+  const int64_t chunk = ((N + threads - 1) / threads + 15) / 16 * 16;
+  at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+      const int m = static_cast<int>(n1 - n0);
+      const float* a = row_major ? wp + n0 * lda : wp + n0;
+      const int saved = MKL_Set_Num_Threads_Local(1);
+      sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, xp, &ldb, &beta, op + n0, &ldc);
+      MKL_Set_Num_Threads_Local(saved);
+    }
+  });
 }
 
 // Rows of x [M, D] → y: LayerNorm (bias may be null) over D, as F.layer_norm (biased variance).
@@ -110,6 +141,16 @@ Tensor head_logits(const Tensor& hn, const Tensor& head_w) {
   return out;
 }
 
+// x [M, K] · wᵀ for w [N, K] row- or column-major, through linear() whatever M (for tests of it alone).
+Tensor linear_op(const Tensor& x, const Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 2 && w.dim() == 2,
+              "linear: 2-D float32 inputs");
+  TORCH_CHECK(w.size(1) == x.size(1), "linear: inner dimensions differ");
+  Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  linear(x, w, out);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------- RWKV-7
 
 // RWKV-7 decode, every layer (see models/rwkv7.py for the maths). ln0 [2, D] (weight, bias; empty: no
@@ -140,6 +181,10 @@ Tensor rwkv7_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, c
   Tensor v_first = at::empty({B, D}, opts);
   Tensor wp = at::empty({B, D}, opts), ap = at::empty({B, D}, opts), vp = at::empty({B, D}, opts);
   Tensor g = at::empty({B, D}, opts), o = at::empty({B, D}, opts), hid = at::empty({B, F}, opts);
+  int64_t R = 0;
+  for (int64_t l = 0; l < L; ++l)
+    for (const auto* lst : {&w1, &a1, &v1, &g1}) R = std::max(R, (*lst)[l].size(0));
+  Tensor low = at::empty({B, 4 * R}, opts);
   float* hp = fp(h);
   float* xxp = fp(xx);
   float* lp = fp(lerp);
@@ -167,17 +212,21 @@ Tensor rwkv7_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, c
     linear(lerp[0], r_w[l], r);
     linear(lerp[2], k_w[l], k);
     linear(lerp[3], v_w[l], v);
-    Tensor wl = at::mm(lerp[1], w1[l].t());  // [B, Rw]: small, allocated
+    // The low-rank pairs: [B, rank] buffers (narrowed from one [B, 4 max rank] block).
+    Tensor wl = low.narrow(1, 0, w1[l].size(0)), al = low.narrow(1, R, a1[l].size(0));
+    Tensor gl = low.narrow(1, 2 * R, g1[l].size(0));
+    linear(lerp[1], w1[l], wl);
     wl.tanh_();
     linear(wl, w2[l], wp);
-    Tensor al = at::mm(lerp[4], a1[l].t());
+    linear(lerp[4], a1[l], al);
     linear(al, a2[l], ap);
-    Tensor gl = at::mm(lerp[5], g1[l].t());
+    linear(lerp[5], g1[l], gl);
     gl.sigmoid_();
     linear(gl, g2[l], g);
     const bool first = v1[l].numel() == 0;
     if (!first) {
-      Tensor vl = at::mm(lerp[3], v1[l].t());
+      Tensor vl = low.narrow(1, 3 * R, v1[l].size(0));
+      linear(lerp[3], v1[l], vl);
       linear(vl, v2[l], vp);
     }
     // Per (sequence, head): decays, κ, k, value residual, the WKV update in place, group norm, bonus.
@@ -272,6 +321,103 @@ Tensor rwkv7_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, c
   }
   layer_norm_rows(hp, fp(ln_out), fp(ln_out) + D, xxp, B, D, eps);
   return head_logits(xx, head_w);
+}
+
+// ---------------------------------------------------------------------------------------------- RWKV-4
+
+// RWKV-4 decode, every layer (see models/rwkv4.py). ln0 [2, D] and ln_out [2, D] (weight, bias); per layer
+// ln[l] [4, D] (ln1 w, b, ln2 w, b), mix[l] [5, D] (att time_mix k, v, r; ffn time_mix k, r), wu[l] [2, A]
+// (w = -exp(time_decay), u = time_first, fp32); att key / value / receptance [A, D], output [D, A]; ffn
+// key [F, D], receptance [D, D], value [D, F]. States att_x [S, D], aa / bb / pp [S, A], ffn_x [S, D]
+// updated in place at rows slots[b]. Returns logits [B, Vocab].
+Tensor rwkv4_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, const Tensor& ln0,
+                    at::TensorList ln, at::TensorList mix, at::TensorList wu, at::TensorList att_k,
+                    at::TensorList att_v, at::TensorList att_r, at::TensorList att_o, at::TensorList ffn_k,
+                    at::TensorList ffn_r, at::TensorList ffn_v, at::TensorList att_x, at::TensorList aa,
+                    at::TensorList bb, at::TensorList pp, at::TensorList ffn_x, const Tensor& ln_out,
+                    const Tensor& head_w, double eps_d) {
+  const float eps = static_cast<float>(eps_d);
+  const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(att_k.size());
+  const int64_t A = att_k[0].size(0), F = ffn_k[0].size(0);
+  check_states_and_slots(slots, ids, {att_x, aa, bb, pp, ffn_x});
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const auto opts = emb.options();
+  Tensor h = embed(ids, emb);
+  Tensor lerp = at::empty({3, B, D}, opts);
+  Tensor r = at::empty({B, A}, opts), k = at::empty({B, A}, opts), v = at::empty({B, A}, opts);
+  Tensor hid = at::empty({B, F}, opts), ff = at::empty({B, D}, opts), rf = at::empty({B, D}, opts);
+  float* hp = fp(h);
+  float* lp = fp(lerp);
+  layer_norm_rows(hp, fp(ln0), fp(ln0) + D, hp, B, D, eps);
+  // LN, token shift (the slot's previous LN output, replaced by this one) and n lerps x·μ + prev·(1 − μ).
+  auto shift_mix = [&](const float* lnw, float* shift, int64_t shift_s, const float* mu, int64_t n) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> xx(D);
+      for (int64_t b = b0; b < b1; ++b) {
+        layer_norm_rows(hp + b * D, lnw, lnw + D, xx.data(), 1, D, eps);
+        float* prev = shift + slot[b] * shift_s;
+        for (int64_t i = 0; i < D; ++i) {
+          for (int64_t j = 0; j < n; ++j) lp[(j * B + b) * D + i] = xx[i] * mu[j * D + i] + prev[i] * (1 - mu[j * D + i]);
+          prev[i] = xx[i];
+        }
+      }
+    });
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    const float* lnp = fp(ln[l]);
+    const float* mx = fp(mix[l]);
+    shift_mix(lnp, fp(att_x[l]), att_x[l].stride(0), mx, 3);
+    linear(lerp[0], att_k[l], k);
+    linear(lerp[1], att_v[l], v);
+    linear(lerp[2], att_r[l], r);
+    // The WKV step with the running max, in place (models/rwkv4.py); r ← σ(r) ⊙ wkv.
+    const float* w = fp(wu[l]);
+    const float* u = w + A;
+    float *ap = fp(aa[l]), *bp = fp(bb[l]), *pq = fp(pp[l]);
+    const int64_t as = aa[l].stride(0), bs = bb[l].stride(0), ps = pp[l].stride(0);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      FlushDenormals ftz;
+      for (int64_t b = b0; b < b1; ++b) {
+        float *a_ = ap + slot[b] * as, *b_ = bp + slot[b] * bs, *p_ = pq + slot[b] * ps;
+        const float* kr = fp(k) + b * A;
+        const float* vr = fp(v) + b * A;
+        float* rr = fp(r) + b * A;
+        for (int64_t c = 0; c < A; ++c) {
+          const float kc = kr[c], vc = vr[c], ac = a_[c], bc = b_[c], pc = p_[c];
+          const float uk = u[c] + kc;
+          float q = std::max(pc, uk);
+          float e1 = std::exp(pc - q), e2 = std::exp(uk - q);
+          const float out = (e1 * ac + e2 * vc) / (e1 * bc + e2);
+          const float pw = pc + w[c];
+          q = std::max(pw, kc);
+          e1 = std::exp(pw - q);
+          e2 = std::exp(kc - q);
+          a_[c] = e1 * ac + e2 * vc;
+          b_[c] = e1 * bc + e2;
+          p_[c] = q;
+          rr[c] = sigmoid1(rr[c]) * out;
+        }
+      }
+    });
+    linear(r, att_o[l], h, true);
+    shift_mix(lnp + 2 * D, fp(ffn_x[l]), ffn_x[l].stride(0), mx + 3 * D, 2);
+    linear(lerp[0], ffn_k[l], hid);
+    float* hd = fp(hid);
+    at::parallel_for(0, B * F, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float x = std::max(hd[i], 0.0f);
+        hd[i] = x * x;
+      }
+    });
+    linear(hid, ffn_v[l], ff);
+    linear(lerp[1], ffn_r[l], rf);
+    const float* rfp = fp(rf);
+    const float* ffp = fp(ff);
+    for (int64_t i = 0; i < B * D; ++i) hp[i] += sigmoid1(rfp[i]) * ffp[i];
+  }
+  Tensor xn = at::empty({B, D}, opts);
+  layer_norm_rows(hp, fp(ln_out), fp(ln_out) + D, fp(xn), B, D, eps);
+  return head_logits(xn, head_w);
 }
 
 // ---------------------------------------------------------------------------------------------- RetNet
@@ -426,6 +572,12 @@ Tensor retnet_decode(const Tensor& ids, const Tensor& positions, const Tensor& s
 }  // namespace
 
 TORCH_LIBRARY(rnnserve_cpu_rnn, m) {
+  m.def("linear(Tensor x, Tensor w) -> Tensor");
+  m.def(
+      "rwkv4_decode(Tensor ids, Tensor slots, Tensor emb, Tensor ln0, Tensor[] ln, Tensor[] mix, Tensor[] wu, "
+      "Tensor[] att_k, Tensor[] att_v, Tensor[] att_r, Tensor[] att_o, Tensor[] ffn_k, Tensor[] ffn_r, "
+      "Tensor[] ffn_v, Tensor(a!)[] att_x, Tensor(b!)[] aa, Tensor(c!)[] bb, Tensor(d!)[] pp, Tensor(e!)[] ffn_x, "
+      "Tensor ln_out, Tensor head_w, float eps) -> Tensor");
   m.def(
       "rwkv7_decode(Tensor ids, Tensor slots, Tensor emb, Tensor ln0, Tensor[] ln, Tensor[] mix, Tensor[] lora_b, "
       "Tensor[] ln_x, Tensor[] r_w, Tensor[] k_w, Tensor[] v_w, Tensor[] o_w, Tensor[] w1, Tensor[] w2, "
@@ -441,6 +593,8 @@ TORCH_LIBRARY(rnnserve_cpu_rnn, m) {
 }
 
 TORCH_LIBRARY_IMPL(rnnserve_cpu_rnn, CPU, m) {
+  m.impl("linear", &linear_op);
+  m.impl("rwkv4_decode", &rwkv4_decode);
   m.impl("rwkv7_decode", &rwkv7_decode);
   m.impl("retnet_decode", &retnet_decode);
 }
