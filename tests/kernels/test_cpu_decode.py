@@ -1,7 +1,9 @@
-"""The fused CPU decode's streaming GEMM (``torch.ops.rnnserve_cpu.linear``: x [M, K] · w [K, N], the
-layout of a column-major linear weight) against ``torch.mm``: 1 to 33 rows, K not a multiple of 4 (the
-k tail), N not a multiple of 8 or 16 (the column tails, a thread's last block). The per-layer steps are
-tested end to end against the torch decode in tests/engine/test_cpu_decode.py."""
+"""The fused CPU decode's GEMMs against ``torch.mm``. The streaming GEMM (``torch.ops.rnnserve_cpu.linear``:
+x [M, K] · w [K, N], the layout of a column-major linear weight): 1 to 33 rows, K not a multiple of 4 (the
+k tail), N not a multiple of 8 or 16 (the column tails, a thread's last block). The packed GEMM
+(``pack_weight`` + ``linear_packed``, what the fused decoders run): the panels' layout, row groups, tails,
+1 to 4 threads taking items from the shared counter. The per-layer steps are tested end to end against
+the torch decode in tests/engine/test_cpu_decode.py."""
 
 from __future__ import annotations
 
@@ -28,3 +30,46 @@ def test_linear_rejects_mismatched_shapes() -> None:
     ops = cpu_decode.load()
     with pytest.raises(RuntimeError, match="inner dimensions"):
         ops.linear(torch.randn(2, 8), torch.randn(9, 4))
+
+
+@pytest.mark.parametrize("kn", [True, False])
+@pytest.mark.parametrize("m", [1, 2, 8, 11, 33])
+@pytest.mark.parametrize(("k", "n"), [(64, 48), (37, 83), (130, 1030)])
+def test_packed_linear_equals_mm(kn: bool, m: int, k: int, n: int) -> None:
+    """The packed panels (``pack_weight`` from [K, N] or [N, K]) through the register-tiled GEMM: one row
+    (an odd K leaves the two-k loop a tail), row groups of 2 to 5 (8 = 4 + 4, 11 = 4 + 4 + 3,
+    33 = seven groups), N not a multiple of 16 (the last panel's zero columns are not written)."""
+    ops = cpu_decode.load()
+    gen = torch.Generator().manual_seed(m * 1000 + k + n)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    packed = ops.pack_weight(w if kn else w.t().contiguous(), kn)
+    assert packed.shape == ((n + 15) // 16, k, 16)
+    assert torch.equal(packed.permute(1, 0, 2).reshape(k, -1)[:, :n], w)
+    assert not packed.permute(1, 0, 2).reshape(k, -1)[:, n:].any()
+    torch.testing.assert_close(ops.linear_packed(x, packed, n), x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_rejects_a_panel_set_of_another_shape() -> None:
+    ops = cpu_decode.load()
+    packed = ops.pack_weight(torch.randn(8, 40), True)  # 3 panels
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ops.linear_packed(torch.randn(2, 8), packed, 56)  # 56 columns need 4 panels
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_packed_linear_on_several_threads(threads: int) -> None:
+    """Many small jobs in a row on the item pool (the caller and threads - 1 workers): every result exact
+    to the single-threaded one, so no item is lost, run twice or read before it is written."""
+    ops = cpu_decode.load()
+    gen = torch.Generator().manual_seed(threads)
+    x, w = torch.randn(3, 96, generator=gen), torch.randn(96, 200, generator=gen)
+    packed = ops.pack_weight(w, True)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = ops.linear_packed(x, packed, 200)
+        torch.set_num_threads(threads)
+        for _ in range(200):
+            assert torch.equal(ops.linear_packed(x, packed, 200), ref)
+    finally:
+        torch.set_num_threads(saved)

@@ -16,8 +16,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -119,6 +121,111 @@ struct FlushDenormals {
   ~FlushDenormals() { _mm_setcsr(saved); }
 };
 
+// ---------------------------------------------------------------------------------------------- threads
+
+// The step's work is cut into items (a few weight panels, a block of channels) that threads take from
+// a shared counter. The threads are this file's own: the caller plus at::get_num_threads() - 1 workers
+// that spin briefly between jobs and then sleep. The caller takes items too and waits only for items
+// another thread has taken, never for a thread to show up: on a shared, oversubscribed machine a
+// descheduled worker costs the step at most the item it holds, where an OpenMP region (or a barrier)
+// waits for every thread of the team to be scheduled, several times per layer.
+class ItemPool {
+ public:
+  // Runs fn(i) for i in [0, n), fn(i) on any of the threads; returns when all n have run.
+  template <class F>
+  void run(int64_t n, const F& fn) {
+    const int64_t want = std::min<int64_t>(at::get_num_threads(), n) - 1;
+    if (want <= 0 || in_job_) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    ensure_workers(want);
+    call_ = [](const void* f, int64_t i) { (*static_cast<const F*>(f))(i); };
+    fn_ = &fn;
+    n_ = n;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    state_.store(gen << 32);  // publishes call_, fn_, n_ with the new job (seq_cst: ordered before the load below)
+    if (sleeping_.load() > 0) state_.notify_all();
+    in_job_ = true;
+    int64_t mine = 0;
+    for (int64_t i; (i = claim(gen)) >= 0; ++mine) fn(i);
+    done_.fetch_add(mine, std::memory_order_acq_rel);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins < 4096) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();  // the worker holding the last item was descheduled
+      }
+    }
+    in_job_ = false;
+  }
+
+ private:
+  // The next item of job gen, or -1 when that job has none left (or is over).
+  int64_t claim(uint64_t gen) {
+    uint64_t s = state_.load(std::memory_order_acquire);
+    while ((s >> 32) == gen && static_cast<int64_t>(s & 0xffffffffu) < n_) {
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) return static_cast<int64_t>(s & 0xffffffffu);
+    }
+    return -1;
+  }
+
+  void ensure_workers(int64_t want) {
+    while (static_cast<int64_t>(workers_.size()) < want) {
+      workers_.emplace_back([this] { work(); });
+      workers_.back().detach();  // lives as long as the process (a static pool)
+    }
+  }
+
+  void work() {
+    uint64_t seen = state_.load(std::memory_order_acquire) >> 32;
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      for (int spins = 0; (s >> 32) == seen; ++spins) {  // spin ~0.1 ms, then sleep until a new job
+        if (spins < 4000) {
+          _mm_pause();
+        } else {
+          sleeping_.fetch_add(1);  // seq_cst: a job published after this is seen by wait() or notified
+          state_.wait(s);
+          sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+        }
+        s = state_.load(std::memory_order_acquire);
+      }
+      seen = s >> 32;
+      int64_t mine = 0;
+      // n_, fn_ and call_ stay fixed until done_ reaches n_, which needs every claimed item to finish.
+      for (int64_t i; (i = claim(seen)) >= 0; ++mine) call_(fn_, i);
+      if (mine) done_.fetch_add(mine, std::memory_order_acq_rel);
+    }
+  }
+
+  std::atomic<uint64_t> state_{0};  // job generation << 32 | next item
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleeping_{0};
+  void (*call_)(const void*, int64_t) = nullptr;
+  const void* fn_ = nullptr;
+  int64_t n_ = 0;
+  bool in_job_ = false;
+  std::vector<std::thread> workers_;
+};
+
+ItemPool& item_pool() {
+  static ItemPool* pool = new ItemPool();  // never destroyed: its detached workers outlive static destructors
+  return *pool;
+}
+
+template <class F>
+void parallel_items(int64_t n, const F& fn) {
+  item_pool().run(n, fn);
+}
+
+// fn(t0, t1) over [0, n) in chunks of grain, through parallel_items.
+template <class F>
+void parallel_ranges(int64_t n, int64_t grain, const F& fn) {
+  parallel_items((n + grain - 1) / grain, [&](int64_t c) { fn(c * grain, std::min(n, (c + 1) * grain)); });
+}
+
 // ---------------------------------------------------------------------------------------------- GEMM
 
 // C[M, N] += X[M, K] · W[K, N] for columns [n0, n1), streaming W in the order it lies in memory: four
@@ -162,13 +269,111 @@ void gemv_rows(const float* x, int64_t ldx, const float* w, float* c, int64_t ld
 // layer's weight stored column-major). The threads split the columns in blocks of 16.
 void gemm_kn(const float* x, int64_t ldx, const float* w, const float* bias, float* c, int64_t ldc, int64_t M,
              int64_t K, int64_t N, bool accumulate) {
-  at::parallel_for(0, (N + 15) / 16, 8, [&](int64_t b0, int64_t b1) {
+  parallel_ranges((N + 15) / 16, 8, [&](int64_t b0, int64_t b1) {
     const int64_t lo = b0 * 16, hi = std::min(N, b1 * 16);
     for (int64_t m = 0; m < M; ++m) {
       float* cr = c + m * ldc;
       for (int64_t n = lo; n < hi; ++n) cr[n] = (accumulate ? cr[n] : 0.0f) + (bias ? bias[n] : 0.0f);
     }
     gemv_rows(x, ldx, w, c, ldc, M, K, N, lo, hi);
+  });
+}
+
+// ---------------------------------------------------------------------------------------- packed GEMM
+
+// The fused decoder packs every weight once (pack_weight below) into panels of 16 output columns laid
+// out along K: P [ceil(N/16), K, 16] with P[q, k, j] = W[k, 16q + j] (zero past N). One panel is one
+// contiguous, 64-byte aligned stream of K * 64 bytes, so a thread walking its panels reads DRAM in
+// order whatever the matrix's shape, and a register tile (rows x 16 columns) reads each weight once per
+// group of rows.
+constexpr int64_t kPanel = 16;
+
+// One row: out[0..16) = x[0..K) · P (one panel). Two k per iteration into four accumulators (two FMA
+// chains per column half), so the loop runs at the load rate, not the FMA latency.
+inline void panel_row1(const float* x, const float* p, int64_t K, float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
+    const float* pk = p + k * kPanel;
+    a0 = _mm256_fmadd_ps(x0, _mm256_load_ps(pk), a0);
+    a1 = _mm256_fmadd_ps(x0, _mm256_load_ps(pk + 8), a1);
+    a2 = _mm256_fmadd_ps(x1, _mm256_load_ps(pk + 16), a2);
+    a3 = _mm256_fmadd_ps(x1, _mm256_load_ps(pk + 24), a3);
+  }
+  if (k < K) {
+    const __m256 x0 = _mm256_broadcast_ss(x + k);
+    a0 = _mm256_fmadd_ps(x0, _mm256_load_ps(p + k * kPanel), a0);
+    a1 = _mm256_fmadd_ps(x0, _mm256_load_ps(p + k * kPanel + 8), a1);
+  }
+  _mm256_store_ps(out, _mm256_add_ps(a0, a2));
+  _mm256_store_ps(out + 8, _mm256_add_ps(a1, a3));
+}
+
+// MR rows (MR <= 5) x 16 columns: 2 * MR accumulators in registers, the panel's two vectors per k read
+// once for all MR rows. out [MR, 16]. Five rows, not six: with 12 accumulators + 3 the compiler spilled
+// one accumulator to the stack (a store-forwarding chain through memory that halved the speed).
+#define RNNSERVE_FMA_ROW(i)                                         \
+  if (MR > i) {                                                     \
+    const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);         \
+    c0##i = _mm256_fmadd_ps(xv, w0, c0##i);                         \
+    c1##i = _mm256_fmadd_ps(xv, w1, c1##i);                         \
+  }
+template <int MR>
+inline void panel_rows(const float* x, int64_t ldx, const float* p, int64_t K, float* out) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c04 = c00;
+  __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_load_ps(p + k * kPanel), w1 = _mm256_load_ps(p + k * kPanel + 8);
+    RNNSERVE_FMA_ROW(0)
+    RNNSERVE_FMA_ROW(1)
+    RNNSERVE_FMA_ROW(2)
+    RNNSERVE_FMA_ROW(3)
+    RNNSERVE_FMA_ROW(4)
+  }
+#define RNNSERVE_STORE_ROW(i)                       \
+  if (MR > i) {                                     \
+    _mm256_store_ps(out + i * kPanel, c0##i);       \
+    _mm256_store_ps(out + i * kPanel + 8, c1##i);   \
+  }
+  RNNSERVE_STORE_ROW(0)
+  RNNSERVE_STORE_ROW(1)
+  RNNSERVE_STORE_ROW(2)
+  RNNSERVE_STORE_ROW(3)
+  RNNSERVE_STORE_ROW(4)
+#undef RNNSERVE_STORE_ROW
+}
+#undef RNNSERVE_FMA_ROW
+
+// C[M, N] = X[M, K] · W (+ bias[N]) (+ C when accumulate), W packed [ceil(N/16), K, 16]. The threads
+// take panels (a few at a time for one row, whose panels are quick) from a shared counter; each panel
+// is read from memory once and stays in L2 while every group of rows (up to 5, the groups as even as
+// can be: 8 rows = 4 + 4) multiplies it.
+void gemm_packed(const float* x, int64_t ldx, const float* p, const float* bias, float* c, int64_t ldc, int64_t M,
+                 int64_t K, int64_t N, bool accumulate) {
+  const int64_t NP = (N + kPanel - 1) / kPanel, per = M == 1 ? 4 : 1, groups = (M + 4) / 5;
+  parallel_items((NP + per - 1) / per, [&](int64_t item) {
+    alignas(64) float tile[5 * kPanel];
+    for (int64_t q = item * per; q < std::min(NP, (item + 1) * per); ++q) {
+      const float* pq = p + q * K * kPanel;
+      const int64_t n0 = q * kPanel, nn = std::min(kPanel, N - n0);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t m0 = M * g / groups, mr = M * (g + 1) / groups - m0;
+        const float* xm = x + m0 * ldx;
+        switch (mr) {
+          case 1: panel_row1(xm, pq, K, tile); break;
+          case 2: panel_rows<2>(xm, ldx, pq, K, tile); break;
+          case 3: panel_rows<3>(xm, ldx, pq, K, tile); break;
+          case 4: panel_rows<4>(xm, ldx, pq, K, tile); break;
+          default: panel_rows<5>(xm, ldx, pq, K, tile); break;
+        }
+        for (int64_t i = 0; i < mr; ++i) {
+          float* cr = c + (m0 + i) * ldc + n0;
+          const float* t = tile + i * kPanel;
+          for (int64_t j = 0; j < nn; ++j) cr[j] = (accumulate ? cr[j] : 0.0f) + (bias ? bias[n0 + j] : 0.0f) + t[j];
+        }
+      }
+    }
   });
 }
 
@@ -213,12 +418,20 @@ void check_f32(const Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, " must be a float32 CPU tensor");
 }
 
-// out (+)= x · w (+ bias): x [M, K] (rows may be strided), w [K, N] contiguous, out [M, N] contiguous.
-// One row goes to MKL's sgemv, more to gemm_kn: with the weights streaming from DRAM (a real step),
-// MKL read a single row's 24 in_proj matrices ~25% faster; from 2 rows on the streaming kernel
-// was as fast or faster (2-2.5x at 8 rows) with the weights in L3.
+// out (+)= x · w (+ bias): x [M, K] (rows may be strided), out [M, N] contiguous, w either packed
+// [ceil(N/16), K, 16] (pack_weight; what the fused decoders pass) or a contiguous [K, N] matrix. An
+// unpacked w with one row goes to MKL's sgemv, more rows to gemm_kn.
 void gemm(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out, bool accumulate) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(1);
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  if (w.dim() == 3) {
+    TORCH_CHECK(w.size(0) == (N + kPanel - 1) / kPanel && w.size(1) == K && w.size(2) == kPanel,
+                "packed weight ", w.sizes(), " does not fit x ", x.sizes(), " -> out ", out.sizes());
+    gemm_packed(x.data_ptr<float>(), x.stride(0), w.data_ptr<float>(), fptr(bias), out.data_ptr<float>(), N, M, K,
+                N, accumulate);
+    return;
+  }
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == K && w.size(1) == N, "weight ", w.sizes(), " does not fit ", x.sizes(),
+              " -> ", out.sizes());
   if (M == 1) {
     if (accumulate) {
       out.addmm_(x, w);
@@ -232,17 +445,17 @@ void gemm(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out, boo
           accumulate);
 }
 
-// The head: logits [M, V] from the normalised last hidden state; a tied head [V, D] (row-major) goes
-// to MKL's sgemm / sgemv, which read it ~30% faster than a dot-product kernel here.
-Tensor head_logits(const Tensor& hn, const Tensor& head_w, bool head_kn) {
+// The head: logits [M, V] from the normalised last hidden state. head_w packed [ceil(V/16), D, 16], or
+// [D, V] (head_kn, column-major), or a tied head [V, D] (row-major) for MKL's sgemm / sgemv, which
+// read it ~30% faster than a dot-product kernel here.
+Tensor head_logits(const Tensor& hn, const Tensor& head_w, bool head_kn, int64_t V) {
   const int64_t M = hn.size(0);
-  if (head_kn) {  // head_w [D, V]
-    Tensor out = at::empty({M, head_w.size(1)}, hn.options());
+  Tensor out = at::empty({M, V}, hn.options());
+  if (head_w.dim() == 3 || head_kn) {
     gemm(hn, head_w, Tensor(), out, false);
     return out;
   }
-  Tensor out = at::empty({M, head_w.size(0)}, hn.options());  // head_w [V, D]
-  return at::mm_out(out, hn, head_w.t());
+  return at::mm_out(out, hn, head_w.t());  // head_w [V, D]
 }
 
 // Every slot id indexes a row of the state pools (the kernels write there without further checks).
@@ -282,6 +495,35 @@ Tensor linear(const Tensor& x, const Tensor& w) {
   return out;
 }
 
+// W [K, N] (kn) or [N, K] (not kn: a row-major linear weight or a tied embedding) packed into panels
+// [ceil(N/16), K, 16] for gemm_packed, columns past N zero.
+Tensor pack_weight(const Tensor& w, bool kn) {
+  check_f32(w, "w");
+  TORCH_CHECK(w.dim() == 2, "pack_weight: a 2-D weight");
+  const int64_t K = kn ? w.size(0) : w.size(1), N = kn ? w.size(1) : w.size(0), NP = (N + kPanel - 1) / kPanel;
+  Tensor p = at::zeros({NP, K, kPanel}, w.options());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p.data_ptr<float>()) % 32 == 0, "pack_weight: unaligned allocation");
+  auto a = w.accessor<float, 2>();
+  float* pp = p.data_ptr<float>();
+  parallel_ranges(NP, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < kPanel && q * kPanel + j < N; ++j)
+          pp[(q * K + k) * kPanel + j] = kn ? a[k][q * kPanel + j] : a[q * kPanel + j][k];
+  });
+  return p;
+}
+
+// X [M, K] · W for a packed W (pack_weight) with n output columns, through gemm_packed (tests).
+Tensor linear_packed(const Tensor& x, const Tensor& p, int64_t n) {
+  check_f32(x, "x");
+  check_f32(p, "p");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && p.dim() == 3 && p.is_contiguous(), "x [M, K], p [NP, K, 16]");
+  Tensor out = at::empty({x.size(0), n}, x.options());
+  gemm(x, p, Tensor(), out, false);
+  return out;
+}
+
 // Mamba-1 decode, every layer (see models/mamba.py for the maths). Per layer l: in_w[l] [D, 2E],
 // conv_w [E, K], x_w [E, R + 2N], dt_w [R, E], A [E, N], out_w [E, D]; conv_state[l] [S, E, K-1] and
 // ssm_state[l] [S, E, N] updated in place at rows slots[b]. Returns logits [B, V].
@@ -293,7 +535,7 @@ Tensor mamba1_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
                      double eps_d) {
   const float eps = static_cast<float>(eps_d);
   const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(in_w.size());
-  const int64_t E = in_w[0].size(1) / 2, N = A[0].size(1), R = dt_w[0].size(0), K = conv_w[0].size(1);
+  const int64_t E = conv_w[0].size(0), N = A[0].size(1), R = dt_w[0].size(-2), K = conv_w[0].size(1);
   const int64_t XD = R + 2 * N;
   check_slots(slots, ids, conv_state, ssm_state);
   const int64_t* slot = slots.data_ptr<int64_t>();
@@ -318,7 +560,7 @@ Tensor mamba1_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
     const int64_t cs_stride = conv_state[l].stride(0);
     const float* cw = conv_w[l].data_ptr<float>();
     const float* cb = fptr(conv_b[l]);
-    at::parallel_for(0, B * (E / 64 + (E % 64 != 0)), 4, [&](int64_t t0, int64_t t1) {
+    parallel_ranges(B * (E / 64 + (E % 64 != 0)), 4, [&](int64_t t0, int64_t t1) {
       const int64_t per = E / 64 + (E % 64 != 0);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / per, c0 = (t % per) * 64, c1 = std::min(E, c0 + 64);
@@ -335,7 +577,7 @@ Tensor mamba1_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
     const float* Dv = Dp[l].data_ptr<float>();
     const float* db = dt_b[l].data_ptr<float>();
     const int64_t EB = 64, per = (E + EB - 1) / EB;
-    at::parallel_for(0, B * per, 4, [&](int64_t t0, int64_t t1) {
+    parallel_ranges(B * per, 4, [&](int64_t t0, int64_t t1) {
       FlushDenormals ftz;
       alignas(32) float delta[64], gate[64];
       for (int64_t t = t0; t < t1; ++t) {
@@ -382,7 +624,7 @@ Tensor mamba1_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
     gemm(y, out_w[l], out_b[l], h, true);
   }
   rms_norm_rows(hp, norm_f.data_ptr<float>(), hnp, B, D, eps);
-  return head_logits(hn, head_w, head_kn);
+  return head_logits(hn, head_w, head_kn, emb.size(0));
 }
 
 // Mamba-2 decode, every layer (see models/mamba2.py). Per layer: in_w [D, E + C + H] (z, xBC, dt),
@@ -397,7 +639,6 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
   const float eps = static_cast<float>(eps_d);
   const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(in_w.size());
   const int64_t E = H * P, C = E + 2 * G * N, W = E + C + H, K = conv_w[0].size(1), rep = H / G;
-  TORCH_CHECK(in_w[0].size(1) == W, "mamba2_decode: in_proj width ", in_w[0].size(1), " != ", W);
   TORCH_CHECK(P % 8 == 0, "mamba2_decode: head_dim must be a multiple of 8");
   check_slots(slots, ids, conv_state, ssm_state);
   const int64_t* slot = slots.data_ptr<int64_t>();
@@ -420,7 +661,7 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
     const float* cw = conv_w[l].data_ptr<float>();
     const float* cb = fptr(conv_b[l]);
     const int64_t per_c = (C + 63) / 64;
-    at::parallel_for(0, B * per_c, 4, [&](int64_t t0, int64_t t1) {
+    parallel_ranges(B * per_c, 4, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / per_c, c0 = (t % per_c) * 64, c1 = std::min(C, c0 + 64);
         conv_step(pp + b * W + E, cs + slot[b] * cs_stride, cw, cb, xp + b * C, c0, c1, K);
@@ -433,7 +674,7 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
     const float* Ap = A[l].data_ptr<float>();
     const float* Dv = Dp[l].data_ptr<float>();
     const float* dbias = dt_bias[l].data_ptr<float>();
-    at::parallel_for(0, B * H, 2, [&](int64_t t0, int64_t t1) {
+    parallel_ranges(B * H, 2, [&](int64_t t0, int64_t t1) {
       FlushDenormals ftz;
       alignas(32) float dx[512];
       for (int64_t t = t0; t < t1; ++t) {
@@ -474,7 +715,7 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
     // Gated group norm: y ⊙ silu(z), normalised over each of the G groups, times the norm weight.
     const float* gw = gnorm_w[l].data_ptr<float>();
     const int64_t EG = E / G;
-    at::parallel_for(0, B * G, 4, [&](int64_t t0, int64_t t1) {
+    parallel_ranges(B * G, 4, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / G, g = t % G;
         float* yr = yp + b * E + g * EG;
@@ -499,13 +740,15 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
     gemm(y, out_w[l], out_b[l], h, true);
   }
   rms_norm_rows(hp, norm_f.data_ptr<float>(), hnp, B, D, eps);
-  return head_logits(hn, head_w, head_kn);
+  return head_logits(hn, head_w, head_kn, emb.size(0));
 }
 
 }  // namespace
 
 TORCH_LIBRARY(rnnserve_cpu, m) {
   m.def("linear(Tensor x, Tensor w) -> Tensor");
+  m.def("pack_weight(Tensor w, bool kn) -> Tensor");
+  m.def("linear_packed(Tensor x, Tensor p, int n) -> Tensor");
   m.def(
       "mamba1_decode(Tensor ids, Tensor slots, Tensor emb, Tensor[] norm_w, Tensor[] in_w, Tensor[] in_b, "
       "Tensor[] conv_w, Tensor[] conv_b, Tensor[] x_w, Tensor[] dt_w, Tensor[] dt_b, Tensor[] A, Tensor[] D, "
@@ -520,6 +763,8 @@ TORCH_LIBRARY(rnnserve_cpu, m) {
 
 TORCH_LIBRARY_IMPL(rnnserve_cpu, CPU, m) {
   m.impl("linear", &linear);
+  m.impl("pack_weight", &pack_weight);
+  m.impl("linear_packed", &linear_packed);
   m.impl("mamba1_decode", &mamba1_decode);
   m.impl("mamba2_decode", &mamba2_decode);
 }
