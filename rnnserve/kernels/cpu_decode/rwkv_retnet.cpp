@@ -45,38 +45,80 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 // MKL's per-thread thread count (0: back to the global setting); returns the previous one.
 extern "C" int MKL_Set_Num_Threads_Local(int n);  // mkl_service.h's mkl_set_num_threads_local
 
-// out[M, N] = x[M, K] · wᵀ (+ out when accumulate): w a linear layer's weight [N, K], row-major or
-// column-major (the CPU layout some families keep), read where it lies; x and out may have strided rows.
-// The threads split the output columns and each calls a single-threaded sgemm on its slice: MKL's own
-// threading (also when called inside a parallel region) waited 10-20x longer than the product took on
-// a shared 2-core machine whenever one of its threads was descheduled (8-32 rows).
-void linear(const Tensor& x, const Tensor& w, Tensor& out, bool accumulate = false) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K && out.size(0) == M && out.size(1) == N, "linear: shapes differ");
-  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && (w.stride(1) == 1 || w.stride(0) == 1),
-              "linear: unit-stride rows (x, out) and a row- or column-major weight");
-  if (M == 0 || N == 0) return;
-  const bool row_major = w.stride(1) == 1;
-  const char ta = row_major ? 'T' : 'N', tb = 'N';
-  const int lda = static_cast<int>(std::max<int64_t>(1, row_major ? w.stride(0) : w.stride(1)));
-  const int ldb = static_cast<int>(std::max<int64_t>(1, x.stride(0))), ldc = static_cast<int>(std::max<int64_t>(1, out.stride(0)));
-  const int n = static_cast<int>(M), k = static_cast<int>(K);
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  const float* wp = w.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 64));
-  const int64_t chunk = ((N + threads - 1) / threads + 15) / 16 * 16;
-  at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-      const int m = static_cast<int>(n1 - n0);
-      const float* a = row_major ? wp + n0 * lda : wp + n0;
-      const int saved = MKL_Set_Num_Threads_Local(1);
-      sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, xp, &ldb, &beta, op + n0, &ldc);
-      MKL_Set_Num_Threads_Local(saved);
+// What a projection does to its own output slice right after the product (same thread, data in cache).
+enum class Post { None, Tanh, Sigmoid, Silu, ReluSquare };
+
+// One projection out[M, N] = x[M, K] · wᵀ (+ out when accumulate), then post: w a linear layer's weight
+// [N, K], row-major or column-major (the CPU layout some families keep), read where it lies; x and out
+// may have strided rows.
+struct Job {
+  Tensor x, w, out;
+  bool accumulate = false;
+  Post post = Post::None;
+};
+
+void apply_post(Post post, float* out, int64_t ldc, int64_t M, int64_t n0, int64_t n1) {
+  if (post == Post::None) return;
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = out + m * ldc;
+    for (int64_t n = n0; n < n1; ++n) {
+      const float x = row[n];
+      if (post == Post::Tanh) {
+        row[n] = std::tanh(x);
+      } else if (post == Post::Sigmoid) {
+        row[n] = sigmoid1(x);
+      } else if (post == Post::Silu) {
+        row[n] = silu1(x);
+      } else {
+        const float r = std::max(x, 0.0f);
+        row[n] = r * r;
+      }
     }
+  }
+}
+
+// Several independent projections in one parallel region: each job's output columns are cut into one
+// 16-aligned slice per thread, and thread t runs slice t of every job, each slice one single-threaded
+// sgemm. One region per group instead of one per product: every region ends in a barrier, and on a
+// shared machine a barrier waits for the slowest (descheduled) thread; MKL's own threading waited
+// 10-20x longer than the product took there at 8-32 rows.
+void linears(std::initializer_list<Job> jobs) {
+  const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t J = static_cast<int64_t>(jobs.size());
+  for (const Job& j : jobs) {
+    const Tensor &x = j.x, &w = j.w, &out = j.out;
+    TORCH_CHECK(w.size(1) == x.size(1) && out.size(0) == x.size(0) && out.size(1) == w.size(0),
+                "linear: shapes differ");
+    TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && (w.stride(1) == 1 || w.stride(0) == 1),
+                "linear: unit-stride rows (x, out) and a row- or column-major weight");
+  }
+  auto run = [&](int64_t item) {
+    const Job& j = jobs.begin()[item % J];
+    const int64_t t = item / J, M = j.x.size(0), K = j.x.size(1), N = j.w.size(0);
+    const int64_t chunk = ((N + T - 1) / T + 15) / 16 * 16, n0 = t * chunk, n1 = std::min(N, n0 + chunk);
+    if (n0 >= n1 || M == 0) return;
+    const bool row_major = j.w.stride(1) == 1;
+    const char ta = row_major ? 'T' : 'N', tb = 'N';
+    const int lda = static_cast<int>(std::max<int64_t>(1, row_major ? j.w.stride(0) : j.w.stride(1)));
+    const int ldb = static_cast<int>(std::max<int64_t>(1, j.x.stride(0)));
+    const int ldc = static_cast<int>(std::max<int64_t>(1, j.out.stride(0)));
+    const int m = static_cast<int>(n1 - n0), n = static_cast<int>(M), k = static_cast<int>(K);
+    const float alpha = 1.0f, beta = j.accumulate ? 1.0f : 0.0f;
+    const float* wp = j.w.data_ptr<float>();
+    const float* a = row_major ? wp + n0 * lda : wp + n0;
+    float* c = j.out.data_ptr<float>();
+    const int saved = MKL_Set_Num_Threads_Local(1);
+    sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, j.x.data_ptr<float>(), &ldb, &beta, c + n0, &ldc);
+    MKL_Set_Num_Threads_Local(saved);
+    apply_post(j.post, c, ldc, M, n0, n1);
+  };
+  at::parallel_for(0, T * J, J, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) run(i);
   });
+}
+
+void linear(const Tensor& x, const Tensor& w, Tensor& out, bool accumulate = false) {
+  linears({Job{x, w, out, accumulate}});
 }
 
 // Rows of x [M, D] → y: LayerNorm (bias may be null) over D, as F.layer_norm (biased variance).
@@ -196,38 +238,32 @@ Tensor rwkv7_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, c
     float* ax = fp(att_x[l]);
     float* fx = fp(ffn_x[l]);
     const int64_t ax_s = att_x[l].stride(0), fx_s = ffn_x[l].stride(0);
-    // LN1, token shift (the slot's previous LN1 output, replaced by this one) and the six lerps.
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        float* xr = xxp + b * D;
-        layer_norm_rows(hp + b * D, lnp, lnp + D, xr, 1, D, eps);
-        float* prev = ax + slot[b] * ax_s;
-        for (int64_t i = 0; i < D; ++i) {
-          const float delta = prev[i] - xr[i];
-          prev[i] = xr[i];
-          for (int64_t j = 0; j < 6; ++j) lp[(j * B + b) * D + i] = xr[i] + delta * mx[j * D + i];
-        }
+    // LN1, token shift (the slot's previous LN1 output, replaced by this one) and the six lerps: a few
+    // µs of work, done by this thread (a parallel region would cost a barrier).
+    for (int64_t b = 0; b < B; ++b) {
+      float* xr = xxp + b * D;
+      layer_norm_rows(hp + b * D, lnp, lnp + D, xr, 1, D, eps);
+      float* prev = ax + slot[b] * ax_s;
+      for (int64_t i = 0; i < D; ++i) {
+        const float delta = prev[i] - xr[i];
+        prev[i] = xr[i];
+        for (int64_t j = 0; j < 6; ++j) lp[(j * B + b) * D + i] = xr[i] + delta * mx[j * D + i];
       }
-    });
-    linear(lerp[0], r_w[l], r);
-    linear(lerp[2], k_w[l], k);
-    linear(lerp[3], v_w[l], v);
-    // The low-rank pairs: [B, rank] buffers (narrowed from one [B, 4 max rank] block).
-    Tensor wl = low.narrow(1, 0, w1[l].size(0)), al = low.narrow(1, R, a1[l].size(0));
-    Tensor gl = low.narrow(1, 2 * R, g1[l].size(0));
-    linear(lerp[1], w1[l], wl);
-    wl.tanh_();
-    linear(wl, w2[l], wp);
-    linear(lerp[4], a1[l], al);
-    linear(al, a2[l], ap);
-    linear(lerp[5], g1[l], gl);
-    gl.sigmoid_();
-    linear(gl, g2[l], g);
+    }
+    // r, k, v and the low-rank pairs' first halves in one region ([B, rank] buffers narrowed from one
+    // [B, 4 max rank] block), then the second halves in another.
     const bool first = v1[l].numel() == 0;
-    if (!first) {
-      Tensor vl = low.narrow(1, 3 * R, v1[l].size(0));
-      linear(lerp[3], v1[l], vl);
-      linear(vl, v2[l], vp);
+    Tensor wl = low.narrow(1, 0, w1[l].size(0)), al = low.narrow(1, R, a1[l].size(0));
+    Tensor gl = low.narrow(1, 2 * R, g1[l].size(0)), vl = low.narrow(1, 3 * R, first ? 0 : v1[l].size(0));
+    Tensor x_r = lerp[0], x_w = lerp[1], x_k = lerp[2], x_v = lerp[3], x_a = lerp[4], x_g = lerp[5];
+    if (first) {
+      linears({{x_r, r_w[l], r}, {x_k, k_w[l], k}, {x_v, v_w[l], v}, {x_w, w1[l], wl, false, Post::Tanh},
+               {x_a, a1[l], al}, {x_g, g1[l], gl, false, Post::Sigmoid}});
+      linears({{wl, w2[l], wp}, {al, a2[l], ap}, {gl, g2[l], g}});
+    } else {
+      linears({{x_r, r_w[l], r}, {x_k, k_w[l], k}, {x_v, v_w[l], v}, {x_w, w1[l], wl, false, Post::Tanh},
+               {x_a, a1[l], al}, {x_g, g1[l], gl, false, Post::Sigmoid}, {x_v, v1[l], vl}});
+      linears({{wl, w2[l], wp}, {al, a2[l], ap}, {gl, g2[l], g}, {vl, v2[l], vp}});
     }
     // Per (sequence, head): decays, κ, k, value residual, the WKV update in place, group norm, bonus.
     float* wkv_p = fp(wkv[l]);
@@ -297,26 +333,17 @@ Tensor rwkv7_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, c
     });
     linear(o, o_w[l], h, true);
     // Channel mixing: LN2, token shift, relu(k)² and the value projection into the residual.
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        float* xr = xxp + b * D;
-        layer_norm_rows(hp + b * D, lnp + 2 * D, lnp + 3 * D, xr, 1, D, eps);
-        float* prev = fx + slot[b] * fx_s;
-        for (int64_t i = 0; i < D; ++i) {
-          const float cur = xr[i];
-          xr[i] = cur + (prev[i] - cur) * mx[9 * D + i];
-          prev[i] = cur;
-        }
+    for (int64_t b = 0; b < B; ++b) {
+      float* xr = xxp + b * D;
+      layer_norm_rows(hp + b * D, lnp + 2 * D, lnp + 3 * D, xr, 1, D, eps);
+      float* prev = fx + slot[b] * fx_s;
+      for (int64_t i = 0; i < D; ++i) {
+        const float cur = xr[i];
+        xr[i] = cur + (prev[i] - cur) * mx[9 * D + i];
+        prev[i] = cur;
       }
-    });
-    linear(xx, ffn_k[l], hid);
-    float* hd = fp(hid);
-    at::parallel_for(0, B * F, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const float x = std::max(hd[i], 0.0f);
-        hd[i] = x * x;
-      }
-    });
+    }
+    linears({{xx, ffn_k[l], hid, false, Post::ReluSquare}});
     linear(hid, ffn_v[l], h, true);
   }
   layer_norm_rows(hp, fp(ln_out), fp(ln_out) + D, xxp, B, D, eps);
@@ -349,27 +376,25 @@ Tensor rwkv4_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, c
   float* hp = fp(h);
   float* lp = fp(lerp);
   layer_norm_rows(hp, fp(ln0), fp(ln0) + D, hp, B, D, eps);
-  // LN, token shift (the slot's previous LN output, replaced by this one) and n lerps x·μ + prev·(1 − μ).
+  // LN, token shift (the slot's previous LN output, replaced by this one) and n lerps x·μ + prev·(1 − μ),
+  // by this thread (a few µs; a parallel region would cost a barrier).
+  std::vector<float> xx(D);
   auto shift_mix = [&](const float* lnw, float* shift, int64_t shift_s, const float* mu, int64_t n) {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> xx(D);
-      for (int64_t b = b0; b < b1; ++b) {
-        layer_norm_rows(hp + b * D, lnw, lnw + D, xx.data(), 1, D, eps);
-        float* prev = shift + slot[b] * shift_s;
-        for (int64_t i = 0; i < D; ++i) {
-          for (int64_t j = 0; j < n; ++j) lp[(j * B + b) * D + i] = xx[i] * mu[j * D + i] + prev[i] * (1 - mu[j * D + i]);
-          prev[i] = xx[i];
-        }
+    for (int64_t b = 0; b < B; ++b) {
+      layer_norm_rows(hp + b * D, lnw, lnw + D, xx.data(), 1, D, eps);
+      float* prev = shift + slot[b] * shift_s;
+      for (int64_t i = 0; i < D; ++i) {
+        for (int64_t j = 0; j < n; ++j) lp[(j * B + b) * D + i] = xx[i] * mu[j * D + i] + prev[i] * (1 - mu[j * D + i]);
+        prev[i] = xx[i];
       }
-    });
+    }
   };
   for (int64_t l = 0; l < L; ++l) {
     const float* lnp = fp(ln[l]);
     const float* mx = fp(mix[l]);
     shift_mix(lnp, fp(att_x[l]), att_x[l].stride(0), mx, 3);
-    linear(lerp[0], att_k[l], k);
-    linear(lerp[1], att_v[l], v);
-    linear(lerp[2], att_r[l], r);
+    Tensor x_k = lerp[0], x_v = lerp[1], x_r = lerp[2];
+    linears({{x_k, att_k[l], k}, {x_v, att_v[l], v}, {x_r, att_r[l], r}});
     // The WKV step with the running max, in place (models/rwkv4.py); r ← σ(r) ⊙ wkv.
     const float* w = fp(wu[l]);
     const float* u = w + A;
@@ -401,19 +426,12 @@ Tensor rwkv4_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, c
     });
     linear(r, att_o[l], h, true);
     shift_mix(lnp + 2 * D, fp(ffn_x[l]), ffn_x[l].stride(0), mx + 3 * D, 2);
-    linear(lerp[0], ffn_k[l], hid);
-    float* hd = fp(hid);
-    at::parallel_for(0, B * F, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const float x = std::max(hd[i], 0.0f);
-        hd[i] = x * x;
-      }
-    });
+    Tensor f_k = lerp[0], f_r = lerp[1];
+    linears({{f_k, ffn_k[l], hid, false, Post::ReluSquare}, {f_r, ffn_r[l], rf, false, Post::Sigmoid}});
     linear(hid, ffn_v[l], ff);
-    linear(lerp[1], ffn_r[l], rf);
     const float* rfp = fp(rf);
     const float* ffp = fp(ff);
-    for (int64_t i = 0; i < B * D; ++i) hp[i] += sigmoid1(rfp[i]) * ffp[i];
+    for (int64_t i = 0; i < B * D; ++i) hp[i] += rfp[i] * ffp[i];
   }
   Tensor xn = at::empty({B, D}, opts);
   layer_norm_rows(hp, fp(ln_out), fp(ln_out) + D, fp(xn), B, D, eps);
@@ -473,14 +491,15 @@ Tensor retnet_decode(const Tensor& ids, const Tensor& positions, const Tensor& s
   for (int64_t l = 0; l < L; ++l) {
     const float* nw = fp(attn_norm[l]);
     for (int64_t b = 0; b < B; ++b) rms_norm(hp + b * D, nw, xp + b * D, D, eps);
-    linear(xn, q_w[l], q);
-    linear(xn, k_w[l], k);
-    linear(xn, v_w[l], v);
-    if (gated) linear(xn, g_w[l], g);
-    // Activations and rotation of q and k (per sequence, in place), v's activation.
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    if (gated) {
+      linears({{xn, q_w[l], q}, {xn, k_w[l], k}, {xn, v_w[l], v}, {xn, g_w[l], g}});
+    } else {
+      linears({{xn, q_w[l], q}, {xn, k_w[l], k}, {xn, v_w[l], v}});
+    }
+    // Activations and rotation of q and k (per sequence, in place), v's activation: by this thread.
+    {
       std::vector<float> tmp(dk);
-      for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t b = 0; b < B; ++b) {
         const float* c = cosv.data() + b * half;
         const float* s = sinv.data() + b * half;
         auto rot = [&](float* x, int64_t heads) {
@@ -507,7 +526,7 @@ Tensor retnet_decode(const Tensor& ids, const Tensor& positions, const Tensor& s
           for (int64_t i = 0; i < Hkv * dv; ++i) vr[i] = silu1(vr[i]);
         }
       }
-    });
+    }
     // Per (sequence, head): S ← γ S + kᵀ v in place, o = scale q S, the output normalisation, the
     // per-head RMSNorm and the swish gate.
     float* st = fp(state[l]);
@@ -554,13 +573,10 @@ Tensor retnet_decode(const Tensor& ids, const Tensor& positions, const Tensor& s
     if (has_mlp) {
       const float* mw = fp(mlp_norm[l]);
       for (int64_t b = 0; b < B; ++b) rms_norm(hp + b * D, mw, xp + b * D, D, eps);
-      linear(xn, gate_w[l], gt);
-      linear(xn, up_w[l], up);
+      linears({{xn, gate_w[l], gt, false, Post::Silu}, {xn, up_w[l], up}});
       float* gp = fp(gt);
       const float* upp = fp(up);
-      at::parallel_for(0, B * I, 4096, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) gp[i] = silu1(gp[i]) * upp[i];
-      });
+      for (int64_t i = 0; i < B * I; ++i) gp[i] *= upp[i];
       linear(gt, down_w[l], h, true);
     }
   }
