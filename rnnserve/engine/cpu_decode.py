@@ -1,10 +1,11 @@
 """``--cpu-decode fused``: the whole decode step of a float32 Mamba-1 / Mamba-2 model in one C++ call
-(``rnnserve/kernels/cpu_decode``): AVX2 GEMMs on weights packed once into 16-column panels, and per layer one fused
-pass for the conv, the step size, the state update (in place, by slot) and the gate. The torch
-``model.decode`` stays the reference it is tested against (tests/engine/test_cpu_decode.py).
+(``rnnserve/kernels/cpu_decode``): AVX2 GEMMs on weights packed once into 16-column panels (float32, or
+int8 with per-channel scales for ``--quantization int8``'s layers), and per layer one fused pass for the
+conv, the step size, the state update (in place, by slot) and the gate. The torch ``model.decode`` stays
+the reference it is tested against (tests/engine/test_cpu_decode.py).
 
 ``fused_decoder`` returns None, with the reason logged, where the path does not apply (another family,
-another dtype or device, int8 weights, non-contiguous state pools) or the extension cannot be built;
+another dtype or device, non-contiguous state pools) or the extension cannot be built;
 the runner then decodes with the torch path.
 """
 
@@ -21,6 +22,7 @@ from rnnserve.engine import cpu_decode_families
 from rnnserve.kernels import cpu_decode
 from rnnserve.kernels.cpu_decode import families as cpu_decode_rwkv_retnet
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
+from rnnserve.models.layers import Int8Linear
 from rnnserve.models.mamba import MambaLM
 from rnnserve.models.mamba2 import Mamba2LM
 
@@ -29,8 +31,11 @@ logger = logging.getLogger(__name__)
 
 def _packed(linear: nn.Module, ops) -> torch.Tensor:
     """A linear layer's weight [out, in] packed once into the kernels' panels [ceil(out/16), in, 16]
-    (``pack_weight``): a copy, so the fused path holds a second float32 copy of the weights next to
-    the model's own, which the torch prefill reads."""
+    (``pack_weight``): a copy, so the fused path holds a second copy of the weights next to the model's
+    own, which the torch prefill reads. An ``Int8Linear``'s int8 values and scales go to int8 panels
+    [ceil(out/16), in + 4, 16] (``pack_weight_int8``), multiplied with fp32 activations."""
+    if isinstance(linear, Int8Linear):
+        return ops.pack_weight_int8(linear.qweight, linear.scale)
     w = linear.weight.detach()
     return ops.pack_weight(w.t(), True) if w.t().is_contiguous() else ops.pack_weight(w.contiguous(), False)
 
@@ -50,13 +55,10 @@ def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
     if isinstance(model, cpu_decode_families.FAMILIES):
         return cpu_decode_families.unsupported_reason(model, states)
     if not isinstance(model, MambaLM | Mamba2LM):
-        return f"{type(model).__name__} has no fused CPU decode (Mamba, Mamba-2, RWKV-4, RWKV-7 and RetNet do)"
+        fused = "Mamba, Mamba-2, RWKV-4, RWKV-7, RetNet and DenseRetNet do"
+        return f"{type(model).__name__} has no fused CPU decode ({fused})"
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return f"the fused CPU decode runs float32 on the CPU (model: {model.dtype} on {model.device.type})"
-    if not isinstance(model.lm_head, nn.Linear) or any(
-        not isinstance(layer.mixer.in_proj, nn.Linear) for layer in model.backbone.layers
-    ):
-        return "the fused CPU decode runs float32 weights (not --quantization int8)"
     if not model.cfg.residual_in_fp32:
         return "the fused CPU decode keeps the residual in float32 (residual_in_fp32 is false)"
     for layer in states:

@@ -1,4 +1,4 @@
-"""``--cpu-decode fused`` for RWKV-4, RWKV-7 and RetNet: the whole float32 decode step in one C++ call
+"""``--cpu-decode fused`` for RWKV-4, RWKV-7, RetNet and DenseRetNet: the whole float32 decode step in one C++ call
 (``rnnserve/kernels/cpu_decode/rwkv_retnet.cpp``): projections through MKL on the weights as loaded,
 everything between them fused in per-(sequence, head) loops, states updated in place by slot. The torch
 ``model.decode`` stays the reference it is tested against (tests/engine/test_cpu_decode_families.py).
@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
+from rnnserve.models.dense_retnet import DenseRetNetLM
 from rnnserve.models.layers import Int8Linear
 from rnnserve.models.retnet import RetNetLM
 from rnnserve.models.rwkv4 import Rwkv4LM
 from rnnserve.models.rwkv7 import Rwkv7LM
 
-FAMILIES = (Rwkv4LM, Rwkv7LM, RetNetLM)
+FAMILIES = (Rwkv4LM, Rwkv7LM, RetNetLM, DenseRetNetLM)
 
 
 def _w(linear: nn.Module) -> torch.Tensor:
@@ -54,6 +55,8 @@ def make_decoder(model: RecurrentLM, states: States, ops: Any):
         return FusedRwkv4Decoder(model, states, ops)
     if isinstance(model, Rwkv7LM):
         return FusedRwkv7Decoder(model, states, ops)
+    if isinstance(model, DenseRetNetLM):
+        return FusedDenseRetNetDecoder(model, states, ops)
     return FusedRetNetDecoder(model, states, ops)
 
 
@@ -212,6 +215,47 @@ class FusedRetNetDecoder:
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
         return self.ops.retnet_decode(
+            batch.input_ids, batch.positions, batch.slot_ids, self.emb, *self.mats,
+            [s["S"] for s in self.states], *self.consts, self.norm_f, self.head, *self.dims,
+        )  # fmt: skip
+
+
+class FusedDenseRetNetDecoder:
+    """DenseRetNet: the GAU retention layers with the dense k/v fusion over the last m layers."""
+
+    def __init__(self, model: DenseRetNetLM, states: States, ops: Any) -> None:
+        self.model, self.states, self.ops = model, states, ops
+        cfg = model.cfg
+        layers = list(model.model.layers)
+        attn = [layer.self_attn for layer in layers]
+        empty = torch.empty(0)
+
+        def dense(layer: nn.Module, get) -> torch.Tensor:
+            return get(layer.self_attn).detach() if layer.fuse else empty
+
+        self.mats = (
+            [layer.input_layernorm.weight.detach() for layer in layers],
+            [_w(a.q_proj) for a in attn],
+            [_w(a.k_proj) for a in attn],
+            [_w(a.to_hidden[0]) for a in attn],
+            [_w(a.to_out[0]) for a in attn],
+            [a.group_norm.weight.detach() for a in attn],
+            [dense(layer, lambda a: a.k_select.fc1.weight) for layer in layers],
+            [dense(layer, lambda a: a.k_select.fc2.weight) for layer in layers],
+            [dense(layer, lambda a: a.v_select.fc1.weight) for layer in layers],
+            [dense(layer, lambda a: a.v_select.fc2.weight) for layer in layers],
+            [dense(layer, lambda a: a.k_norm.weight) for layer in layers],
+            [dense(layer, lambda a: a.v_norm.weight) for layer in layers],
+        )
+        retention = attn[0].retention
+        self.consts = (retention.inv_freq, retention.log_gamma)
+        self.emb = model.model.embed_tokens.weight.detach()
+        self.norm_f = model.model.norm.weight.detach()
+        self.head = _w(model.lm_head)
+        self.dims = (cfg.num_heads, cfg.dense_block_layers, float(attn[0].k_scale), float(cfg.rms_norm_eps))
+
+    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        return self.ops.dense_retnet_decode(
             batch.input_ids, batch.positions, batch.slot_ids, self.emb, *self.mats,
             [s["S"] for s in self.states], *self.consts, self.norm_f, self.head, *self.dims,
         )  # fmt: skip

@@ -1,11 +1,12 @@
-"""``--cpu-decode fused`` for RWKV-4, RWKV-7 and RetNet equals the torch decode (the reference): logits
-within 1e-4 of the largest logit, the same greedy tokens and the same states (1e-4), at batch 1, 3 and
-33 on out-of-order slots whose states a chunked prefill left (resumed states), positions carried on per
-sequence (RetNet rotates by them). RWKV-4: attention size != hidden size, large keys. RWKV-7: LN0, an
-untied head, two heads of 64. RetNet: fla retention with grouped k/v heads and a tied head; torchscale
-retention (interleaved rotation, the abs_sum normaliser riding in an extra state column) with swish
-feature maps. Slots no step touched stay bit-identical; a slot outside the pool or repeated in a step
-is refused before anything is written.
+"""``--cpu-decode fused`` for RWKV-4, RWKV-7, RetNet and DenseRetNet equals the torch decode (the
+reference): logits within 1e-4 of the largest logit, the same greedy tokens and the same states (1e-4),
+at batch 1, 3 and 33 on out-of-order slots whose states a chunked prefill left (resumed states),
+positions carried on per sequence (RetNet rotates by them). RWKV-4: attention size != hidden size,
+large keys. RWKV-7: LN0, an untied head, two heads of 64. RetNet: fla retention with grouped k/v heads
+and a tied head; torchscale retention (interleaved rotation, the abs_sum normaliser riding in an extra
+state column) with swish feature maps. DenseRetNet: a dense window of two layers. Slots no step
+touched stay bit-identical; a slot outside the pool or repeated in a step is refused before anything
+is written.
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ import torch
 
 from rnnserve.config import ModelConfig
 from rnnserve.engine.cpu_decode import fused_decoder, unsupported_reason
-from rnnserve.engine.cpu_decode_families import FusedRetNetDecoder, FusedRwkv4Decoder, FusedRwkv7Decoder
+from rnnserve.engine.cpu_decode_families import (
+    FusedDenseRetNetDecoder,
+    FusedRetNetDecoder,
+    FusedRwkv4Decoder,
+    FusedRwkv7Decoder,
+)
 from rnnserve.kernels import cpu_decode
 from rnnserve.models.base import DecodeBatch, RecurrentLM
 from rnnserve.models.loader import load_model
-from tests.models import test_retnet, test_rwkv4, test_rwkv7
+from tests.models import test_dense_retnet, test_retnet, test_rwkv4, test_rwkv7
 from tests.models.harness import alloc_states, assert_states_close, prefill_in_chunks
 
 pytestmark = pytest.mark.skipif(cpu_decode.unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
@@ -63,6 +69,14 @@ def retnet_torchscale(tmp_path_factory) -> RecurrentLM:
     return _load(test_retnet.save_folder(folder, c, test_retnet.fla_state_dict(c, 5)))
 
 
+@pytest.fixture(scope="module")
+def dense_retnet(tmp_path_factory) -> RecurrentLM:
+    """Three layers and a window of two earlier layers (layer 1 sees a zero for the missing one)."""
+    c = test_dense_retnet.dense_config(dense_block_layers=2)
+    folder = tmp_path_factory.mktemp("dense_retnet_fused")
+    return _load(test_dense_retnet.save_folder(folder, c, test_dense_retnet.dense_state_dict(c, 7)))
+
+
 def _prefilled_states(model: RecurrentLM) -> tuple[list, dict[int, int]]:
     """Slots 1..39 hold prompts of 1-12 tokens, prefilled in chunks of 3; slot 0 is padding. Returns the
     states and each slot's next position."""
@@ -73,15 +87,15 @@ def _prefilled_states(model: RecurrentLM) -> tuple[list, dict[int, int]]:
     return states, {s: len(p) for s, p in zip(slots, prompts)}
 
 
-@pytest.mark.parametrize("family", ["rwkv4", "rwkv7", "retnet_fla", "retnet_torchscale"])
+@pytest.mark.parametrize("family", ["rwkv4", "rwkv7", "retnet_fla", "retnet_torchscale", "dense_retnet"])
 @torch.inference_mode()
 def test_fused_decode_equals_torch(family: str, request) -> None:
     model: RecurrentLM = request.getfixturevalue(family)
     ref_states, position = _prefilled_states(model)
     fused_states = [{k: v.clone() for k, v in layer.items()} for layer in ref_states]
     fused = fused_decoder(model, fused_states)
-    expected = {"rwkv4": FusedRwkv4Decoder, "rwkv7": FusedRwkv7Decoder}.get(family, FusedRetNetDecoder)
-    assert isinstance(fused, expected)
+    expected = {"rwkv4": FusedRwkv4Decoder, "rwkv7": FusedRwkv7Decoder, "dense_retnet": FusedDenseRetNetDecoder}
+    assert isinstance(fused, expected.get(family, FusedRetNetDecoder))
     next_token = {s: 5 + s % (VOCAB - 5) for s in range(NUM_SLOTS)}
     for slots in STEPS:
         batch = DecodeBatch(

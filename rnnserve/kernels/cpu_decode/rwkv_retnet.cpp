@@ -440,6 +440,115 @@ Tensor rwkv4_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, c
 
 // ---------------------------------------------------------------------------------------------- RetNet
 
+// One retention step of a batch, shared by RetNet and DenseRetNet: the per-step constants (rotation
+// phases and the sqrt_cn factor per sequence, γ per head; fp32 as the torch path) and the per-layer
+// work on projected q, k, v.
+struct Retention {
+  int64_t B, H, Hkv, dk, dv, dvs, half, style, norm;
+  bool feature_map, value_act;
+  float scale, eps;
+  std::vector<float> cosv, sinv, cn, decay;
+
+  Retention(const int64_t* pos, int64_t B_, int64_t H_, int64_t Hkv_, int64_t dk_, int64_t dv_, int64_t style_,
+            int64_t norm_, bool feature_map_, bool value_act_, float scale_, float eps_, const Tensor& inv_freq,
+            const Tensor& log_gamma)
+      : B(B_), H(H_), Hkv(Hkv_), dk(dk_), dv(dv_), dvs(dv_ + (norm_ == 2 ? 1 : 0)), half(dk_ / 2), style(style_),
+        norm(norm_), feature_map(feature_map_), value_act(value_act_), scale(scale_), eps(eps_),
+        cosv(B_ * (dk_ / 2)), sinv(B_ * (dk_ / 2)), cn(B_ * H_, 1.0f), decay(H_) {
+    const float* inv = fp(inv_freq);
+    const float* lg = fp(log_gamma);
+    for (int64_t b = 0; b < B; ++b) {
+      const float p = static_cast<float>(pos[b]);
+      for (int64_t i = 0; i < half; ++i) {
+        const float th = p * inv[i];
+        cosv[b * half + i] = std::cos(th);
+        sinv[b * half + i] = std::sin(th);
+      }
+      if (norm != 0)
+        for (int64_t hh = 0; hh < H; ++hh)
+          cn[b * H + hh] = 1.0f / std::sqrt(std::expm1((p + 1.0f) * lg[hh]) / std::expm1(lg[hh]));
+    }
+    for (int64_t hh = 0; hh < H; ++hh) decay[hh] = std::exp(lg[hh]);
+  }
+
+  // q [B, H dk], k [B, Hkv dk], v [B, Hkv dv] (rows ldq / ldk / ldv apart; q and k rotated in place, on
+  // this thread), then per (sequence, head) in parallel: S ← γ S + kᵀ v in place at the slot's row,
+  // o = scale q S, the output normalisation, the per-head RMSNorm (weight gnw or none) and the gate
+  // (o ⊙ silu(g) or o ⊙ g; none when gate is null). o [B, H dv] contiguous.
+  void step(float* q, int64_t ldq, float* k, int64_t ldk, float* v, int64_t ldv, const float* gate, int64_t ldg,
+            bool gate_silu, const float* gnw, float* o, float* st, int64_t st_s, const int64_t* slot) const {
+    std::vector<float> tmp(dk);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* c = cosv.data() + b * half;
+      const float* s = sinv.data() + b * half;
+      auto rot = [&](float* x, int64_t heads) {
+        for (int64_t hh = 0; hh < heads; ++hh) {
+          float* xh = x + hh * dk;
+          if (feature_map)
+            for (int64_t i = 0; i < dk; ++i) xh[i] = silu1(xh[i]);
+          std::copy_n(xh, dk, tmp.data());
+          for (int64_t i = 0; i < half; ++i) {
+            if (style == 0) {  // halves
+              xh[i] = tmp[i] * c[i] - tmp[i + half] * s[i];
+              xh[i + half] = tmp[i + half] * c[i] + tmp[i] * s[i];
+            } else {  // pairs (2i, 2i+1)
+              xh[2 * i] = tmp[2 * i] * c[i] - tmp[2 * i + 1] * s[i];
+              xh[2 * i + 1] = tmp[2 * i + 1] * c[i] + tmp[2 * i] * s[i];
+            }
+          }
+        }
+      };
+      rot(q + b * ldq, H);
+      rot(k + b * ldk, Hkv);
+      if (value_act)
+        for (int64_t i = 0; i < Hkv * dv; ++i) v[b * ldv + i] = silu1(v[b * ldv + i]);
+    }
+    const int64_t rep = H / Hkv;
+    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+      FlushDenormals ftz;
+      std::vector<float> acc(dvs);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, hh = t % H, kvh = hh / rep;
+        const float* qh = q + b * ldq + hh * dk;
+        const float* kh = k + b * ldk + kvh * dk;
+        const float* vh = v + b * ldv + kvh * dv;
+        float* S = st + slot[b] * st_s + hh * dk * dvs;
+        const float gm = decay[hh];
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t i = 0; i < dk; ++i) {
+          float* Si = S + i * dvs;
+          const float ki = kh[i], qi = qh[i];
+          for (int64_t j = 0; j < dv; ++j) {
+            const float sv = gm * Si[j] + ki * vh[j];
+            Si[j] = sv;
+            acc[j] += qi * sv;
+          }
+          if (dvs > dv) {  // abs_sum: the key sum rides in the last column (v = 1)
+            const float sv = gm * Si[dv] + ki;
+            Si[dv] = sv;
+            acc[dv] += qi * sv;
+          }
+        }
+        float* oh = o + (b * H + hh) * dv;
+        const float cb = cn[b * H + hh];
+        const float div = norm == 2 ? std::max(1.0f, std::abs(scale * acc[dv] * cb)) : 1.0f;
+        for (int64_t j = 0; j < dv; ++j) oh[j] = scale * acc[j] * cb / div;
+        rms_norm(oh, gnw, oh, dv, eps);
+        if (gate) {
+          const float* gh = gate + b * ldg + hh * dv;
+          for (int64_t j = 0; j < dv; ++j) oh[j] *= gate_silu ? silu1(gh[j]) : gh[j];
+        }
+      }
+    });
+  }
+};
+
+const int64_t* checked_positions(const Tensor& positions, int64_t B) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == B && positions.is_contiguous(),
+              "positions must be contiguous int64 [B]");
+  return positions.data_ptr<int64_t>();
+}
+
 // RetNet decode, every layer (see models/retnet.py). Per layer: attn_norm [D]; q [H dk, D], k and v
 // [Hkv dk | Hkv dv, D], g [H dv, D] (empty: no output gate), o [D, H dv]; gnorm [dv] (empty: not affine);
 // with an MLP mlp_norm [D], gate / up [I, D], down [D, I] (empty lists: none). State S [S, H, dk, dv']
@@ -452,16 +561,16 @@ Tensor retnet_decode(const Tensor& ids, const Tensor& positions, const Tensor& s
                      const Tensor& inv_freq, const Tensor& log_gamma, const Tensor& norm_f, const Tensor& head_w,
                      int64_t H, int64_t Hkv, int64_t dk, int64_t dv, int64_t style, int64_t norm,
                      bool feature_map, bool value_act, double scale_d, double eps_d) {
-  const float eps = static_cast<float>(eps_d), scale = static_cast<float>(scale_d);
-  const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(q_w.size()), rep = H / Hkv;
-  const int64_t dvs = dv + (norm == 2 ? 1 : 0), half = dk / 2;
+  const float eps = static_cast<float>(eps_d);
+  const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(q_w.size());
   const bool gated = !g_w.empty() && g_w[0].numel(), has_mlp = !gate_w.empty();
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == B && positions.is_contiguous(),
-              "positions must be contiguous int64 [B]");
+  const int64_t* pos = checked_positions(positions, B);
   check_states_and_slots(slots, ids, {state});
-  TORCH_CHECK(state[0].size(1) == H && state[0].size(2) == dk && state[0].size(3) == dvs, "retnet_decode: state shape");
+  const Retention ret(pos, B, H, Hkv, dk, dv, style, norm, feature_map, value_act, static_cast<float>(scale_d), eps,
+                      inv_freq, log_gamma);
+  TORCH_CHECK(state[0].dim() == 4 && state[0].size(1) == H && state[0].size(2) == dk && state[0].size(3) == ret.dvs,
+              "retnet_decode: state shape");
   const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
   const auto opts = emb.options();
   Tensor h = embed(ids, emb);
   Tensor xn = at::empty({B, D}, opts);
@@ -469,23 +578,6 @@ Tensor retnet_decode(const Tensor& ids, const Tensor& positions, const Tensor& s
   Tensor g = at::empty({B, gated ? H * dv : 0}, opts), o = at::empty({B, H * dv}, opts);
   const int64_t I = has_mlp ? gate_w[0].size(0) : 0;
   Tensor gt = at::empty({B, I}, opts), up = at::empty({B, I}, opts);
-  // Rotation phases and the sqrt_cn factor per sequence, shared by every layer (fp32 as the torch path).
-  std::vector<float> cosv(B * half), sinv(B * half), cn(B * H, 1.0f);
-  const float* inv = fp(inv_freq);
-  const float* lg = fp(log_gamma);
-  for (int64_t b = 0; b < B; ++b) {
-    const float p = static_cast<float>(pos[b]);
-    for (int64_t i = 0; i < half; ++i) {
-      const float th = p * inv[i];
-      cosv[b * half + i] = std::cos(th);
-      sinv[b * half + i] = std::sin(th);
-    }
-    if (norm != 0)
-      for (int64_t hh = 0; hh < H; ++hh)
-        cn[b * H + hh] = 1.0f / std::sqrt(std::expm1((p + 1.0f) * lg[hh]) / std::expm1(lg[hh]));
-  }
-  std::vector<float> decay(H);
-  for (int64_t hh = 0; hh < H; ++hh) decay[hh] = std::exp(lg[hh]);
   float* hp = fp(h);
   float* xp = fp(xn);
   for (int64_t l = 0; l < L; ++l) {
@@ -496,79 +588,8 @@ Tensor retnet_decode(const Tensor& ids, const Tensor& positions, const Tensor& s
     } else {
       linears({{xn, q_w[l], q}, {xn, k_w[l], k}, {xn, v_w[l], v}});
     }
-    // Activations and rotation of q and k (per sequence, in place), v's activation: by this thread.
-    {
-      std::vector<float> tmp(dk);
-      for (int64_t b = 0; b < B; ++b) {
-        const float* c = cosv.data() + b * half;
-        const float* s = sinv.data() + b * half;
-        auto rot = [&](float* x, int64_t heads) {
-          for (int64_t hh = 0; hh < heads; ++hh) {
-            float* xh = x + hh * dk;
-            if (feature_map)
-              for (int64_t i = 0; i < dk; ++i) xh[i] = silu1(xh[i]);
-            std::copy_n(xh, dk, tmp.data());
-            for (int64_t i = 0; i < half; ++i) {
-              if (style == 0) {
-                xh[i] = tmp[i] * c[i] - tmp[i + half] * s[i];
-                xh[i + half] = tmp[i + half] * c[i] + tmp[i] * s[i];
-              } else {
-                xh[2 * i] = tmp[2 * i] * c[i] - tmp[2 * i + 1] * s[i];
-                xh[2 * i + 1] = tmp[2 * i + 1] * c[i] + tmp[2 * i] * s[i];
-              }
-            }
-          }
-        };
-        rot(fp(q) + b * H * dk, H);
-        rot(fp(k) + b * Hkv * dk, Hkv);
-        if (value_act) {
-          float* vr = fp(v) + b * Hkv * dv;
-          for (int64_t i = 0; i < Hkv * dv; ++i) vr[i] = silu1(vr[i]);
-        }
-      }
-    }
-    // Per (sequence, head): S ← γ S + kᵀ v in place, o = scale q S, the output normalisation, the
-    // per-head RMSNorm and the swish gate.
-    float* st = fp(state[l]);
-    const int64_t st_s = state[l].stride(0);
-    const float* gnw = gnorm.empty() ? nullptr : fptr_or_null(gnorm[l]);
-    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-      FlushDenormals ftz;
-      std::vector<float> acc(dvs);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / H, hh = t % H, kvh = hh / rep;
-        const float* qh = fp(q) + b * H * dk + hh * dk;
-        const float* kh = fp(k) + b * Hkv * dk + kvh * dk;
-        const float* vh = fp(v) + b * Hkv * dv + kvh * dv;
-        float* S = st + slot[b] * st_s + hh * dk * dvs;
-        const float gm = decay[hh];
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t i = 0; i < dk; ++i) {
-          float* Si = S + i * dvs;
-          const float ki = kh[i], qi = qh[i];
-          for (int64_t j = 0; j < dv; ++j) {
-            const float s = gm * Si[j] + ki * vh[j];
-            Si[j] = s;
-            acc[j] += qi * s;
-          }
-          if (dvs > dv) {
-            const float s = gm * Si[dv] + ki;
-            Si[dv] = s;
-            acc[dv] += qi * s;
-          }
-        }
-        float* oh = fp(o) + b * H * dv + hh * dv;
-        const float c = cn[b * H + hh];
-        float div = 1.0f;
-        if (norm == 2) div = std::max(1.0f, std::abs(scale * acc[dv] * c));
-        for (int64_t j = 0; j < dv; ++j) oh[j] = scale * acc[j] * c / div;
-        rms_norm(oh, gnw, oh, dv, eps);
-        if (gated) {
-          const float* gh = fp(g) + b * H * dv + hh * dv;
-          for (int64_t j = 0; j < dv; ++j) oh[j] *= silu1(gh[j]);
-        }
-      }
-    });
+    ret.step(fp(q), H * dk, fp(k), Hkv * dk, fp(v), Hkv * dv, gated ? fp(g) : nullptr, H * dv, true,
+             gnorm.empty() ? nullptr : fptr_or_null(gnorm[l]), fp(o), fp(state[l]), state[l].stride(0), slot);
     linear(o, o_w[l], h, true);
     if (has_mlp) {
       const float* mw = fp(mlp_norm[l]);
@@ -579,6 +600,97 @@ Tensor retnet_decode(const Tensor& ids, const Tensor& positions, const Tensor& s
       for (int64_t i = 0; i < B * I; ++i) gp[i] *= upp[i];
       linear(gt, down_w[l], h, true);
     }
+  }
+  const float* nf = fp(norm_f);
+  for (int64_t b = 0; b < B; ++b) rms_norm(hp + b * D, nf, xp + b * D, D, eps);
+  return head_logits(xn, head_w);
+}
+
+// DenseRetNet decode, every layer (see models/dense_retnet.py). Per layer: in_norm [D]; q / k [qk, D];
+// hidden [2E, D] (v_raw then gate); out [D, E]; gnorm [dv]; for fusing layers (l >= 1, m >= 1) k_sel1 /
+// v_sel1 [D/32, D], k_sel2 [qk, D/32], v_sel2 [E, D/32], k_norm [qk], v_norm [E] (empty otherwise).
+// q = silu(W_q x̂), k_raw = silu(W_k x̂) k_scale, [v_raw, gate] = silu(W_hidden x̂); a fusing layer adds
+// silu(select(x̂)) ⊙ each of the last m layers' k_raw / v_raw (oldest first; zeros before layer 0) and
+// RMS-normalises; torchscale retention with sqrt_cn, scale 1; h += W_out(norm(o) ⊙ gate). State S
+// [S, H, dk, dv] updated in place at rows slots[b].
+Tensor dense_retnet_decode(const Tensor& ids, const Tensor& positions, const Tensor& slots, const Tensor& emb,
+                           at::TensorList in_norm, at::TensorList q_w, at::TensorList k_w, at::TensorList hid_w,
+                           at::TensorList out_w, at::TensorList gnorm, at::TensorList k_sel1, at::TensorList k_sel2,
+                           at::TensorList v_sel1, at::TensorList v_sel2, at::TensorList k_norm,
+                           at::TensorList v_norm, at::TensorList state, const Tensor& inv_freq,
+                           const Tensor& log_gamma, const Tensor& norm_f, const Tensor& head_w, int64_t H,
+                           int64_t m, double k_scale_d, double eps_d) {
+  const float eps = static_cast<float>(eps_d), k_scale = static_cast<float>(k_scale_d);
+  const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(q_w.size());
+  const int64_t QK = q_w[0].size(0), E = out_w[0].size(1), dk = QK / H, dv = E / H;
+  const int64_t* pos = checked_positions(positions, B);
+  check_states_and_slots(slots, ids, {state});
+  const Retention ret(pos, B, H, H, dk, dv, 1, 1, false, false, 1.0f, eps, inv_freq, log_gamma);
+  TORCH_CHECK(state[0].dim() == 4 && state[0].size(1) == H && state[0].size(2) == dk && state[0].size(3) == dv,
+              "dense_retnet_decode: state shape");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const auto opts = emb.options();
+  Tensor h = embed(ids, emb);
+  Tensor xn = at::empty({B, D}, opts);
+  Tensor q = at::empty({B, QK}, opts), k = at::empty({B, QK}, opts), hid = at::empty({B, 2 * E}, opts);
+  Tensor kf = at::empty({B, QK}, opts), vf = at::empty({B, E}, opts), o = at::empty({B, E}, opts);
+  const int64_t S1 = std::max<int64_t>(1, D / 32);
+  Tensor sel = at::empty({B, 2 * S1}, opts), gk = at::empty({B, QK}, opts), gv = at::empty({B, E}, opts);
+  Tensor ks = sel.narrow(1, 0, S1), vs = sel.narrow(1, S1, S1);
+  // The last m layers' pre-fusion k and v for this step's tokens (oldest first), zeros before layer 0.
+  Tensor past_k = at::zeros({std::max<int64_t>(m, 1), B, QK}, opts);
+  Tensor past_v = at::zeros({std::max<int64_t>(m, 1), B, E}, opts);
+  float* hp = fp(h);
+  float* xp = fp(xn);
+  float* hd = fp(hid);
+  for (int64_t l = 0; l < L; ++l) {
+    const bool fuse = m > 0 && l > 0;
+    for (int64_t b = 0; b < B; ++b) rms_norm(hp + b * D, fp(in_norm[l]), xp + b * D, D, eps);
+    if (fuse) {
+      linears({{xn, q_w[l], q, false, Post::Silu}, {xn, k_w[l], k, false, Post::Silu},
+               {xn, hid_w[l], hid, false, Post::Silu}, {xn, k_sel1[l], ks, false, Post::Silu},
+               {xn, v_sel1[l], vs, false, Post::Silu}});
+      linears({{ks, k_sel2[l], gk, false, Post::Silu}, {vs, v_sel2[l], gv, false, Post::Silu}});
+    } else {
+      linears({{xn, q_w[l], q, false, Post::Silu}, {xn, k_w[l], k, false, Post::Silu},
+               {xn, hid_w[l], hid, false, Post::Silu}});
+    }
+    float* kp = fp(k);
+    for (int64_t i = 0; i < B * QK; ++i) kp[i] *= k_scale;
+    float *kin = kp, *vin = hd;  // v_raw: the first E columns of hid (rows 2E apart)
+    int64_t ldv = 2 * E;
+    if (fuse) {
+      float *kfp = fp(kf), *vfp = fp(vf);
+      const float *gkp = fp(gk), *gvp = fp(gv), *pk = fp(past_k), *pv = fp(past_v);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = 0; i < QK; ++i) {
+          float acc = kp[b * QK + i];
+          for (int64_t j = 0; j < m; ++j) acc = acc + gkp[b * QK + i] * pk[(j * B + b) * QK + i];
+          kfp[b * QK + i] = acc;
+        }
+        for (int64_t i = 0; i < E; ++i) {
+          float acc = hd[b * 2 * E + i];
+          for (int64_t j = 0; j < m; ++j) acc = acc + gvp[b * E + i] * pv[(j * B + b) * E + i];
+          vfp[b * E + i] = acc;
+        }
+        rms_norm(kfp + b * QK, fp(k_norm[l]), kfp + b * QK, QK, eps);
+        rms_norm(vfp + b * E, fp(v_norm[l]), vfp + b * E, E, eps);
+      }
+      kin = kfp;
+      vin = vfp;
+      ldv = E;
+    }
+    if (m > 0) {  // this layer's pre-fusion k and v join the window (the oldest leaves)
+      for (int64_t j = 0; j + 1 < m; ++j) {
+        past_k[j].copy_(past_k[j + 1]);
+        past_v[j].copy_(past_v[j + 1]);
+      }
+      past_k[m - 1].copy_(k);
+      past_v[m - 1].copy_(hid.narrow(1, 0, E));
+    }
+    ret.step(fp(q), QK, kin, QK, vin, ldv, hd + E, 2 * E, false, fptr_or_null(gnorm[l]), fp(o), fp(state[l]),
+             state[l].stride(0), slot);
+    linear(o, out_w[l], h, true);
   }
   const float* nf = fp(norm_f);
   for (int64_t b = 0; b < B; ++b) rms_norm(hp + b * D, nf, xp + b * D, D, eps);
@@ -606,6 +718,11 @@ TORCH_LIBRARY(rnnserve_cpu_rnn, m) {
       "Tensor[] gate_w, Tensor[] up_w, Tensor[] down_w, Tensor(a!)[] state, Tensor inv_freq, Tensor log_gamma, "
       "Tensor norm_f, Tensor head_w, int H, int Hkv, int dk, int dv, int style, int norm, bool feature_map, "
       "bool value_act, float scale, float eps) -> Tensor");
+  m.def(
+      "dense_retnet_decode(Tensor ids, Tensor positions, Tensor slots, Tensor emb, Tensor[] in_norm, Tensor[] q_w, "
+      "Tensor[] k_w, Tensor[] hid_w, Tensor[] out_w, Tensor[] gnorm, Tensor[] k_sel1, Tensor[] k_sel2, "
+      "Tensor[] v_sel1, Tensor[] v_sel2, Tensor[] k_norm, Tensor[] v_norm, Tensor(a!)[] state, Tensor inv_freq, "
+      "Tensor log_gamma, Tensor norm_f, Tensor head_w, int H, int m, float k_scale, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rnnserve_cpu_rnn, CPU, m) {
@@ -613,4 +730,5 @@ TORCH_LIBRARY_IMPL(rnnserve_cpu_rnn, CPU, m) {
   m.impl("rwkv4_decode", &rwkv4_decode);
   m.impl("rwkv7_decode", &rwkv7_decode);
   m.impl("retnet_decode", &retnet_decode);
+  m.impl("dense_retnet_decode", &dense_retnet_decode);
 }
