@@ -73,3 +73,20 @@ def test_packed_linear_on_several_threads(threads: int) -> None:
             assert torch.equal(ops.linear_packed(x, packed, 200), ref)
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("m", [1, 4, 33])
+@pytest.mark.parametrize(("k", "n"), [(37, 83), (130, 1030)])
+def test_int8_packed_linear_equals_dequantized_mm(m: int, k: int, n: int) -> None:
+    """int8 panels (``pack_weight_int8``: an Int8Linear's values and per-channel scales) with fp32
+    activations equal x @ (q * scale)ᵀ, the product with the dequantized weight."""
+    from rnnserve.models.layers import Int8Linear
+
+    ops = cpu_decode.load()
+    gen = torch.Generator().manual_seed(m + k + n)
+    layer = Int8Linear(torch.randn(n, k, generator=gen), None)
+    packed = ops.pack_weight_int8(layer.qweight, layer.scale)
+    assert packed.dtype == torch.int8 and packed.shape == ((n + 15) // 16, k + 4, 16)
+    x = torch.randn(m, k, generator=gen)
+    ref = x @ (layer.qweight.float() * layer.scale[:, None]).t()
+    torch.testing.assert_close(ops.linear_packed(x, packed, n), ref, rtol=1e-5, atol=1e-5)

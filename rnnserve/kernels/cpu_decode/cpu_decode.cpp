@@ -19,6 +19,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -345,27 +347,105 @@ inline void panel_rows(const float* x, int64_t ldx, const float* p, int64_t K, f
 }
 #undef RNNSERVE_FMA_ROW
 
-// C[M, N] = X[M, K] · W (+ bias[N]) (+ C when accumulate), W packed [ceil(N/16), K, 16]. The threads
-// take panels (a few at a time for one row, whose panels are quick) from a shared counter; each panel
-// is read from memory once and stays in L2 while every group of rows (up to 5, the groups as even as
-// can be: 8 rows = 4 + 4) multiplies it.
-void gemm_packed(const float* x, int64_t ldx, const float* p, const float* bias, float* c, int64_t ldc, int64_t M,
+// int8 panels (--quantization int8): [ceil(N/16), K + 4, 16] int8, rows 0..K-1 the weights as int8
+// (W[k, 16q + j] = q[k, j] * scale[j], one scale per output channel, as Int8Linear quantizes), then
+// 4 rows = 64 bytes holding the panel's 16 fp32 scales. Activations stay fp32: each k's 16 int8 are
+// widened to fp32 once (vpmovsxbd + vcvtdq2ps) and used for every row of the group, and the scales are
+// applied to the sums, so the result is the fp32 product with the dequantized weights; a quarter of the
+// fp32 bytes are read.
+inline __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline void panel_row1_i8(const float* x, const int8_t* p, int64_t K, float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
+    const int8_t* pk = p + k * kPanel;
+    a0 = _mm256_fmadd_ps(x0, widen8(pk), a0);
+    a1 = _mm256_fmadd_ps(x0, widen8(pk + 8), a1);
+    a2 = _mm256_fmadd_ps(x1, widen8(pk + 16), a2);
+    a3 = _mm256_fmadd_ps(x1, widen8(pk + 24), a3);
+  }
+  if (k < K) {
+    const __m256 x0 = _mm256_broadcast_ss(x + k);
+    a0 = _mm256_fmadd_ps(x0, widen8(p + k * kPanel), a0);
+    a1 = _mm256_fmadd_ps(x0, widen8(p + k * kPanel + 8), a1);
+  }
+  const float* scale = reinterpret_cast<const float*>(p + K * kPanel);
+  _mm256_store_ps(out, _mm256_mul_ps(_mm256_add_ps(a0, a2), _mm256_loadu_ps(scale)));
+  _mm256_store_ps(out + 8, _mm256_mul_ps(_mm256_add_ps(a1, a3), _mm256_loadu_ps(scale + 8)));
+}
+
+#define RNNSERVE_FMA_ROW(i)                                         \
+  if (MR > i) {                                                     \
+    const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);         \
+    c0##i = _mm256_fmadd_ps(xv, w0, c0##i);                         \
+    c1##i = _mm256_fmadd_ps(xv, w1, c1##i);                         \
+  }
+#define RNNSERVE_STORE_ROW(i)                                            \
+  if (MR > i) {                                                          \
+    _mm256_store_ps(out + i * kPanel, _mm256_mul_ps(c0##i, s0));         \
+    _mm256_store_ps(out + i * kPanel + 8, _mm256_mul_ps(c1##i, s1));     \
+  }
+template <int MR>
+inline void panel_rows_i8(const float* x, int64_t ldx, const int8_t* p, int64_t K, float* out) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c04 = c00;
+  __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = widen8(p + k * kPanel), w1 = widen8(p + k * kPanel + 8);
+    RNNSERVE_FMA_ROW(0)
+    RNNSERVE_FMA_ROW(1)
+    RNNSERVE_FMA_ROW(2)
+    RNNSERVE_FMA_ROW(3)
+    RNNSERVE_FMA_ROW(4)
+  }
+  const float* scale = reinterpret_cast<const float*>(p + K * kPanel);
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  RNNSERVE_STORE_ROW(0)
+  RNNSERVE_STORE_ROW(1)
+  RNNSERVE_STORE_ROW(2)
+  RNNSERVE_STORE_ROW(3)
+  RNNSERVE_STORE_ROW(4)
+}
+#undef RNNSERVE_FMA_ROW
+#undef RNNSERVE_STORE_ROW
+
+// C[M, N] = X[M, K] · W (+ bias[N]) (+ C when accumulate), W packed [ceil(N/16), K, 16] (float) or
+// [ceil(N/16), K + 4, 16] (int8 with scales). The threads take panels (a few at a time for one row,
+// whose panels are quick) from a shared counter; each panel is read from memory once and stays in L2
+// while every group of rows (up to 5, the groups as even as can be: 8 rows = 4 + 4) multiplies it.
+template <class T>
+void gemm_packed(const float* x, int64_t ldx, const T* p, const float* bias, float* c, int64_t ldc, int64_t M,
                  int64_t K, int64_t N, bool accumulate) {
+  constexpr bool kInt8 = std::is_same_v<T, int8_t>;
   const int64_t NP = (N + kPanel - 1) / kPanel, per = M == 1 ? 4 : 1, groups = (M + 4) / 5;
+  const int64_t panel_size = (kInt8 ? K + 4 : K) * kPanel;
   parallel_items((NP + per - 1) / per, [&](int64_t item) {
     alignas(64) float tile[5 * kPanel];
     for (int64_t q = item * per; q < std::min(NP, (item + 1) * per); ++q) {
-      const float* pq = p + q * K * kPanel;
+      const T* pq = p + q * panel_size;
       const int64_t n0 = q * kPanel, nn = std::min(kPanel, N - n0);
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t m0 = M * g / groups, mr = M * (g + 1) / groups - m0;
         const float* xm = x + m0 * ldx;
-        switch (mr) {
-          case 1: panel_row1(xm, pq, K, tile); break;
-          case 2: panel_rows<2>(xm, ldx, pq, K, tile); break;
-          case 3: panel_rows<3>(xm, ldx, pq, K, tile); break;
-          case 4: panel_rows<4>(xm, ldx, pq, K, tile); break;
-          default: panel_rows<5>(xm, ldx, pq, K, tile); break;
+        if constexpr (kInt8) {
+          switch (mr) {
+            case 1: panel_row1_i8(xm, pq, K, tile); break;
+            case 2: panel_rows_i8<2>(xm, ldx, pq, K, tile); break;
+            case 3: panel_rows_i8<3>(xm, ldx, pq, K, tile); break;
+            case 4: panel_rows_i8<4>(xm, ldx, pq, K, tile); break;
+            default: panel_rows_i8<5>(xm, ldx, pq, K, tile); break;
+          }
+        } else {
+          switch (mr) {
+            case 1: panel_row1(xm, pq, K, tile); break;
+            case 2: panel_rows<2>(xm, ldx, pq, K, tile); break;
+            case 3: panel_rows<3>(xm, ldx, pq, K, tile); break;
+            case 4: panel_rows<4>(xm, ldx, pq, K, tile); break;
+            default: panel_rows<5>(xm, ldx, pq, K, tile); break;
+          }
         }
         for (int64_t i = 0; i < mr; ++i) {
           float* cr = c + (m0 + i) * ldc + n0;
@@ -424,10 +504,16 @@ void check_f32(const Tensor& t, const char* what) {
 void gemm(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& out, bool accumulate) {
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
   if (w.dim() == 3) {
-    TORCH_CHECK(w.size(0) == (N + kPanel - 1) / kPanel && w.size(1) == K && w.size(2) == kPanel,
+    const bool int8 = w.scalar_type() == at::kChar;
+    TORCH_CHECK(w.size(0) == (N + kPanel - 1) / kPanel && w.size(1) == (int8 ? K + 4 : K) && w.size(2) == kPanel,
                 "packed weight ", w.sizes(), " does not fit x ", x.sizes(), " -> out ", out.sizes());
-    gemm_packed(x.data_ptr<float>(), x.stride(0), w.data_ptr<float>(), fptr(bias), out.data_ptr<float>(), N, M, K,
-                N, accumulate);
+    if (int8) {
+      gemm_packed(x.data_ptr<float>(), x.stride(0), w.data_ptr<int8_t>(), fptr(bias), out.data_ptr<float>(), N, M,
+                  K, N, accumulate);
+    } else {
+      gemm_packed(x.data_ptr<float>(), x.stride(0), w.data_ptr<float>(), fptr(bias), out.data_ptr<float>(), N, M,
+                  K, N, accumulate);
+    }
     return;
   }
   TORCH_CHECK(w.dim() == 2 && w.size(0) == K && w.size(1) == N, "weight ", w.sizes(), " does not fit ", x.sizes(),
@@ -514,10 +600,36 @@ Tensor pack_weight(const Tensor& w, bool kn) {
   return p;
 }
 
-// X [M, K] · W for a packed W (pack_weight) with n output columns, through gemm_packed (tests).
+// An int8 weight q [N, K] (row-major, as Int8Linear keeps it) with per-output-channel scales [N] packed
+// into int8 panels [ceil(N/16), K + 4, 16] (the weights, then each panel's 16 scales as 64 bytes; zero
+// past N).
+Tensor pack_weight_int8(const Tensor& q, const Tensor& scale) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar, "pack_weight_int8: q must be a 2-D int8 tensor");
+  check_f32(scale, "scale");
+  const int64_t N = q.size(0), K = q.size(1), NP = (N + kPanel - 1) / kPanel;
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N, "pack_weight_int8: one scale per output channel");
+  Tensor p = at::zeros({NP, K + 4, kPanel}, q.options());
+  auto a = q.accessor<int8_t, 2>();
+  auto sc = scale.accessor<float, 1>();
+  int8_t* pp = p.data_ptr<int8_t>();
+  parallel_ranges(NP, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t b = q0; b < q1; ++b) {
+      const int64_t nn = std::min(kPanel, N - b * kPanel);
+      for (int64_t j = 0; j < nn; ++j)
+        for (int64_t k = 0; k < K; ++k) pp[(b * (K + 4) + k) * kPanel + j] = a[b * kPanel + j][k];
+      float scales[kPanel] = {};
+      for (int64_t j = 0; j < nn; ++j) scales[j] = sc[b * kPanel + j];
+      std::memcpy(pp + (b * (K + 4) + K) * kPanel, scales, sizeof(scales));
+    }
+  });
+  return p;
+}
+
+// X [M, K] · W for a packed W (pack_weight or pack_weight_int8) with n output columns, through gemm_packed (tests).
 Tensor linear_packed(const Tensor& x, const Tensor& p, int64_t n) {
   check_f32(x, "x");
-  check_f32(p, "p");
+  TORCH_CHECK(p.device().is_cpu() && (p.scalar_type() == at::kFloat || p.scalar_type() == at::kChar),
+              "p must be float32 or int8 panels");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && p.dim() == 3 && p.is_contiguous(), "x [M, K], p [NP, K, 16]");
   Tensor out = at::empty({x.size(0), n}, x.options());
   gemm(x, p, Tensor(), out, false);
@@ -749,6 +861,7 @@ TORCH_LIBRARY(rnnserve_cpu, m) {
   m.def("linear(Tensor x, Tensor w) -> Tensor");
   m.def("pack_weight(Tensor w, bool kn) -> Tensor");
   m.def("linear_packed(Tensor x, Tensor p, int n) -> Tensor");
+  m.def("pack_weight_int8(Tensor q, Tensor scale) -> Tensor");
   m.def(
       "mamba1_decode(Tensor ids, Tensor slots, Tensor emb, Tensor[] norm_w, Tensor[] in_w, Tensor[] in_b, "
       "Tensor[] conv_w, Tensor[] conv_b, Tensor[] x_w, Tensor[] dt_w, Tensor[] dt_b, Tensor[] A, Tensor[] D, "
@@ -765,6 +878,7 @@ TORCH_LIBRARY_IMPL(rnnserve_cpu, CPU, m) {
   m.impl("linear", &linear);
   m.impl("pack_weight", &pack_weight);
   m.impl("linear_packed", &linear_packed);
+  m.impl("pack_weight_int8", &pack_weight_int8);
   m.impl("mamba1_decode", &mamba1_decode);
   m.impl("mamba2_decode", &mamba2_decode);
 }
