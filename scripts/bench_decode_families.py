@@ -7,7 +7,8 @@ tokens/s and tokens/s per parameter (relative to Mamba's fused path at the same 
 
 Mamba is mamba-130m's shape saved by ``rnnserve bench llamacpp``'s random checkpoint (made once in
 ``--work-dir``); the others are built from their config classes at their ~130M shapes (RWKV-7 0.1B:
-768 x 12, heads of 64, vocab 65536; RetNet: fla's defaults at 768 x 12, vocab 32000; RWKV-4 169M)
+768 x 12, heads of 64, vocab 65536; RetNet: fla's defaults at 768 x 12, vocab 32000; RWKV-4 169M;
+DenseRetNet: the released 350M's proportions at 768 x 24, query/key 384, 2 heads, m = 1)
 with random weights, which change what is generated, not how long a step takes. Parameters are every
 distinct weight (embedding included). ``--profile`` prints the torch profiler's op table of one
 family's torch decode step.
@@ -27,6 +28,7 @@ from rnnserve.bench.llamacpp import create_random_model
 from rnnserve.config import ModelConfig
 from rnnserve.engine.cpu_decode import fused_decoder
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
+from rnnserve.models.dense_retnet import DenseRetNetConfig, DenseRetNetLM
 from rnnserve.models.loader import load_model
 from rnnserve.models.retnet import RetNetConfig, RetNetLM
 from rnnserve.models.rwkv4 import Rwkv4Config, Rwkv4LM
@@ -79,6 +81,17 @@ def build(family: str, work_dir: Path) -> RecurrentLM:
             vocab_size=50277, hidden_size=768, attention_hidden_size=768, intermediate_size=3072, num_layers=12
         )
         return randomize(Rwkv4LM(cfg4))
+    if family == "dense_retnet":
+        cfgd = DenseRetNetConfig(
+            vocab_size=32000,
+            hidden_size=768,
+            query_key_dim=384,
+            value_dim=1536,
+            num_heads=2,
+            num_layers=24,
+            dense_block_layers=1,
+        )
+        return randomize(DenseRetNetLM(cfgd))
     raise SystemExit(f"unknown family {family!r}")
 
 

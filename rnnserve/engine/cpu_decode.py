@@ -22,6 +22,7 @@ from rnnserve.engine import cpu_decode_families
 from rnnserve.kernels import cpu_decode
 from rnnserve.kernels.cpu_decode import families as cpu_decode_rwkv_retnet
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
+from rnnserve.models.dense_mamba import DenseMambaLM
 from rnnserve.models.layers import Int8Linear
 from rnnserve.models.mamba import MambaLM
 from rnnserve.models.mamba2 import Mamba2LM
@@ -54,7 +55,9 @@ def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
     """Why the fused path cannot serve this model (None when it can)."""
     if isinstance(model, cpu_decode_families.FAMILIES):
         return cpu_decode_families.unsupported_reason(model, states)
-    if not isinstance(model, MambaLM | Mamba2LM):
+    if not isinstance(model, MambaLM | Mamba2LM) or isinstance(model, DenseMambaLM):
+        # DenseMambaLM is a MambaLM whose layers also fuse earlier layers' outputs: the Mamba kernels
+        # would silently leave that out.
         fused = "Mamba, Mamba-2, RWKV-4, RWKV-7, RetNet and DenseRetNet do"
         return f"{type(model).__name__} has no fused CPU decode ({fused})"
     if model.device.type != "cpu" or model.dtype != torch.float32:

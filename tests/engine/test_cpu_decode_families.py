@@ -25,7 +25,7 @@ from rnnserve.engine.cpu_decode_families import (
 from rnnserve.kernels import cpu_decode
 from rnnserve.models.base import DecodeBatch, RecurrentLM
 from rnnserve.models.loader import load_model
-from tests.models import test_dense_retnet, test_retnet, test_rwkv4, test_rwkv7
+from tests.models import test_dense_mamba, test_dense_retnet, test_retnet, test_rwkv4, test_rwkv7
 from tests.models.harness import alloc_states, assert_states_close, prefill_in_chunks
 
 pytestmark = pytest.mark.skipif(cpu_decode.unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
@@ -136,6 +136,13 @@ def test_bad_slots_are_refused_before_any_write(family: str, request) -> None:
     for a, b in zip(states, before):
         for name in a:
             assert torch.equal(a[name], b[name])
+
+
+def test_dense_mamba_is_not_served_by_the_mamba_kernels(tmp_path) -> None:
+    """DenseMambaLM is a MambaLM: the Mamba kernels would drop its dense fusion, so it takes the torch path."""
+    model = test_dense_mamba.load(test_dense_mamba.dense_folder(tmp_path, m=1)[0])
+    assert "DenseMambaLM has no fused CPU decode" in str(unsupported_reason(model, alloc_states(model, 2)))
+    assert fused_decoder(model, alloc_states(model, 2)) is None
 
 
 def test_non_float32_model_is_refused(rwkv7) -> None:
