@@ -5,8 +5,8 @@ shared machine slows every arm alike):
 
 Decode arms: float32 as loaded, ``--quantization int8`` (Mamba, Mamba-2), for Mamba-2 float32 with
 row-major in/out projections (the layout before they were stored column-major), and ``--cpu-decode
-fused`` (the C++ decode of rnnserve/kernels/cpu_decode, Mamba and Mamba-2); ``--no-fused`` / ``--no-int8``
-leave those out.
+fused`` (the C++ decode of rnnserve/kernels/cpu_decode) of the float32 and the int8 model; ``--no-fused``
+/ ``--no-int8`` leave those out.
 Then one mixed step (``--mixed-decodes`` decode rows + a ``--mixed-prompt``-token chunk; ``--no-mixed``
 leaves it out): ``model.mixed`` (one pass) against the interface's two-call default. Prints the median ms
 per step with the range.
@@ -86,9 +86,10 @@ def main() -> None:
             batch = DecodeBatch(torch.randint(10, 1000, (b,)), torch.zeros(b, dtype=torch.long), torch.arange(1, b + 1))
             states = {k: alloc_states(m, b + 1) for k, m in models.items()}
             arms = {k: (lambda m=m, s=states[k], x=batch: m.decode(x, s)) for k, m in models.items()}
-            fused = None if args.no_fused else fused_decoder(fp32, alloc_states(fp32, b + 1))
-            if fused is not None:
-                arms["fp32 fused"] = lambda f=fused, x=batch: f(x)
+            for name in [] if args.no_fused else [k for k in ("fp32", "int8") if k in models]:
+                fused = fused_decoder(models[name], alloc_states(models[name], b + 1))
+                if fused is not None:
+                    arms[f"{name} fused"] = lambda f=fused, x=batch: f(x)
             show(f"decode batch {b}", interleaved(arms, args.repeats), b)
         if args.no_mixed:
             return
