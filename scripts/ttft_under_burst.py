@@ -165,8 +165,11 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
         key, value = extra.pop(0).split("=", 1)
         env[key] = value
     port = free_port()
+    # -P: no current directory on sys.path, so a setting's PYTHONPATH wins over a checkout the
+    # script is run from (``-m`` would otherwise import the rnnserve of the working directory).
     cmd = [
         sys.executable,
+        "-P",
         "-m",
         "rnnserve",
         "serve",
@@ -211,6 +214,8 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
             "rss_before_mib": rss0,
             "rss_after_mib": rss_after[0],
             "rss_after_each_burst_mib": rss_after,
+            "quiet_ttfts": quiet,
+            "burst_ttfts": loud,
             "gauges_after": gauges(base),
         }
     finally:

@@ -16,6 +16,7 @@ stream), and the process exits with status 0. A second SIGINT exits at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -138,4 +139,17 @@ def run(app: FastAPI, cfg: ServerConfig, sockets: list[socket.socket] | None = N
         timeout_keep_alive=cfg.keep_alive_timeout,  # type: ignore[arg-type]  # any number of seconds works
         timeout_graceful_shutdown=cfg.shutdown_timeout + _FLUSH_GRACE_S,  # type: ignore[arg-type]
     )
+    freeze_startup_heap()
     DrainingServer(config, app.state.admission, cfg.shutdown_timeout).run(sockets=sockets)
+
+
+def freeze_startup_heap() -> None:
+    """Collect, then move every object still alive (the model, torch, transformers, the tokenizer:
+    ~380k tracked objects with the default model) into the collector's permanent generation, so a
+    full collection scans only what serving allocated since. Without it each full collection walked
+    them all: 0.5-0.7 s with the GIL held, three times in a 2,000-request burst, stalling the event
+    loop and the engine thread alike (the p99 TTFT of other clients). The cost: a frozen object
+    that later becomes part of a reference cycle of garbage is not collected; what is alive once
+    the server is built (modules, the model, the app) lives as long as the process anyway."""
+    gc.collect()
+    gc.freeze()
