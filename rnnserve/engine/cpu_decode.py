@@ -22,7 +22,6 @@ from rnnserve.engine import cpu_decode_families
 from rnnserve.kernels import cpu_decode
 from rnnserve.kernels.cpu_decode import families as cpu_decode_rwkv_retnet
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
-from rnnserve.models.dense_mamba import DenseMambaLM
 from rnnserve.models.layers import Int8Linear
 from rnnserve.models.mamba import MambaLM
 from rnnserve.models.mamba2 import Mamba2LM
@@ -53,12 +52,10 @@ def _head(model: RecurrentLM, ops) -> tuple[torch.Tensor, bool]:
 
 def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
     """Why the fused path cannot serve this model (None when it can)."""
-    if isinstance(model, cpu_decode_families.FAMILIES):
+    if isinstance(model, cpu_decode_families.FAMILIES):  # before MambaLM: DenseMambaLM is one
         return cpu_decode_families.unsupported_reason(model, states)
-    if not isinstance(model, MambaLM | Mamba2LM) or isinstance(model, DenseMambaLM):
-        # DenseMambaLM is a MambaLM whose layers also fuse earlier layers' outputs: the Mamba kernels
-        # would silently leave that out.
-        fused = "Mamba, Mamba-2, RWKV-4, RWKV-7, RetNet and DenseRetNet do"
+    if not isinstance(model, MambaLM | Mamba2LM):
+        fused = "Mamba, Mamba-2, RWKV-4, RWKV-7, RetNet, DenseRetNet and DenseMamba do"
         return f"{type(model).__name__} has no fused CPU decode ({fused})"
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return f"the fused CPU decode runs float32 on the CPU (model: {model.dtype} on {model.device.type})"

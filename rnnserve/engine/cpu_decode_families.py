@@ -1,7 +1,8 @@
-"""``--cpu-decode fused`` for RWKV-4, RWKV-7, RetNet and DenseRetNet: the whole float32 decode step in one C++ call
-(``rnnserve/kernels/cpu_decode/rwkv_retnet.cpp``): projections through MKL on the weights as loaded,
-everything between them fused in per-(sequence, head) loops, states updated in place by slot. The torch
-``model.decode`` stays the reference it is tested against (tests/engine/test_cpu_decode_families.py).
+"""``--cpu-decode fused`` for RWKV-4, RWKV-7, RetNet, DenseRetNet and DenseMamba: the whole float32 decode
+step in one C++ call (``rnnserve/kernels/cpu_decode/rwkv_retnet.cpp``): projections through MKL's sgemm
+on the weights as loaded, everything between them fused in per-(sequence, head) loops, states updated
+in place by slot. The torch ``model.decode`` stays the reference it is tested against
+(tests/engine/test_cpu_decode_families.py).
 
 ``engine.cpu_decode.fused_decoder`` dispatches here for these families; ``unsupported_reason`` says why
 a model cannot use the path (the runner then decodes with the torch path).
@@ -15,13 +16,16 @@ import torch
 from torch import nn
 
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
+from rnnserve.models.dense_mamba import DenseMambaLM
 from rnnserve.models.dense_retnet import DenseRetNetLM
 from rnnserve.models.layers import Int8Linear
 from rnnserve.models.retnet import RetNetLM
 from rnnserve.models.rwkv4 import Rwkv4LM
 from rnnserve.models.rwkv7 import Rwkv7LM
 
-FAMILIES = (Rwkv4LM, Rwkv7LM, RetNetLM, DenseRetNetLM)
+# DenseMambaLM subclasses MambaLM: engine.cpu_decode asks this module first, so the Mamba-1 kernels
+# (which would drop the dense fusion) never see it.
+FAMILIES = (Rwkv4LM, Rwkv7LM, RetNetLM, DenseRetNetLM, DenseMambaLM)
 
 
 def _w(linear: nn.Module) -> torch.Tensor:
@@ -57,6 +61,8 @@ def make_decoder(model: RecurrentLM, states: States, ops: Any):
         return FusedRwkv7Decoder(model, states, ops)
     if isinstance(model, DenseRetNetLM):
         return FusedDenseRetNetDecoder(model, states, ops)
+    if isinstance(model, DenseMambaLM):
+        return FusedDenseMambaDecoder(model, states, ops)
     return FusedRetNetDecoder(model, states, ops)
 
 
@@ -258,4 +264,47 @@ class FusedDenseRetNetDecoder:
         return self.ops.dense_retnet_decode(
             batch.input_ids, batch.positions, batch.slot_ids, self.emb, *self.mats,
             [s["S"] for s in self.states], *self.consts, self.norm_f, self.head, *self.dims,
+        )  # fmt: skip
+
+
+class FusedDenseMambaDecoder:
+    """DenseMamba: Mamba-1 layers (weights as loaded, column-major on the CPU) with the dense fusion of
+    the last m layers' pre-gate SSM outputs."""
+
+    def __init__(self, model: DenseMambaLM, states: States, ops: Any) -> None:
+        self.model, self.states, self.ops = model, states, ops
+        layers = list(model.backbone.layers)
+        mixers = [layer.mixer for layer in layers]
+        empty = torch.empty(0)
+
+        def bias(linear: nn.Module) -> torch.Tensor:
+            return empty if linear.bias is None else linear.bias.detach()
+
+        self.mats = (
+            [layer.norm.weight.detach() for layer in layers],
+            [_w(m.in_proj) for m in mixers],
+            [bias(m.in_proj) for m in mixers],
+            [m.conv1d.weight.detach().squeeze(1).contiguous() for m in mixers],  # [E, K]
+            [bias(m.conv1d) for m in mixers],
+            [_w(m.x_proj) for m in mixers],
+            [_w(m.dt_proj) for m in mixers],
+            [m.dt_bias_f.contiguous() for m in mixers],
+            [m.A.contiguous() for m in mixers],  # [E, N]
+            [m.D_f.contiguous() for m in mixers],
+            [_w(m.out_proj) for m in mixers],
+            [bias(m.out_proj) for m in mixers],
+            [_w(m.y_select.fc1) if layer.fuse else empty for layer, m in zip(layers, mixers)],
+            [_w(m.y_select.fc2) if layer.fuse else empty for layer, m in zip(layers, mixers)],
+            [m.y_norm.weight.detach() if layer.fuse else empty for layer, m in zip(layers, mixers)],
+        )
+        self.emb = model.backbone.embeddings.weight.detach()
+        self.norm_f = model.backbone.norm_f.weight.detach()
+        self.head = _w(model.lm_head)
+        self.dims = (model.dense_block_layers, float(model.cfg.norm_eps))
+
+    def __call__(self, batch: DecodeBatch) -> torch.Tensor:
+        st = self.states
+        return self.ops.dense_mamba_decode(
+            batch.input_ids, batch.slot_ids, self.emb, *self.mats, [s["conv"] for s in st], [s["ssm"] for s in st],
+            self.norm_f, self.head, *self.dims,
         )  # fmt: skip

@@ -4,7 +4,8 @@ at batch 1, 3 and 33 on out-of-order slots whose states a chunked prefill left (
 positions carried on per sequence (RetNet rotates by them). RWKV-4: attention size != hidden size,
 large keys. RWKV-7: LN0, an untied head, two heads of 64. RetNet: fla retention with grouped k/v heads
 and a tied head; torchscale retention (interleaved rotation, the abs_sum normaliser riding in an extra
-state column) with swish feature maps. DenseRetNet: a dense window of two layers. Slots no step
+state column) with swish feature maps. DenseRetNet and DenseMamba (a MambaLM subclass, which the
+Mamba-1 kernels would get wrong): a dense window of two layers. Slots no step
 touched stay bit-identical; a slot outside the pool or repeated in a step is refused before anything
 is written.
 """
@@ -17,6 +18,7 @@ import torch
 from rnnserve.config import ModelConfig
 from rnnserve.engine.cpu_decode import fused_decoder, unsupported_reason
 from rnnserve.engine.cpu_decode_families import (
+    FusedDenseMambaDecoder,
     FusedDenseRetNetDecoder,
     FusedRetNetDecoder,
     FusedRwkv4Decoder,
@@ -77,6 +79,13 @@ def dense_retnet(tmp_path_factory) -> RecurrentLM:
     return _load(test_dense_retnet.save_folder(folder, c, test_dense_retnet.dense_state_dict(c, 7)))
 
 
+@pytest.fixture(scope="module")
+def dense_mamba(tmp_path_factory) -> RecurrentLM:
+    """A DenseMambaLM (a MambaLM subclass) with a window of two layers over three layers."""
+    folder = test_dense_mamba.dense_folder(tmp_path_factory.mktemp("dense_mamba_fused"), m=2, vocab_size=VOCAB)[0]
+    return test_dense_mamba.load(folder)
+
+
 def _prefilled_states(model: RecurrentLM) -> tuple[list, dict[int, int]]:
     """Slots 1..39 hold prompts of 1-12 tokens, prefilled in chunks of 3; slot 0 is padding. Returns the
     states and each slot's next position."""
@@ -87,14 +96,19 @@ def _prefilled_states(model: RecurrentLM) -> tuple[list, dict[int, int]]:
     return states, {s: len(p) for s, p in zip(slots, prompts)}
 
 
-@pytest.mark.parametrize("family", ["rwkv4", "rwkv7", "retnet_fla", "retnet_torchscale", "dense_retnet"])
+@pytest.mark.parametrize("family", ["rwkv4", "rwkv7", "retnet_fla", "retnet_torchscale", "dense_retnet", "dense_mamba"])
 @torch.inference_mode()
 def test_fused_decode_equals_torch(family: str, request) -> None:
     model: RecurrentLM = request.getfixturevalue(family)
     ref_states, position = _prefilled_states(model)
     fused_states = [{k: v.clone() for k, v in layer.items()} for layer in ref_states]
     fused = fused_decoder(model, fused_states)
-    expected = {"rwkv4": FusedRwkv4Decoder, "rwkv7": FusedRwkv7Decoder, "dense_retnet": FusedDenseRetNetDecoder}
+    expected = {
+        "rwkv4": FusedRwkv4Decoder,
+        "rwkv7": FusedRwkv7Decoder,
+        "dense_retnet": FusedDenseRetNetDecoder,
+        "dense_mamba": FusedDenseMambaDecoder,
+    }
     assert isinstance(fused, expected.get(family, FusedRetNetDecoder))
     next_token = {s: 5 + s % (VOCAB - 5) for s in range(NUM_SLOTS)}
     for slots in STEPS:
@@ -136,13 +150,6 @@ def test_bad_slots_are_refused_before_any_write(family: str, request) -> None:
     for a, b in zip(states, before):
         for name in a:
             assert torch.equal(a[name], b[name])
-
-
-def test_dense_mamba_is_not_served_by_the_mamba_kernels(tmp_path) -> None:
-    """DenseMambaLM is a MambaLM: the Mamba kernels would drop its dense fusion, so it takes the torch path."""
-    model = test_dense_mamba.load(test_dense_mamba.dense_folder(tmp_path, m=1)[0])
-    assert "DenseMambaLM has no fused CPU decode" in str(unsupported_reason(model, alloc_states(model, 2)))
-    assert fused_decoder(model, alloc_states(model, 2)) is None
 
 
 def test_non_float32_model_is_refused(rwkv7) -> None:

@@ -697,6 +697,132 @@ Tensor dense_retnet_decode(const Tensor& ids, const Tensor& positions, const Ten
   return head_logits(xn, head_w);
 }
 
+// ---------------------------------------------------------------------------------------------- DenseMamba
+
+inline float softplus1(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+// DenseMamba decode, every layer (see models/dense_mamba.py): Mamba-1 layers (norm_w [D], in [2E, D],
+// conv [E, K] + bias, x_proj [R + 2N, E], dt_proj [E, R], dt_bias / D [E], A [E, N], out [D, E]; in / out
+// biases may be empty) whose pre-gate SSM output y gets, on fusing layers (l >= 1, m >= 1),
+// + silu(sel2 silu(sel1 x̂)) ⊙ each of the last m layers' pre-fusion y (oldest first, zeros before layer
+// 0), then an RMSNorm (y_norm [E]); h += out(y ⊙ silu(z)). conv_state [S, E, K-1] and ssm_state [S, E, N]
+// updated in place at rows slots[b]. Returns logits [B, Vocab].
+Tensor dense_mamba_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, at::TensorList norm_w,
+                          at::TensorList in_w, at::TensorList in_b, at::TensorList conv_w, at::TensorList conv_b,
+                          at::TensorList x_w, at::TensorList dt_w, at::TensorList dt_b, at::TensorList A,
+                          at::TensorList Dp, at::TensorList out_w, at::TensorList out_b, at::TensorList sel1,
+                          at::TensorList sel2, at::TensorList y_norm, at::TensorList conv_state,
+                          at::TensorList ssm_state, const Tensor& norm_f, const Tensor& head_w, int64_t m,
+                          double eps_d) {
+  const float eps = static_cast<float>(eps_d);
+  const int64_t B = ids.size(0), D = emb.size(1), L = static_cast<int64_t>(in_w.size());
+  const int64_t E = in_w[0].size(0) / 2, N = A[0].size(1), R = dt_w[0].size(1), K = conv_w[0].size(1);
+  check_states_and_slots(slots, ids, {conv_state, ssm_state});
+  TORCH_CHECK(conv_state[0].dim() == 3 && conv_state[0].size(1) == E && conv_state[0].size(2) == K - 1 &&
+                  ssm_state[0].dim() == 3 && ssm_state[0].size(1) == E && ssm_state[0].size(2) == N,
+              "dense_mamba_decode: state shapes");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const auto opts = emb.options();
+  Tensor h = embed(ids, emb);
+  Tensor hn = at::empty({B, D}, opts), xz = at::empty({B, 2 * E}, opts), xc = at::empty({B, E}, opts);
+  Tensor xdbl = at::empty({B, R + 2 * N}, opts), dt = at::empty({B, E}, opts), y = at::empty({B, E}, opts);
+  Tensor yf = at::empty({B, E}, opts), gy = at::empty({B, E}, opts);
+  const int64_t S1 = std::max<int64_t>(1, D / 32);
+  Tensor sel = at::empty({B, S1}, opts);
+  Tensor past = at::zeros({std::max<int64_t>(m, 1), B, E}, opts);  // the last m layers' pre-fusion y
+  Tensor delta = xdbl.narrow(1, 0, R);
+  float *hp = fp(h), *hnp = fp(hn), *xzp = fp(xz), *xcp = fp(xc), *xdp = fp(xdbl), *dtp = fp(dt);
+  float *yp = fp(y), *yfp = fp(yf), *gyp = fp(gy), *pastp = fp(past);
+  for (int64_t l = 0; l < L; ++l) {
+    const bool fuse = m > 0 && l > 0;
+    for (int64_t b = 0; b < B; ++b) rms_norm(hp + b * D, fp(norm_w[l]), hnp + b * D, D, eps);
+    if (fuse) {
+      linears({{hn, in_w[l], xz}, {hn, sel1[l], sel, false, Post::Silu}});
+    } else {
+      linear(hn, in_w[l], xz);
+    }
+    if (const float* ib = fptr_or_null(in_b[l]))
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < 2 * E; ++i) xzp[b * 2 * E + i] += ib[i];
+    // Conv step (window = the slot's K-1 previous inputs, then x), shifted in place, silu.
+    const float* cw = fp(conv_w[l]);
+    const float* cb = fptr_or_null(conv_b[l]);
+    float* cs = fp(conv_state[l]);
+    const int64_t cs_s = conv_state[l].stride(0);
+    for (int64_t b = 0; b < B; ++b) {
+      float* st = cs + slot[b] * cs_s;
+      for (int64_t c = 0; c < E; ++c) {
+        float* sc = st + c * (K - 1);
+        const float xv = xzp[b * 2 * E + c];
+        float acc = cb ? cb[c] : 0.0f;
+        for (int64_t k = 0; k < K - 1; ++k) acc += cw[c * K + k] * sc[k];
+        acc += cw[c * K + K - 1] * xv;
+        for (int64_t k = 0; k + 2 < K; ++k) sc[k] = sc[k + 1];
+        if (K > 1) sc[K - 2] = xv;
+        xcp[b * E + c] = silu1(acc);
+      }
+    }
+    linear(xc, x_w[l], xdbl);
+    if (fuse) {
+      linears({{delta, dt_w[l], dt}, {sel, sel2[l], gy, false, Post::Silu}});
+    } else {
+      linear(delta, dt_w[l], dt);
+    }
+    // Selective state update per (sequence, channel block): Δ = softplus(dt + bias), s ← exp(Δ A) s + Δ B x,
+    // y = s·C + D x (before the gate).
+    float* ss = fp(ssm_state[l]);
+    const int64_t ss_s = ssm_state[l].stride(0);
+    const float *Ap = fp(A[l]), *Dv = fp(Dp[l]), *db = fp(dt_b[l]);
+    const int64_t EB = 64, per = (E + EB - 1) / EB;
+    at::parallel_for(0, B * per, 1, [&](int64_t t0, int64_t t1) {
+      FlushDenormals ftz;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / per, e0 = (t % per) * EB, e1 = std::min(E, e0 + EB);
+        const float* Bv = xdp + b * (R + 2 * N) + R;
+        const float* Cv = Bv + N;
+        float* sb = ss + slot[b] * ss_s;
+        for (int64_t e = e0; e < e1; ++e) {
+          const float d = softplus1(dtp[b * E + e] + db[e]), xe = xcp[b * E + e];
+          float* s_ = sb + e * N;
+          const float* a = Ap + e * N;
+          float out = 0.0f;
+          for (int64_t n = 0; n < N; ++n) {
+            const float sv = std::exp(d * a[n]) * s_[n] + d * Bv[n] * xe;
+            s_[n] = sv;
+            out += sv * Cv[n];
+          }
+          yp[b * E + e] = out + Dv[e] * xe;
+        }
+      }
+    });
+    // Dense fusion, then this layer's pre-fusion y joins the window (the oldest leaves); gate.
+    if (fuse) {
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t e = 0; e < E; ++e) {
+          float acc = yp[b * E + e];
+          for (int64_t j = 0; j < m; ++j) acc = acc + gyp[b * E + e] * pastp[(j * B + b) * E + e];
+          yfp[b * E + e] = acc;
+        }
+        rms_norm(yfp + b * E, fp(y_norm[l]), yfp + b * E, E, eps);
+      }
+    } else {
+      std::copy_n(yp, B * E, yfp);
+    }
+    if (m > 0) {
+      std::copy(pastp + B * E, pastp + m * B * E, pastp);
+      std::copy_n(yp, B * E, pastp + (m - 1) * B * E);
+    }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t e = 0; e < E; ++e) yfp[b * E + e] *= silu1(xzp[b * 2 * E + E + e]);
+    linear(yf, out_w[l], h, true);
+    if (const float* ob = fptr_or_null(out_b[l]))
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < D; ++i) hp[b * D + i] += ob[i];
+  }
+  for (int64_t b = 0; b < B; ++b) rms_norm(hp + b * D, fp(norm_f), hnp + b * D, D, eps);
+  return head_logits(hn, head_w);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnserve_cpu_rnn, m) {
@@ -723,6 +849,11 @@ TORCH_LIBRARY(rnnserve_cpu_rnn, m) {
       "Tensor[] k_w, Tensor[] hid_w, Tensor[] out_w, Tensor[] gnorm, Tensor[] k_sel1, Tensor[] k_sel2, "
       "Tensor[] v_sel1, Tensor[] v_sel2, Tensor[] k_norm, Tensor[] v_norm, Tensor(a!)[] state, Tensor inv_freq, "
       "Tensor log_gamma, Tensor norm_f, Tensor head_w, int H, int m, float k_scale, float eps) -> Tensor");
+  m.def(
+      "dense_mamba_decode(Tensor ids, Tensor slots, Tensor emb, Tensor[] norm_w, Tensor[] in_w, Tensor[] in_b, "
+      "Tensor[] conv_w, Tensor[] conv_b, Tensor[] x_w, Tensor[] dt_w, Tensor[] dt_b, Tensor[] A, Tensor[] D, "
+      "Tensor[] out_w, Tensor[] out_b, Tensor[] sel1, Tensor[] sel2, Tensor[] y_norm, Tensor(a!)[] conv_state, "
+      "Tensor(b!)[] ssm_state, Tensor norm_f, Tensor head_w, int m, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rnnserve_cpu_rnn, CPU, m) {
@@ -731,4 +862,5 @@ TORCH_LIBRARY_IMPL(rnnserve_cpu_rnn, CPU, m) {
   m.impl("rwkv7_decode", &rwkv7_decode);
   m.impl("retnet_decode", &retnet_decode);
   m.impl("dense_retnet_decode", &dense_retnet_decode);
+  m.impl("dense_mamba_decode", &dense_mamba_decode);
 }
