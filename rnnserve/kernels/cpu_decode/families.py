@@ -1,6 +1,8 @@
-"""The fused CPU decode steps of RWKV-4, RWKV-7 and RetNet (float32): ``rwkv_retnet.cpp``, built by
-``torch.utils.cpp_extension`` into torch's extension cache like ``cpu_decode.cpp`` (``make install``
-builds both), as its own extension so that either source builds and loads without the other.
+"""The fused CPU decode steps of RWKV-4, RWKV-7, RetNet, DenseRetNet and DenseMamba (float32):
+``rwkv_retnet.cpp``, built by ``torch.utils.cpp_extension`` into torch's extension cache like
+``cpu_decode.cpp`` (``make install`` builds both), as its own extension so that either source builds
+and loads without the other. It calls the ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` that torch's
+x86 wheels export (MKL); where they are missing the load fails and the torch path serves.
 
 ``load()`` returns the op namespace ``torch.ops.rnnserve_cpu_rnn`` or None with the reason logged once
 (no AVX2, no compiler, a failed build): callers fall back to the torch path.
@@ -42,7 +44,7 @@ def load() -> Any | None:
                 verbose=False,
             )
             ops = torch.ops.rnnserve_cpu_rnn
-            logger.info("fused RWKV-4 / RWKV-7 / RetNet CPU decode kernels loaded in %.1f s", time.perf_counter() - t0)
+            logger.info("fused RWKV / RetNet / DenseSSM CPU decode kernels loaded in %.1f s", time.perf_counter() - t0)
         except Exception as exc:  # no compiler or ninja, a failed build: the torch path serves
             reason = f"building {_SOURCE.name} failed: {exc}"
     if ops is None:

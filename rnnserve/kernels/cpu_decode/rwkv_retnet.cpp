@@ -1,4 +1,5 @@
-// The fused CPU decode step of RWKV-4, RWKV-7 and RetNet (float32), one call per model step.
+// The fused CPU decode step of RWKV-4, RWKV-7, RetNet, DenseRetNet and DenseMamba (float32), one call
+// per model step.
 //
 // Built by torch.utils.cpp_extension (see families.py) as its own extension, registered as
 // torch.ops.rnnserve_cpu_rnn.*. Per step:
@@ -7,7 +8,7 @@
 //     allocated once per step, on the weights as the model stores them (no copies, no repacking);
 //   - everything between the projections (token shift, lerps, low-rank decays and gates, the WKV-7 and
 //     retention state updates in place by slot, rotation, group / per-head norms, gates, residuals)
-//     in C++ loops parallel over (sequence, head) with at::parallel_for.
+//     in C++ loops, parallel over (sequence, head) with at::parallel_for where the work is large.
 // Each model's torch decode is the reference this is tested against (tests/engine/test_cpu_decode_families.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
