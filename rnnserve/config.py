@@ -106,7 +106,7 @@ class RunnerConfig:
 
     enforce_eager: bool = False
     compile_cpu_decode: bool = False
-    # fused: Mamba / Mamba-2 / RWKV-7 / RetNet float32 decode steps in one C++ call (kernels/cpu_decode), else torch.
+    # fused: the float32 decode step in one C++ call (kernels/cpu_decode; Mamba, Mamba-2, RWKV, RetNet, DenseSSM).
     cpu_decode: CPUDecode = "torch"
     max_graph_batch_size: int = 256
 

@@ -3,7 +3,8 @@ family has it, all arms interleaved in one process (a busy, shared machine slows
 tokens/s and tokens/s per parameter (relative to Mamba's fused path at the same batch size):
 
     .venv/bin/python scripts/bench_decode_families.py [--families mamba,rwkv7,retnet] [--batch-sizes 1,8,32]
-        [--repeats 5] [--threads 2] [--work-dir /tmp/rnnserve-bench-families] [--profile FAMILY:BATCH]
+        [--repeats 5] [--threads 2] [--work-dir /tmp/rnnserve-bench-families] [--no-torch | --no-fused]
+        [--profile FAMILY:BATCH]
 
 Mamba is mamba-130m's shape saved by ``rnnserve bench llamacpp``'s random checkpoint (made once in
 ``--work-dir``); the others are built from their config classes at their ~130M shapes (RWKV-7 0.1B:
@@ -120,6 +121,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/rnnserve-bench-families"))
     p.add_argument("--no-fused", action="store_true", help="torch path only")
+    p.add_argument("--no-torch", action="store_true", help="fused arms only (more repeats in the same time)")
     p.add_argument("--profile", default=None, help="FAMILY:BATCH: the torch profiler's table of that torch step")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,7 +148,8 @@ def main() -> None:
             arms: dict[str, Callable[[], object]] = {}
             for f, m in models.items():
                 states = alloc_states(m, b + 1)
-                arms[f"{f} torch"] = lambda m=m, s=states, x=batch: m.decode(x, s)
+                if not args.no_torch:
+                    arms[f"{f} torch"] = lambda m=m, s=states, x=batch: m.decode(x, s)
                 fused = None if args.no_fused else fused_decoder(m, alloc_states(m, b + 1))
                 if fused is not None:
                     arms[f"{f} fused"] = lambda fz=fused, x=batch: fz(x)

@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-decode",
         default="torch",
         choices=["torch", "fused"],
-        help="fused: C++ decode (Mamba, Mamba-2, RWKV-7, RetNet)",
+        help="fused: C++ decode (Mamba, Mamba-2, RWKV-4/7, RetNet, DenseSSM)",
     )
     p.add_argument("--quantization", default="none", choices=["none", "int8"], help="int8: int8 linear weights (CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
