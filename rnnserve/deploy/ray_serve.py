@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import json
@@ -195,6 +196,26 @@ class StateAwareRouter(RequestRouter):
         return {rid.unique_id: dict(r.routing_stats) for rid, r in self.curr_replicas.items() if r.routing_stats}
 
 
+@contextlib.contextmanager
+def _own_internal_request_id() -> Iterator[None]:
+    """A handle call made inside gets an internal request id of its own. Serve gives every call made
+    while serving one HTTP request that request's id, and its router keeps one pending call per id:
+    the engine calls of an n > 1 request or of several prompts, routed together, left all but one
+    waiting for a replica forever (and this module's router counted them as one in flight). The HTTP
+    request id, which logs show, stays."""
+    from ray.serve import context as serve_context
+    from ray.serve._private.utils import generate_request_id
+
+    current = serve_context._get_serve_request_context()
+    token = serve_context._serve_request_context.set(
+        dataclasses.replace(current, _internal_request_id=generate_request_id())
+    )
+    try:
+        yield
+    finally:
+        serve_context._serve_request_context.reset(token)
+
+
 def _router_for(app_name: str) -> StateAwareRouter | None:
     return next((r for r in list(_ROUTERS) if r.app_name == app_name), None)
 
@@ -304,9 +325,10 @@ class RayEngineClient:
         session: str | None,
         options: dict[str, str | None],
     ) -> AsyncIterator[RequestOutput]:
-        stream = self._handle.options(stream=True).generate.remote(
-            request_id=request_id, prompt_token_ids=prompt_token_ids, params=params, session=session, **options
-        )
+        with _own_internal_request_id():
+            stream = self._handle.options(stream=True).generate.remote(
+                request_id=request_id, prompt_token_ids=prompt_token_ids, params=params, session=session, **options
+            )
         finished = False
         try:
             async for out in stream:

@@ -401,6 +401,18 @@ def test_grafana_dashboard_reads_the_ray_endpoint(ray_server: RayServer) -> None
     assert slots is not None and float(slots.group(1)) == 2 * 8
 
 
+def test_every_choice_and_prompt_of_one_request_is_served(ray_server: RayServer) -> None:
+    # One HTTP request, several engine calls routed at once (n choices x prompts): Serve's router
+    # keeps one pending call per internal request id, so each call needs its own (it hung before).
+    body = {"model": MODEL, "prompt": [[5, 6, 7], [8, 9], [10, 11, 12]], "n": 3, "max_tokens": 3}
+    for _ in range(3):
+        r = httpx.post(ray_server.base_url + "/v1/completions", json={**body, "ignore_eos": True}, timeout=90)
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert sorted(c["index"] for c in choices) == list(range(9))
+        assert all(c["finish_reason"] == "length" for c in choices)
+
+
 def test_same_conversation_lands_on_the_same_replica(ray_server: RayServer) -> None:
     before = ray_server.settled("ray_replica_requests_total")
     routed_before = ray_server.routed()
