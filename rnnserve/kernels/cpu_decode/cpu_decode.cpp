@@ -1,11 +1,14 @@
-// The fused CPU decode step of Mamba-1 and Mamba-2 (float32, AVX2 + FMA), one call per model step.
+// The fused CPU decode step of Mamba-1 and Mamba-2 (float32 activations and state, AVX2 + FMA; float32
+// or int8 weights), one call per model step.
 //
 // Built on first use by torch.utils.cpp_extension (see __init__.py) and registered as
 // torch.ops.rnnserve_cpu.*. What it does per step:
 //   - one C++ call for the whole model (embedding, 24 layers, final norm, head): no Python per op;
-//   - the matrix products through an AVX2/FMA skinny GEMM on the weights as the model stores them
-//     (column-major [out, in], i.e. a contiguous [in, out] "kn" matrix; the tied head [V, D] as "nk"),
-//     both threads splitting the output columns;
+//   - the matrix products on weights packed once (pack_weight / pack_weight_int8) into 16-column panels
+//     along K, through register-tiled kernels (gemm_packed); the unpacked [in, out] layout the model
+//     stores still works (gemm_kn, MKL for one row) for callers that pass it;
+//   - every stage's work cut into items that the calling thread and this file's own workers take from
+//     a shared counter (ItemPool), so a descheduled thread holds up a stage by one item at most;
 //   - conv shift, softplus, exp decay, state update (in place, by slot) and gating fused in one pass
 //     per layer, vectorised over the state dimension, with denormals flushed inside those loops.
 // Only scratch activations are allocated per step (a few [B, width] buffers), none per layer.
@@ -589,13 +592,23 @@ Tensor pack_weight(const Tensor& w, bool kn) {
   const int64_t K = kn ? w.size(0) : w.size(1), N = kn ? w.size(1) : w.size(0), NP = (N + kPanel - 1) / kPanel;
   Tensor p = at::zeros({NP, K, kPanel}, w.options());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(p.data_ptr<float>()) % 32 == 0, "pack_weight: unaligned allocation");
-  auto a = w.accessor<float, 2>();
+  const float* src = w.data_ptr<float>();
+  const int64_t s0 = w.stride(0), s1 = w.stride(1);
   float* pp = p.data_ptr<float>();
   parallel_ranges(NP, 16, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q)
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < kPanel && q * kPanel + j < N; ++j)
-          pp[(q * K + k) * kPanel + j] = kn ? a[k][q * kPanel + j] : a[q * kPanel + j][k];
+    for (int64_t q = q0; q < q1; ++q) {
+      float* panel = pp + q * K * kPanel;
+      const int64_t nn = std::min(kPanel, N - q * kPanel);
+      if (kn) {  // row k of the panel = 16 consecutive columns of W's row k (unit stride when contiguous)
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < nn; ++j) panel[k * kPanel + j] = src[k * s0 + (q * kPanel + j) * s1];
+      } else {  // column j of the panel = W's row 16q + j, read in order
+        for (int64_t j = 0; j < nn; ++j) {
+          const float* row = src + (q * kPanel + j) * s0;
+          for (int64_t k = 0; k < K; ++k) panel[k * kPanel + j] = row[k * s1];
+        }
+      }
+    }
   });
   return p;
 }
@@ -609,14 +622,18 @@ Tensor pack_weight_int8(const Tensor& q, const Tensor& scale) {
   const int64_t N = q.size(0), K = q.size(1), NP = (N + kPanel - 1) / kPanel;
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N, "pack_weight_int8: one scale per output channel");
   Tensor p = at::zeros({NP, K + 4, kPanel}, q.options());
-  auto a = q.accessor<int8_t, 2>();
-  auto sc = scale.accessor<float, 1>();
+  const int8_t* src = q.data_ptr<int8_t>();
+  const int64_t s0 = q.stride(0), s1 = q.stride(1);
+  const float* sc = scale.contiguous().data_ptr<float>();
   int8_t* pp = p.data_ptr<int8_t>();
   parallel_ranges(NP, 16, [&](int64_t q0, int64_t q1) {
     for (int64_t b = q0; b < q1; ++b) {
       const int64_t nn = std::min(kPanel, N - b * kPanel);
-      for (int64_t j = 0; j < nn; ++j)
-        for (int64_t k = 0; k < K; ++k) pp[(b * (K + 4) + k) * kPanel + j] = a[b * kPanel + j][k];
+      int8_t* panel = pp + b * (K + 4) * kPanel;
+      for (int64_t j = 0; j < nn; ++j) {
+        const int8_t* row = src + (b * kPanel + j) * s0;
+        for (int64_t k = 0; k < K; ++k) panel[k * kPanel + j] = row[k * s1];
+      }
       float scales[kPanel] = {};
       for (int64_t j = 0; j < nn; ++j) scales[j] = sc[b * kPanel + j];
       std::memcpy(pp + (b * (K + 4) + K) * kPanel, scales, sizeof(scales));
