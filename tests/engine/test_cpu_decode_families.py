@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rnnserve.config import ModelConfig
+from rnnserve.config import ModelConfig, RunnerConfig, StatePoolConfig
 from rnnserve.engine.cpu_decode import fused_decoder, unsupported_reason
 from rnnserve.engine.cpu_decode_families import (
     FusedDenseMambaDecoder,
@@ -24,6 +24,8 @@ from rnnserve.engine.cpu_decode_families import (
     FusedRwkv4Decoder,
     FusedRwkv7Decoder,
 )
+from rnnserve.engine.runner import ModelRunner
+from rnnserve.engine.state_pool import StatePool
 from rnnserve.kernels import cpu_decode
 from rnnserve.models.base import DecodeBatch, RecurrentLM
 from rnnserve.models.loader import load_model
@@ -150,6 +152,12 @@ def test_bad_slots_are_refused_before_any_write(family: str, request) -> None:
     for a, b in zip(states, before):
         for name in a:
             assert torch.equal(a[name], b[name])
+
+
+def test_runner_picks_the_fused_decoder(retnet_fla) -> None:
+    pool = StatePool(retnet_fla.state_specs(), StatePoolConfig(max_num_seqs=4), torch.device("cpu"))
+    assert isinstance(ModelRunner(retnet_fla, pool, RunnerConfig(cpu_decode="fused"))._decoder, FusedRetNetDecoder)
+    assert not isinstance(ModelRunner(retnet_fla, pool, RunnerConfig())._decoder, FusedRetNetDecoder)
 
 
 def test_non_float32_model_is_refused(rwkv7) -> None:
