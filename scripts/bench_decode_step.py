@@ -6,7 +6,8 @@ shared machine slows every arm alike):
 Decode arms: float32 as loaded, ``--quantization int8`` (Mamba, Mamba-2), for Mamba-2 float32 with
 row-major in/out projections (the layout before they were stored column-major), and ``--cpu-decode
 fused`` (the C++ decode of rnnserve/kernels/cpu_decode) of the float32 and the int8 model; ``--no-fused``
-/ ``--no-int8`` leave those out.
+/ ``--no-int8`` / ``--no-torch`` leave those out; ``--fused-baseline REV`` adds the float32 fused step of
+an earlier revision's cpu_decode.cpp (before/after in one process).
 Then one mixed step (``--mixed-decodes`` decode rows + a ``--mixed-prompt``-token chunk; ``--no-mixed``
 leaves it out): ``model.mixed`` (one pass) against the interface's two-call default. Prints the median ms
 per step with the range.
@@ -53,6 +54,52 @@ def show(label: str, times: dict[str, list[float]], tokens: int) -> None:
         print(f"{label} {k}: {med:.1f} ms ({min(v):.1f}-{max(v):.1f}), {1000 * tokens / med:.1f} tok/s", flush=True)
 
 
+def baseline_ops(rev: str):
+    """torch.ops.rnnserve_cpu_baseline: cpu_decode.cpp as of git revision ``rev``, built once."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load as build
+
+    src = subprocess.run(
+        ["git", "show", f"{rev}:rnnserve/kernels/cpu_decode/cpu_decode.cpp"], check=True, capture_output=True, text=True
+    ).stdout
+    src = src.replace("TORCH_LIBRARY(rnnserve_cpu,", "TORCH_LIBRARY(rnnserve_cpu_baseline,")
+    src = src.replace("TORCH_LIBRARY_IMPL(rnnserve_cpu,", "TORCH_LIBRARY_IMPL(rnnserve_cpu_baseline,")
+    path = Path(tempfile.mkdtemp()) / "cpu_decode_baseline.cpp"
+    path.write_text(src)
+    flags = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off"]
+    build(name="rnnserve_cpu_decode_baseline", sources=[str(path)], extra_cflags=flags, is_python_module=False)
+    return torch.ops.rnnserve_cpu_baseline
+
+
+def baseline_step(ops, model: RecurrentLM, states: States, batch: DecodeBatch) -> Callable[[], object]:
+    """One fused step through ``ops`` (another revision's build) with the weights unpacked: [in, out]."""
+    current = fused_decoder(model, states)
+    assert current is not None, "the fused path does not apply to this model"
+    a = dict(current.args)
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    for key, name in (("in_w", "in_proj"), ("x_w", "x_proj"), ("dt_w", "dt_proj"), ("out_w", "out_proj")):
+        if key in a:
+            a[key] = [getattr(m, name).weight.detach().t().contiguous() for m in mixers]
+    head = model.lm_head.weight.detach()
+    head_kn = not head.is_contiguous()
+    head = head.t().contiguous() if head_kn else head
+    pools = ([st["conv"] for st in states], [st["ssm"] for st in states])
+    if "x_w" in a:  # Mamba-1
+        return lambda: ops.mamba1_decode(
+            batch.input_ids, batch.slot_ids, a["emb"], a["norm_w"], a["in_w"], a["in_b"], a["conv_w"], a["conv_b"],
+            a["x_w"], a["dt_w"], a["dt_b"], a["A"], a["D"], a["out_w"], a["out_b"], *pools, current.norm_f, head,
+            head_kn, current.eps,
+        )  # fmt: skip
+    return lambda: ops.mamba2_decode(
+        batch.input_ids, batch.slot_ids, a["emb"], a["norm_w"], a["in_w"], a["in_b"], a["conv_w"], a["conv_b"],
+        a["dt_bias"], a["A"], a["D"], a["gnorm_w"], a["out_w"], a["out_b"], *pools, current.norm_f, head, head_kn,
+        current.eps, *current.dims,
+    )  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -64,6 +111,13 @@ def main() -> None:
     p.add_argument("--no-fused", action="store_true", help="leave out the --cpu-decode fused arm")
     p.add_argument("--no-int8", action="store_true", help="leave out the int8 arm")
     p.add_argument("--no-mixed", action="store_true", help="leave out the mixed step")
+    p.add_argument("--no-torch", action="store_true", help="leave out the torch-path decode arms")
+    p.add_argument(
+        "--fused-baseline",
+        metavar="REV",
+        help="also run the fp32 fused step of cpu_decode.cpp at git revision REV (built under another op "
+        "namespace, weights passed unpacked as [in, out], which every revision's ops accept): before/after",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -85,7 +139,15 @@ def main() -> None:
         for b in (int(x) for x in args.batch_sizes.split(",")):
             batch = DecodeBatch(torch.randint(10, 1000, (b,)), torch.zeros(b, dtype=torch.long), torch.arange(1, b + 1))
             states = {k: alloc_states(m, b + 1) for k, m in models.items()}
-            arms = {k: (lambda m=m, s=states[k], x=batch: m.decode(x, s)) for k, m in models.items()}
+            arms = (
+                {}
+                if args.no_torch
+                else {k: (lambda m=m, s=states[k], x=batch: m.decode(x, s)) for k, m in models.items()}
+            )
+            if args.fused_baseline:
+                arms[f"fp32 fused at {args.fused_baseline}"] = baseline_step(
+                    baseline_ops(args.fused_baseline), fp32, alloc_states(fp32, b + 1), batch
+                )
             for name in [] if args.no_fused else [k for k in ("fp32", "int8") if k in models]:
                 fused = fused_decoder(models[name], alloc_states(models[name], b + 1))
                 if fused is not None:
