@@ -1,6 +1,7 @@
-"""The fused CPU decode step (Mamba-1, Mamba-2; float32; AVX2 + FMA): ``cpu_decode.cpp``, built on first
-use by ``torch.utils.cpp_extension`` (g++ and ninja) into torch's extension cache
-(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so later start-ups only load it.
+"""The fused CPU decode step (Mamba-1, Mamba-2; float32 activations and state, float32 or int8 weights
+packed into 16-column panels; AVX2 + FMA; threads of its own): ``cpu_decode.cpp``, built on first use by
+``torch.utils.cpp_extension`` (g++ and ninja) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``,
+default ``~/.cache/torch_extensions``), so later start-ups only load it.
 
 ``load()`` returns the op namespace ``torch.ops.rnnserve_cpu`` or None with the reason logged once (no
 AVX2, no compiler, a failed build): callers fall back to the torch path.
