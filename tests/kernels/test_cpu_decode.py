@@ -90,3 +90,18 @@ def test_int8_packed_linear_equals_dequantized_mm(m: int, k: int, n: int) -> Non
     x = torch.randn(m, k, generator=gen)
     ref = x @ (layer.qweight.float() * layer.scale[:, None]).t()
     torch.testing.assert_close(ops.linear_packed(x, packed, n), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_from_two_python_threads() -> None:
+    """Two threads calling the kernels at once (a step while another model is packed, say): the one that
+    finds the item pool busy runs its job on its own thread; both results exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ops = cpu_decode.load()
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(5, 64, generator=gen), torch.randn(64, 300, generator=gen)
+    packed = ops.pack_weight(w, True)
+    ref = ops.linear_packed(x, packed, 300)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: [ops.linear_packed(x, packed, 300) for _ in range(100)], range(2)))
+    assert all(torch.equal(r, ref) for rs in results for r in rs)

@@ -140,7 +140,9 @@ class ItemPool {
   template <class F>
   void run(int64_t n, const F& fn) {
     const int64_t want = std::min<int64_t>(at::get_num_threads(), n) - 1;
-    if (want <= 0 || in_job_) {
+    bool idle = false;
+    // A job already running (a nested call, or another thread's step or packing) runs this one serially.
+    if (want <= 0 || !busy_.compare_exchange_strong(idle, true, std::memory_order_acquire)) {
       for (int64_t i = 0; i < n; ++i) fn(i);
       return;
     }
@@ -152,7 +154,6 @@ class ItemPool {
     const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
     state_.store(gen << 32);  // publishes call_, fn_, n_ with the new job (seq_cst: ordered before the load below)
     if (sleeping_.load() > 0) state_.notify_all();
-    in_job_ = true;
     int64_t mine = 0;
     for (int64_t i; (i = claim(gen)) >= 0; ++mine) fn(i);
     done_.fetch_add(mine, std::memory_order_acq_rel);
@@ -163,7 +164,7 @@ class ItemPool {
         std::this_thread::yield();  // the worker holding the last item was descheduled
       }
     }
-    in_job_ = false;
+    busy_.store(false, std::memory_order_release);
   }
 
  private:
@@ -211,7 +212,7 @@ class ItemPool {
   void (*call_)(const void*, int64_t) = nullptr;
   const void* fn_ = nullptr;
   int64_t n_ = 0;
-  bool in_job_ = false;
+  std::atomic<bool> busy_{false};
   std::vector<std::thread> workers_;
 };
 
