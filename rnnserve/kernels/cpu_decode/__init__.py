@@ -9,6 +9,7 @@ AVX2, no compiler, a failed build): callers fall back to the torch path.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-_state: dict[str, Any] = {}
 
 
 def unavailable_reason() -> str | None:
@@ -30,29 +30,26 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def load() -> Any | None:
-    """Build (first use) and load the extension; ``torch.ops.rnnserve_cpu``, or None when it cannot."""
-    if "ops" in _state:
-        return _state["ops"]
-    ops = None
+def build_extension(name: str, source: Path, cflags: list[str], namespace: str, what: str) -> Any | None:
+    """Build (first use) and load one C++ source registering ``torch.ops.<namespace>``; that namespace,
+    or None with the reason logged (no AVX2, no compiler or ninja, a failed build)."""
     reason = unavailable_reason()
     if reason is None:
         t0 = time.perf_counter()
         try:
             from torch.utils.cpp_extension import load as build
 
-            build(
-                name="rnnserve_cpu_decode",
-                sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off"],
-                is_python_module=False,
-                verbose=False,
-            )
-            ops = torch.ops.rnnserve_cpu
-            logger.info("fused CPU decode kernels loaded in %.1f s", time.perf_counter() - t0)
+            build(name=name, sources=[str(source)], extra_cflags=cflags, is_python_module=False, verbose=False)
+            logger.info("%s loaded in %.1f s", what, time.perf_counter() - t0)
+            return getattr(torch.ops, namespace)
         except Exception as exc:  # no compiler or ninja, a failed build: the torch path serves
-            reason = f"building {_SOURCE.name} failed: {exc}"
-    if ops is None:
-        logger.warning("fused CPU decode unavailable, decoding with the torch path: %s", reason)
-    _state["ops"] = ops
-    return ops
+            reason = f"building {source.name} failed: {exc}"
+    logger.warning("%s unavailable, decoding with the torch path: %s", what, reason)
+    return None
+
+
+@functools.cache  # built and loaded once per process; the reason is logged once
+def load() -> Any | None:
+    """Build (first use) and load the extension; ``torch.ops.rnnserve_cpu``, or None when it cannot."""
+    flags = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off"]
+    return build_extension("rnnserve_cpu_decode", _SOURCE, flags, "rnnserve_cpu", "fused CPU decode kernels")

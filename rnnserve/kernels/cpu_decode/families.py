@@ -10,44 +10,18 @@ x86 wheels export (MKL); where they are missing the load fails and the torch pat
 
 from __future__ import annotations
 
-import logging
-import time
+import functools
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from rnnserve.kernels.cpu_decode import unavailable_reason
-
-logger = logging.getLogger(__name__)
+from rnnserve.kernels.cpu_decode import build_extension
 
 _SOURCE = Path(__file__).with_name("rwkv_retnet.cpp")
-_state: dict[str, Any] = {}
 
 
+@functools.cache  # built and loaded once per process; the reason is logged once
 def load() -> Any | None:
     """Build (first use) and load the extension; ``torch.ops.rnnserve_cpu_rnn``, or None when it cannot."""
-    if "ops" in _state:
-        return _state["ops"]
-    ops = None
-    reason = unavailable_reason()
-    if reason is None:
-        t0 = time.perf_counter()
-        try:
-            from torch.utils.cpp_extension import load as build
-
-            build(
-                name="rnnserve_cpu_decode_rwkv_retnet",
-                sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-mavx2", "-mfma"],
-                is_python_module=False,
-                verbose=False,
-            )
-            ops = torch.ops.rnnserve_cpu_rnn
-            logger.info("fused RWKV / RetNet / DenseSSM CPU decode kernels loaded in %.1f s", time.perf_counter() - t0)
-        except Exception as exc:  # no compiler or ninja, a failed build: the torch path serves
-            reason = f"building {_SOURCE.name} failed: {exc}"
-    if ops is None:
-        logger.warning("fused CPU decode unavailable, decoding with the torch path: %s", reason)
-    _state["ops"] = ops
-    return ops
+    what = "fused RWKV / RetNet / DenseSSM CPU decode kernels"
+    flags = ["-O3", "-mavx2", "-mfma"]
+    return build_extension("rnnserve_cpu_decode_rwkv_retnet", _SOURCE, flags, "rnnserve_cpu_rnn", what)
