@@ -35,6 +35,7 @@ import random
 import statistics
 import sys
 import time
+from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,12 +45,14 @@ import httpx
 from rnnserve.bench.serve import (
     _WORDS,
     BenchError,
+    StreamError,
     _chunk_text,
     _headers,
     _percentile,
     api_root,
     count_tokens,
     fetch_model_id,
+    sse_chunks,
 )
 from rnnserve.console import ArgumentParser, api_key_from_env, print_error
 
@@ -110,20 +113,8 @@ async def _turn(client: httpx.AsyncClient, url: str, body: dict, result: TurnRes
     start = time.perf_counter()
     text: list[str] = []
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
-                return ""
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = str(chunk["error"])[:300]
-                    return ""
+        async with aclosing(sse_chunks(client, url, body)) as stream:
+            async for chunk in stream:
                 piece = _chunk_text(chunk)
                 if piece:
                     if not text:
@@ -131,6 +122,9 @@ async def _turn(client: httpx.AsyncClient, url: str, body: dict, result: TurnRes
                     text.append(piece)
                 if chunk.get("usage"):
                     _read_usage(chunk["usage"], result)
+    except StreamError as exc:
+        result.error = str(exc)
+        return ""
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return ""
@@ -150,20 +144,8 @@ async def _turn_ids_openai(client: httpx.AsyncClient, url: str, body: dict, resu
     ids: list[int] = []
     first = True
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
-                return []
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = str(chunk["error"])[:300]
-                    return []
+        async with aclosing(sse_chunks(client, url, body)) as stream:
+            async for chunk in stream:
                 new = [int(i) for c in chunk.get("choices") or [] for i in (c.get("token_ids") or [])]
                 if first and (new or _chunk_text(chunk)):
                     result.ttft = time.perf_counter() - start
@@ -171,6 +153,9 @@ async def _turn_ids_openai(client: httpx.AsyncClient, url: str, body: dict, resu
                 ids += new
                 if chunk.get("usage"):
                     _read_usage(chunk["usage"], result)
+    except StreamError as exc:
+        result.error = str(exc)
+        return []
     except (httpx.HTTPError, json.JSONDecodeError, TypeError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return []

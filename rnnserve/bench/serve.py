@@ -20,6 +20,8 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -168,6 +170,29 @@ def _chunk_text(chunk: dict) -> str:
     return "".join(out)
 
 
+class StreamError(Exception):
+    """The server answered a streamed request with an error status or an error event."""
+
+
+async def sse_chunks(client: httpx.AsyncClient, url: str, body: dict) -> AsyncIterator[dict]:
+    """POST ``body`` and yield each server-sent event's JSON until ``[DONE]``. Raises StreamError
+    (its message cut to 300 characters) for a status other than 200 or an ``error`` event."""
+    async with client.stream("POST", url, json=body) as resp:
+        if resp.status_code != 200:
+            text = (await resp.aread()).decode(errors="replace")
+            raise StreamError(f"HTTP {resp.status_code}: {text[:300]}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise StreamError(str(chunk["error"])[:300])
+            yield chunk
+
+
 async def send_request(client: httpx.AsyncClient, url: str, body: dict, input_len: int) -> RequestResult:
     """Stream one request and time it: TTFT at the first chunk with text, ITL between chunks."""
     result = RequestResult(prompt_len=input_len)
@@ -175,21 +200,8 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict, input_le
     last = start
     chunks = 0
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                result.error = f"HTTP {resp.status_code}: {text[:300]}"
-                return result
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:") :].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = str(chunk["error"])[:300]
-                    return result
+        async with aclosing(sse_chunks(client, url, body)) as stream:
+            async for chunk in stream:
                 now = time.perf_counter()
                 if _chunk_text(chunk):
                     if chunks == 0:
@@ -203,6 +215,9 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict, input_le
                     result.usage_reported = True
                     result.output_len = int(usage.get("completion_tokens") or 0)
                     result.prompt_len = int(usage.get("prompt_tokens") or input_len)
+    except StreamError as exc:
+        result.error = str(exc)
+        return result
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result

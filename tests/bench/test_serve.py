@@ -3,12 +3,15 @@ tests/bench/test_serve_live.py runs it against ``rnnserve serve``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from rnnserve.bench import serve
+from rnnserve.bench.serve import StreamError, sse_chunks
 from tests.bench.stub_openai import free_port, stub_server
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -109,3 +112,28 @@ def test_percentile_interpolates_like_numpy() -> None:
     assert serve._percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
     assert serve._percentile([], 99) == 0.0
     assert serve.api_root("http://h:1/v1/") == "http://h:1"
+
+
+def test_sse_chunks_yields_events_until_done_and_raises_on_errors() -> None:
+    bodies = {
+        "/ok": (200, 'data: {"a": 1}\n\n: comment\n\ndata: {"a": 2}\n\ndata: [DONE]\n\ndata: {"a": 3}\n\n'),
+        "/event": (200, 'data: {"a": 1}\n\ndata: {"error": {"message": "engine failed"}}\n\n'),
+        "/status": (503, '{"error": "busy"}'),
+    }
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        status, text = bodies[request.url.path]
+        return httpx.Response(status, text=text)
+
+    async def read(path: str) -> list[dict]:
+        got: list[dict] = []
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://stub") as client:
+            async for chunk in sse_chunks(client, path, {}):
+                got.append(chunk)
+        return got
+
+    assert asyncio.run(read("/ok")) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(StreamError, match="engine failed"):
+        asyncio.run(read("/event"))
+    with pytest.raises(StreamError, match="HTTP 503"):
+        asyncio.run(read("/status"))
