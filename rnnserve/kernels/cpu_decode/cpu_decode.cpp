@@ -294,26 +294,47 @@ void gemm_kn(const float* x, int64_t ldx, const float* w, const float* bias, flo
 // group of rows.
 constexpr int64_t kPanel = 16;
 
+// int8 panels (--quantization int8): [ceil(N/16), K + 4, 16] int8, rows 0..K-1 the weights as int8
+// (W[k, 16q + j] = q[k, j] * scale[j], one scale per output channel, as Int8Linear quantizes), then
+// 4 rows = 64 bytes holding the panel's 16 fp32 scales. Activations stay fp32: each k's 16 int8 are
+// widened to fp32 once (vpmovsxbd + vcvtdq2ps) and used for every row of the group, and the scales are
+// applied to the sums, so the result is the fp32 product with the dequantized weights; a quarter of the
+// fp32 bytes are read. The kernels below take either panel type: load8 reads 8 weights as fp32 and
+// finish8 applies the int8 panel's scales (nothing for fp32).
+inline __m256 load8(const float* p) { return _mm256_load_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+template <class T>
+inline __m256 finish8(__m256 sum, const T* p, int64_t K, int64_t j) {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    return _mm256_mul_ps(sum, _mm256_loadu_ps(reinterpret_cast<const float*>(p + K * kPanel) + j));
+  } else {
+    return sum;
+  }
+}
+
 // One row: out[0..16) = x[0..K) · P (one panel). Two k per iteration into four accumulators (two FMA
 // chains per column half), so the loop runs at the load rate, not the FMA latency.
-inline void panel_row1(const float* x, const float* p, int64_t K, float* out) {
+template <class T>
+inline void panel_row1(const float* x, const T* p, int64_t K, float* out) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
     const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
-    const float* pk = p + k * kPanel;
-    a0 = _mm256_fmadd_ps(x0, _mm256_load_ps(pk), a0);
-    a1 = _mm256_fmadd_ps(x0, _mm256_load_ps(pk + 8), a1);
-    a2 = _mm256_fmadd_ps(x1, _mm256_load_ps(pk + 16), a2);
-    a3 = _mm256_fmadd_ps(x1, _mm256_load_ps(pk + 24), a3);
+    const T* pk = p + k * kPanel;
+    a0 = _mm256_fmadd_ps(x0, load8(pk), a0);
+    a1 = _mm256_fmadd_ps(x0, load8(pk + 8), a1);
+    a2 = _mm256_fmadd_ps(x1, load8(pk + 16), a2);
+    a3 = _mm256_fmadd_ps(x1, load8(pk + 24), a3);
   }
   if (k < K) {
     const __m256 x0 = _mm256_broadcast_ss(x + k);
-    a0 = _mm256_fmadd_ps(x0, _mm256_load_ps(p + k * kPanel), a0);
-    a1 = _mm256_fmadd_ps(x0, _mm256_load_ps(p + k * kPanel + 8), a1);
+    a0 = _mm256_fmadd_ps(x0, load8(p + k * kPanel), a0);
+    a1 = _mm256_fmadd_ps(x0, load8(p + k * kPanel + 8), a1);
   }
-  _mm256_store_ps(out, _mm256_add_ps(a0, a2));
-  _mm256_store_ps(out + 8, _mm256_add_ps(a1, a3));
+  _mm256_store_ps(out, finish8(_mm256_add_ps(a0, a2), p, K, 0));
+  _mm256_store_ps(out + 8, finish8(_mm256_add_ps(a1, a3), p, K, 8));
 }
 
 // MR rows (MR <= 5) x 16 columns: 2 * MR accumulators in registers, the panel's two vectors per k read
@@ -325,88 +346,23 @@ inline void panel_row1(const float* x, const float* p, int64_t K, float* out) {
     c0##i = _mm256_fmadd_ps(xv, w0, c0##i);                         \
     c1##i = _mm256_fmadd_ps(xv, w1, c1##i);                         \
   }
-template <int MR>
-inline void panel_rows(const float* x, int64_t ldx, const float* p, int64_t K, float* out) {
+#define RNNSERVE_STORE_ROW(i)                                              \
+  if (MR > i) {                                                            \
+    _mm256_store_ps(out + i * kPanel, finish8(c0##i, p, K, 0));            \
+    _mm256_store_ps(out + i * kPanel + 8, finish8(c1##i, p, K, 8));        \
+  }
+template <int MR, class T>
+inline void panel_rows(const float* x, int64_t ldx, const T* p, int64_t K, float* out) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c04 = c00;
   __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00;
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_load_ps(p + k * kPanel), w1 = _mm256_load_ps(p + k * kPanel + 8);
+    const __m256 w0 = load8(p + k * kPanel), w1 = load8(p + k * kPanel + 8);
     RNNSERVE_FMA_ROW(0)
     RNNSERVE_FMA_ROW(1)
     RNNSERVE_FMA_ROW(2)
     RNNSERVE_FMA_ROW(3)
     RNNSERVE_FMA_ROW(4)
   }
-#define RNNSERVE_STORE_ROW(i)                       \
-  if (MR > i) {                                     \
-    _mm256_store_ps(out + i * kPanel, c0##i);       \
-    _mm256_store_ps(out + i * kPanel + 8, c1##i);   \
-  }
-  RNNSERVE_STORE_ROW(0)
-  RNNSERVE_STORE_ROW(1)
-  RNNSERVE_STORE_ROW(2)
-  RNNSERVE_STORE_ROW(3)
-  RNNSERVE_STORE_ROW(4)
-#undef RNNSERVE_STORE_ROW
-}
-#undef RNNSERVE_FMA_ROW
-
-// int8 panels (--quantization int8): [ceil(N/16), K + 4, 16] int8, rows 0..K-1 the weights as int8
-// (W[k, 16q + j] = q[k, j] * scale[j], one scale per output channel, as Int8Linear quantizes), then
-// 4 rows = 64 bytes holding the panel's 16 fp32 scales. Activations stay fp32: each k's 16 int8 are
-// widened to fp32 once (vpmovsxbd + vcvtdq2ps) and used for every row of the group, and the scales are
-// applied to the sums, so the result is the fp32 product with the dequantized weights; a quarter of the
-// fp32 bytes are read.
-inline __m256 widen8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-inline void panel_row1_i8(const float* x, const int8_t* p, int64_t K, float* out) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 2 <= K; k += 2) {
-    const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
-    const int8_t* pk = p + k * kPanel;
-    a0 = _mm256_fmadd_ps(x0, widen8(pk), a0);
-    a1 = _mm256_fmadd_ps(x0, widen8(pk + 8), a1);
-    a2 = _mm256_fmadd_ps(x1, widen8(pk + 16), a2);
-    a3 = _mm256_fmadd_ps(x1, widen8(pk + 24), a3);
-  }
-  if (k < K) {
-    const __m256 x0 = _mm256_broadcast_ss(x + k);
-    a0 = _mm256_fmadd_ps(x0, widen8(p + k * kPanel), a0);
-    a1 = _mm256_fmadd_ps(x0, widen8(p + k * kPanel + 8), a1);
-  }
-  const float* scale = reinterpret_cast<const float*>(p + K * kPanel);
-  _mm256_store_ps(out, _mm256_mul_ps(_mm256_add_ps(a0, a2), _mm256_loadu_ps(scale)));
-  _mm256_store_ps(out + 8, _mm256_mul_ps(_mm256_add_ps(a1, a3), _mm256_loadu_ps(scale + 8)));
-}
-
-#define RNNSERVE_FMA_ROW(i)                                         \
-  if (MR > i) {                                                     \
-    const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);         \
-    c0##i = _mm256_fmadd_ps(xv, w0, c0##i);                         \
-    c1##i = _mm256_fmadd_ps(xv, w1, c1##i);                         \
-  }
-#define RNNSERVE_STORE_ROW(i)                                            \
-  if (MR > i) {                                                          \
-    _mm256_store_ps(out + i * kPanel, _mm256_mul_ps(c0##i, s0));         \
-    _mm256_store_ps(out + i * kPanel + 8, _mm256_mul_ps(c1##i, s1));     \
-  }
-template <int MR>
-inline void panel_rows_i8(const float* x, int64_t ldx, const int8_t* p, int64_t K, float* out) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c04 = c00;
-  __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00;
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = widen8(p + k * kPanel), w1 = widen8(p + k * kPanel + 8);
-    RNNSERVE_FMA_ROW(0)
-    RNNSERVE_FMA_ROW(1)
-    RNNSERVE_FMA_ROW(2)
-    RNNSERVE_FMA_ROW(3)
-    RNNSERVE_FMA_ROW(4)
-  }
-  const float* scale = reinterpret_cast<const float*>(p + K * kPanel);
-  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
   RNNSERVE_STORE_ROW(0)
   RNNSERVE_STORE_ROW(1)
   RNNSERVE_STORE_ROW(2)
@@ -434,22 +390,12 @@ void gemm_packed(const float* x, int64_t ldx, const T* p, const float* bias, flo
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t m0 = M * g / groups, mr = M * (g + 1) / groups - m0;
         const float* xm = x + m0 * ldx;
-        if constexpr (kInt8) {
-          switch (mr) {
-            case 1: panel_row1_i8(xm, pq, K, tile); break;
-            case 2: panel_rows_i8<2>(xm, ldx, pq, K, tile); break;
-            case 3: panel_rows_i8<3>(xm, ldx, pq, K, tile); break;
-            case 4: panel_rows_i8<4>(xm, ldx, pq, K, tile); break;
-            default: panel_rows_i8<5>(xm, ldx, pq, K, tile); break;
-          }
-        } else {
-          switch (mr) {
-            case 1: panel_row1(xm, pq, K, tile); break;
-            case 2: panel_rows<2>(xm, ldx, pq, K, tile); break;
-            case 3: panel_rows<3>(xm, ldx, pq, K, tile); break;
-            case 4: panel_rows<4>(xm, ldx, pq, K, tile); break;
-            default: panel_rows<5>(xm, ldx, pq, K, tile); break;
-          }
+        switch (mr) {
+          case 1: panel_row1(xm, pq, K, tile); break;
+          case 2: panel_rows<2>(xm, ldx, pq, K, tile); break;
+          case 3: panel_rows<3>(xm, ldx, pq, K, tile); break;
+          case 4: panel_rows<4>(xm, ldx, pq, K, tile); break;
+          default: panel_rows<5>(xm, ldx, pq, K, tile); break;
         }
         for (int64_t i = 0; i < mr; ++i) {
           float* cr = c + (m0 + i) * ldc + n0;
