@@ -69,6 +69,12 @@ def baseline_ops(rev: str):
     src = src.replace("TORCH_LIBRARY_IMPL(rnnserve_cpu,", "TORCH_LIBRARY_IMPL(rnnserve_cpu_baseline,")
     path = Path(tempfile.mkdtemp()) / "cpu_decode_baseline.cpp"
     path.write_text(src)
+    # The revision's panels.h beside it, where it has one (the quoted include finds it first).
+    header = subprocess.run(
+        ["git", "show", f"{rev}:rnnserve/kernels/cpu_decode/panels.h"], capture_output=True, text=True
+    )
+    if header.returncode == 0:
+        path.with_name("panels.h").write_text(header.stdout)
     flags = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off"]
     build(name="rnnserve_cpu_decode_baseline", sources=[str(path)], extra_cflags=flags, is_python_module=False)
     return torch.ops.rnnserve_cpu_baseline

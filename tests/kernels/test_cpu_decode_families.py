@@ -38,3 +38,16 @@ def test_linear_rejects_mismatched_shapes() -> None:
     ops = families.load()
     with pytest.raises(RuntimeError, match="inner dimensions"):
         ops.linear(torch.randn(2, 8), torch.randn(4, 9))
+
+
+def test_header_hash_follows_the_header(tmp_path) -> None:
+    """torch's loader hashes sources and flags only: the header's content hash is in the flags, so an
+    edited panels.h rebuilds the extensions that include it."""
+    header = tmp_path / "panels.h"
+    header.write_text("// one\n")
+    before = cpu_decode.header_flags((header,))
+    header.write_text("// two\n")
+    after = cpu_decode.header_flags((header,))
+    assert before != after
+    assert f"-I{tmp_path}" in after
+    assert any(f.startswith("-DRNNSERVE_HEADERS_SHA=") for f in cpu_decode.header_flags())

@@ -10,6 +10,7 @@ AVX2, no compiler, a failed build): callers fall back to the torch path.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+# The header every extension includes (packed panels, their kernels, the item pool, AVX2 math).
+HEADERS = (Path(__file__).with_name("panels.h"),)
 
 
 def unavailable_reason() -> str | None:
@@ -30,16 +33,26 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def header_flags(headers: tuple[Path, ...] = HEADERS) -> list[str]:
+    """Compiler flags naming the headers' directories and their content hash. torch's loader hashes only
+    the sources and flags to decide whether a cached build is current, so the hash in a define makes an
+    edited header rebuild every extension that includes it."""
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in headers)).hexdigest()[:16]
+    return [f"-DRNNSERVE_HEADERS_SHA={digest}", *sorted({f"-I{h.parent}" for h in headers})]
+
+
 def build_extension(name: str, source: Path, cflags: list[str], namespace: str, what: str) -> Any | None:
     """Build (first use) and load one C++ source registering ``torch.ops.<namespace>``; that namespace,
-    or None with the reason logged (no AVX2, no compiler or ninja, a failed build)."""
+    or None with the reason logged (no AVX2, no compiler or ninja, a failed build). The source may
+    include ``HEADERS`` (found through -I wherever the source lies; a changed header rebuilds)."""
     reason = unavailable_reason()
     if reason is None:
         t0 = time.perf_counter()
         try:
             from torch.utils.cpp_extension import load as build
 
-            build(name=name, sources=[str(source)], extra_cflags=cflags, is_python_module=False, verbose=False)
+            flags = cflags + header_flags()
+            build(name=name, sources=[str(source)], extra_cflags=flags, is_python_module=False, verbose=False)
             logger.info("%s loaded in %.1f s", what, time.perf_counter() - t0)
             return getattr(torch.ops, namespace)
         except Exception as exc:  # no compiler or ninja, a failed build: the torch path serves
