@@ -27,6 +27,7 @@ from torch import nn
 from rnnserve.kernels.dispatch import Backend
 from rnnserve.models.attention import PagedAttention, rope_cos_sin, rope_inv_freq
 from rnnserve.models.base import DecodeBatch, KVSpec, PagedKVMetadata, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.layers import quantize_int8
 from rnnserve.models.weights import WeightsMapper, default_weight_loader, load_weights, set_weight_loader
 
 
@@ -229,6 +230,16 @@ class TransformerLM(RecurrentLM):
                 set_weight_loader(linear.weight, _load_transposed)
         mapper = dataclasses.replace(_GPT2_MAPPER, ignore_suffixes=_GPT2_MAPPER.ignore_suffixes + tied)
         return load_weights(self, _split_gpt2_qkv(weights), mapper)
+
+    def quantize_int8(self) -> None:
+        """int8 q/k/v/o, the MLP's projections and the head (every matrix but the embedding, which stays
+        fp32 for lookups, also where the head is tied to it); norms and the KV cache stay fp32."""
+        for layer in self.layers:
+            for module in (layer.self_attn, layer.mlp):
+                for name, child in list(module.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(module, name, quantize_int8(child))
+        self.lm_head = quantize_int8(self.lm_head)
 
     # ----------------------------------------------------------------- forward
 
