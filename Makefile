@@ -33,6 +33,7 @@ $(STAMP): $(SERVE_STAMP)
 # logs a warning.
 	$(PY) -c "from rnnserve.kernels import cpu_decode; cpu_decode.load()"
 	$(PY) -c "from rnnserve.kernels.cpu_decode import families; families.load()"
+	$(PY) -c "from rnnserve.kernels.cpu_decode import transformer; transformer.load()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,13 +18,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rnnserve.engine import cpu_decode_families
+from rnnserve.engine import cpu_decode_families, cpu_decode_transformer
 from rnnserve.kernels import cpu_decode
 from rnnserve.kernels.cpu_decode import families as cpu_decode_rwkv_retnet
+from rnnserve.kernels.cpu_decode import transformer as cpu_decode_transformer_kernels
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
 from rnnserve.models.layers import Int8Linear
 from rnnserve.models.mamba import MambaLM
 from rnnserve.models.mamba2 import Mamba2LM
+from rnnserve.models.transformer import TransformerLM
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,10 @@ def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
     """Why the fused path cannot serve this model (None when it can)."""
     if isinstance(model, cpu_decode_families.FAMILIES):  # before MambaLM: DenseMambaLM is one
         return cpu_decode_families.unsupported_reason(model, states)
+    if isinstance(model, TransformerLM):
+        return cpu_decode_transformer.unsupported_reason(model)
     if not isinstance(model, MambaLM | Mamba2LM):
-        fused = "Mamba, Mamba-2, RWKV-4, RWKV-7, RetNet, DenseRetNet and DenseMamba do"
+        fused = "Mamba, Mamba-2, RWKV-4, RWKV-7, RetNet, DenseRetNet, DenseMamba and the LLaMA baseline do"
         return f"{type(model).__name__} has no fused CPU decode ({fused})"
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return f"the fused CPU decode runs float32 on the CPU (model: {model.dtype} on {model.device.type})"
@@ -78,6 +82,9 @@ def fused_decoder(model: RecurrentLM, states: States) -> Callable[[DecodeBatch],
     if isinstance(model, cpu_decode_families.FAMILIES):
         rnn_ops = cpu_decode_rwkv_retnet.load()
         return None if rnn_ops is None else cpu_decode_families.make_decoder(model, states, rnn_ops)
+    if isinstance(model, TransformerLM):
+        llama_ops = cpu_decode_transformer_kernels.load()
+        return None if llama_ops is None else cpu_decode_transformer.make_decoder(model, states, llama_ops)
     ops = cpu_decode.load()
     if ops is None:
         return None

@@ -151,6 +151,10 @@ class ModelRunner:
         if self.config.enforce_eager:
             return eager_decoder(self.model, states)
         if self.kv_cache is not None:
+            if self.config.cpu_decode == "fused" and self.device.type == "cpu":
+                fused = fused_decoder(self.model, states)  # the LLaMA baseline's reads the batch's kv
+                if fused is not None:
+                    return fused
             # The CUDA-graph and compiled decoders build their batches without block tables.
             logger.info("decoding eagerly: the model has attention layers over the paged KV cache")
             return eager_decoder(self.model, states)
