@@ -106,7 +106,8 @@ class RunnerConfig:
 
     enforce_eager: bool = False
     compile_cpu_decode: bool = False
-    # fused: the float32 decode step in one C++ call (kernels/cpu_decode; Mamba, Mamba-2, RWKV, RetNet, DenseSSM).
+    # fused: the float32 decode step in one C++ call (kernels/cpu_decode; Mamba, Mamba-2, RWKV, RetNet, DenseSSM,
+    # the LLaMA baseline).
     cpu_decode: CPUDecode = "torch"
     max_graph_batch_size: int = 256
 
