@@ -167,7 +167,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--cpu-decode",
         choices=("torch", "fused"),
         default=d_run.cpu_decode,
-        help="CPU decode step: torch ops, or fused C++ kernels (fp32 Mamba, Mamba-2, RWKV-4/7, RetNet, DenseSSM, LLaMA)",
+        help="CPU decode step: torch ops, or fused C++ kernels (fp32 Mamba, Mamba-2, RWKV, RetNet, DenseSSM, LLaMA)",
     )
     g.add_argument(
         "--max-graph-batch-size", type=int, default=d_run.max_graph_batch_size, help="largest CUDA-graph batch"
