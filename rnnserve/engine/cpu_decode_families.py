@@ -1,8 +1,9 @@
-"""``--cpu-decode fused`` for RWKV-4, RWKV-7, RetNet, DenseRetNet and DenseMamba: the whole float32 decode
-step in one C++ call (``rnnserve/kernels/cpu_decode/rwkv_retnet.cpp``): projections through MKL's sgemm
-on the weights as loaded, everything between them fused in per-(sequence, head) loops, states updated
-in place by slot. The torch ``model.decode`` stays the reference it is tested against
-(tests/engine/test_cpu_decode_families.py).
+"""``--cpu-decode fused`` for RWKV-4, RWKV-7, RetNet, DenseRetNet and DenseMamba: the whole decode step in
+one C++ call (``rnnserve/kernels/cpu_decode/rwkv_retnet.cpp``): every projection on weights packed once
+into the 16-column panels the Mamba step uses (float32, or int8 with per-channel scales for the layers
+that are ``Int8Linear``), everything between them fused in per-(sequence, head) loops, activations and
+states in float32, states updated in place by slot. The torch ``model.decode`` stays the reference it
+is tested against (tests/engine/test_cpu_decode_families.py).
 
 ``engine.cpu_decode.fused_decoder`` dispatches here for these families; ``unsupported_reason`` says why
 a model cannot use the path (the runner then decodes with the torch path).
@@ -28,10 +29,19 @@ from rnnserve.models.rwkv7 import Rwkv7LM
 FAMILIES = (Rwkv4LM, Rwkv7LM, RetNetLM, DenseRetNetLM, DenseMambaLM)
 
 
-def _w(linear: nn.Module) -> torch.Tensor:
-    """A linear layer's weight [out, in], in the strides it is stored in (the kernel multiplies by its
-    transpose through MKL, which reads row-major and column-major weights alike)."""
-    return linear.weight.detach()
+def _packed(linear: nn.Module, ops: Any) -> torch.Tensor:
+    """A linear layer's weight [out, in] packed once into panels [ceil(out/16), in, 16] (``pack_weight``,
+    which reads a row-major or column-major weight alike); an ``Int8Linear``'s int8 values and scales
+    into int8 panels [ceil(out/16), in + 4, 16] (``pack_weight_int8``). A copy: the torch prefill keeps
+    reading the model's own weights."""
+    if isinstance(linear, Int8Linear):
+        return ops.pack_weight_int8(linear.qweight, linear.scale)
+    w = linear.weight.detach()
+    return ops.pack_weight(w.t(), True) if w.t().is_contiguous() else ops.pack_weight(w.contiguous(), False)
+
+
+def _bias(linear: nn.Module) -> torch.Tensor:
+    return torch.empty(0) if linear.bias is None else linear.bias.detach().float().contiguous()
 
 
 def _norm_rows(norm: nn.LayerNorm) -> list[torch.Tensor]:
@@ -44,8 +54,8 @@ def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
     """Why the fused path cannot serve a model of ``FAMILIES`` (None when it can)."""
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return f"the fused CPU decode runs float32 on the CPU (model: {model.dtype} on {model.device.type})"
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
-        return "the fused CPU decode runs float32 weights (not --quantization int8)"
+    if isinstance(model, Rwkv7LM) and model.cfg.head_dim % 8:
+        return f"the fused RWKV-7 decode needs a head size that is a multiple of 8 (not {model.cfg.head_dim})"
     for layer in states:
         for t in layer.values():
             if t.dtype != torch.float32 or not t[0].is_contiguous():
@@ -67,7 +77,7 @@ def make_decoder(model: RecurrentLM, states: States, ops: Any):
 
 
 class FusedRwkv4Decoder:
-    """RWKV-4: per-layer vectors packed once into [n, D] tensors; the matrices read where they lie."""
+    """RWKV-4: per-layer vectors stacked once into [n, D] tensors; the matrices packed (``_packed``)."""
 
     def __init__(self, model: Rwkv4LM, states: States, ops: Any) -> None:
         self.model, self.states, self.ops = model, states, ops
@@ -86,7 +96,7 @@ class FusedRwkv4Decoder:
             self.wu = [torch.stack([b.att.w, b.att.u]).contiguous() for b in blocks]  # [2, A] fp32
             self.ln_out = torch.stack(_norm_rows(model.ln_out)).contiguous()
         self.mats = tuple(
-            [_w(getattr(getattr(b, part), name)) for b in blocks]
+            [_packed(getattr(getattr(b, part), name), ops) for b in blocks]
             for part, name in (
                 ("att", "key"),
                 ("att", "value"),
@@ -98,7 +108,7 @@ class FusedRwkv4Decoder:
             )
         )
         self.emb = model.emb.weight.detach()
-        self.head = _w(model.head)
+        self.head = _packed(model.head, ops)
         self.eps = model.cfg.layer_norm_eps
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
@@ -110,8 +120,8 @@ class FusedRwkv4Decoder:
 
 
 class FusedRwkv7Decoder:
-    """RWKV-7: per-layer vectors packed once into a few [n, D] tensors (a copy of ~0.1% of the weights);
-    the matrices are read where they lie."""
+    """RWKV-7: per-layer vectors stacked once into a few [n, D] tensors (a copy of ~0.1% of the weights);
+    the matrices packed (``_packed``)."""
 
     def __init__(self, model: Rwkv7LM, states: States, ops: Any) -> None:
         self.model, self.states, self.ops = model, states, ops
@@ -148,23 +158,23 @@ class FusedRwkv7Decoder:
             self.ln_out = torch.stack(_norm_rows(model.ln_out)).contiguous()
         att = [b.att for b in blocks]
         self.mats = (
-            [_w(a.receptance) for a in att],
-            [_w(a.key) for a in att],
-            [_w(a.value) for a in att],
-            [_w(a.output) for a in att],
-            [_w(a.w_lora.down) for a in att],
-            [_w(a.w_lora.up) for a in att],
-            [_w(a.a_lora.down) for a in att],
-            [_w(a.a_lora.up) for a in att],
-            [empty if a.v_lora is None else _w(a.v_lora.down) for a in att],
-            [empty if a.v_lora is None else _w(a.v_lora.up) for a in att],
-            [_w(a.g_lora.down) for a in att],
-            [_w(a.g_lora.up) for a in att],
-            [_w(b.ffn.key) for b in blocks],
-            [_w(b.ffn.value) for b in blocks],
+            [_packed(a.receptance, ops) for a in att],
+            [_packed(a.key, ops) for a in att],
+            [_packed(a.value, ops) for a in att],
+            [_packed(a.output, ops) for a in att],
+            [_packed(a.w_lora.down, ops) for a in att],
+            [_packed(a.w_lora.up, ops) for a in att],
+            [_packed(a.a_lora.down, ops) for a in att],
+            [_packed(a.a_lora.up, ops) for a in att],
+            [empty if a.v_lora is None else _packed(a.v_lora.down, ops) for a in att],
+            [empty if a.v_lora is None else _packed(a.v_lora.up, ops) for a in att],
+            [_packed(a.g_lora.down, ops) for a in att],
+            [_packed(a.g_lora.up, ops) for a in att],
+            [_packed(b.ffn.key, ops) for b in blocks],
+            [_packed(b.ffn.value, ops) for b in blocks],
         )
         self.emb = model.emb.weight.detach()
-        self.head = _w(model.head)
+        self.head = _packed(model.head, ops)
         self.dims = (cfg.num_heads, cfg.norm_eps, blocks[0].att.gn_eps)
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
@@ -189,23 +199,23 @@ class FusedRetNetDecoder:
         gnorm = attn[0].g_norm_swish_gate
         self.mats = (
             [layer.attn_norm.weight.detach() for layer in layers],
-            [_w(a.q_proj) for a in attn],
-            [_w(a.k_proj) for a in attn],
-            [_w(a.v_proj) for a in attn],
-            [_w(a.g_proj) if cfg.use_output_gate else empty for a in attn],
-            [_w(a.o_proj) for a in attn],
+            [_packed(a.q_proj, ops) for a in attn],
+            [_packed(a.k_proj, ops) for a in attn],
+            [_packed(a.v_proj, ops) for a in attn],
+            [_packed(a.g_proj, ops) if cfg.use_output_gate else empty for a in attn],
+            [_packed(a.o_proj, ops) for a in attn],
             [a.g_norm_swish_gate.weight.detach() if gnorm.weight is not None else empty for a in attn],
             [layer.mlp_norm.weight.detach() for layer in layers] if layers[0].has_mlp else [],
-            [_w(layer.mlp.gate_proj) for layer in layers] if layers[0].has_mlp else [],
-            [_w(layer.mlp.up_proj) for layer in layers] if layers[0].has_mlp else [],
-            [_w(layer.mlp.down_proj) for layer in layers] if layers[0].has_mlp else [],
+            [_packed(layer.mlp.gate_proj, ops) for layer in layers] if layers[0].has_mlp else [],
+            [_packed(layer.mlp.up_proj, ops) for layer in layers] if layers[0].has_mlp else [],
+            [_packed(layer.mlp.down_proj, ops) for layer in layers] if layers[0].has_mlp else [],
         )
         retention = attn[0].retention
         rcfg = retention.cfg
         self.consts = (retention.inv_freq, retention.log_gamma)
         self.emb = model.model.embeddings.weight.detach()
         self.norm_f = model.model.norm.weight.detach()
-        self.head = _w(model.lm_head)
+        self.head = _packed(model.lm_head, ops)
         self.dims = (
             rcfg.num_heads,
             cfg.num_kv_heads,
@@ -239,17 +249,20 @@ class FusedDenseRetNetDecoder:
         def dense(layer: nn.Module, get) -> torch.Tensor:
             return get(layer.self_attn).detach() if layer.fuse else empty
 
+        def select(layer: nn.Module, get) -> torch.Tensor:
+            return _packed(get(layer.self_attn), ops) if layer.fuse else empty
+
         self.mats = (
             [layer.input_layernorm.weight.detach() for layer in layers],
-            [_w(a.q_proj) for a in attn],
-            [_w(a.k_proj) for a in attn],
-            [_w(a.to_hidden[0]) for a in attn],
-            [_w(a.to_out[0]) for a in attn],
+            [_packed(a.q_proj, ops) for a in attn],
+            [_packed(a.k_proj, ops) for a in attn],
+            [_packed(a.to_hidden[0], ops) for a in attn],
+            [_packed(a.to_out[0], ops) for a in attn],
             [a.group_norm.weight.detach() for a in attn],
-            [dense(layer, lambda a: a.k_select.fc1.weight) for layer in layers],
-            [dense(layer, lambda a: a.k_select.fc2.weight) for layer in layers],
-            [dense(layer, lambda a: a.v_select.fc1.weight) for layer in layers],
-            [dense(layer, lambda a: a.v_select.fc2.weight) for layer in layers],
+            [select(layer, lambda a: a.k_select.fc1) for layer in layers],
+            [select(layer, lambda a: a.k_select.fc2) for layer in layers],
+            [select(layer, lambda a: a.v_select.fc1) for layer in layers],
+            [select(layer, lambda a: a.v_select.fc2) for layer in layers],
             [dense(layer, lambda a: a.k_norm.weight) for layer in layers],
             [dense(layer, lambda a: a.v_norm.weight) for layer in layers],
         )
@@ -257,7 +270,7 @@ class FusedDenseRetNetDecoder:
         self.consts = (retention.inv_freq, retention.log_gamma)
         self.emb = model.model.embed_tokens.weight.detach()
         self.norm_f = model.model.norm.weight.detach()
-        self.head = _w(model.lm_head)
+        self.head = _packed(model.lm_head, ops)
         self.dims = (cfg.num_heads, cfg.dense_block_layers, float(attn[0].k_scale), float(cfg.rms_norm_eps))
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
@@ -268,8 +281,8 @@ class FusedDenseRetNetDecoder:
 
 
 class FusedDenseMambaDecoder:
-    """DenseMamba: Mamba-1 layers (weights as loaded, column-major on the CPU) with the dense fusion of
-    the last m layers' pre-gate SSM outputs."""
+    """DenseMamba: Mamba-1 layers (matrices packed) with the dense fusion of the last m layers' pre-gate
+    SSM outputs."""
 
     def __init__(self, model: DenseMambaLM, states: States, ops: Any) -> None:
         self.model, self.states, self.ops = model, states, ops
@@ -282,24 +295,24 @@ class FusedDenseMambaDecoder:
 
         self.mats = (
             [layer.norm.weight.detach() for layer in layers],
-            [_w(m.in_proj) for m in mixers],
+            [_packed(m.in_proj, ops) for m in mixers],
             [bias(m.in_proj) for m in mixers],
             [m.conv1d.weight.detach().squeeze(1).contiguous() for m in mixers],  # [E, K]
             [bias(m.conv1d) for m in mixers],
-            [_w(m.x_proj) for m in mixers],
-            [_w(m.dt_proj) for m in mixers],
+            [_packed(m.x_proj, ops) for m in mixers],
+            [_packed(m.dt_proj, ops) for m in mixers],
             [m.dt_bias_f.contiguous() for m in mixers],
             [m.A.contiguous() for m in mixers],  # [E, N]
             [m.D_f.contiguous() for m in mixers],
-            [_w(m.out_proj) for m in mixers],
+            [_packed(m.out_proj, ops) for m in mixers],
             [bias(m.out_proj) for m in mixers],
-            [_w(m.y_select.fc1) if layer.fuse else empty for layer, m in zip(layers, mixers)],
-            [_w(m.y_select.fc2) if layer.fuse else empty for layer, m in zip(layers, mixers)],
+            [_packed(m.y_select.fc1, ops) if layer.fuse else empty for layer, m in zip(layers, mixers)],
+            [_packed(m.y_select.fc2, ops) if layer.fuse else empty for layer, m in zip(layers, mixers)],
             [m.y_norm.weight.detach() if layer.fuse else empty for layer, m in zip(layers, mixers)],
         )
         self.emb = model.backbone.embeddings.weight.detach()
         self.norm_f = model.backbone.norm_f.weight.detach()
-        self.head = _w(model.lm_head)
+        self.head = _packed(model.lm_head, ops)
         self.dims = (model.dense_block_layers, float(model.cfg.norm_eps))
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:

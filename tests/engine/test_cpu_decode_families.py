@@ -7,13 +7,18 @@ and a tied head; torchscale retention (interleaved rotation, the abs_sum normali
 state column) with swish feature maps. DenseRetNet and DenseMamba (a MambaLM subclass, which the
 Mamba-1 kernels would get wrong): a dense window of two layers. Slots no step
 touched stay bit-identical; a slot outside the pool or repeated in a step is refused before anything
-is written.
+is written. With every linear layer int8 (``Int8Linear``, per-channel scales): the fused step (int8
+panels, fp32 activations and state) equals the torch decode of the dequantized weights to the same
+tolerances.
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from rnnserve.config import ModelConfig, RunnerConfig, StatePoolConfig
 from rnnserve.engine.cpu_decode import fused_decoder, unsupported_reason
@@ -28,6 +33,7 @@ from rnnserve.engine.runner import ModelRunner
 from rnnserve.engine.state_pool import StatePool
 from rnnserve.kernels import cpu_decode
 from rnnserve.models.base import DecodeBatch, RecurrentLM
+from rnnserve.models.layers import quantize_int8
 from rnnserve.models.loader import load_model
 from tests.models import test_dense_mamba, test_dense_retnet, test_retnet, test_rwkv4, test_rwkv7
 from tests.models.harness import alloc_states, assert_states_close, prefill_in_chunks
@@ -98,13 +104,38 @@ def _prefilled_states(model: RecurrentLM) -> tuple[list, dict[int, int]]:
     return states, {s: len(p) for s, p in zip(slots, prompts)}
 
 
-@pytest.mark.parametrize("family", ["rwkv4", "rwkv7", "retnet_fla", "retnet_torchscale", "dense_retnet", "dense_mamba"])
+FAMILIES = ["rwkv4", "rwkv7", "retnet_fla", "retnet_torchscale", "dense_retnet", "dense_mamba"]
+
+
+def _int8_pair(model: RecurrentLM) -> tuple[RecurrentLM, RecurrentLM]:
+    """Two copies of ``model``: every ``nn.Linear`` swapped for its ``Int8Linear``, and the float32 model
+    whose linear layers hold those int8 layers' dequantized weights (q * scale; a tied head untied, the
+    embedding keeps its float32 weight), the reference of the fused int8 step."""
+    int8, dequantized = copy.deepcopy(model), copy.deepcopy(model)
+    for mq, mr in zip(list(int8.modules()), list(dequantized.modules())):
+        for name, child in list(mq.named_children()):
+            if isinstance(child, nn.Linear):
+                q = quantize_int8(child)
+                setattr(mq, name, q)
+                ref = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+                ref.weight.data = q.qweight.float() * q.scale[:, None]
+                if q.bias is not None:
+                    ref.bias.data = q.bias.clone()
+                setattr(mr, name, ref)
+    return int8, dequantized
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize("family", FAMILIES)
 @torch.inference_mode()
-def test_fused_decode_equals_torch(family: str, request) -> None:
+def test_fused_decode_equals_torch(family: str, weights: str, request) -> None:
     model: RecurrentLM = request.getfixturevalue(family)
+    fused_model = model
+    if weights == "int8":
+        fused_model, model = _int8_pair(model)
     ref_states, position = _prefilled_states(model)
     fused_states = [{k: v.clone() for k, v in layer.items()} for layer in ref_states]
-    fused = fused_decoder(model, fused_states)
+    fused = fused_decoder(fused_model, fused_states)
     expected = {
         "rwkv4": FusedRwkv4Decoder,
         "rwkv7": FusedRwkv7Decoder,
@@ -112,6 +143,7 @@ def test_fused_decode_equals_torch(family: str, request) -> None:
         "dense_mamba": FusedDenseMambaDecoder,
     }
     assert isinstance(fused, expected.get(family, FusedRetNetDecoder))
+    assert fused.head.dtype == (torch.int8 if weights == "int8" else torch.float32)  # the packed head's panels
     next_token = {s: 5 + s % (VOCAB - 5) for s in range(NUM_SLOTS)}
     for slots in STEPS:
         batch = DecodeBatch(

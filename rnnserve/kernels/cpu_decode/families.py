@@ -1,8 +1,8 @@
-"""The fused CPU decode steps of RWKV-4, RWKV-7, RetNet, DenseRetNet and DenseMamba (float32):
-``rwkv_retnet.cpp``, built by ``torch.utils.cpp_extension`` into torch's extension cache like
-``cpu_decode.cpp`` (``make install`` builds both), as its own extension so that either source builds
-and loads without the other. It calls the ``sgemm_`` and ``MKL_Set_Num_Threads_Local`` that torch's
-x86 wheels export (MKL); where they are missing the load fails and the torch path serves.
+"""The fused CPU decode steps of RWKV-4, RWKV-7, RetNet, DenseRetNet and DenseMamba (float32 activations
+and state, float32 or int8 weights): ``rwkv_retnet.cpp``, built by ``torch.utils.cpp_extension`` into
+torch's extension cache like ``cpu_decode.cpp`` (``make install`` builds both), as its own extension so
+that either source builds and loads without the other. Both include ``panels.h`` (the packed weight
+panels, their kernels and the thread pool), whose content hash is in the build flags.
 
 ``load()`` returns the op namespace ``torch.ops.rnnserve_cpu_rnn`` or None with the reason logged once
 (no AVX2, no compiler, a failed build): callers fall back to the torch path.
