@@ -158,6 +158,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=d_sched.max_num_batched_tokens,
         help="tokens per engine step (decodes + prefill chunks)",
     )
+    g.add_argument(
+        "--prefill-pack-tokens",
+        type=int,
+        default=d_sched.prefill_pack_tokens,
+        help="a step takes another prompt only while its prompt tokens are fewer (default: 64 on a CPU, so "
+        "prompts that arrive together finish one after another; the whole step budget on a GPU)",
+    )
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit (default: none)")
     g.add_argument("--enforce-eager", action="store_true", default=d_run.enforce_eager, help="no CUDA graphs")
     g.add_argument(
@@ -287,6 +294,7 @@ def configs_from_args(args: argparse.Namespace) -> ServeConfigs:
         kv_cache=KVCacheConfig(kv_cache_memory=args.kv_cache_memory, block_size=args.block_size),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens,
+            prefill_pack_tokens=args.prefill_pack_tokens,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
         ),

@@ -71,14 +71,20 @@ class KVCacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Per-step token budget and limits (``--max-num-batched-tokens``, ``--max-model-len``)."""
+    """Per-step token budget and limits (``--max-num-batched-tokens``, ``--prefill-pack-tokens``,
+    ``--max-model-len``)."""
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: no limit (a recurrent state does not grow)
+    # A step takes another prompt's chunk only while its prompt tokens are fewer than this. None: 64
+    # on a CPU (a step's time grows with its tokens, so prompts finish one after another), the whole
+    # budget elsewhere (a GPU step of many prompts costs about what one of few does).
+    prefill_pack_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _require(self.prefill_pack_tokens is None or self.prefill_pack_tokens >= 1, "prefill_pack_tokens must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1")
 

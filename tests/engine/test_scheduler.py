@@ -5,7 +5,7 @@ import torch
 
 from rnnserve.config import SchedulerConfig, StatePoolConfig
 from rnnserve.engine.request import FinishReason, Request, RequestStatus, SamplingParams
-from rnnserve.engine.scheduler import Scheduler, SchedulerOutput
+from rnnserve.engine.scheduler import CPU_PREFILL_PACK_TOKENS, Scheduler, SchedulerOutput
 from rnnserve.engine.state_pool import StatePool
 from rnnserve.models.base import StateSpec
 
@@ -212,3 +212,49 @@ def test_a_new_client_gets_a_step_of_its_own_before_a_busy_clients_decodes():
     fake_run(solo, solo.schedule())
     solo.add(client_req("s3", "solo", max_tokens=8))
     assert [rid for rid, _ in plan(solo.schedule())] == ["s0", "s1", "s2", "s3"]
+
+
+def test_simultaneous_prompts_on_a_cpu_are_prefilled_one_after_another():
+    """First come, first prefilled: with the CPU default, prompts that arrive together take steps one
+    after another (each of its own, with the decodes of those already done), so the first gets its
+    token after one prompt's step rather than after a step of all of them."""
+    sched = make(budget=2048, slots=8)
+    assert sched.prefill_pack_tokens == CPU_PREFILL_PACK_TOKENS
+    for i in range(3):
+        sched.add(req(f"r{i}", 200, max_tokens=4))
+    steps = []
+    for _ in range(3):
+        out = sched.schedule()
+        steps.append(plan(out))
+        fake_run(sched, out)
+    assert steps == [[("r0", 200)], [("r0", 1), ("r1", 200)], [("r0", 1), ("r1", 1), ("r2", 200)]]
+
+
+def test_short_prompts_share_a_step_up_to_prefill_pack_tokens():
+    sched = make(budget=2048, slots=8)
+    for i in range(5):
+        sched.add(req(f"r{i}", 30))
+    # 30 + 30 < 64: a third prompt joins; 90 >= 64: no fourth. A chunk is never cut to the limit.
+    assert plan(sched.schedule()) == [("r0", 30), ("r1", 30), ("r2", 30)]
+
+
+def test_a_long_prompt_takes_whole_steps_and_its_last_chunk_shares_one():
+    sched = make(budget=100, slots=8)
+    sched.add(req("long", 250))
+    sched.add(req("b", 20))
+    for _ in range(2):
+        out = sched.schedule()
+        assert plan(out) == [("long", 100)]  # 100 >= 64: b waits
+        fake_run(sched, out)
+    assert plan(sched.schedule()) == [("long", 50), ("b", 20)]
+
+
+def test_prefill_pack_tokens_at_the_budget_packs_every_arrival_into_one_step():
+    """The GPU default (the whole budget), or any value the user sets."""
+    pool = StatePool(SPECS, StatePoolConfig(max_num_seqs=8), "cpu")
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=2048, prefill_pack_tokens=2048), pool)
+    for i in range(3):
+        sched.add(req(f"r{i}", 200))
+    assert plan(sched.schedule()) == [("r0", 200), ("r1", 200), ("r2", 200)]
+    meta = StatePool(SPECS, StatePoolConfig(max_num_seqs=8), "meta")
+    assert Scheduler(SchedulerConfig(max_num_batched_tokens=512), meta).prefill_pack_tokens == 512
