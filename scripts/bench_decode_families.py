@@ -4,32 +4,45 @@ tokens/s and tokens/s per parameter (relative to Mamba's fused path at the same 
 
     .venv/bin/python scripts/bench_decode_families.py [--families mamba,rwkv7,retnet] [--batch-sizes 1,8,32]
         [--repeats 5] [--threads 2] [--work-dir /tmp/rnnserve-bench-families] [--no-torch | --no-fused]
-        [--profile FAMILY:BATCH]
+        [--int8] [--fused-baseline REV] [--profile FAMILY:BATCH]
 
 Mamba is mamba-130m's shape saved by ``rnnserve bench llamacpp``'s random checkpoint (made once in
 ``--work-dir``); the others are built from their config classes at their ~130M shapes (RWKV-7 0.1B:
 768 x 12, heads of 64, vocab 65536; RetNet: fla's defaults at 768 x 12, vocab 32000; RWKV-4 169M;
 DenseRetNet: the released 350M's proportions at 768 x 24, query/key 384, 2 heads, m = 1)
 with random weights, which change what is generated, not how long a step takes. Parameters are every
-distinct weight (embedding included). ``--profile`` prints the torch profiler's op table of one
-family's torch decode step.
+distinct weight (embedding included). ``--int8`` adds each family's fused step with int8 weights
+(Mamba: ``--quantization int8``'s layers; the others: every ``nn.Linear``; per parameter against the
+same fp32 Mamba fused reference). ``--fused-baseline REV`` adds, for every family but Mamba / Mamba-2,
+the fused step of ``rwkv_retnet.cpp`` and its driver ``engine/cpu_decode_families.py`` as of git
+revision REV (built under another op namespace) to the same interleaved loop: before/after in one run.
+``--profile`` prints the torch profiler's op table of one family's torch decode step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import importlib.util
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from rnnserve.bench.llamacpp import create_random_model
 from rnnserve.config import ModelConfig
 from rnnserve.engine.cpu_decode import fused_decoder
+from rnnserve.kernels.cpu_decode import build_extension
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
 from rnnserve.models.dense_retnet import DenseRetNetConfig, DenseRetNetLM
+from rnnserve.models.layers import quantize_int8
 from rnnserve.models.loader import load_model
 from rnnserve.models.retnet import RetNetConfig, RetNetLM
 from rnnserve.models.rwkv4 import Rwkv4Config, Rwkv4LM
@@ -96,8 +109,61 @@ def build(family: str, work_dir: Path) -> RecurrentLM:
     raise SystemExit(f"unknown family {family!r}")
 
 
+def int8_copy(family: str, model: RecurrentLM) -> RecurrentLM:
+    """A copy with int8 weights: Mamba / Mamba-2 through their ``quantize_int8`` (in / out projections and
+    head), the others with every ``nn.Linear`` swapped for its ``Int8Linear``."""
+    q = copy.deepcopy(model)
+    if family in ("mamba", "mamba2"):
+        q.quantize_int8()
+        return q
+    for module in list(q.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, quantize_int8(child))
+    return q
+
+
+def baseline(rev: str) -> tuple[Any, Any]:
+    """``rwkv_retnet.cpp`` and ``engine/cpu_decode_families.py`` as of git revision ``rev``: the op
+    namespace ``torch.ops.rnnserve_cpu_rnn_baseline`` (built once) and the driver module, whose
+    ``make_decoder(model, states, ops)`` builds that revision's decoders on those ops."""
+
+    def show(path: str) -> str:
+        return subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True, text=True).stdout
+
+    folder = Path(tempfile.mkdtemp(prefix="rnnserve-baseline-"))
+    src = show("rnnserve/kernels/cpu_decode/rwkv_retnet.cpp")
+    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
+        src = src.replace(f"{macro}(rnnserve_cpu_rnn,", f"{macro}(rnnserve_cpu_rnn_baseline,")
+    (folder / "rwkv_retnet_baseline.cpp").write_text(src)
+    with contextlib.suppress(subprocess.CalledProcessError):  # the revision's panels.h, where it has one
+        (folder / "panels.h").write_text(show("rnnserve/kernels/cpu_decode/panels.h"))
+    rev_id = subprocess.run(["git", "rev-parse", "--short", rev], check=True, capture_output=True, text=True)
+    name = f"rnnserve_cpu_rnn_baseline_{rev_id.stdout.strip()}"
+    ops = build_extension(name, folder / "rwkv_retnet_baseline.cpp", ["-O3", "-mavx2", "-mfma"],
+                          "rnnserve_cpu_rnn_baseline", f"fused decode at {rev}")  # fmt: skip
+    assert ops is not None, f"the baseline at {rev} did not build (see the log)"
+    driver = folder / "cpu_decode_families_baseline.py"
+    driver.write_text(show("rnnserve/engine/cpu_decode_families.py"))
+    spec = importlib.util.spec_from_file_location("cpu_decode_families_baseline", driver)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return ops, module
+
+
 def num_params(model: RecurrentLM) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+def weights_read(model: RecurrentLM) -> int:
+    """Weights a decode step multiplies by per token: every parameter but an untied input embedding
+    (of which a step reads only its tokens' rows)."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    unread = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding) and id(m.weight) not in linear
+    )
+    return num_params(model) - unread
 
 
 def interleaved(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -122,14 +188,19 @@ def main() -> None:
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/rnnserve-bench-families"))
     p.add_argument("--no-fused", action="store_true", help="torch path only")
     p.add_argument("--no-torch", action="store_true", help="fused arms only (more repeats in the same time)")
+    p.add_argument("--int8", action="store_true", help="also each family's fused step with int8 weights")
+    p.add_argument("--fused-baseline", default=None, metavar="REV", help="also the RWKV / RetNet fused step at REV")
     p.add_argument("--profile", default=None, help="FAMILY:BATCH: the torch profiler's table of that torch step")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     families = args.families.split(",")
     models = {f: build(f, args.work_dir) for f in families}
     params = {f: num_params(m) for f, m in models.items()}
+    read = {f: weights_read(m) for f, m in models.items()}
     for f in families:
-        print(f"{f}: {params[f] / 1e6:.1f}M parameters", flush=True)
+        print(f"{f}: {params[f] / 1e6:.1f}M parameters, {read[f] / 1e6:.1f}M read per token", flush=True)
+    int8 = {f: int8_copy(f, m) for f, m in models.items()} if args.int8 and not args.no_fused else {}
+    base = baseline(args.fused_baseline) if args.fused_baseline and not args.no_fused else None
 
     with torch.inference_mode():
         if args.profile:
@@ -153,14 +224,22 @@ def main() -> None:
                 fused = None if args.no_fused else fused_decoder(m, alloc_states(m, b + 1))
                 if fused is not None:
                     arms[f"{f} fused"] = lambda fz=fused, x=batch: fz(x)
+                if base is not None and f not in ("mamba", "mamba2"):
+                    old = base[1].make_decoder(m, alloc_states(m, b + 1), base[0])
+                    arms[f"{f} fused@{args.fused_baseline}"] = lambda fz=old, x=batch: fz(x)
+                fused8 = fused_decoder(int8[f], alloc_states(m, b + 1)) if f in int8 else None
+                if fused8 is not None:
+                    arms[f"{f} fused-int8"] = lambda fz=fused8, x=batch: fz(x)
             times = interleaved(arms, args.repeats)
             meds = {k: statistics.median(v) for k, v in times.items()}
-            ref_key = "mamba fused" if "mamba fused" in meds else None
-            ref = 1000 * b / meds[ref_key] / params["mamba"] if ref_key else None
+            ref_tps = 1000 * b / meds["mamba fused"] if "mamba fused" in meds else None
             for k, v in times.items():
-                tps = 1000 * b / meds[k]
-                per = tps / params[k.split()[0]]
-                rel = f", {per / ref:.2f}x mamba fused per parameter" if ref else ""
+                tps, f = 1000 * b / meds[k], k.split()[0]
+                rel = ""
+                if ref_tps:  # tok/s ÷ parameters (and ÷ weights read), relative to Mamba's fused step
+                    per_param = (tps / params[f]) / (ref_tps / params["mamba"])
+                    per_read = (tps / read[f]) / (ref_tps / read["mamba"])
+                    rel = f", {per_param:.2f}x mamba fused per parameter ({per_read:.2f}x per weight read)"
                 print(f"batch {b} {k}: {meds[k]:.1f} ms ({min(v):.1f}-{max(v):.1f}), {tps:.1f} tok/s{rel}", flush=True)
 
 
