@@ -261,7 +261,23 @@ class LLMEngine:
             outputs += step_outputs
             self._num_steps += 1
             self._last_step_seconds = time.perf_counter() - t0
+            if logger.isEnabledFor(logging.DEBUG):
+                self._log_step(sched, self._last_step_seconds)
         return outputs
+
+    def _log_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        """One line per step at debug level (``--log-level debug``): what ran and how long it took, to
+        see where a served request's time goes (a prompt waiting behind others, chunk sizes)."""
+        decodes = sum(1 for s in sched.scheduled if s.is_decode)
+        chunks = [f"{s.request.request_id}:{s.num_tokens}" for s in sched.scheduled if not s.is_decode]
+        logger.debug(
+            "step %d: %d decodes, prefill [%s], %d waiting, %.3f s",
+            self._num_steps,
+            decodes,
+            " ".join(chunks),
+            self.scheduler.num_waiting,
+            seconds,
+        )
 
     def _sample_isolated(
         self, sched: SchedulerOutput, to_sample: list[ScheduledRequest], logits: torch.Tensor
