@@ -21,7 +21,8 @@ conversation one growing prompt of token ids (``rnnserve bench chat --token-ids`
 32 --cache-ram 8192``) and ``cache_prompt`` on every request. ``--runs`` picks which of cache,
 no-cache and llama-server run (in that order, one at a time). Also writes OUT/report.md: per turn the
 mean prompt, each run's cached share and TTFT median / max, and the turn-T ratios against the
-issue's targets.
+issue's targets. ``--serve-args`` adds flags to rnnserve's runs (``'--prefill-pack-tokens 2048'``: every
+prompt of a step packed into it, as the scheduler did before first come, first prefilled).
 
 ``--engine`` measures the same thing without HTTP, tokenizer or other conversations: one
 conversation of token ids (each answer's ids appended as generated), two engines over one model
@@ -38,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -57,10 +59,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(model: Path, cache: bool, port: int, log: Path, threads: int) -> subprocess.Popen:
+def serve(model: Path, cache: bool, port: int, log: Path, threads: int, extra: Sequence[str] = ()) -> subprocess.Popen:
     args = [sys.executable, "-m", "rnnserve", "serve", "--model", str(model), "--port", str(port)]
     args += ["--dtype", "float32", "--max-num-seqs", "16", "--log-level", "warning"]
-    args += ["--enable-prefix-caching" if cache else "--no-enable-prefix-caching"]
+    args += ["--enable-prefix-caching" if cache else "--no-enable-prefix-caching", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return wait_healthy(subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env), port, log)
 
@@ -225,6 +227,12 @@ def main() -> int:
     p.add_argument("--llama-ctx-per-slot", type=int, default=4096, help="llama-server context per conversation")
     p.add_argument("--runs", default="cache,no-cache,llama-server", help="which runs, comma-separated")
     p.add_argument(
+        "--serve-args",
+        default="",
+        help="more rnnserve serve flags for the cache and no-cache runs, e.g. '--prefill-pack-tokens 2048' "
+        "(the scheduler before first-come-first-prefilled)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -262,7 +270,7 @@ def main() -> int:
             print("$ " + " ".join(argv), flush=True)
             server = wait_healthy(subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT), port, log)
         else:
-            server = serve(mamba, label == "cache", port, log, args.threads)
+            server = serve(mamba, label == "cache", port, log, args.threads, shlex.split(args.serve_args))
         try:
             cfg = ChatBenchConfig(
                 base_url=f"http://127.0.0.1:{port}",
@@ -279,6 +287,7 @@ def main() -> int:
             load_before = round(os.getloadavg()[0], 1)
             summary = asyncio.run(run_benchmark(cfg))
             summary |= {
+                "server_args": "" if label == "llama-server" else args.serve_args,
                 "cpu_count": os.cpu_count(),
                 "load_before": load_before,
                 "load_after": round(os.getloadavg()[0], 1),
