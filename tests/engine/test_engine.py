@@ -252,3 +252,36 @@ def test_random_schedules_match_alone_and_leak_nothing(trial):
         assert tokens(seq) == run_alone(model, prompts[i], params[i]), i
         if params[i].prompt_logprobs is not None:
             assert seq[0].prompt_logprobs is not None and len(seq[0].prompt_logprobs) == len(prompts[i])
+
+
+@pytest.mark.parametrize("pack", [None, 4096])
+def test_simultaneous_prompts_first_tokens_per_step_and_equal_to_alone(pack: int | None) -> None:
+    """Five 80-token prompts added together: on a CPU by default each gets its first token one step
+    after the previous one (a step of its own, with the earlier ones' decodes); packed up to the
+    budget all get it at the first step. Either way each request's tokens are those it gets alone."""
+    model = FakeRecurrentLM(VOCAB)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (80,), generator=g).tolist() for _ in range(5)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine = LLMEngine(
+        model,
+        StatePoolConfig(max_num_seqs=8),
+        SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=8, prefill_pack_tokens=pack),
+        RunnerConfig(),
+        eos_token_id=None,
+    )
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    first_step: dict[str, int] = {}
+    outs: dict[str, list[RequestOutput]] = {}
+    for step in range(1, 100):
+        if not engine.has_unfinished():
+            break
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+            if o.new_token_ids:
+                first_step.setdefault(o.request_id, step)
+    expected = [1, 2, 3, 4, 5] if pack is None else [1] * 5
+    assert [first_step[f"r{i}"] for i in range(5)] == expected
+    for i, prompt in enumerate(prompts):
+        assert tokens(outs[f"r{i}"]) == run_alone(model, prompt, params)
