@@ -57,6 +57,20 @@ def test_chunk_matches_naive(lens: list[int], groups: int, heads: int, chunk_siz
     assert torch.equal(state_chunk[untouched], state[untouched])
 
 
+@pytest.mark.parametrize("lens", [[1], [63], [500], [1, 63, 500, 64]])
+def test_chunk_matches_naive_mamba2_like(lens: list[int]) -> None:
+    """Mamba-2's proportions (one group shared by every head, K > V, default chunk size), strong decays
+    whose exp underflows (flushed to 0 by the chunked path), resumed states."""
+    q, k, v, ld, state, cu = _inputs(lens, 1, 4, 32, 16, num_slots=len(lens) + 1, seed=7)
+    ld[::7] *= 40.0  # some tokens decay by down to e^-120: exp(A_i - A_j) underflows within a chunk
+    slots = torch.arange(len(lens), 0, -1)
+    ref_state, state_chunk = state.clone(), state.clone()
+    ref = linear_recurrence_naive(q, k, v, ld, ref_state, cu, slots)
+    out = linear_recurrence_varlen(q, k, v, ld, state_chunk, cu, slots)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(state_chunk, ref_state, atol=ATOL, rtol=RTOL)
+
+
 def test_resumed_chunks_equal_one_shot() -> None:
     """Prefilling a prompt in pieces (state carried in the slot) equals prefilling it at once."""
     q, k, v, ld, state, _ = _inputs([300], 2, 4, 8, 4, num_slots=4, seed=1)
