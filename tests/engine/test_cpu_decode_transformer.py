@@ -1,5 +1,5 @@
 """``--cpu-decode fused`` for the LLaMA-layout Transformer baseline equals the torch decode (the reference):
-logits within 1e-4 of the largest logit, the same greedy tokens, and the same keys and values appended
+logits within 1e-4 of the largest logit (measured 4e-7), the same greedy tokens, and the same keys and values appended
 to the paged KV cache (1e-5), over many steps after a chunked prefill (sequences of 1-13 prompt tokens
 crossing blocks of 4 as they grow), at batch 1, 3 and 33 on out-of-order slots. Two shapes: GQA with
 odd sizes (hidden 44, head_dim 10, intermediate 52, vocab 101, biases on attention and MLP, untied
@@ -200,12 +200,12 @@ def test_fused_int8_decode(shape: str, request) -> None:
 
 @torch.inference_mode()
 def test_fused_int8_against_float32(gqa_dir) -> None:
-    """The fused int8 step against the float32 torch decode: logits within 5% of the largest logit
-    (per-channel int8 on these tiny layers, K = 40-52, where rounding errors average out least), the
-    same greedy token in at least 90% of rows (random weights leave near ties)."""
+    """The fused int8 step against the float32 torch decode: logits within 3% of the largest logit
+    (measured 1.2%: per-channel int8 on these tiny layers, K = 40-52, where rounding errors average out
+    least), the same greedy token in at least 90% of rows (measured all: random weights leave near ties)."""
     int8 = _load(gqa_dir)
     int8.quantize_int8()
-    agree, rows = _run_both(_load(gqa_dir), int8, atol=0.05, same_cache=False)
+    agree, rows = _run_both(_load(gqa_dir), int8, atol=0.03, same_cache=False)
     assert agree >= 0.9 * rows
 
 
