@@ -91,11 +91,18 @@ def linear_recurrence_varlen(
     # Layouts: the carried state is kept as [.., G, K, R*V] (the R heads of a group side by side), so that
     # the per-group q and k meet all R heads of their group in one matrix multiply, without broadcast
     # copies of q or k. v's packed order [.., H, V] is already [.., G, R, V].
-    qc = lay.to_chunks(q).transpose(1, 2)  # [NC, G, L, K]
-    kc = lay.to_chunks(k).transpose(1, 2)  # [NC, G, L, K]
-    vl = lay.to_chunks(v).view(nc, L, groups, rep, dv)  # [NC, L, G, R, V]
+    # When every sequence is a whole number of chunks (a 2048-token prompt, say) the chunks are the
+    # packed tokens in order: views, no gather and no scatter back.
+    unpadded = nc * L == num_tokens
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        return x.float().view(nc, L, *x.shape[1:]) if unpadded else lay.to_chunks(x)
+
+    qc = to_chunks(q).transpose(1, 2)  # [NC, G, L, K]
+    kc = to_chunks(k).transpose(1, 2)  # [NC, G, L, K]
+    vl = to_chunks(v).view(nc, L, groups, rep, dv)  # [NC, L, G, R, V]
     # Padding has log-decay 0 (decay 1) and k = v = 0, so it leaves a chunk's carried state unchanged.
-    a = lay.to_chunks(log_decay).view(nc, L, groups, rep).permute(0, 2, 3, 1)  # [NC, G, R, L]
+    a = to_chunks(log_decay).view(nc, L, groups, rep).permute(0, 2, 3, 1)  # [NC, G, R, L]
     acum = a.cumsum(-1)  # [NC, G, R, L], A_i
 
     # decay[i, j] = exp(A_i - A_j) for j <= i, 0 above the diagonal. A_i - A_j = a_{j+1} + ... + a_i is
@@ -140,4 +147,4 @@ def linear_recurrence_varlen(
     if scale != 1.0:
         o.mul_(scale)
     o = o.transpose(1, 2).reshape(nc * L, heads, dv)  # [NC*L, H, V]
-    return lay.from_chunks(o, num_tokens).to(v.dtype)
+    return (o if unpadded else lay.from_chunks(o, num_tokens)).to(v.dtype)
