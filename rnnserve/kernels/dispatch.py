@@ -1,7 +1,8 @@
 """The one place that picks a kernel implementation.
 
-Triton on CUDA, the PyTorch path elsewhere; ``--kernels torch|triton`` overrides it. Models resolve
-their functions once at construction (``get_kernel``), never per call.
+Triton on CUDA, the PyTorch path elsewhere (where a C++ CPU prefill kernel exists, the torch entry
+is its wrapper, which runs the PyTorch path for what it does not take); ``--kernels torch|triton``
+overrides it. Models resolve their functions once at construction (``get_kernel``), never per call.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ Backend = Literal["torch", "triton"]
 # (op, backend) -> "module:function". An op without a Triton entry uses its torch entry. A static
 # table: a new op or backend is one line here.
 _KERNELS: dict[tuple[str, Backend], str] = {
-    ("causal_conv1d.chunk", "torch"): "rnnserve.kernels.causal_conv1d.chunk:causal_conv1d_varlen",
+    # The CPU prefill kernels (C++, float32) fall back to chunk.py elsewhere and when they cannot build.
+    ("causal_conv1d.chunk", "torch"): "rnnserve.kernels.causal_conv1d.cpu:causal_conv1d_varlen",
     ("causal_conv1d.recurrent", "torch"): "rnnserve.kernels.causal_conv1d.recurrent:causal_conv1d_update",
-    ("selective_scan.chunk", "torch"): "rnnserve.kernels.selective_scan.chunk:selective_scan_varlen",
+    ("selective_scan.chunk", "torch"): "rnnserve.kernels.selective_scan.cpu:selective_scan_varlen",
     ("selective_scan.recurrent", "torch"): "rnnserve.kernels.selective_scan.recurrent:selective_state_update",
     ("linear_recurrence.chunk", "torch"): "rnnserve.kernels.linear_recurrence.chunk:linear_recurrence_varlen",
     ("linear_recurrence.recurrent", "torch"): "rnnserve.kernels.linear_recurrence.recurrent:linear_recurrence_step",

@@ -1,0 +1,201 @@
+// Mamba-1 selective scan for prefill on the CPU (float32, AVX2 + FMA): the packed varlen batch in one
+// call, every sequence resumed from its slot's state and its final state written back in place.
+//
+// Per token t, channel e and state index n (see README.md):
+//   Δ = softplus(dt + dt_bias),  s ← exp(Δ A) ⊙ s + (Δ x) B,  y = (s·C + D x) ⊙ silu(z)
+//
+// Work items are (sequence, block of 64 channels); one item walks its sequence's tokens in order and
+// keeps its block's state, transposed to [N, 64] so that 8 channels fill a vector and the N-loop needs
+// no horizontal sums, in a 4 KiB local array (L1) for the whole sequence. Nothing of size [T, E, N] is
+// ever made: Δ, exp(Δ A), the D skip and the gate are computed and used in registers. Items run on the
+// item pool of panels.h (the caller plus at::get_num_threads() - 1 workers).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "panels.h"
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // channels per work item (8 vectors of 8)
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr int64_t kMaxN = 64;  // state size bound for the local state arrays (2 x 16 KiB)
+
+// 2^t for 8 floats t <= 0 (the decays: t = Δ A log2(e) with Δ > 0, A < 0): t = n + f with n an
+// integer and |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error < 2e-7), 2^n added to
+// the exponent bits. Below -126 it gives 2^-126 (a normal float, 1e-38) instead of less: the state
+// is scaled by it, the same as by 0 at float precision. 13 instructions against exp256's 21: this runs
+// once per (token, channel, state index), the scan's innermost work.
+inline __m256 exp2_neg256(__m256 t) {
+  t = _mm256_max_ps(t, _mm256_set1_ps(-126.0f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);  // ln2^6 / 6!
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+// Row-major [rows, cols] float32 with unit column stride; rows may be strided (views of a wider GEMM
+// output, e.g. x and z of in_proj's [T, 2E]).
+const float* rows_ptr(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "selective_scan_varlen: ", name,
+              " must be a float32 CPU tensor");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "selective_scan_varlen: ", name,
+              " has shape ", t.sizes(), ", expected [", rows, ", ", cols, "]");
+  TORCH_CHECK(t.stride(1) == 1 || cols == 1, "selective_scan_varlen: ", name, " needs unit column stride");
+  return t.data_ptr<float>();
+}
+
+const float* vec_ptr(const c10::optional<at::Tensor>& t, const char* name, int64_t n) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 1 && t->size(0) == n &&
+                  t->is_contiguous(),
+              "selective_scan_varlen: ", name, " must be a contiguous float32 CPU tensor of ", n, " elements");
+  return t->data_ptr<float>();
+}
+
+// x, dt, z [T, E]; A [E, N]; B, C [T, N]; D, dt_bias [E] or None; ssm_state [S, E, N] (read at
+// slot_ids, final states written back); cu_seqlens [nseq + 1] host ints; slot_ids [nseq] int64.
+// Returns y [T, E]. Empty sequences leave their slot untouched.
+at::Tensor selective_scan_varlen(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                                 const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                                 const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& dt_bias,
+                                 at::Tensor& ssm_state, at::IntArrayRef cu_seqlens, const at::Tensor& slot_ids,
+                                 bool dt_softplus) {
+  const int64_t T = x.size(0), E = x.size(1), N = A.size(1);
+  const int64_t nseq = static_cast<int64_t>(cu_seqlens.size()) - 1;
+  TORCH_CHECK(nseq >= 0 && cu_seqlens[0] == 0 && cu_seqlens[nseq] == T,
+              "selective_scan_varlen: cu_seqlens must run from 0 to the token count ", T);
+  for (int64_t b = 0; b < nseq; ++b) {
+    TORCH_CHECK(cu_seqlens[b + 1] >= cu_seqlens[b], "selective_scan_varlen: cu_seqlens must not decrease");
+  }
+  TORCH_CHECK(N >= 1 && N <= kMaxN, "selective_scan_varlen: state size ", N, " not in [1, ", kMaxN, "]");
+  const float* xp = rows_ptr(x, "x", T, E);
+  const float* dtp = rows_ptr(dt, "dt", T, E);
+  const float* Bp = rows_ptr(B, "B", T, N);
+  const float* Cp = rows_ptr(C, "C", T, N);
+  const float* zp = z.has_value() ? rows_ptr(*z, "z", T, E) : nullptr;
+  TORCH_CHECK(A.scalar_type() == at::kFloat && A.dim() == 2 && A.size(0) == E && A.is_contiguous(),
+              "selective_scan_varlen: A must be a contiguous float32 [E, N] tensor");
+  const float* Ap = A.data_ptr<float>();
+  const float* Dp = vec_ptr(D, "D", E);
+  const float* biasp = vec_ptr(dt_bias, "dt_bias", E);
+  TORCH_CHECK(ssm_state.scalar_type() == at::kFloat && ssm_state.dim() == 3 && ssm_state.size(1) == E &&
+                  ssm_state.size(2) == N && ssm_state.stride(2) == 1 && ssm_state.stride(1) == N,
+              "selective_scan_varlen: ssm_state must be float32 [S, E, N] with contiguous [E, N] rows");
+  TORCH_CHECK(slot_ids.scalar_type() == at::kLong && slot_ids.dim() == 1 && slot_ids.size(0) == nseq,
+              "selective_scan_varlen: slot_ids must be int64 [", nseq, "]");
+  const at::Tensor slots = slot_ids.contiguous();
+  const int64_t* slotp = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < nseq; ++b) {
+    TORCH_CHECK(slotp[b] >= 0 && slotp[b] < ssm_state.size(0), "selective_scan_varlen: slot ", slotp[b],
+                " out of range");
+  }
+  const int64_t sx = x.stride(0), sdt = dt.stride(0), sB = B.stride(0), sC = C.stride(0);
+  const int64_t sz = zp ? z->stride(0) : 0;
+  float* statep = ssm_state.data_ptr<float>();
+  const int64_t sS = ssm_state.stride(0);
+
+  at::Tensor y = at::empty({T, E}, x.options());
+  float* yp = y.data_ptr<float>();
+
+  std::vector<int64_t> seqs;  // the non-empty sequences
+  for (int64_t b = 0; b < nseq; ++b) {
+    if (cu_seqlens[b + 1] > cu_seqlens[b]) seqs.push_back(b);
+  }
+  const int64_t blocks = (E + kBlock - 1) / kBlock;
+  parallel_items(static_cast<int64_t>(seqs.size()) * blocks, [&](int64_t item) {
+    FlushDenormals ftz;  // a decaying state would otherwise spend its time in denormal assists
+    const int64_t b = seqs[item / blocks];
+    const int64_t e0 = (item % blocks) * kBlock, ne = std::min(kBlock, E - e0);
+    const int64_t groups = (ne + 7) / 8;
+    // Local copies for the block, padded with zeros past ne (padded lanes compute finite junk that is
+    // never stored): the state and A log2(e) transposed to [N, 64], per-token inputs [64].
+    alignas(32) float st[kMaxN * kBlock];
+    alignas(32) float at_[kMaxN * kBlock];
+    alignas(32) float xb[kBlock], db[kBlock], zb[kBlock], yb[kBlock], Db[kBlock], biasb[kBlock];
+    std::memset(st, 0, sizeof(float) * N * kBlock);
+    std::memset(at_, 0, sizeof(float) * N * kBlock);
+    std::memset(xb, 0, sizeof(xb));
+    std::memset(db, 0, sizeof(db));
+    std::memset(zb, 0, sizeof(zb));
+    std::memset(Db, 0, sizeof(Db));
+    std::memset(biasb, 0, sizeof(biasb));
+    float* s0 = statep + slotp[b] * sS + e0 * N;  // [ne, N] of the slot's [E, N]
+    for (int64_t i = 0; i < ne; ++i) {
+      for (int64_t n = 0; n < N; ++n) {
+        st[n * kBlock + i] = s0[i * N + n];
+        at_[n * kBlock + i] = Ap[(e0 + i) * N + n] * kLog2e;
+      }
+      if (Dp) Db[i] = Dp[e0 + i];
+      if (biasp) biasb[i] = biasp[e0 + i];
+    }
+    const size_t row_bytes = sizeof(float) * ne;
+    for (int64_t t = cu_seqlens[b]; t < cu_seqlens[b + 1]; ++t) {
+      std::memcpy(xb, xp + t * sx + e0, row_bytes);
+      std::memcpy(db, dtp + t * sdt + e0, row_bytes);
+      if (zp) std::memcpy(zb, zp + t * sz + e0, row_bytes);
+      const float* Bt = Bp + t * sB;
+      const float* Ct = Cp + t * sC;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t o = g * 8;
+        __m256 d = _mm256_add_ps(_mm256_load_ps(db + o), _mm256_load_ps(biasb + o));
+        if (dt_softplus) d = softplus256(d);
+        const __m256 xv = _mm256_load_ps(xb + o);
+        const __m256 dx = _mm256_mul_ps(d, xv);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t n = 0;
+        for (; n + 2 <= N; n += 2) {  // two accumulators: the y sum is the only loop-carried chain
+          float* s_a = st + n * kBlock + o;
+          float* s_b = s_a + kBlock;
+          const __m256 a_a = exp2_neg256(_mm256_mul_ps(d, _mm256_load_ps(at_ + n * kBlock + o)));
+          const __m256 a_b = exp2_neg256(_mm256_mul_ps(d, _mm256_load_ps(at_ + (n + 1) * kBlock + o)));
+          const __m256 v_a = _mm256_fmadd_ps(a_a, _mm256_load_ps(s_a), _mm256_mul_ps(dx, _mm256_broadcast_ss(Bt + n)));
+          const __m256 v_b =
+              _mm256_fmadd_ps(a_b, _mm256_load_ps(s_b), _mm256_mul_ps(dx, _mm256_broadcast_ss(Bt + n + 1)));
+          _mm256_store_ps(s_a, v_a);
+          _mm256_store_ps(s_b, v_b);
+          acc0 = _mm256_fmadd_ps(v_a, _mm256_broadcast_ss(Ct + n), acc0);
+          acc1 = _mm256_fmadd_ps(v_b, _mm256_broadcast_ss(Ct + n + 1), acc1);
+        }
+        if (n < N) {
+          float* s_a = st + n * kBlock + o;
+          const __m256 a_a = exp2_neg256(_mm256_mul_ps(d, _mm256_load_ps(at_ + n * kBlock + o)));
+          const __m256 v_a = _mm256_fmadd_ps(a_a, _mm256_load_ps(s_a), _mm256_mul_ps(dx, _mm256_broadcast_ss(Bt + n)));
+          _mm256_store_ps(s_a, v_a);
+          acc0 = _mm256_fmadd_ps(v_a, _mm256_broadcast_ss(Ct + n), acc0);
+        }
+        __m256 out = _mm256_fmadd_ps(_mm256_load_ps(Db + o), xv, _mm256_add_ps(acc0, acc1));
+        if (zp) out = _mm256_mul_ps(out, silu256(_mm256_load_ps(zb + o)));
+        _mm256_store_ps(yb + o, out);
+      }
+      std::memcpy(yp + t * E + e0, yb, row_bytes);
+    }
+    for (int64_t i = 0; i < ne; ++i) {
+      for (int64_t n = 0; n < N; ++n) s0[i * N + n] = st[n * kBlock + i];
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rnnserve_cpu_scan, m) {
+  m.def(
+      "selective_scan_varlen(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? dt_bias, Tensor(a!) ssm_state, int[] cu_seqlens, Tensor slot_ids, bool dt_softplus) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rnnserve_cpu_scan, CPU, m) { m.impl("selective_scan_varlen", &selective_scan_varlen); }

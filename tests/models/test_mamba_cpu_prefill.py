@@ -1,0 +1,124 @@
+"""Mamba and DenseMamba prefill through the C++ CPU conv and scan (what dispatch picks on the CPU)
+equal the same model with the torch chunk kernels: logits of every token within 1e-4 (absolute and
+relative; float32, the two scans sum in different orders), final states within 1e-4 and greedy tokens
+equal, for a varlen batch resumed from states a first chunk left, and a mixed decode + prefill step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MambaConfig, MambaForCausalLM
+
+from rnnserve.config import ModelConfig
+from rnnserve.kernels.causal_conv1d import chunk as conv_chunk
+from rnnserve.kernels.causal_conv1d import cpu as conv_cpu
+from rnnserve.kernels.cpu_decode import unavailable_reason
+from rnnserve.kernels.selective_scan import chunk as scan_chunk
+from rnnserve.kernels.selective_scan import cpu as scan_cpu
+from rnnserve.models.base import MixedBatch, RecurrentLM
+from rnnserve.models.loader import load_model
+from tests.models import harness
+from tests.models.test_dense_mamba import dense_folder
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
+
+VOCAB = 160
+
+
+def _mixers(model: RecurrentLM) -> list[torch.nn.Module]:
+    return [layer.mixer for layer in model.backbone.layers]
+
+
+def _torch_kernels(model: RecurrentLM) -> RecurrentLM:
+    for mixer in _mixers(model):
+        mixer.conv_chunk = conv_chunk.causal_conv1d_varlen
+        mixer.scan_chunk = scan_chunk.selective_scan_varlen
+    return model
+
+
+def _load(folder: Path) -> RecurrentLM:
+    return load_model(ModelConfig(model=str(folder), dtype="float32", device="cpu", kernels="torch")).model
+
+
+@pytest.fixture
+def models(request, hf_model_dir, tmp_path: Path) -> tuple[RecurrentLM, RecurrentLM]:
+    """(model with the kernels dispatch picks, the same weights with the torch chunk kernels)."""
+    if scan_cpu.load() is None or conv_cpu.load() is None:
+        pytest.skip("the CPU prefill kernels did not build (see the warning)")
+    if request.param == "mamba":
+        # 133 inner channels: two full 64-channel blocks and a 5-channel tail; state 16 as in Mamba-130m.
+        cfg = MambaConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=133,
+            num_hidden_layers=3,
+            state_size=16,
+            time_step_rank=5,
+            tie_word_embeddings=False,
+        )
+        folder, _ = hf_model_dir(cfg, MambaForCausalLM, seed=0, jitter=0.05)
+    else:
+        folder, _, _ = dense_folder(tmp_path, m=2)
+    fast = _load(folder)
+    assert all(m.scan_chunk is scan_cpu.selective_scan_varlen for m in _mixers(fast))
+    return fast, _torch_kernels(_load(folder))
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 89, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("models", ["mamba", "dense_mamba"], indirect=True)
+@torch.no_grad()
+def test_varlen_resumed_prefill_equals_torch_kernels(models) -> None:
+    fast, ref = models
+    prompts = [_prompt(n, seed=n) for n in (1, 63, 200, 7)]
+    slots = [5, 2, 7, 3]
+    got, want = harness.alloc_states(fast, 8), harness.alloc_states(ref, 8)
+    for states, model in ((got, fast), (want, ref)):
+        # First chunk: 40 tokens (or all) of each prompt, then the rest resumed from those states.
+        model.prefill(harness.prefill_batch([p[:40] for p in prompts], slots, [0] * 4, model.device), states)
+    rest = [(p[40:], s) for p, s in zip(prompts, slots) if len(p) > 40]
+    seqs, rest_slots = [r for r, _ in rest], [s for _, s in rest]
+    a = fast.prefill(harness.prefill_batch(seqs, rest_slots, [40] * len(seqs), fast.device, all_logits=True), got)
+    b = ref.prefill(harness.prefill_batch(seqs, rest_slots, [40] * len(seqs), ref.device, all_logits=True), want)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    for layer_got, layer_want in zip(got, want):
+        for name in layer_got:
+            torch.testing.assert_close(layer_got[name], layer_want[name], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("models", ["mamba", "dense_mamba"], indirect=True)
+def test_greedy_tokens_equal(models) -> None:
+    fast, ref = models
+    prompt = _prompt(150, seed=9)
+    assert harness.greedy_generate(fast, prompt, 24) == harness.greedy_generate(ref, prompt, 24)
+    assert harness.greedy_generate(fast, prompt, 24, chunk=37) == harness.greedy_generate(ref, prompt, 24)
+
+
+@torch.no_grad()
+def test_mixed_step_equals_torch_kernels(hf_model_dir) -> None:
+    """One pass with 2 decode rows and 2 prompt chunks (Mamba's ``mixed``): the prompt rows go through
+    the C++ conv and scan, the decode rows through the step kernels."""
+    if scan_cpu.load() is None or conv_cpu.load() is None:
+        pytest.skip("the CPU prefill kernels did not build (see the warning)")
+    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=72, num_hidden_layers=2, state_size=16)
+    folder, _ = hf_model_dir(cfg, MambaForCausalLM, seed=1, jitter=0.05)
+    fast, ref = _load(folder), _torch_kernels(_load(folder))
+    out = []
+    for model in (fast, ref):
+        states = harness.alloc_states(model, 6)
+        model.prefill(harness.prefill_batch([_prompt(30, 1), _prompt(5, 2)], [1, 4], [0, 0], model.device), states)
+        dec = harness.decode_batch([3, 8], [30, 5], [1, 4], model.device, states)
+        pre = harness.prefill_batch([_prompt(70, 3), _prompt(2, 4)], [2, 5], [0, 0], model.device)
+        out.append((model.mixed(MixedBatch.pack(dec, pre), states), states))
+    (a, got), (b, want) = out
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    for layer_got, layer_want in zip(got, want):
+        for name in layer_got:
+            torch.testing.assert_close(layer_got[name], layer_want[name], atol=1e-4, rtol=1e-4)
