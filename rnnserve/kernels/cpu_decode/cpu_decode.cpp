@@ -324,6 +324,26 @@ Tensor mamba1_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
   return head_logits(hn, head_w, head_kn, emb.size(0));
 }
 
+// One head's state update over NV * 8 columns [q, q + 8 NV) of S [N, P] (row stride P), one pass down
+// its rows: S[n] ← decay S[n] + B[n] (Δx), y += C[n] S[n], the new row stored as soon as it is made. y
+// [8 NV] comes in holding D x; its NV accumulators and the rank-1 factor Δx stay in registers / L1.
+template <int NV>
+inline void ssm_head_cols(float* S, int64_t P, int64_t N, __m256 dec, const float* Bv, const float* Cv,
+                          const float* dx, float* y) {
+  __m256 acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = _mm256_loadu_ps(y + 8 * j);
+  for (int64_t n = 0; n < N; ++n) {
+    const __m256 bn = _mm256_set1_ps(Bv[n]), cn = _mm256_set1_ps(Cv[n]);
+    float* row = S + n * P;
+    for (int j = 0; j < NV; ++j) {
+      const __m256 sv = _mm256_fmadd_ps(dec, _mm256_loadu_ps(row + 8 * j), _mm256_mul_ps(bn, _mm256_load_ps(dx + 8 * j)));
+      _mm256_storeu_ps(row + 8 * j, sv);
+      acc[j] = _mm256_fmadd_ps(cn, sv, acc[j]);
+    }
+  }
+  for (int j = 0; j < NV; ++j) _mm256_storeu_ps(y + 8 * j, acc[j]);
+}
+
 // Mamba-2 decode, every layer (see models/mamba2.py). Per layer: in_w [D, E + C + H] (z, xBC, dt),
 // conv_w [C, K] with C = E + 2GN, dt_bias / A / D [H], gnorm_w [E], out_w [E, D]; conv_state [S, C, K-1]
 // and ssm_state [S, H, N, P] updated in place at rows slots[b]. Returns logits [B, V].
@@ -365,7 +385,8 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
       }
     });
     // Per (sequence, head): Δ = clamp(softplus(dt + dt_bias)), S ← exp(Δ A) S + B (Δ x)ᵀ in place,
-    // y = C S + D x. S [N, P] is read and written once.
+    // y = C S + D x, in one streaming pass over S [N, P] (ssm_head_cols: 64 columns, the whole row for
+    // Mamba-2-130m's P = 64, per pass), nothing else read or written per state element.
     float* ss = ssm_state[l].data_ptr<float>();
     const int64_t ss_stride = ssm_state[l].stride(0);
     const float* Ap = A[l].data_ptr<float>();
@@ -373,40 +394,33 @@ Tensor mamba2_decode(const Tensor& ids, const Tensor& slots, const Tensor& emb, 
     const float* dbias = dt_bias[l].data_ptr<float>();
     parallel_ranges(B * H, 2, [&](int64_t t0, int64_t t1) {
       FlushDenormals ftz;
-      alignas(32) float dx[512];
+      alignas(32) float dx[64];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / H, hh = t % H, g = hh / rep;
         const float d = std::min(hi, std::max(lo, softplus1(pp[b * W + E + C + hh] + dbias[hh])));
-        const float decay = std::exp(d * Ap[hh]);
+        const __m256 dec = _mm256_set1_ps(std::exp(d * Ap[hh]));
         const float* x = xp + b * C + hh * P;
         const float* Bv = xp + b * C + E + g * N;
         const float* Cv = Bv + G * N;
         float* S = ss + slot[b] * ss_stride + hh * N * P;
         float* yo = yp + b * E + hh * P;
-        for (int64_t p0 = 0; p0 < P; p0 += 512) {
-          const int64_t pe = std::min(P, p0 + 512);
-          for (int64_t p = p0; p < pe; ++p) dx[p - p0] = d * x[p];
-          for (int64_t q = p0; q < pe; q += 32) {  // 32 columns of S at a time: 4 accumulators
-            const int64_t qn = std::min<int64_t>(32, pe - q) / 8;
-            __m256 acc[4], dxv[4];
-            for (int j = 0; j < qn; ++j) {
-              acc[j] = _mm256_setzero_ps();
-              dxv[j] = _mm256_load_ps(dx + (q - p0) + 8 * j);
-            }
-            const __m256 dec = _mm256_set1_ps(decay);
-            for (int64_t n = 0; n < N; ++n) {
-              const __m256 bn = _mm256_set1_ps(Bv[n]), cn = _mm256_set1_ps(Cv[n]);
-              float* row = S + n * P + q;
-              for (int j = 0; j < qn; ++j) {
-                const __m256 sv = _mm256_fmadd_ps(dec, _mm256_loadu_ps(row + 8 * j), _mm256_mul_ps(bn, dxv[j]));
-                _mm256_storeu_ps(row + 8 * j, sv);
-                acc[j] = _mm256_fmadd_ps(cn, sv, acc[j]);
-              }
-            }
-            for (int j = 0; j < qn; ++j) _mm256_storeu_ps(yo + q + 8 * j, acc[j]);
+        for (int64_t q = 0; q < P; q += 64) {
+          const int64_t nq = std::min<int64_t>(64, P - q);
+          for (int64_t p = 0; p < nq; ++p) {
+            dx[p] = d * x[q + p];
+            yo[q + p] = Dv[hh] * x[q + p];
+          }
+          switch (nq / 8) {
+            case 1: ssm_head_cols<1>(S + q, P, N, dec, Bv, Cv, dx, yo + q); break;
+            case 2: ssm_head_cols<2>(S + q, P, N, dec, Bv, Cv, dx, yo + q); break;
+            case 3: ssm_head_cols<3>(S + q, P, N, dec, Bv, Cv, dx, yo + q); break;
+            case 4: ssm_head_cols<4>(S + q, P, N, dec, Bv, Cv, dx, yo + q); break;
+            case 5: ssm_head_cols<5>(S + q, P, N, dec, Bv, Cv, dx, yo + q); break;
+            case 6: ssm_head_cols<6>(S + q, P, N, dec, Bv, Cv, dx, yo + q); break;
+            case 7: ssm_head_cols<7>(S + q, P, N, dec, Bv, Cv, dx, yo + q); break;
+            default: ssm_head_cols<8>(S + q, P, N, dec, Bv, Cv, dx, yo + q); break;
           }
         }
-        for (int64_t p = 0; p < P; ++p) yo[p] += Dv[hh] * x[p];
       }
     });
     // Gated group norm: y ⊙ silu(z), normalised over each of the G groups, times the norm weight.
