@@ -6,7 +6,8 @@ a quiet phase (the well-behaved client alone: sequential streamed completions), 
 (the same client while a second client fires ``--burst`` requests at once) and a second quiet phase.
 The well-behaved client honours ``Retry-After`` on a 429 and counts the wait in its TTFT; the figure
 is the p50 / p99 TTFT of its requests (first attempt -> first token). Also printed: the burst's
-status counts, the server's RSS before and after, and the engine gauges once idle.
+status counts, the server's RSS before and after (each read after 2 s idle), and the engine gauges
+once idle.
 
 The two clients are told apart as the server tells clients apart: each sends its own OpenAI ``user``
 (``well-behaved`` and ``burst``), and the burst connects from 127.0.0.2 (loopback, where the system
@@ -53,6 +54,13 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def idle_rss_mib(pid: int) -> float:
+    """RSS after 2 s without requests: the server hands its C heap's free pages back 1 s into an
+    idle spell (rnnserve.server.edge), as it would between a burst and the next one."""
+    time.sleep(2.0)
+    return rss_mib(pid)
 
 
 def gauges(base: str) -> dict[str, float]:
@@ -192,15 +200,14 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
                 pass
             time.sleep(0.2)
         asyncio.run(well_behaved(base, 5))  # warm-up
-        rss0 = rss_mib(proc.pid)
+        rss0 = idle_rss_mib(proc.pid)
         quiet1, _ = asyncio.run(well_behaved(base, args.requests))
         loud, rejected, codes = during_burst(base, args.requests, args.burst, args.burst_max_tokens)
         quiet2, _ = asyncio.run(well_behaved(base, args.requests))
-        rss_after = [rss_mib(proc.pid)]
+        rss_after = [idle_rss_mib(proc.pid)]
         for _ in range(args.bursts - 1):  # more bursts: a leak keeps growing, allocator pools do not
             asyncio.run(burst(base, args.burst, args.burst_max_tokens))
-            rss_after.append(rss_mib(proc.pid))
-        time.sleep(1.0)
+            rss_after.append(idle_rss_mib(proc.pid))
         quiet = quiet1 + quiet2
         return {
             "setting": name,

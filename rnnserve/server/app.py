@@ -22,6 +22,7 @@ from rnnserve import __version__
 from rnnserve.config import ServerConfig
 from rnnserve.server.admission import Admission, client_key, per_client_share, raw_fanout
 from rnnserve.server.context import ServingContext
+from rnnserve.server.edge import EdgeGuard, edge_bounds
 from rnnserve.server.engine_client import EngineClient
 from rnnserve.server.errors import APIError, bad_request, error_body_json, install_error_handlers
 from rnnserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -125,6 +126,19 @@ class RequireJSONMiddleware:
         await self.app(scope, receive, send)
 
 
+async def _receive_by(receive: Receive, deadline: float | None) -> Message:
+    """``receive()``, or TimeoutError at the loop time ``deadline``. From 3.11 on without a task of its
+    own (``asyncio.wait_for`` wraps the call in one, a suspension and ~1 KiB per request even when the
+    body is already there: with a burst's thousands of requests at once, that is their peak heap)."""
+    if deadline is None:
+        return await receive()
+    timeout_at = getattr(asyncio, "timeout_at", None)
+    if timeout_at is None:  # Python 3.10
+        return await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+    async with timeout_at(deadline):
+        return await receive()
+
+
 class BodyLimitMiddleware:
     """413 for bodies over ``max_bytes``: by Content-Length up front, and by counting a streamed body;
     408 for a body that does not arrive within ``read_timeout`` seconds (a slow client holds nothing).
@@ -154,7 +168,7 @@ class BodyLimitMiddleware:
         deadline = None if self.read_timeout is None else loop.time() + self.read_timeout
         while True:
             try:
-                message = await asyncio.wait_for(receive(), None if deadline is None else deadline - loop.time())
+                message = await _receive_by(receive, deadline)
             except asyncio.TimeoutError:  # TimeoutError from 3.11 on
                 message = f"the request body did not arrive within {self.read_timeout:g} s"
                 await _send_error(send, 408, message, "request_timeout", close=True)
@@ -212,6 +226,9 @@ class AdmissionGateMiddleware:
             body = json.dumps(refusal.body()).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
+            # Closed after the answer: an overloaded server does not also keep a refused client's
+            # connection (uvicorn's objects for it, ~4 KiB) until that client gets round to closing it.
+            headers.append((b"connection", b"close"))
             await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
             return
@@ -328,6 +345,9 @@ def build_app(
     app = FastAPI(title="rnnserve", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
     app.state.admission = admission
+    # What uvicorn serves: the app behind the edge bound on HTTP requests in flight (edge.py).
+    max_requests, max_per_address = edge_bounds(max_in_flight, slots)
+    app.state.edge = EdgeGuard(app, max_requests=max_requests, max_per_address=max_per_address, open_paths=OPEN_PATHS)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     # Starlette runs the last-added middleware first: Host, then CORS, then the key, then the

@@ -130,11 +130,13 @@ def run(app: FastAPI, cfg: ServerConfig, sockets: list[socket.socket] | None = N
     """Serve ``app`` (from ``build_app``) on ``sockets`` if given, else on ``cfg.host:cfg.port``, until
     SIGTERM / SIGINT, then drain."""
     config = uvicorn.Config(
-        app,
+        app.state.edge,  # the app behind EdgeGuard (build_app)
         host=cfg.host,
         port=cfg.port,
         workers=1,
         log_level=cfg.log_level,
+        # No X-Forwarded-For: a client is its peer address (admission's fair share, the edge bound).
+        proxy_headers=False,
         http=protocol_with_read_timeout(cfg.read_timeout),
         timeout_keep_alive=cfg.keep_alive_timeout,  # type: ignore[arg-type]  # any number of seconds works
         timeout_graceful_shutdown=cfg.shutdown_timeout + _FLUSH_GRACE_S,  # type: ignore[arg-type]

@@ -37,8 +37,9 @@ def serve_in_thread(app: FastAPI, cfg: ServerConfig | None = None) -> Iterator[s
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app,
+        app.state.edge,  # as run() serves it
         log_level="warning",
+        proxy_headers=False,
         http=protocol_with_read_timeout(cfg.read_timeout),
         timeout_keep_alive=cfg.keep_alive_timeout,  # type: ignore[arg-type]
         timeout_graceful_shutdown=cfg.shutdown_timeout + 5,  # type: ignore[arg-type]

@@ -49,6 +49,7 @@ def test_abort_storm_leaves_nothing_behind(rel_model_dir: Path) -> None:
         assert statuses.count(200) == 300
         assert engine_idle(base_url) == IDLE
         assert app.state.admission.in_flight == 0 and app.state.admission.num_live == 0
+        assert app.state.edge.in_flight == 0
         assert greedy_text(base_url) == before
 
 
@@ -115,4 +116,5 @@ def test_overload_burst_gets_429s_and_every_accepted_request_finishes(rel_model_
                 choice = r.json()["choices"][0]
                 assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 8
         assert engine_idle(base_url) == IDLE
+        assert app.state.edge.in_flight == 0  # the edge guard's count is back to 0 as well
         assert greedy_text(base_url) == before

@@ -91,7 +91,7 @@ def test_a_refused_request_is_answered_before_its_handler_runs(model_dir: Path) 
             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "refused"}], "user": "burst"}),
         ]:
             r = client.post(path, json=body)
-            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
             assert r.json()["error"]["type"] == "rate_limit_error"
         assert encoded == []  # refused before tokenization (and validation)
         # A body the handler must answer (not JSON, no prompt, a fan-out past the cap) still gets its 400.

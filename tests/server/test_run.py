@@ -16,14 +16,22 @@ def test_run_freezes_the_startup_heap_before_serving(monkeypatch: pytest.MonkeyP
     # Objects alive when serving starts (the model, torch, the tokenizer) must sit in the permanent
     # generation, or every full collection during a burst walks all of them with the GIL held.
     frozen_when_serving: list[int] = []
-    monkeypatch.setattr(
-        run_module.DrainingServer, "run", lambda self, sockets=None: frozen_when_serving.append(gc.get_freeze_count())
-    )
+    served: list[object] = []
+
+    def fake_run(self: run_module.DrainingServer, sockets: object = None) -> None:
+        frozen_when_serving.append(gc.get_freeze_count())
+        served.append(self.config.app)
+        assert self.config.proxy_headers is False  # a client is its peer address, never X-Forwarded-For
+
+    monkeypatch.setattr(run_module.DrainingServer, "run", fake_run)
     gc.unfreeze()  # nothing frozen before: what is frozen when serving starts, run() froze
+    edge = object()
     try:
-        app = SimpleNamespace(state=SimpleNamespace(admission=unbounded()))  # what run() reads of a FastAPI app
+        # What run() reads of build_app's FastAPI app: admission, and the EdgeGuard uvicorn serves.
+        app = SimpleNamespace(state=SimpleNamespace(admission=unbounded(), edge=edge))
         run_module.run(app, ServerConfig())  # type: ignore[arg-type]
     finally:
         gc.unfreeze()
     assert len(frozen_when_serving) == 1
     assert frozen_when_serving[0] > 0
+    assert served == [edge]
