@@ -9,6 +9,8 @@
 // no horizontal sums, in a 4 KiB local array (L1) for the whole sequence. Nothing of size [T, E, N] is
 // ever made: Δ, exp(Δ A), the D skip and the gate are computed and used in registers. Items run on the
 // item pool of panels.h (the caller plus at::get_num_threads() - 1 workers).
+// With AVX-512 and N = 16 an item is (sequence, 16 channels) instead and its state never leaves the
+// registers (scan16_avx512).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -45,6 +47,87 @@ inline __m256 exp2_neg256(__m256 t) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+// ------------------------------------------------------------------------------------------ AVX-512
+// Where the CPU has AVX-512 and N = 16 (every Mamba-1 checkpoint), a work item is (sequence, 16
+// channels) and its whole [16, 16] state stays in 16 of the 32 vector registers for the sequence: no
+// state loads or stores per token and half the instructions of the AVX2 loop. Compiled for AVX-512
+// through the target attribute and run only when the CPU reports it, so the extension still builds
+// and runs with -mavx2 alone.
+#define RNNSERVE_AVX512 __attribute__((target("avx512f")))
+
+// exp2_neg256 on 16 floats.
+RNNSERVE_AVX512 inline __m512 exp2_neg512(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+}
+
+// f (an 8-float function of panels.h) on both halves of 16 floats.
+template <class F>
+RNNSERVE_AVX512 inline __m512 halves(__m512 v, const F& f) {
+  const __m256 lo = f(_mm512_castps512_ps256(v));
+  const __m256 hi = f(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+}
+
+struct Scan16Args {
+  const float *x, *dt, *z, *B, *C;  // rows of the packed batch, at this item's first channel (B, C: at 0)
+  int64_t sx, sdt, sz, sB, sC;      // their row strides
+  const float* A2;                  // [16 n, 16 e] A log2(e), transposed
+  const float *D, *bias;            // [16] or null
+  float* state;                     // the slot's [E, 16] state at this item's first channel
+  float* y;                         // y rows at this item's first channel, row stride E
+  int64_t E, t0, t1;
+  bool softplus;
+};
+
+// One sequence's tokens [t0, t1) for 16 channels, N = 16.
+RNNSERVE_AVX512 void scan16_avx512(const Scan16Args& a) {
+  FlushDenormals ftz;
+  alignas(64) float tmp[16 * 16];
+  for (int i = 0; i < 16; ++i)
+    for (int n = 0; n < 16; ++n) tmp[n * 16 + i] = a.state[i * 16 + n];
+  __m512 st[16];
+#pragma GCC unroll 16
+  for (int n = 0; n < 16; ++n) st[n] = _mm512_load_ps(tmp + n * 16);
+  const __m512 Dv = a.D ? _mm512_loadu_ps(a.D) : _mm512_setzero_ps();
+  const __m512 bv = a.bias ? _mm512_loadu_ps(a.bias) : _mm512_setzero_ps();
+  for (int64_t t = a.t0; t < a.t1; ++t) {
+    __m512 d = _mm512_add_ps(_mm512_loadu_ps(a.dt + t * a.sdt), bv);
+    if (a.softplus) d = halves(d, [](__m256 v) { return softplus256(v); });
+    const __m512 xv = _mm512_loadu_ps(a.x + t * a.sx);
+    const __m512 dx = _mm512_mul_ps(d, xv);
+    const float* Bt = a.B + t * a.sB;
+    const float* Ct = a.C + t * a.sC;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int n = 0; n < 16; n += 2) {
+      const __m512 d0 = exp2_neg512(_mm512_mul_ps(d, _mm512_load_ps(a.A2 + n * 16)));
+      const __m512 d1 = exp2_neg512(_mm512_mul_ps(d, _mm512_load_ps(a.A2 + (n + 1) * 16)));
+      st[n] = _mm512_fmadd_ps(d0, st[n], _mm512_mul_ps(dx, _mm512_set1_ps(Bt[n])));
+      st[n + 1] = _mm512_fmadd_ps(d1, st[n + 1], _mm512_mul_ps(dx, _mm512_set1_ps(Bt[n + 1])));
+      acc0 = _mm512_fmadd_ps(st[n], _mm512_set1_ps(Ct[n]), acc0);
+      acc1 = _mm512_fmadd_ps(st[n + 1], _mm512_set1_ps(Ct[n + 1]), acc1);
+    }
+    __m512 out = _mm512_fmadd_ps(Dv, xv, _mm512_add_ps(acc0, acc1));
+    if (a.z) out = _mm512_mul_ps(out, halves(_mm512_loadu_ps(a.z + t * a.sz), [](__m256 v) { return silu256(v); }));
+    _mm512_storeu_ps(a.y + t * a.E, out);
+  }
+#pragma GCC unroll 16
+  for (int n = 0; n < 16; ++n) _mm512_store_ps(tmp + n * 16, st[n]);
+  for (int i = 0; i < 16; ++i)
+    for (int n = 0; n < 16; ++n) a.state[i * 16 + n] = tmp[n * 16 + i];
 }
 
 // Row-major [rows, cols] float32 with unit column stride; rows may be strided (views of a wider GEMM
@@ -114,6 +197,21 @@ at::Tensor selective_scan_varlen(const at::Tensor& x, const at::Tensor& dt, cons
   std::vector<int64_t> seqs;  // the non-empty sequences
   for (int64_t b = 0; b < nseq; ++b) {
     if (cu_seqlens[b + 1] > cu_seqlens[b]) seqs.push_back(b);
+  }
+  if (N == 16 && E % 16 == 0 && __builtin_cpu_supports("avx512f")) {
+    // A log2(e) transposed to [E / 16, 16 n, 16 e]: one [16, 16] tile per item.
+    std::vector<float> a2(E * 16);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t n = 0; n < 16; ++n) a2[(e / 16) * 256 + n * 16 + e % 16] = Ap[e * 16 + n] * kLog2e;
+    const int64_t groups = E / 16;
+    parallel_items(static_cast<int64_t>(seqs.size()) * groups, [&](int64_t item) {
+      const int64_t b = seqs[item / groups], e0 = (item % groups) * 16;
+      Scan16Args a{xp + e0, dtp + e0, zp ? zp + e0 : nullptr, Bp, Cp, sx, sdt, sz, sB, sC,
+                   a2.data() + (e0 / 16) * 256, Dp ? Dp + e0 : nullptr, biasp ? biasp + e0 : nullptr,
+                   statep + slotp[b] * sS + e0 * 16, yp + e0, E, cu_seqlens[b], cu_seqlens[b + 1], dt_softplus};
+      scan16_avx512(a);
+    });
+    return y;
   }
   const int64_t blocks = (E + kBlock - 1) / kBlock;
   parallel_items(static_cast<int64_t>(seqs.size()) * blocks, [&](int64_t item) {
