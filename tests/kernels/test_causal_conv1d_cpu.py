@@ -73,6 +73,6 @@ def test_other_dtypes_and_a_missing_build_use_the_torch_conv(monkeypatch: pytest
     x, w, b, state = _inputs([9], 8, 4)
     y = cpu.causal_conv1d_varlen(x.to(torch.bfloat16), w, b, state.clone(), _cu([9]), torch.tensor([2]), "silu")
     assert y.dtype == torch.bfloat16 and calls == ["chunk"]
-    monkeypatch.setattr(cpu, "load", lambda: None)
+    monkeypatch.setattr(cpu, "ready", lambda: None)
     cpu.causal_conv1d_varlen(x, w, b, state.clone(), _cu([9]), torch.tensor([2]), "silu")
     assert calls == ["chunk", "chunk"]

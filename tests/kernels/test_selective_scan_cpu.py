@@ -122,6 +122,6 @@ def test_other_dtypes_and_a_missing_build_use_the_torch_scan(monkeypatch: pytest
     bf16 = {k: (v.to(torch.bfloat16) if k in ("x", "dt", "B", "C", "z") else v) for k, v in args.items()}
     y = cpu.selective_scan_varlen(**bf16, ssm_state=state.clone(), cu_seqlens=_cu([9]), slot_ids=torch.tensor([2]))
     assert y.dtype == torch.bfloat16 and calls == ["chunk"]
-    monkeypatch.setattr(cpu, "load", lambda: None)
+    monkeypatch.setattr(cpu, "ready", lambda: None)
     cpu.selective_scan_varlen(**args, ssm_state=state.clone(), cu_seqlens=_cu([9]), slot_ids=torch.tensor([2]))
     assert calls == ["chunk", "chunk"]

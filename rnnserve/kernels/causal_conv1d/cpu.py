@@ -1,6 +1,7 @@
 """The CPU prefill conv: ``cpu.cpp`` (float32, AVX2 + FMA, the item pool of cpu_decode/panels.h), built
-on first use by ``torch.utils.cpp_extension`` into torch's extension cache like the fused decode
-kernels (``make install`` builds it), and the torch conv (``chunk.py``) where it cannot run.
+by ``torch.utils.cpp_extension`` into torch's extension cache (``make install`` builds it; without a
+build the first call starts one in the background, ``kernels.cpu_build``), and the torch conv
+(``chunk.py``) where it cannot run.
 
 One pass per (sequence, block of 64 channels): each output row is K multiply-adds over input rows read
 in place (the cache for the K-1 rows before a sequence), plus the bias and silu; the torch conv copies
@@ -9,7 +10,6 @@ the batch into an extended buffer, convolves it and gathers the rows back (sever
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +17,30 @@ import torch
 
 from rnnserve.kernels.causal_conv1d import chunk
 from rnnserve.kernels.chunking import Varlen
+from rnnserve.kernels.cpu_build import LazyExtension
 
 _SOURCE = Path(__file__).with_name("cpu.cpp")
 _MAX_WIDTH = 8  # cpu.cpp's kMaxK
 
 
-@functools.cache  # built and loaded once per process; the reason is logged once
-def load() -> Any | None:
-    """Build (first use) and load the kernel; ``torch.ops.rnnserve_cpu_conv``, or None when it cannot."""
-    from rnnserve.kernels.cpu_decode import build_extension
+_EXTENSION = LazyExtension(
+    "rnnserve_cpu_causal_conv1d",
+    _SOURCE,
+    ["-O3", "-mavx2", "-mfma"],
+    "rnnserve_cpu_conv",
+    "CPU causal-conv1d prefill kernel",
+)
 
-    flags = ["-O3", "-mavx2", "-mfma"]
-    return build_extension(
-        "rnnserve_cpu_causal_conv1d", _SOURCE, flags, "rnnserve_cpu_conv", "CPU causal-conv1d prefill kernel"
-    )
+
+def load() -> Any | None:
+    """Build (first use) and load the kernel, waiting for it: ``torch.ops.rnnserve_cpu_conv``, or None when it
+    cannot."""
+    return _EXTENSION.load()
+
+
+def ready() -> Any | None:
+    """The loaded kernel, or None while it builds in the background (see ``kernels.cpu_build``)."""
+    return _EXTENSION.ready()
 
 
 def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor) -> bool:
@@ -57,7 +67,7 @@ def causal_conv1d_varlen(
     [C, K], bias [C] | None, conv_state [S, C, K-1] (updated in place), cu_seqlens [B+1] int32 or the
     step's ``Varlen`` (its host copy is read), slot_ids [B] int64 -> y [T, C]."""
     if activation in (None, "silu") and _fits(x, weight, bias, conv_state):
-        ops = load()
+        ops = ready()
         if ops is not None:
             bounds = list(Varlen.of(cu_seqlens).bounds)
             return ops.causal_conv1d_varlen(x, weight, bias, conv_state, bounds, slot_ids.long(), activation == "silu")

@@ -1,6 +1,7 @@
 """The CPU prefill scan: ``cpu.cpp`` (float32, AVX2 + FMA, the item pool of cpu_decode/panels.h), built
-on first use by ``torch.utils.cpp_extension`` into torch's extension cache like the fused decode
-kernels (``make install`` builds it), and the chunked torch scan (``chunk.py``) where it cannot run.
+by ``torch.utils.cpp_extension`` into torch's extension cache (``make install`` builds it; without a
+build the first call starts one in the background, ``kernels.cpu_build``), and the chunked torch
+scan (``chunk.py``) where it cannot run. With AVX-512 and N = 16 the state stays in registers.
 
 One pass per (sequence, block of 64 channels) over the tokens, the block's state in L1: softplus(dt +
 dt_bias), exp(Δ A), the update, y = s·C, the D skip and the z gate all in registers, never an
@@ -9,28 +10,37 @@ dt_bias), exp(Δ A), the update, y = s·C, the D skip and the z gate all in regi
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rnnserve.kernels.chunking import Varlen
+from rnnserve.kernels.cpu_build import LazyExtension
 from rnnserve.kernels.selective_scan import chunk
 
 _SOURCE = Path(__file__).with_name("cpu.cpp")
 _MAX_STATE = 64  # cpu.cpp's kMaxN: its per-block state arrays are [64, 64] floats
 
 
-@functools.cache  # built and loaded once per process; the reason is logged once
-def load() -> Any | None:
-    """Build (first use) and load the kernel; ``torch.ops.rnnserve_cpu_scan``, or None when it cannot."""
-    from rnnserve.kernels.cpu_decode import build_extension
+_EXTENSION = LazyExtension(
+    "rnnserve_cpu_selective_scan",
+    _SOURCE,
+    ["-O3", "-mavx2", "-mfma"],
+    "rnnserve_cpu_scan",
+    "CPU selective-scan prefill kernel",
+)
 
-    flags = ["-O3", "-mavx2", "-mfma"]
-    return build_extension(
-        "rnnserve_cpu_selective_scan", _SOURCE, flags, "rnnserve_cpu_scan", "CPU selective-scan prefill kernel"
-    )
+
+def load() -> Any | None:
+    """Build (first use) and load the kernel, waiting for it: ``torch.ops.rnnserve_cpu_scan``, or None when it
+    cannot."""
+    return _EXTENSION.load()
+
+
+def ready() -> Any | None:
+    """The loaded kernel, or None while it builds in the background (see ``kernels.cpu_build``)."""
+    return _EXTENSION.ready()
 
 
 def _fits(tensors: list[torch.Tensor | None], ssm_state: torch.Tensor, n: int) -> bool:
@@ -67,7 +77,7 @@ def selective_scan_varlen(
     cu_seqlens [B+1] int32 or the step's ``Varlen`` (its host copy is read); slot_ids [B] int64 ->
     y [T, E]. x, dt, z, B and C may be row-strided views (in_proj's and x_proj's column splits)."""
     if x.device.type == "cpu" and _fits([x, dt, A, B, C, D, z, dt_bias], ssm_state, A.shape[1]):
-        ops = load()
+        ops = ready()
         if ops is not None:
             bounds = list(Varlen.of(cu_seqlens).bounds)
             A = A if A.is_contiguous() else A.contiguous()
