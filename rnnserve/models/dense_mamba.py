@@ -116,9 +116,14 @@ class DenseMambaLM(MambaLM):
         )
 
     # Not Mamba's: a dense layer also mixes in earlier layers' outputs, which Mamba's one-pass mixed
-    # step and int8 swap do not know about, so the interface's defaults apply (two passes; int8 refused).
+    # step does not know about, so the interface's default applies (two passes).
     mixed = RecurrentLM.mixed
-    quantize_int8 = RecurrentLM.quantize_int8
+
+    def quantize_int8(self) -> None:
+        """Mamba's choice (int8 in_proj, out_proj and head; x_proj / dt_proj, which make Δ, stay fp32);
+        the dense selection gates y_select (through D/32, ~2% of a layer's weights) and y_norm stay
+        fp32 too."""
+        super().quantize_int8()
 
     @classmethod
     def from_hf_config(cls, config: dict, *, backend: Backend) -> DenseMambaLM:
