@@ -34,7 +34,7 @@ from torch import nn
 from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
-from rnnserve.models.layers import DenseSelect
+from rnnserve.models.layers import DenseSelect, quantize_int8
 from rnnserve.models.retnet import Retention, RetentionConfig, rms_norm
 from rnnserve.models.weights import WeightsMapper, load_weights
 
@@ -241,6 +241,17 @@ class DenseRetNetLM(RecurrentLM):
         for module in self.modules():
             if isinstance(module, Retention):
                 module.reset_constants()
+
+    def quantize_int8(self) -> None:
+        """int8 q / k projections, to_hidden, to_out and the head. The dense selection MLPs (through
+        D/32, ~3% of a layer's weights) stay fp32 with the embedding, norms, activations and the state."""
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.q_proj = quantize_int8(attn.q_proj)
+            attn.k_proj = quantize_int8(attn.k_proj)
+            attn.to_hidden[0] = quantize_int8(attn.to_hidden[0])
+            attn.to_out[0] = quantize_int8(attn.to_out[0])
+        self.lm_head = quantize_int8(self.lm_head)  # a tied embedding keeps its fp32 weight for lookups
 
     def _run(
         self,

@@ -30,6 +30,7 @@ from torch import nn
 from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.layers import quantize_int8
 from rnnserve.models.weights import WeightsMapper, load_weights
 
 RetentionStyle = Literal["fla", "torchscale"]
@@ -388,6 +389,19 @@ class RetNetLM(RecurrentLM):
         for module in self.modules():
             if isinstance(module, Retention):
                 module.reset_constants()
+
+    def quantize_int8(self) -> None:
+        """int8 q / k / v / g / o projections, the gated MLP and the head: every matrix. The embedding
+        lookup, RMSNorm weights, the retention constants, activations and the state stay fp32."""
+        for layer in self.model.layers:
+            attn = layer.attn
+            for name in ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj"):
+                if hasattr(attn, name):  # g_proj only with an output gate
+                    setattr(attn, name, quantize_int8(getattr(attn, name)))
+            if layer.has_mlp:
+                for name in ("gate_proj", "up_proj", "down_proj"):
+                    setattr(layer.mlp, name, quantize_int8(getattr(layer.mlp, name)))
+        self.lm_head = quantize_int8(self.lm_head)  # a tied embedding keeps its fp32 weight for lookups
 
     def _run(
         self,

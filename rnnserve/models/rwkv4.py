@@ -26,6 +26,7 @@ from torch import nn
 from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, LayerStates, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.layers import quantize_int8
 from rnnserve.models.weights import (
     WeightLoader,
     WeightsMapper,
@@ -275,6 +276,19 @@ class Rwkv4LM(RecurrentLM):
             ignore_suffixes=("head.weight",) if self.cfg.tie_word_embeddings else (),
         )
         return load_weights(self, weights, mapper)
+
+    def quantize_int8(self) -> None:
+        """int8 key / value / receptance / output of the time mix, key / receptance / value of the channel
+        mix, and the head: every matrix. The embedding lookup, LayerNorms, time-mix vectors and the decay
+        / bonus (w, u) stay fp32, as do activations and the state."""
+        for block in self.blocks:
+            for part, names in (
+                (block.att, ("key", "value", "receptance", "output")),
+                (block.ffn, ("key", "receptance", "value")),
+            ):
+                for name in names:
+                    setattr(part, name, quantize_int8(getattr(part, name)))
+        self.head = quantize_int8(self.head)  # a tied embedding keeps its fp32 weight for lookups
 
     # ----------------------------------------------------------------- forward
 

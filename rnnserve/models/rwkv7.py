@@ -33,6 +33,7 @@ from torch import nn
 from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.models.base import DecodeBatch, LayerStates, PrefillBatch, RecurrentLM, States, StateSpec
+from rnnserve.models.layers import quantize_int8
 from rnnserve.models.rwkv4 import token_shift_step, token_shift_varlen
 from rnnserve.models.weights import WeightsMapper, load_weights, reshape_weight_loader, set_weight_loader
 
@@ -377,6 +378,18 @@ class Rwkv7LM(RecurrentLM):
             ignore_suffixes=("head.weight",) if self.cfg.tie_word_embeddings else (),
         )
         return load_weights(self, _unstack_and_transpose(weights), mapper)
+
+    def quantize_int8(self) -> None:
+        """int8 receptance / key / value / output, the channel mix's key / value and the head (~98% of the
+        weight bytes). The low-rank w / a / v / g pairs (rank 32-128, ~2%) stay fp32: they make the decay,
+        in-context learning rate and gate, where int8 noise would compound through the state; so do the
+        embedding, norms and per-channel vectors, activations and the state."""
+        for block in self.blocks:
+            for name in ("receptance", "key", "value", "output"):
+                setattr(block.att, name, quantize_int8(getattr(block.att, name)))
+            block.ffn.key = quantize_int8(block.ffn.key)
+            block.ffn.value = quantize_int8(block.ffn.value)
+        self.head = quantize_int8(self.head)  # a tied embedding keeps its fp32 weight for lookups
 
     # ----------------------------------------------------------------- forward
 

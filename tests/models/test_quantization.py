@@ -73,12 +73,14 @@ def test_int8_model_close_to_fp32(hf_model_dir, make_config) -> None:
         assert greedy_generate(q, prompt, 6) == greedy_generate(ref, prompt, 6)
 
 
-def test_int8_refused_where_not_supported(tmp_path) -> None:
-    from tests.kernels.test_models_triton import _rwkv7
+def test_int8_refused_where_not_supported(hf_model_dir) -> None:
+    import transformers
 
-    _rwkv7(tmp_path / "rwkv7")
+    from tests.models.test_bamba import _config
+
+    folder, _ = hf_model_dir(_config(), transformers.BambaForCausalLM)  # a hybrid without quantize_int8
     with pytest.raises(ModelLoadError, match="not implemented"):
-        load_model(ModelConfig(model=str(tmp_path / "rwkv7"), dtype="float32", device="cpu", quantization="int8"))
+        load_model(ModelConfig(model=str(folder), dtype="float32", device="cpu", quantization="int8"))
 
 
 def test_int8_refused_for_bf16(hf_model_dir) -> None:
