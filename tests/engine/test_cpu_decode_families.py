@@ -9,7 +9,7 @@ Mamba-1 kernels would get wrong): a dense window of two layers. Slots no step
 touched stay bit-identical; a slot outside the pool or repeated in a step is refused before anything
 is written. With every linear layer int8 (``Int8Linear``, per-channel scales): the fused step (int8
 panels, fp32 activations and state) equals the torch decode of the dequantized weights to the same
-tolerances.
+tolerances; so it does after each family's own ``quantize_int8`` (int8 and float32 panels mixed).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from rnnserve.models.layers import quantize_int8
 from rnnserve.models.loader import load_model
 from tests.models import test_dense_mamba, test_dense_retnet, test_retnet, test_rwkv4, test_rwkv7
 from tests.models.harness import alloc_states, assert_states_close, prefill_in_chunks
+from tests.models.test_int8_families import dequantized
 
 pytestmark = pytest.mark.skipif(cpu_decode.unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
 
@@ -164,6 +165,39 @@ def test_fused_decode_equals_torch(family: str, weights: str, request) -> None:
     for a, b in zip(fused_states, ref_states):
         for name in a:
             assert torch.equal(a[name][:2], b[name][:2])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_fused_decode_of_quantize_int8(family: str, request) -> None:
+    """``--quantization int8`` as served: the family's own ``quantize_int8`` (int8 projections and head,
+    some matrices left float32: a step mixing int8 and float32 panels). The fused step equals the torch
+    decode of the dequantized weights to 1e-4 of the largest logit with the same greedy tokens and states;
+    against the torch int8 decode (``Int8Linear`` through fbgemm, which also rounds each activation row to
+    7 bits) its logits are within 30% of the largest logit (the bound of tests/models/test_int8_families.py)."""
+    int8 = copy.deepcopy(request.getfixturevalue(family))
+    int8.quantize_int8()
+    ref_model = dequantized(int8)
+    ref_states, position = _prefilled_states(ref_model)
+    fused_states = [{k: v.clone() for k, v in layer.items()} for layer in ref_states]
+    torch_states = [{k: v.clone() for k, v in layer.items()} for layer in ref_states]
+    fused = fused_decoder(int8, fused_states)
+    assert fused.head.dtype == torch.int8
+    next_token = {s: 5 + s % (VOCAB - 5) for s in range(NUM_SLOTS)}
+    for slots in STEPS:
+        batch = DecodeBatch(
+            input_ids=torch.tensor([next_token[s] for s in slots]),
+            positions=torch.tensor([position[s] for s in slots]),
+            slot_ids=torch.tensor(slots),
+        )
+        ref, got, torch_int8 = ref_model.decode(batch, ref_states), fused(batch), int8.decode(batch, torch_states)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        assert float((got - torch_int8).abs().max()) <= 0.3 * float(ref.abs().max())
+        for s, row in zip(slots, ref):
+            next_token[s] = int(row.argmax())
+            position[s] += 1
+    assert_states_close(fused_states, ref_states, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["rwkv4", "rwkv7", "retnet_fla"])
