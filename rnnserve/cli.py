@@ -137,7 +137,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default=d_model.quantization,
         choices=["none", "int8"],
-        help="int8: int8 weights (per output channel) in the linear layers, CPU and float32 only (Mamba, Mamba-2)",
+        help="int8: int8 weights (per output channel) in the linear layers, CPU and float32 only "
+        "(Mamba, Mamba-2, RWKV-4/7, RetNet, DenseSSM, LLaMA)",
     )
     g.add_argument("--tokenizer", default=None, help="tokenizer folder, 'gpt-neox-20b' or 'rwkv-world'")
     g.add_argument("--chat-template", default=None, help="Jinja chat template file overriding the tokenizer's")
