@@ -82,3 +82,17 @@ def test_bench_defaults_to_the_embedded_model(mamba_dir, tmp_path, monkeypatch, 
     assert throughput.main(["--model", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rnnserve: error:") and "nowhere" in err and err.count("\n") == 1
+
+
+def test_the_whole_batch_is_prefilled_in_one_step(mamba_dir):
+    # On a CPU the scheduler's default is first come, first prefilled; the benchmark must not use it,
+    # or sequences that decode while others prefill would count in the decode rate without their time.
+    from rnnserve.config import ModelConfig, RunnerConfig
+    from rnnserve.engine.request import SamplingParams
+    from rnnserve.models.loader import load_model
+
+    loaded = load_model(ModelConfig(model=str(mamba_dir), dtype="float32", device="cpu"))
+    engine = throughput.make_engine(loaded, 5, 5 * 70, RunnerConfig())
+    for i in range(5):  # 70 tokens each: more than the CPU default packs into one step
+        engine.add_request(str(i), [10 + j % 100 for j in range(70)], SamplingParams(max_tokens=3, temperature=0.0))
+    assert {out.request_id for out in engine.step() if out.new_token_ids} == {str(i) for i in range(5)}
