@@ -16,14 +16,13 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from rnnserve.engine import cpu_decode_families, cpu_decode_transformer
+from rnnserve.engine.cpu_decode_families import linear_bias, pack_linear
 from rnnserve.kernels import cpu_decode
 from rnnserve.kernels.cpu_decode import families as cpu_decode_rwkv_retnet
 from rnnserve.kernels.cpu_decode import transformer as cpu_decode_transformer_kernels
 from rnnserve.models.base import DecodeBatch, RecurrentLM, States
-from rnnserve.models.layers import Int8Linear
 from rnnserve.models.mamba import MambaLM
 from rnnserve.models.mamba2 import Mamba2LM
 from rnnserve.models.transformer import TransformerLM
@@ -31,25 +30,10 @@ from rnnserve.models.transformer import TransformerLM
 logger = logging.getLogger(__name__)
 
 
-def _packed(linear: nn.Module, ops) -> torch.Tensor:
-    """A linear layer's weight [out, in] packed once into the kernels' panels [ceil(out/16), in, 16]
-    (``pack_weight``): a copy, so the fused path holds a second copy of the weights next to the model's
-    own, which the torch prefill reads. An ``Int8Linear``'s int8 values and scales go to int8 panels
-    [ceil(out/16), in + 4, 16] (``pack_weight_int8``), multiplied with fp32 activations."""
-    if isinstance(linear, Int8Linear):
-        return ops.pack_weight_int8(linear.qweight, linear.scale)
-    w = linear.weight.detach()
-    return ops.pack_weight(w.t(), True) if w.t().is_contiguous() else ops.pack_weight(w.contiguous(), False)
-
-
-def _bias(linear: nn.Module) -> torch.Tensor:
-    return torch.empty(0) if linear.bias is None else linear.bias.detach().float().contiguous()
-
-
 def _head(model: RecurrentLM, ops) -> tuple[torch.Tensor, bool]:
     """The head weight packed (a tied embedding [V, D] or a column-major [D, V] alike); the flag is the
     ops' ``head_kn``, unused for a packed head."""
-    return _packed(model.lm_head, ops), False
+    return pack_linear(model.lm_head, ops), False
 
 
 def unsupported_reason(model: RecurrentLM, states: States) -> str | None:
@@ -103,17 +87,17 @@ class FusedMambaDecoder:
         self.args = dict(
             emb=model.backbone.embeddings.weight.detach(),
             norm_w=[layer.norm.weight.detach() for layer in model.backbone.layers],
-            in_w=[_packed(m.in_proj, ops) for m in mixers],
-            in_b=[_bias(m.in_proj) for m in mixers],
+            in_w=[pack_linear(m.in_proj, ops) for m in mixers],
+            in_b=[linear_bias(m.in_proj) for m in mixers],
             conv_w=[m.conv1d.weight.detach().squeeze(1).contiguous() for m in mixers],  # [E, K]
-            conv_b=[_bias(m.conv1d) for m in mixers],
-            x_w=[_packed(m.x_proj, ops) for m in mixers],  # [ceil((R + 2N) / 16), E, 16]
-            dt_w=[_packed(m.dt_proj, ops) for m in mixers],  # [E / 16, R, 16]
+            conv_b=[linear_bias(m.conv1d) for m in mixers],
+            x_w=[pack_linear(m.x_proj, ops) for m in mixers],  # [ceil((R + 2N) / 16), E, 16]
+            dt_w=[pack_linear(m.dt_proj, ops) for m in mixers],  # [E / 16, R, 16]
             dt_b=[m.dt_bias_f.contiguous() for m in mixers],
             A=[m.A.contiguous() for m in mixers],  # [E, N]
             D=[m.D_f.contiguous() for m in mixers],
-            out_w=[_packed(m.out_proj, ops) for m in mixers],  # [D / 16, E, 16]
-            out_b=[_bias(m.out_proj) for m in mixers],
+            out_w=[pack_linear(m.out_proj, ops) for m in mixers],  # [D / 16, E, 16]
+            out_b=[linear_bias(m.out_proj) for m in mixers],
         )
         self.norm_f = model.backbone.norm_f.weight.detach()
         self.eps = model.cfg.norm_eps
@@ -140,16 +124,16 @@ class FusedMamba2Decoder:
         self.args = dict(
             emb=model.backbone.embeddings.weight.detach(),
             norm_w=[layer.norm.weight.detach() for layer in model.backbone.layers],
-            in_w=[_packed(m.in_proj, ops) for m in mixers],  # [ceil((E + C + H) / 16), D, 16]
-            in_b=[_bias(m.in_proj) for m in mixers],
+            in_w=[pack_linear(m.in_proj, ops) for m in mixers],  # [ceil((E + C + H) / 16), D, 16]
+            in_b=[linear_bias(m.in_proj) for m in mixers],
             conv_w=[m.conv1d.weight.detach().squeeze(1).contiguous() for m in mixers],  # [C, K]
             conv_b=[torch.empty(0) if m.conv1d.bias is None else m.conv1d.bias.detach() for m in mixers],
             dt_bias=[m.dt_bias_f.contiguous() for m in mixers],
             A=[m.A.contiguous() for m in mixers],
             D=[m.D_f.contiguous() for m in mixers],
             gnorm_w=[m.norm.weight.detach() for m in mixers],
-            out_w=[_packed(m.out_proj, ops) for m in mixers],
-            out_b=[_bias(m.out_proj) for m in mixers],
+            out_w=[pack_linear(m.out_proj, ops) for m in mixers],
+            out_b=[linear_bias(m.out_proj) for m in mixers],
         )
         self.norm_f = model.backbone.norm_f.weight.detach()
         self.eps = cfg.norm_eps

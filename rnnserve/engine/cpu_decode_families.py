@@ -29,7 +29,7 @@ from rnnserve.models.rwkv7 import Rwkv7LM
 FAMILIES = (Rwkv4LM, Rwkv7LM, RetNetLM, DenseRetNetLM, DenseMambaLM)
 
 
-def _packed(linear: nn.Module, ops: Any) -> torch.Tensor:
+def pack_linear(linear: nn.Module, ops: Any) -> torch.Tensor:
     """A linear layer's weight [out, in] packed once into panels [ceil(out/16), in, 16] (``pack_weight``,
     which reads a row-major or column-major weight alike); an ``Int8Linear``'s int8 values and scales
     into int8 panels [ceil(out/16), in + 4, 16] (``pack_weight_int8``). A copy: the torch prefill keeps
@@ -40,7 +40,7 @@ def _packed(linear: nn.Module, ops: Any) -> torch.Tensor:
     return ops.pack_weight(w.t(), True) if w.t().is_contiguous() else ops.pack_weight(w.contiguous(), False)
 
 
-def _bias(linear: nn.Module) -> torch.Tensor:
+def linear_bias(linear: nn.Module) -> torch.Tensor:
     return torch.empty(0) if linear.bias is None else linear.bias.detach().float().contiguous()
 
 
@@ -96,7 +96,7 @@ class FusedRwkv4Decoder:
             self.wu = [torch.stack([b.att.w, b.att.u]).contiguous() for b in blocks]  # [2, A] fp32
             self.ln_out = torch.stack(_norm_rows(model.ln_out)).contiguous()
         self.mats = tuple(
-            [_packed(getattr(getattr(b, part), name), ops) for b in blocks]
+            [pack_linear(getattr(getattr(b, part), name), ops) for b in blocks]
             for part, name in (
                 ("att", "key"),
                 ("att", "value"),
@@ -108,7 +108,7 @@ class FusedRwkv4Decoder:
             )
         )
         self.emb = model.emb.weight.detach()
-        self.head = _packed(model.head, ops)
+        self.head = pack_linear(model.head, ops)
         self.eps = model.cfg.layer_norm_eps
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
@@ -158,23 +158,23 @@ class FusedRwkv7Decoder:
             self.ln_out = torch.stack(_norm_rows(model.ln_out)).contiguous()
         att = [b.att for b in blocks]
         self.mats = (
-            [_packed(a.receptance, ops) for a in att],
-            [_packed(a.key, ops) for a in att],
-            [_packed(a.value, ops) for a in att],
-            [_packed(a.output, ops) for a in att],
-            [_packed(a.w_lora.down, ops) for a in att],
-            [_packed(a.w_lora.up, ops) for a in att],
-            [_packed(a.a_lora.down, ops) for a in att],
-            [_packed(a.a_lora.up, ops) for a in att],
-            [empty if a.v_lora is None else _packed(a.v_lora.down, ops) for a in att],
-            [empty if a.v_lora is None else _packed(a.v_lora.up, ops) for a in att],
-            [_packed(a.g_lora.down, ops) for a in att],
-            [_packed(a.g_lora.up, ops) for a in att],
-            [_packed(b.ffn.key, ops) for b in blocks],
-            [_packed(b.ffn.value, ops) for b in blocks],
+            [pack_linear(a.receptance, ops) for a in att],
+            [pack_linear(a.key, ops) for a in att],
+            [pack_linear(a.value, ops) for a in att],
+            [pack_linear(a.output, ops) for a in att],
+            [pack_linear(a.w_lora.down, ops) for a in att],
+            [pack_linear(a.w_lora.up, ops) for a in att],
+            [pack_linear(a.a_lora.down, ops) for a in att],
+            [pack_linear(a.a_lora.up, ops) for a in att],
+            [empty if a.v_lora is None else pack_linear(a.v_lora.down, ops) for a in att],
+            [empty if a.v_lora is None else pack_linear(a.v_lora.up, ops) for a in att],
+            [pack_linear(a.g_lora.down, ops) for a in att],
+            [pack_linear(a.g_lora.up, ops) for a in att],
+            [pack_linear(b.ffn.key, ops) for b in blocks],
+            [pack_linear(b.ffn.value, ops) for b in blocks],
         )
         self.emb = model.emb.weight.detach()
-        self.head = _packed(model.head, ops)
+        self.head = pack_linear(model.head, ops)
         self.dims = (cfg.num_heads, cfg.norm_eps, blocks[0].att.gn_eps)
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
@@ -199,23 +199,23 @@ class FusedRetNetDecoder:
         gnorm = attn[0].g_norm_swish_gate
         self.mats = (
             [layer.attn_norm.weight.detach() for layer in layers],
-            [_packed(a.q_proj, ops) for a in attn],
-            [_packed(a.k_proj, ops) for a in attn],
-            [_packed(a.v_proj, ops) for a in attn],
-            [_packed(a.g_proj, ops) if cfg.use_output_gate else empty for a in attn],
-            [_packed(a.o_proj, ops) for a in attn],
+            [pack_linear(a.q_proj, ops) for a in attn],
+            [pack_linear(a.k_proj, ops) for a in attn],
+            [pack_linear(a.v_proj, ops) for a in attn],
+            [pack_linear(a.g_proj, ops) if cfg.use_output_gate else empty for a in attn],
+            [pack_linear(a.o_proj, ops) for a in attn],
             [a.g_norm_swish_gate.weight.detach() if gnorm.weight is not None else empty for a in attn],
             [layer.mlp_norm.weight.detach() for layer in layers] if layers[0].has_mlp else [],
-            [_packed(layer.mlp.gate_proj, ops) for layer in layers] if layers[0].has_mlp else [],
-            [_packed(layer.mlp.up_proj, ops) for layer in layers] if layers[0].has_mlp else [],
-            [_packed(layer.mlp.down_proj, ops) for layer in layers] if layers[0].has_mlp else [],
+            [pack_linear(layer.mlp.gate_proj, ops) for layer in layers] if layers[0].has_mlp else [],
+            [pack_linear(layer.mlp.up_proj, ops) for layer in layers] if layers[0].has_mlp else [],
+            [pack_linear(layer.mlp.down_proj, ops) for layer in layers] if layers[0].has_mlp else [],
         )
         retention = attn[0].retention
         rcfg = retention.cfg
         self.consts = (retention.inv_freq, retention.log_gamma)
         self.emb = model.model.embeddings.weight.detach()
         self.norm_f = model.model.norm.weight.detach()
-        self.head = _packed(model.lm_head, ops)
+        self.head = pack_linear(model.lm_head, ops)
         self.dims = (
             rcfg.num_heads,
             cfg.num_kv_heads,
@@ -250,14 +250,14 @@ class FusedDenseRetNetDecoder:
             return get(layer.self_attn).detach() if layer.fuse else empty
 
         def select(layer: nn.Module, get) -> torch.Tensor:
-            return _packed(get(layer.self_attn), ops) if layer.fuse else empty
+            return pack_linear(get(layer.self_attn), ops) if layer.fuse else empty
 
         self.mats = (
             [layer.input_layernorm.weight.detach() for layer in layers],
-            [_packed(a.q_proj, ops) for a in attn],
-            [_packed(a.k_proj, ops) for a in attn],
-            [_packed(a.to_hidden[0], ops) for a in attn],
-            [_packed(a.to_out[0], ops) for a in attn],
+            [pack_linear(a.q_proj, ops) for a in attn],
+            [pack_linear(a.k_proj, ops) for a in attn],
+            [pack_linear(a.to_hidden[0], ops) for a in attn],
+            [pack_linear(a.to_out[0], ops) for a in attn],
             [a.group_norm.weight.detach() for a in attn],
             [select(layer, lambda a: a.k_select.fc1) for layer in layers],
             [select(layer, lambda a: a.k_select.fc2) for layer in layers],
@@ -270,7 +270,7 @@ class FusedDenseRetNetDecoder:
         self.consts = (retention.inv_freq, retention.log_gamma)
         self.emb = model.model.embed_tokens.weight.detach()
         self.norm_f = model.model.norm.weight.detach()
-        self.head = _packed(model.lm_head, ops)
+        self.head = pack_linear(model.lm_head, ops)
         self.dims = (cfg.num_heads, cfg.dense_block_layers, float(attn[0].k_scale), float(cfg.rms_norm_eps))
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
@@ -295,24 +295,24 @@ class FusedDenseMambaDecoder:
 
         self.mats = (
             [layer.norm.weight.detach() for layer in layers],
-            [_packed(m.in_proj, ops) for m in mixers],
+            [pack_linear(m.in_proj, ops) for m in mixers],
             [bias(m.in_proj) for m in mixers],
             [m.conv1d.weight.detach().squeeze(1).contiguous() for m in mixers],  # [E, K]
             [bias(m.conv1d) for m in mixers],
-            [_packed(m.x_proj, ops) for m in mixers],
-            [_packed(m.dt_proj, ops) for m in mixers],
+            [pack_linear(m.x_proj, ops) for m in mixers],
+            [pack_linear(m.dt_proj, ops) for m in mixers],
             [m.dt_bias_f.contiguous() for m in mixers],
             [m.A.contiguous() for m in mixers],  # [E, N]
             [m.D_f.contiguous() for m in mixers],
-            [_packed(m.out_proj, ops) for m in mixers],
+            [pack_linear(m.out_proj, ops) for m in mixers],
             [bias(m.out_proj) for m in mixers],
-            [_packed(m.y_select.fc1, ops) if layer.fuse else empty for layer, m in zip(layers, mixers)],
-            [_packed(m.y_select.fc2, ops) if layer.fuse else empty for layer, m in zip(layers, mixers)],
+            [pack_linear(m.y_select.fc1, ops) if layer.fuse else empty for layer, m in zip(layers, mixers)],
+            [pack_linear(m.y_select.fc2, ops) if layer.fuse else empty for layer, m in zip(layers, mixers)],
             [m.y_norm.weight.detach() if layer.fuse else empty for layer, m in zip(layers, mixers)],
         )
         self.emb = model.backbone.embeddings.weight.detach()
         self.norm_f = model.backbone.norm_f.weight.detach()
-        self.head = _packed(model.lm_head, ops)
+        self.head = pack_linear(model.lm_head, ops)
         self.dims = (model.dense_block_layers, float(model.cfg.norm_eps))
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
