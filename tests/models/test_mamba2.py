@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+from transformers.models.mamba2 import modeling_mamba2
 
 from rnnserve.config import ModelConfig
 from rnnserve.models import registry
@@ -24,7 +24,9 @@ if int(transformers.__version__.split(".")[0]) < 5:
 
 # Older transformers (4.x and 5.x up to at least 5.17) normalise the gated norm over all E channels;
 # mamba_ssm and newer transformers normalise each group separately, which is what we implement.
-_GROUPED_NORM = "group_size" in inspect.signature(MambaRMSNormGated.__init__).parameters
+# transformers 5.25 renamed the class MambaRMSNormGated -> Mamba2RMSNormGated.
+_GATED_NORM = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_mamba2.MambaRMSNormGated
+_GROUPED_NORM = "group_size" in inspect.signature(_GATED_NORM.__init__).parameters
 needs_grouped_norm = pytest.mark.skipif(
     not _GROUPED_NORM, reason=f"transformers {transformers.__version__} has the ungrouped gated norm"
 )
