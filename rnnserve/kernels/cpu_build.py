@@ -1,7 +1,8 @@
 """C++ CPU kernels that the default path uses (the prefill conv and scan), loaded without stalling a
-server: where torch's extension cache already holds a build (``make install`` makes one) the first call
-loads it at once; on a fresh install, where compiling takes a minute or more, it is built on a
-background thread while callers keep taking the torch path, which they do when ``ready()`` says None.
+server: where torch's extension cache already holds a current build (``make install`` makes one) the
+first call loads it at once; where it holds none, or a stale one (made from another checkout, with other
+flags, or before an edit of the source or a header), compiling takes a minute or more, so it is built on
+a background thread while callers keep taking the torch path, which they do when ``ready()`` says None.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class LazyExtension:
             return self._ops
         if self._thread is not None:  # building in the background
             return None
-        if self._cached():
+        if self._current():
             return self.load()
         with self._start_lock:
             if self._thread is None:
@@ -51,12 +52,9 @@ class LazyExtension:
                 self._thread.start()
         return None
 
-    def _cached(self) -> bool:
-        """Whether torch's extension cache holds a build of this extension (current or not: a stale one
-        is rebuilt by the load, as after an edit of the source)."""
-        try:
-            from torch.utils.cpp_extension import _get_build_directory
+    def _current(self) -> bool:
+        """Whether torch's extension cache holds a build that loads without compiling (a stale one
+        would be rebuilt by ``load``, on the caller's thread)."""
+        from rnnserve.kernels.cpu_decode import build_is_current
 
-            return (Path(_get_build_directory(self.name, False)) / f"{self.name}.so").is_file()
-        except Exception:  # a private helper of torch's: if it moves, build in the background
-            return False
+        return build_is_current(self.name, self.source, self.cflags)

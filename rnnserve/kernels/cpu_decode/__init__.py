@@ -12,6 +12,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,41 @@ def header_flags(headers: tuple[Path, ...] = HEADERS) -> list[str]:
     edited header rebuild every extension that includes it."""
     digest = hashlib.sha256(b"".join(h.read_bytes() for h in headers)).hexdigest()[:16]
     return [f"-DRNNSERVE_HEADERS_SHA={digest}", *sorted({f"-I{h.parent}" for h in headers})]
+
+
+def build_is_current(name: str, source: Path, cflags: list[str]) -> bool:
+    """Whether torch's extension cache holds a build of ``source`` that ``build_extension`` would load
+    without compiling: ninja, asked for a dry run of the build file torch would write now, has no work
+    to do. A build made from another checkout (another source path), with other flags or before an edit
+    of the source or a header is not current. False too where this cannot be told (no ninja, a changed
+    private helper of torch's): the caller then builds in the background, which for a current build is
+    only a load."""
+    try:
+        from torch.utils import cpp_extension as ext
+
+        build_dir = Path(ext._get_build_directory(name, False))
+        ninja = shutil.which("ninja")
+        if ninja is None or not (build_dir / f"{name}.so").is_file():
+            return False
+        with tempfile.TemporaryDirectory(prefix="rnnserve-build-check-") as tmp:
+            build_file = Path(tmp) / "build.ninja"
+            # The arguments torch.utils.cpp_extension.load passes for one C++ source, no CUDA.
+            ldflags = ext._prepare_ldflags([], False, False, False, False)
+            flags = cflags + header_flags()
+            ext._write_ninja_file_to_build_library(
+                build_file, name, [str(source)], flags, [], [], ldflags, [], False, False, False
+            )
+            # -n (dry run) neither compiles nor writes ninja's log in the build directory.
+            run = subprocess.run(
+                [ninja, "-C", str(build_dir), "-f", str(build_file), "-n"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        return run.returncode == 0 and "no work to do" in run.stdout
+    except Exception:  # torch's private helpers moved, ninja failed: not known to be current
+        logger.debug("could not check the cached build of %s", name, exc_info=True)
+        return False
 
 
 def build_extension(name: str, source: Path, cflags: list[str], namespace: str, what: str) -> Any | None:
