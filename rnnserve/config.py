@@ -11,7 +11,7 @@ from typing import Literal
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 KernelBackend = Literal["auto", "torch", "triton"]
 Quantization = Literal["none", "int8"]
-CPUDecode = Literal["torch", "fused"]
+CPUDecode = Literal["torch", "fused", "auto"]
 
 
 class ConfigError(ValueError):
@@ -113,13 +113,17 @@ class RunnerConfig:
     enforce_eager: bool = False
     compile_cpu_decode: bool = False
     # fused: the float32 decode step in one C++ call (kernels/cpu_decode; Mamba, Mamba-2, RWKV, RetNet, DenseSSM,
-    # the LLaMA baseline).
+    # the LLaMA baseline), built at start-up; auto: fused where it applies, prepared in the background while
+    # the torch path decodes (engine/cpu_decode_auto.py). The server's flag defaults to auto; this default
+    # stays torch so that engine tests run one decode path, without a background thread switching it.
     cpu_decode: CPUDecode = "torch"
     max_graph_batch_size: int = 256
 
     def __post_init__(self) -> None:
         _require(self.max_graph_batch_size >= 1, "max_graph_batch_size must be >= 1")
-        _require(self.cpu_decode in ("torch", "fused"), f"bad cpu_decode {self.cpu_decode!r} (torch or fused)")
+        _require(
+            self.cpu_decode in ("torch", "fused", "auto"), f"bad cpu_decode {self.cpu_decode!r} (torch, fused or auto)"
+        )
         _require(
             not (self.compile_cpu_decode and self.cpu_decode == "fused"),
             "compile_cpu_decode and cpu_decode fused are two CPU decode paths: pick one",

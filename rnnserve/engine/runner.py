@@ -21,6 +21,7 @@ import torch
 from rnnserve.config import RunnerConfig
 from rnnserve.engine.compiled import CompiledDecoder
 from rnnserve.engine.cpu_decode import fused_decoder
+from rnnserve.engine.cpu_decode_auto import auto_decoder
 from rnnserve.engine.cuda_graph import CUDAGraphDecoder, eager_decoder
 from rnnserve.engine.kv_cache import KVCache
 from rnnserve.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -144,18 +145,25 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _make_decoder(self) -> Callable[[DecodeBatch], torch.Tensor]:
-        """CUDA graphs on CUDA; on the CPU the fused C++ decode (``cpu_decode="fused"``) or the compiled
-        decode (``compile_cpu_decode``) when asked; eager otherwise or with ``enforce_eager``. Capture /
-        compilation / the fused kernels' first build happens here, at start-up."""
+        """CUDA graphs on CUDA. On the CPU by ``cpu_decode``: "fused", the fused C++ decode, its kernels
+        built (first use) and the weights packed here at start-up; "auto", the fused decode where it
+        applies, prepared on a background thread while the torch path decodes (``cpu_decode_auto``);
+        "torch", the torch ops, compiled with ``compile_cpu_decode``. Eager with ``enforce_eager``."""
         states = self.pool.states
+        mode = self.config.cpu_decode if self.device.type == "cpu" else "torch"
         if self.config.enforce_eager:
+            if mode == "auto":
+                logger.info("--cpu-decode auto: decoding with the torch path: --enforce-eager")
             return eager_decoder(self.model, states)
         if self.kv_cache is not None:
-            if self.config.cpu_decode == "fused" and self.device.type == "cpu":
-                fused = fused_decoder(self.model, states)  # the LLaMA baseline's reads the batch's kv
+            # The CUDA-graph and compiled decoders build their batches without block tables; the fused
+            # LLaMA decode reads the batch's.
+            if mode == "fused":
+                fused = fused_decoder(self.model, states)
                 if fused is not None:
                     return fused
-            # The CUDA-graph and compiled decoders build their batches without block tables.
+            if mode == "auto":
+                return auto_decoder(self.model, states, eager_decoder(self.model, states))
             logger.info("decoding eagerly: the model has attention layers over the paged KV cache")
             return eager_decoder(self.model, states)
         if self.device.type == "cuda":
@@ -166,12 +174,16 @@ class ModelRunner:
                 logger.exception("CUDA-graph capture failed; decoding eagerly")
                 return eager_decoder(self.model, states)
             return graphs
-        if self.config.cpu_decode == "fused":
+        if mode == "fused":
             fused = fused_decoder(self.model, states)  # None (reason logged): the torch path below
             if fused is not None:
                 return fused
         if self.config.compile_cpu_decode:
+            if mode == "auto":
+                logger.info("--cpu-decode auto: decoding with the torch path: --compile")
             compiled = CompiledDecoder(self.model, states)
             compiled.warmup()
             return compiled
+        if mode == "auto":
+            return auto_decoder(self.model, states, eager_decoder(self.model, states))
         return eager_decoder(self.model, states)
