@@ -77,3 +77,35 @@ def test_a_stale_build_is_built_in_the_background(monkeypatch: pytest.MonkeyPatc
     assert ext._thread is not None
     ext._thread.join(10)
     assert ext.ready() == "ops:ns" and calls == ["z"]
+
+
+def test_each_checkout_has_its_own_build(tmp_path: Path) -> None:
+    """torch keys a cached build by name alone: two checkouts' copies of a source get two names, so a
+    clone elsewhere (a CI run) does not rebuild over this checkout's build."""
+    here = scan_cpu._EXTENSION.source
+    other = tmp_path / "clone" / here.name
+    assert cpu_decode.build_name("x", here) != cpu_decode.build_name("x", other)
+    assert cpu_decode.build_name("x", here) == cpu_decode.build_name(
+        "x", here.parent / ".." / here.parent.name / here.name
+    )
+    assert cpu_decode.build_name("x", here).startswith("x_")
+
+
+def test_a_lock_left_by_a_dead_build_is_removed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A server stopped while it built in the background leaves torch's lock file, on which every later
+    build would wait forever; an old one is removed, a recent one (a build under way) is not."""
+    import os
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, recent = (Path(_get_build_directory(n, False)) / "lock" for n in ("old_build", "recent_build"))
+    for lock in (old, recent):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    stale = time.time() - cpu_decode.STALE_LOCK_S - 60
+    os.utime(old, (stale, stale))
+    cpu_decode._remove_stale_lock("old_build")
+    cpu_decode._remove_stale_lock("recent_build")
+    assert not old.exists() and recent.exists()

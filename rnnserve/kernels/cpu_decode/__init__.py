@@ -44,6 +44,15 @@ def header_flags(headers: tuple[Path, ...] = HEADERS) -> list[str]:
     return [f"-DRNNSERVE_HEADERS_SHA={digest}", *sorted({f"-I{h.parent}" for h in headers})]
 
 
+def build_name(name: str, source: Path) -> str:
+    """The name of ``source``'s build in torch's extension cache: ``name`` and a hash of the source's
+    folder. torch keys a build by its name alone, so without the hash a checkout elsewhere (a CI clone,
+    a second worktree) rebuilt the shared entry from its own path and left this one's stale: the next
+    server here had to build again before its first fast prefill."""
+    digest = hashlib.sha256(str(source.resolve().parent).encode()).hexdigest()[:8]
+    return f"{name}_{digest}"
+
+
 def build_is_current(name: str, source: Path, cflags: list[str]) -> bool:
     """Whether torch's extension cache holds a build of ``source`` that ``build_extension`` would load
     without compiling: ninja, asked for a dry run of the build file torch would write now, has no work
@@ -54,6 +63,7 @@ def build_is_current(name: str, source: Path, cflags: list[str]) -> bool:
     try:
         from torch.utils import cpp_extension as ext
 
+        name = build_name(name, source)
         build_dir = Path(ext._get_build_directory(name, False))
         ninja = shutil.which("ninja")
         if ninja is None or not (build_dir / f"{name}.so").is_file():
@@ -79,6 +89,24 @@ def build_is_current(name: str, source: Path, cflags: list[str]) -> bool:
         return False
 
 
+# A build takes 1-3 minutes; torch's lock file in a build folder older than this was left by a process
+# that died while building (a server stopped while it built in the background), and torch would wait
+# for it forever.
+STALE_LOCK_S = 15 * 60
+
+
+def _remove_stale_lock(name: str) -> None:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, False)) / "lock"
+        if lock.is_file() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            logger.warning("removing %s, left by a build that did not finish", lock)
+            lock.unlink(missing_ok=True)
+    except Exception:  # a private helper of torch's moved: torch's own wait stands
+        logger.debug("could not check %s's build lock", name, exc_info=True)
+
+
 def build_extension(name: str, source: Path, cflags: list[str], namespace: str, what: str) -> Any | None:
     """Build (first use) and load one C++ source registering ``torch.ops.<namespace>``; that namespace,
     or None with the reason logged (no AVX2, no compiler or ninja, a failed build). The source may
@@ -90,7 +118,14 @@ def build_extension(name: str, source: Path, cflags: list[str], namespace: str, 
             from torch.utils.cpp_extension import load as build
 
             flags = cflags + header_flags()
-            build(name=name, sources=[str(source)], extra_cflags=flags, is_python_module=False, verbose=False)
+            _remove_stale_lock(build_name(name, source))
+            build(
+                name=build_name(name, source),
+                sources=[str(source)],
+                extra_cflags=flags,
+                is_python_module=False,
+                verbose=False,
+            )
             logger.info("%s loaded in %.1f s", what, time.perf_counter() - t0)
             return getattr(torch.ops, namespace)
         except Exception as exc:  # no compiler or ninja, a failed build: the torch path serves
