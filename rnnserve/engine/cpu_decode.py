@@ -114,7 +114,10 @@ class FusedMambaDecoder:
 
 
 class FusedMamba2Decoder:
-    """Mamba-2: every layer's weights gathered once; the state [S, H, N, P] is updated in place."""
+    """Mamba-2: every layer's weights gathered once and handed to a C++ ``Mamba2Model`` with the state
+    pools, so a step passes only the token and slot ids (``mamba2_decode``'s ~300 tensor arguments cost
+    ~0.15 ms of dispatch per step); the state [S, H, N, P] is updated in place. ``args`` / ``dims`` keep
+    the per-call form for ``ops.mamba2_decode`` (scripts/bench_decode_step.py's baseline arm)."""
 
     def __init__(self, model: Mamba2LM, states: States, ops) -> None:
         self.model, self.states, self.ops = model, states, ops
@@ -139,12 +142,20 @@ class FusedMamba2Decoder:
         self.eps = cfg.norm_eps
         lo, hi = cfg.time_step_limit
         self.dims = (cfg.num_heads, cfg.head_dim, cfg.n_groups, cfg.state_size, float(lo), float(min(hi, math.inf)))
+        self._pools = self._current_pools()
+        # args' values in the constructor's order (emb, norm_w, in_w, ..., out_b).
+        self._model = torch.classes.rnnserve_cpu.Mamba2Model(
+            *self.args.values(), *self._pools, self.norm_f, self.head_w, self.head_kn, self.eps, *self.dims
+        )
+
+    def _current_pools(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [st["conv"] for st in self.states], [st["ssm"] for st in self.states]
 
     def __call__(self, batch: DecodeBatch) -> torch.Tensor:
-        a = self.args
-        return self.ops.mamba2_decode(
-            batch.input_ids, batch.slot_ids, a["emb"], a["norm_w"], a["in_w"], a["in_b"], a["conv_w"],
-            a["conv_b"], a["dt_bias"], a["A"], a["D"], a["gnorm_w"], a["out_w"], a["out_b"],
-            [st["conv"] for st in self.states], [st["ssm"] for st in self.states],
-            self.norm_f, self.head_w, self.head_kn, self.eps, *self.dims,
-        )  # fmt: skip
+        # The state tensors are looked up per step (48 dict reads and identity checks), so a pool that
+        # swaps one is followed: the C++ model is rebound to the new tensors.
+        conv, ssm = self._pools
+        if any(st["conv"] is not c or st["ssm"] is not s for st, c, s in zip(self.states, conv, ssm)):
+            self._pools = self._current_pools()
+            self._model.set_states(*self._pools)
+        return self._model.step(batch.input_ids, batch.slot_ids)
