@@ -7,7 +7,9 @@ Decode arms: float32 as loaded, ``--quantization int8`` (Mamba, Mamba-2), for Ma
 row-major in/out projections (the layout before they were stored column-major), and ``--cpu-decode
 fused`` (the C++ decode of rnnserve/kernels/cpu_decode) of the float32 and the int8 model; ``--no-fused``
 / ``--no-int8`` / ``--no-torch`` leave those out; ``--fused-baseline REV`` adds the float32 fused step of
-an earlier revision's cpu_decode.cpp (before/after in one process).
+an earlier revision's cpu_decode.cpp (before/after in one process); with ``--baseline-header-only`` the
+baseline is the working tree's cpu_decode.cpp built with REV's panels.h and runs the same packed
+weights, float32 and int8, so the arms differ in the packed GEMM kernels alone.
 Then one mixed step (``--mixed-decodes`` decode rows + a ``--mixed-prompt``-token chunk; ``--no-mixed``
 leaves it out): ``model.mixed`` (one pass) against the interface's two-call default. Prints the median ms
 per step with the range.
@@ -16,6 +18,7 @@ per step with the range.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -54,17 +57,23 @@ def show(label: str, times: dict[str, list[float]], tokens: int) -> None:
         print(f"{label} {k}: {med:.1f} ms ({min(v):.1f}-{max(v):.1f}), {1000 * tokens / med:.1f} tok/s", flush=True)
 
 
-def baseline_ops(rev: str):
-    """torch.ops.rnnserve_cpu_baseline: cpu_decode.cpp as of git revision ``rev``, built once."""
+@functools.cache  # one build and load per process: a second load would register the op namespace again
+def baseline_ops(rev: str, header_only: bool = False):
+    """torch.ops.rnnserve_cpu_baseline: cpu_decode.cpp as of git revision ``rev`` (``header_only``: the
+    working tree's cpu_decode.cpp with ``rev``'s panels.h, so the arms differ in the GEMM kernels alone),
+    built once per source and header."""
+    import hashlib
     import subprocess
     import tempfile
     from pathlib import Path
 
     from torch.utils.cpp_extension import load as build
 
-    src = subprocess.run(
-        ["git", "show", f"{rev}:rnnserve/kernels/cpu_decode/cpu_decode.cpp"], check=True, capture_output=True, text=True
-    ).stdout
+    source = "rnnserve/kernels/cpu_decode/cpu_decode.cpp"
+    if header_only:
+        src = Path(source).read_text()
+    else:
+        src = subprocess.run(["git", "show", f"{rev}:{source}"], check=True, capture_output=True, text=True).stdout
     src = src.replace("TORCH_LIBRARY(rnnserve_cpu,", "TORCH_LIBRARY(rnnserve_cpu_baseline,")
     src = src.replace("TORCH_LIBRARY_IMPL(rnnserve_cpu,", "TORCH_LIBRARY_IMPL(rnnserve_cpu_baseline,")
     path = Path(tempfile.mkdtemp()) / "cpu_decode_baseline.cpp"
@@ -75,23 +84,33 @@ def baseline_ops(rev: str):
     )
     if header.returncode == 0:
         path.with_name("panels.h").write_text(header.stdout)
-    flags = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off"]
+    # torch keys its cached build on the source and flags only: the header's hash in a define rebuilds it
+    # when another revision's panels.h comes beside the same source.
+    digest = hashlib.sha256(header.stdout.encode()).hexdigest()[:16]
+    flags = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", f"-DRNNSERVE_BASELINE_HEADER_SHA={digest}"]
     build(name="rnnserve_cpu_decode_baseline", sources=[str(path)], extra_cflags=flags, is_python_module=False)
     return torch.ops.rnnserve_cpu_baseline
 
 
-def baseline_step(ops, model: RecurrentLM, states: States, batch: DecodeBatch) -> Callable[[], object]:
-    """One fused step through ``ops`` (another revision's build) with the weights unpacked: [in, out]."""
+def baseline_step(
+    ops, model: RecurrentLM, states: States, batch: DecodeBatch, packed: bool = False
+) -> Callable[[], object]:
+    """One fused step through ``ops`` (another revision's build) with the weights unpacked: [in, out]; or,
+    ``packed`` (ops built from the working tree's source), with the packed weights the current step uses,
+    so both arms run gemm_packed."""
     current = fused_decoder(model, states)
     assert current is not None, "the fused path does not apply to this model"
     a = dict(current.args)
     mixers = [layer.mixer for layer in model.backbone.layers]
-    for key, name in (("in_w", "in_proj"), ("x_w", "x_proj"), ("dt_w", "dt_proj"), ("out_w", "out_proj")):
-        if key in a:
-            a[key] = [getattr(m, name).weight.detach().t().contiguous() for m in mixers]
-    head = model.lm_head.weight.detach()
-    head_kn = not head.is_contiguous()
-    head = head.t().contiguous() if head_kn else head
+    if packed:
+        head, head_kn = current.head_w, current.head_kn
+    else:
+        for key, name in (("in_w", "in_proj"), ("x_w", "x_proj"), ("dt_w", "dt_proj"), ("out_w", "out_proj")):
+            if key in a:
+                a[key] = [getattr(m, name).weight.detach().t().contiguous() for m in mixers]
+        head = model.lm_head.weight.detach()
+        head_kn = not head.is_contiguous()
+        head = head.t().contiguous() if head_kn else head
     pools = ([st["conv"] for st in states], [st["ssm"] for st in states])
     if "x_w" in a:  # Mamba-1
         return lambda: ops.mamba1_decode(
@@ -124,6 +143,12 @@ def main() -> None:
         help="also run the fp32 fused step of cpu_decode.cpp at git revision REV (built under another op "
         "namespace, weights passed unpacked as [in, out], which every revision's ops accept): before/after",
     )
+    p.add_argument(
+        "--baseline-header-only",
+        action="store_true",
+        help="the --fused-baseline arm builds the working tree's cpu_decode.cpp with REV's panels.h (the GEMM "
+        "kernels' before/after alone, whatever else changed in cpu_decode.cpp)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -151,9 +176,12 @@ def main() -> None:
                 else {k: (lambda m=m, s=states[k], x=batch: m.decode(x, s)) for k, m in models.items()}
             )
             if args.fused_baseline:
-                arms[f"fp32 fused at {args.fused_baseline}"] = baseline_step(
-                    baseline_ops(args.fused_baseline), fp32, alloc_states(fp32, b + 1), batch
-                )
+                ops = baseline_ops(args.fused_baseline, args.baseline_header_only)
+                label = "panels.h" if args.baseline_header_only else "fused"
+                for name in [k for k in ("fp32", "int8") if k in models][: 2 if args.baseline_header_only else 1]:
+                    arms[f"{name} {label} at {args.fused_baseline}"] = baseline_step(
+                        ops, models[name], alloc_states(models[name], b + 1), batch, args.baseline_header_only
+                    )
             for name in [] if args.no_fused else [k for k in ("fp32", "int8") if k in models]:
                 fused = fused_decoder(models[name], alloc_states(models[name], b + 1))
                 if fused is not None:
