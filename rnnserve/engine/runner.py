@@ -54,8 +54,10 @@ class ModelRunner:
         self._decoder = self._make_decoder()
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        decodes = [s for s in sched.scheduled if s.is_decode]
-        prefills = [s for s in sched.scheduled if not s.is_decode]
+        decodes: list[ScheduledRequest] = []
+        prefills: list[ScheduledRequest] = []
+        for s in sched.scheduled:
+            (decodes if s.is_decode else prefills).append(s)
         n = len(decodes)
         sampled = list(decodes)
         prompt_logits: dict[str, torch.Tensor] = {}
@@ -90,9 +92,16 @@ class ModelRunner:
         return self._decoder(batch)
 
     def _decode_batch(self, decodes: list[ScheduledRequest]) -> DecodeBatch:
-        ids = [s.request.token_at(s.start) for s in decodes]
-        pos = [s.start for s in decodes]
-        slots = [s.request.slot for s in decodes]
+        # A decode row feeds its last known token (an output token: its prompt is done) at position
+        # num_computed_tokens.
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        for s in decodes:
+            req = s.request
+            ids.append(req.output_token_ids[-1])
+            pos.append(req.num_computed_tokens)
+            slots.append(req.slot)  # type: ignore[arg-type]  # a running request holds a slot
         return DecodeBatch(
             input_ids=self._tensor(ids),
             positions=self._tensor(pos),
