@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from rnnserve.config import ModelConfig, RunnerConfig, SchedulerConfig, StatePoolConfig
-from rnnserve.engine import LLMEngine, SamplingParams
+from rnnserve.engine import LLMEngine, SamplingParams, cpu_decode_auto
 from rnnserve.engine import cpu_decode as engine_cpu_decode
-from rnnserve.engine import cpu_decode_auto
 from rnnserve.engine.cpu_decode import FusedMambaDecoder
 from rnnserve.engine.cpu_decode_auto import SwitchingDecoder
 from rnnserve.engine.runner import ModelRunner
