@@ -97,9 +97,12 @@ def test_auto_keeps_torch_when_preparing_raises(mamba, monkeypatch, caplog) -> N
     assert "preparing the fused decode failed" in caplog.text and not decoder.fused
 
 
-def _generate(model: RecurrentLM, choice: str, release: threading.Event | None = None) -> list[list[int]]:
-    """Greedy tokens of three requests; with ``release``, the fused decode becomes ready only when the
-    event is set, after the 5th step (prefills and a few decodes on the torch path)."""
+def _generate(
+    model: RecurrentLM, choice: str, release: threading.Event | None = None
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy tokens of three requests and each token's logprob (which depends on the whole state, where
+    a random model's greedy token may not); with ``release``, the fused decode becomes ready only when
+    the event is set, after the 5th step (prefills and a few decodes on the torch path)."""
     engine = LLMEngine(
         model,
         StatePoolConfig(max_num_seqs=4),
@@ -108,9 +111,11 @@ def _generate(model: RecurrentLM, choice: str, release: threading.Event | None =
         eos_token_id=None,
     )
     prompts = [[5, 17, 3, 88, 1], [9, 9, 40, 2], [60, 1, 2, 3, 4, 5, 6]]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+        engine.add_request(str(i), prompt, params)
+    ids: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    logprobs: dict[str, list[float]] = {str(i): [] for i in range(len(prompts))}
     steps = 0
     while engine.has_unfinished():
         if release is not None and steps == 5:
@@ -119,18 +124,24 @@ def _generate(model: RecurrentLM, choice: str, release: threading.Event | None =
             release.set()
             assert decoder.wait(120)
         for o in engine.step():
-            out[o.request_id].extend(o.new_token_ids)
+            ids[o.request_id].extend(o.new_token_ids)
+            logprobs[o.request_id].extend(lp.logprob for lp in o.new_logprobs or [])
         steps += 1
     if release is not None:
         decoder = engine.runner._decoder
         assert isinstance(decoder, SwitchingDecoder) and decoder.fused and decoder._steps >= 3
-    return [out[str(i)] for i in range(len(prompts))]
+    keys = [str(i) for i in range(len(prompts))]
+    return [ids[k] for k in keys], [logprobs[k] for k in keys]
 
 
 def test_switch_at_a_step_boundary_keeps_greedy_tokens(mamba, monkeypatch) -> None:
-    torch_only = _generate(mamba, "torch")
-    fused_only = _generate(mamba, "fused")
-    assert fused_only == torch_only and all(len(t) == 16 for t in torch_only)
+    """The fused decode continues from the states the torch path left: the same tokens, and logprobs
+    within float32 rounding of the two paths (a switch onto zeroed state pools moved them by up to 0.37,
+    with the same tokens)."""
+    torch_ids, torch_lp = _generate(mamba, "torch")
+    fused_ids, fused_lp = _generate(mamba, "fused")
+    assert fused_ids == torch_ids and all(len(t) == 16 for t in torch_ids)
+    torch.testing.assert_close(torch.tensor(fused_lp), torch.tensor(torch_lp), rtol=0, atol=1e-4)
 
     release = threading.Event()
     real = cpu_decode_auto.fused_decoder
@@ -140,7 +151,9 @@ def test_switch_at_a_step_boundary_keeps_greedy_tokens(mamba, monkeypatch) -> No
         return real(model, states)
 
     monkeypatch.setattr(cpu_decode_auto, "fused_decoder", gated)
-    assert _generate(mamba, "auto", release) == torch_only
+    auto_ids, auto_lp = _generate(mamba, "auto", release)
+    assert auto_ids == torch_ids
+    torch.testing.assert_close(torch.tensor(auto_lp), torch.tensor(torch_lp), rtol=0, atol=1e-4)
 
 
 def test_the_server_flag_defaults_to_auto() -> None:
