@@ -245,18 +245,24 @@ class Scheduler:
         if self._admit_newcomers(budget, out):
             return out
         preemptions = self.num_preemptions
-        # Copies: reserving KV blocks may preempt (remove) running requests.
+        # One pass over a copy (reserving KV blocks may preempt, i.e. remove, running requests): the
+        # decodes, and in running order the requests with prompt (or recomputed) tokens left.
+        chunked: list[Request] = []
         for req in list(self.running):
             if budget == 0:
                 break
-            if req.status is RequestStatus.RUNNING and self._is_decoding(req) and self._reserve(req, 1, out):
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            if not self._is_decoding(req):
+                chunked.append(req)
+            elif self._reserve(req, 1, out):
                 out.scheduled.append(ScheduledRequest(req, 1))
                 budget -= 1
         prompt_tokens = 0  # of this step's prefill chunks: past prefill_pack_tokens no other prompt joins
-        for req in list(self.running):
+        for req in chunked:
             if budget == 0 or prompt_tokens >= self.prefill_pack_tokens:
                 break
-            if req.status is RequestStatus.RUNNING and not self._is_decoding(req):
+            if req.status is RequestStatus.RUNNING:  # not preempted since
                 n = max(1, self._fit(req, self._chunk_len(req, budget)))
                 if self._reserve(req, n, out):
                     out.scheduled.append(ScheduledRequest(req, n))
