@@ -367,7 +367,8 @@ RNNSERVE_AVX512 inline __m512 finish16(__m512 sum, const T* p, int64_t K) {
 // One row, one panel: four k per iteration into four accumulators (FMA latency 4 at one zmm FMA per
 // cycle), the loop at the load rate.
 template <class T>
-RNNSERVE_AVX512 __attribute__((noinline)) void panel_row1_512(const float* x, const T* p, int64_t K, float* out) {
+RNNSERVE_AVX512 __attribute__((noinline)) void panel_row1_512(const float* x, const T* p, int64_t K,
+                                                              float* out) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
@@ -391,7 +392,8 @@ RNNSERVE_AVX512 __attribute__((noinline)) void panel_row1_512(const float* x, co
 // Not inlined: inside the item loop's lambda the loop had fewer free general registers and moved row
 // pointers through xmm registers even at 8 rows (~10% slower at M = 8).
 template <int MR, bool kPacked, class T>
-RNNSERVE_AVX512 __attribute__((noinline)) void panel_rows_512(const float* x, int64_t ldx, const T* p, int64_t K, float* out) {
+RNNSERVE_AVX512 __attribute__((noinline)) void panel_rows_512(const float* x, int64_t ldx, const T* p, int64_t K,
+                                                              float* out) {
   __m512 c[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) c[i] = _mm512_setzero_ps();
@@ -429,6 +431,25 @@ RNNSERVE_AVX512 inline void panel_group_512(const float* x, int64_t ldx, int64_t
     case 14: panel_rows_512<14, kPacked>(x, ldx, p, K, out); break;
     case 15: panel_rows_512<15, kPacked>(x, ldx, p, K, out); break;
     default: panel_rows_512<16, kPacked>(x, ldx, p, K, out); break;
+  }
+}
+
+// For drivers with their own panel loop (rwkv_retnet.cpp's proj_panels): the most rows one tile takes on
+// this CPU (AVX-512: kMaxRows512, AVX2: 5), and mr of them (1..tile_rows(), rows at x + i * ldx) x one
+// panel over K into tile [mr, 16] through the tile gemm_packed would run.
+inline int64_t tile_rows() { return use_avx512() ? kMaxRows512 : 5; }
+template <class T>
+void panel_tile_rows(const float* x, int64_t ldx, const T* p, int64_t K, int64_t mr, float* tile) {
+  if (use_avx512()) {
+    panel_group_512<false>(x, ldx, mr, p, K, tile);
+    return;
+  }
+  switch (mr) {
+    case 1: panel_row1(x, p, K, tile); break;
+    case 2: panel_rows<2>(x, ldx, p, K, tile); break;
+    case 3: panel_rows<3>(x, ldx, p, K, tile); break;
+    case 4: panel_rows<4>(x, ldx, p, K, tile); break;
+    default: panel_rows<5>(x, ldx, p, K, tile); break;
   }
 }
 
@@ -502,13 +523,7 @@ void gemm_packed(const float* x, int64_t ldx, const T* p, const float* bias, flo
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t m0 = M * g / groups, mr = M * (g + 1) / groups - m0;
         const float* xm = x + m0 * ldx;
-        switch (mr) {
-          case 1: panel_row1(xm, pq, K, tile); break;
-          case 2: panel_rows<2>(xm, ldx, pq, K, tile); break;
-          case 3: panel_rows<3>(xm, ldx, pq, K, tile); break;
-          case 4: panel_rows<4>(xm, ldx, pq, K, tile); break;
-          default: panel_rows<5>(xm, ldx, pq, K, tile); break;
-        }
+        panel_tile_rows(xm, ldx, pq, K, mr, tile);
         for (int64_t i = 0; i < mr; ++i) {
           float* cr = c + (m0 + i) * ldc + n0;
           const float* t = tile + i * kPanel;
