@@ -1,5 +1,6 @@
 """panels.h's packed GEMM through every tile shape, on both instruction sets: the AVX-512 tiles (up to
-16 rows x one 16-column panel in zmm registers, what runs where the CPU has AVX-512) in this process,
+16 rows x one 16-column panel in zmm registers, what runs where the CPU has AVX-512; x read in place up
+to 8 rows, interleaved per group above) in this process,
 and the AVX2 tiles (up to 5 rows, 8 = 4 + 4) in a child process started with
 ``RNNSERVE_CPU_DECODE_ISA=avx2``, which the kernels read once per process. Rows 1 to 40 cover every
 group split of both (40 = 14 + 13 + 13 rows on AVX-512, eight groups of 5 on AVX2); N = 80 is five
