@@ -495,13 +495,16 @@ Tensor mamba2_step(const Mamba2Weights& w, const Tensor& ids, const Tensor& slot
     // Per (sequence, head): the conv of its P x channels, Δ = clamp(softplus(dt + dt_bias)),
     // S ← exp(Δ A) S + B (Δ x)ᵀ in place, y = C S + D x, in one streaming pass over S [N, P]
     // (ssm_head_cols: 64 columns, the whole row for Mamba-2-130m's P = 64, per pass), nothing else read
-    // or written per state element.
+    // or written per state element. Items of B*H/16 heads (at least 2): about 16 items, so a thread
+    // streams a run of consecutive heads (whole slots from batch 16 on, contiguous in the pool when the
+    // slots are) rather than jumping every 2 heads; measured 5-8% faster steps than 2-head items at
+    // batch 8 and 32 (2 threads, alternated in one process), the same items at batch 1.
     float* ss = ssm_state[l].data_ptr<float>();
     const int64_t ss_stride = ssm_state[l].stride(0);
     const float* Ap = w.A[l].data_ptr<float>();
     const float* Dv = w.D[l].data_ptr<float>();
     const float* dbias = w.dt_bias[l].data_ptr<float>();
-    parallel_ranges(B * H, 2, [&](int64_t t0, int64_t t1) {
+    parallel_ranges(B * H, std::max<int64_t>(2, B * H / 16), [&](int64_t t0, int64_t t1) {
       FlushDenormals ftz;
       alignas(32) float dx[64];
       for (int64_t t = t0; t < t1; ++t) {
