@@ -18,6 +18,13 @@ Bounds, derived from admission's (``max_in_flight`` = state slots + ``--max-queu
 
 Open paths (``/health``, ``/metrics``, ...) are neither counted nor refused.
 
+Under a flood most refusals happen before this layer runs: the HTTP protocol (``run.py``) asks
+``refuses`` when a request head arrives on a connection whose peer is already at a bound, and
+answers the same 429 from its raw bytes (``REFUSAL_STATUS``, ``REFUSAL_HEADERS``, ``REFUSAL_BODY``)
+without parsing the head into a request, so a refused request costs the event loop a byte search
+instead of a parse, a task and the response's serialisation. This layer still decides every request
+the protocol lets through.
+
 When the server goes idle after serving a burst, ``malloc_trim`` hands the C heap's free pages back
 to the system (glibc only): a burst's request buffers leave most of the heap's growth free but
 fragmented, which ``free`` alone does not return.
@@ -45,15 +52,18 @@ TRIM_AFTER_REQUESTS = 256
 # Idle this long before trimming, so a trim never runs between the requests of one burst.
 TRIM_DELAY_S = 1.0
 
-_BODY = error_body_json(429, "the server has too many requests in flight; retry shortly", code="overloaded")
-_HEADERS = [
+REFUSAL_STATUS = 429
+REFUSAL_BODY = error_body_json(
+    REFUSAL_STATUS, "the server has too many requests in flight; retry shortly", code="overloaded"
+)
+REFUSAL_HEADERS = [
     (b"content-type", b"application/json"),
-    (b"content-length", str(len(_BODY)).encode()),
+    (b"content-length", str(len(REFUSAL_BODY)).encode()),
     (b"retry-after", str(RETRY_AFTER_OVERLOADED_S).encode()),
     (b"connection", b"close"),  # as the admission gate's 429: a flood's connections go at once
 ]
-_START = {"type": "http.response.start", "status": 429, "headers": _HEADERS}
-_END = {"type": "http.response.body", "body": _BODY, "more_body": False}
+_START = {"type": "http.response.start", "status": REFUSAL_STATUS, "headers": REFUSAL_HEADERS}
+_END = {"type": "http.response.body", "body": REFUSAL_BODY, "more_body": False}
 
 
 @cache
@@ -102,24 +112,32 @@ class EdgeGuard:
     def in_flight_of(self, address: str) -> int:
         return self._per_address.get(address, 0)
 
+    def refuses(self, address: str) -> bool:
+        """Whether a request from ``address`` to a counted path would get the 429 now."""
+        return (self.max_requests is not None and self.in_flight >= self.max_requests) or (
+            self.max_per_address is not None and self._per_address.get(address, 0) >= self.max_per_address
+        )
+
+    def count_refusal(self) -> None:
+        """Account for a request refused with the 429, here or by the protocol ahead of this layer."""
+        self.refused += 1
+        self._since_trim += 1
+        self._maybe_schedule_trim()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
         address = client[0] if client else ""
-        held = self._per_address.get(address, 0)
-        self._since_trim += 1
-        if (self.max_requests is not None and self.in_flight >= self.max_requests) or (
-            self.max_per_address is not None and held >= self.max_per_address
-        ):
-            self.refused += 1
+        if self.refuses(address):
             await send(_START)
             await send(_END)
-            self._maybe_schedule_trim()
+            self.count_refusal()
             return
+        self._since_trim += 1
         self.in_flight += 1
-        self._per_address[address] = held + 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         try:
             await self.app(scope, receive, send)
         finally:

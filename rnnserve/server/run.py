@@ -6,6 +6,15 @@ sending a byte now and then). ``ReadTimeoutProtocol`` closes a connection whose 
 not complete ``--read-timeout`` seconds after it opened or after its previous response ended. A
 body that trickles in is bounded by ``BodyLimitMiddleware`` (408 after the same timeout).
 
+Refusal at the edge. When a connection's peer address is at ``EdgeGuard``'s bound (or all
+addresses together are), ``ReadTimeoutProtocol`` answers the next request head on it itself: it
+reads the raw head up to its blank line, finds the path in the request line, and for a counted
+path writes EdgeGuard's 429 (the same status line, headers and body as that request would get from
+EdgeGuard through uvicorn) and closes the connection once the body announced by ``Content-Length``
+is read, so the client gets the answer, not a reset. h11 never parses such a request and no task
+is made for it. Open paths, upgrades, heads that are not plain HTTP/1.x, and any head once the
+bound has room again go to h11 unchanged, and EdgeGuard decides them.
+
 Drain. On the first SIGTERM or SIGINT, the server stops admitting (new requests on open
 connections get 503 with ``Retry-After``, ``/health`` answers 503, the listening socket closes),
 requests already running go on for up to ``--shutdown-timeout`` seconds, then every one still
@@ -22,13 +31,17 @@ import signal
 import socket
 from types import FrameType
 from typing import Any
+from urllib.parse import unquote
 
+import h11
 import uvicorn
 from fastapi import FastAPI
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
 from rnnserve.config import ServerConfig
 from rnnserve.server.admission import Admission
+from rnnserve.server.edge import REFUSAL_BODY, REFUSAL_HEADERS, REFUSAL_STATUS, EdgeGuard
 
 logger = logging.getLogger("rnnserve.server")
 
@@ -37,22 +50,104 @@ logger = logging.getLogger("rnnserve.server")
 _FLUSH_GRACE_S = 5.0
 
 
-class ReadTimeoutProtocol(H11Protocol):
-    """uvicorn's h11 protocol, closing connections whose request headers do not arrive in time."""
+# EdgeGuard's 429 as h11 writes it for uvicorn: the status line, then (per response) uvicorn's
+# default headers (date, server), then these; then the body.
+_REFUSAL_STATUS_LINE = b"HTTP/1.1 %d %s\r\n" % (REFUSAL_STATUS, STATUS_PHRASES[REFUSAL_STATUS])
+_REFUSAL_TAIL = b"".join(name + b": " + value + b"\r\n" for name, value in REFUSAL_HEADERS) + b"\r\n"
+_HEAD_END = b"\r\n\r\n"
 
-    read_timeout: float = 30.0  # set per server by ``protocol_with_read_timeout``
+
+class ReadTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol, closing connections whose request headers do not arrive in time, and
+    answering EdgeGuard's 429 from the raw request head while the peer is at the guard's bound."""
+
+    read_timeout: float = 30.0  # set per server by ``make_protocol``
+    edge: EdgeGuard | None = None  # set per server by ``make_protocol``; None: h11 parses every request
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
         self._seen_cycle: Any = None
+        self._address = self.client[0] if self.client else ""  # as EdgeGuard reads it from the scope
+        self._held_head = b""  # head bytes kept from h11 while deciding whether to refuse
+        self._discard_body = -1  # >= 0: refused; body bytes still to read before closing
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._discard_body >= 0:
+            self._discard(data)
+            return
+        if self.edge is not None and self._refused_early(data):
+            return
         super().data_received(data)
         if self.cycle is not None and self.cycle is not self._seen_cycle:
             self._seen_cycle = self.cycle  # headers complete: the request runs, the body has its own timeout
             self._cancel_header_timer()
+
+    def _refused_early(self, data: bytes) -> bool:
+        """Answer the 429 for a request whose head starts in ``data``, if EdgeGuard would; True when
+        ``data`` was taken (answered, or held until the head is complete), False to let h11 parse it."""
+        assert self.edge is not None
+        if not self._held_head and not (
+            self.edge.refuses(self._address)
+            and self.conn.their_state is h11.IDLE  # the next bytes start a request head ...
+            and not self.conn.trailing_data[0]  # ... and h11 holds none of it yet
+        ):
+            return False
+        head = self._held_head + data
+        self._held_head = b""
+        end = head.find(_HEAD_END)
+        if end < 0 and len(head) <= DEFAULT_MAX_INCOMPLETE_EVENT_SIZE:
+            self._unset_keepalive_if_required()  # a request has begun, as h11 would see it
+            self._held_head = head
+            return True
+        method, path, version, lower_head = self._counted_request(head, end)
+        if method is None or not self.edge.refuses(self._address):
+            super().data_received(head)  # EdgeGuard (or h11's 400) decides, as without this path
+            return True
+        self._unset_keepalive_if_required()
+        self.edge.count_refusal()
+        if self.access_log:
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else ""
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', client, method, path, version, REFUSAL_STATUS)
+        response = [_REFUSAL_STATUS_LINE]
+        response += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        response.append(_REFUSAL_TAIL)
+        if method != "HEAD":
+            response.append(REFUSAL_BODY)
+        self.transport.write(b"".join(response))
+        # A client waiting for "100 Continue" sends no body after a final answer.
+        body = 0 if b"\nexpect:" in lower_head else _content_length(lower_head)
+        self._discard_body = max(0, body - (len(head) - end - len(_HEAD_END)))
+        self._discard(b"")
+        return True
+
+    def _counted_request(self, head: bytes, end: int) -> tuple[str | None, str, str, bytes]:
+        """(method, path, HTTP version, the header lines in lower case) of a complete head that
+        EdgeGuard counts; method None for an open path, an upgrade, an incomplete or oversized
+        head, or a request line that is not plain HTTP/1.x (h11 decides those)."""
+        if end < 0:
+            return None, "", "", b""
+        line_end = head.find(b"\r\n")
+        parts = head[:line_end].split(b" ")
+        lower_head = head[line_end:end].lower()
+        if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") or b"\nupgrade:" in lower_head:
+            return None, "", "", b""
+        try:
+            method = parts[0].decode("ascii")
+            path = self.root_path + unquote(parts[1].partition(b"?")[0].decode("ascii"))
+        except UnicodeDecodeError:
+            return None, "", "", b""
+        if not method.isalpha() or path in self.edge.open_paths:  # type: ignore[union-attr]
+            return None, "", "", b""
+        return method, path, parts[2][5:].decode(), lower_head
+
+    def _discard(self, data: bytes) -> None:
+        """Read a refused request's body, then close: closing with unread bytes would reset the
+        connection, and the client could lose the 429 already sent."""
+        self._discard_body = max(0, self._discard_body - len(data))
+        if self._discard_body == 0 and not self.transport.is_closing():
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -81,8 +176,19 @@ class ReadTimeoutProtocol(H11Protocol):
             self.transport.close()
 
 
-def protocol_with_read_timeout(read_timeout: float) -> type[ReadTimeoutProtocol]:
-    return type("ReadTimeoutProtocol", (ReadTimeoutProtocol,), {"read_timeout": read_timeout})
+def _content_length(lower_head: bytes) -> int:
+    """The Content-Length of a request head in lower case (its header lines), 0 when absent or not
+    a number (a chunked body is not read: the connection closes after the 429, as EdgeGuard's)."""
+    start = lower_head.find(b"\ncontent-length:")
+    if start < 0:
+        return 0
+    value = lower_head[start + len(b"\ncontent-length:") :].split(b"\r", 1)[0].strip()
+    return int(value) if value.isdigit() else 0
+
+
+def make_protocol(read_timeout: float, edge: EdgeGuard | None = None) -> type[ReadTimeoutProtocol]:
+    """``ReadTimeoutProtocol`` for one server: its read timeout, and the EdgeGuard it refuses for."""
+    return type("ReadTimeoutProtocol", (ReadTimeoutProtocol,), {"read_timeout": read_timeout, "edge": edge})
 
 
 class DrainingServer(uvicorn.Server):
@@ -137,7 +243,7 @@ def run(app: FastAPI, cfg: ServerConfig, sockets: list[socket.socket] | None = N
         log_level=cfg.log_level,
         # No X-Forwarded-For: a client is its peer address (admission's fair share, the edge bound).
         proxy_headers=False,
-        http=protocol_with_read_timeout(cfg.read_timeout),
+        http=make_protocol(cfg.read_timeout, app.state.edge),
         timeout_keep_alive=cfg.keep_alive_timeout,  # type: ignore[arg-type]  # any number of seconds works
         timeout_graceful_shutdown=cfg.shutdown_timeout + _FLUSH_GRACE_S,  # type: ignore[arg-type]
     )

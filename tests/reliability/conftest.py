@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from rnnserve.config import ServerConfig
-from rnnserve.server.run import DrainingServer, protocol_with_read_timeout
+from rnnserve.server.run import DrainingServer, make_protocol
 from tests.server.conftest import build_model_dir
 
 
@@ -40,7 +40,7 @@ def serve_in_thread(app: FastAPI, cfg: ServerConfig | None = None) -> Iterator[s
         app.state.edge,  # as run() serves it
         log_level="warning",
         proxy_headers=False,
-        http=protocol_with_read_timeout(cfg.read_timeout),
+        http=make_protocol(cfg.read_timeout, app.state.edge),  # as run() serves it
         timeout_keep_alive=cfg.keep_alive_timeout,  # type: ignore[arg-type]
         timeout_graceful_shutdown=cfg.shutdown_timeout + 5,  # type: ignore[arg-type]
     )

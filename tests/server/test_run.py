@@ -21,6 +21,7 @@ def test_run_freezes_the_startup_heap_before_serving(monkeypatch: pytest.MonkeyP
     def fake_run(self: run_module.DrainingServer, sockets: object = None) -> None:
         frozen_when_serving.append(gc.get_freeze_count())
         served.append(self.config.app)
+        assert self.config.http.edge is self.config.app  # the protocol refuses for that EdgeGuard
         assert self.config.proxy_headers is False  # a client is its peer address, never X-Forwarded-For
 
     monkeypatch.setattr(run_module.DrainingServer, "run", fake_run)
