@@ -6,8 +6,9 @@ a quiet phase (the well-behaved client alone: sequential streamed completions), 
 (the same client while a second client fires ``--burst`` requests at once) and a second quiet phase.
 The well-behaved client honours ``Retry-After`` on a 429 and counts the wait in its TTFT; the figure
 is the p50 / p99 TTFT of its requests (first attempt -> first token). Also printed: the burst's
-status counts, the server's RSS before and after (each read after 2 s idle), and the engine gauges
-once idle.
+status counts, the server's RSS before and after (each read after 2 s idle), the engine gauges
+once idle, and the CPU seconds the server spent from the burst's start to its last answer, on its
+event-loop thread and on its other threads (the engine, torch's workers).
 
 The two clients are told apart as the server tells clients apart: each sends its own OpenAI ``user``
 (``well-behaved`` and ``burst``), and the burst connects from 127.0.0.2 (loopback, where the system
@@ -61,6 +62,24 @@ def idle_rss_mib(pid: int) -> float:
     idle spell (rnnserve.server.edge), as it would between a burst and the next one."""
     time.sleep(2.0)
     return rss_mib(pid)
+
+
+def thread_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) the process has used so far: (its main thread, which runs the
+    event loop, all its other threads: the engine, torch's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        if task.name == str(pid):
+            main += cpu
+        else:
+            other += cpu
+    return main, other
 
 
 def gauges(base: str) -> dict[str, float]:
@@ -146,10 +165,13 @@ def _burst_process(base: str, n: int, max_tokens: int, out: multiprocessing.Queu
 
 
 def during_burst(
-    base: str, n_quiet: int, n_burst: int, burst_max_tokens: int
-) -> tuple[list[float], int, dict[int, int]]:
-    """The burst runs in its own process, so its 2,000 connections do not slow this client's loop."""
+    base: str, n_quiet: int, n_burst: int, burst_max_tokens: int, server_pid: int
+) -> tuple[list[float], int, dict[int, int], tuple[float, float]]:
+    """The burst runs in its own process, so its 2,000 connections do not slow this client's loop.
+    Also returns the server's CPU seconds from the burst's start to its last answer (event-loop
+    thread, other threads)."""
     ctx = multiprocessing.get_context("spawn")
+    cpu0 = thread_cpu_s(server_pid)
     out: multiprocessing.Queue = ctx.Queue()
     proc = ctx.Process(target=_burst_process, args=(base, n_burst, burst_max_tokens, out))
     proc.start()
@@ -163,8 +185,9 @@ def during_burst(
     time.sleep(0.5)
     ttfts, rejected = asyncio.run(well_behaved(base, n_quiet))
     codes = out.get(timeout=1200)
+    cpu1 = thread_cpu_s(server_pid)
     proc.join()
-    return ttfts, rejected, codes
+    return ttfts, rejected, codes, (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
 
 
 def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
@@ -202,7 +225,7 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
         asyncio.run(well_behaved(base, 5))  # warm-up
         rss0 = idle_rss_mib(proc.pid)
         quiet1, _ = asyncio.run(well_behaved(base, args.requests))
-        loud, rejected, codes = during_burst(base, args.requests, args.burst, args.burst_max_tokens)
+        loud, rejected, codes, cpu = during_burst(base, args.requests, args.burst, args.burst_max_tokens, proc.pid)
         quiet2, _ = asyncio.run(well_behaved(base, args.requests))
         rss_after = [idle_rss_mib(proc.pid)]
         for _ in range(args.bursts - 1):  # more bursts: a leak keeps growing, allocator pools do not
@@ -218,6 +241,8 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
             "burst_p99": pct(loud, 0.99),
             "well_behaved_429s": rejected,
             "burst_statuses": codes,
+            "burst_cpu_loop_s": cpu[0],
+            "burst_cpu_other_s": cpu[1],
             "rss_before_mib": rss0,
             "rss_after_mib": rss_after[0],
             "rss_after_each_burst_mib": rss_after,
@@ -254,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['rss_before_mib']:10.0f}/{r['rss_after_mib']:<10.0f}  {r['burst_statuses']}"
         )
         print(f"{'':<12} after: {r['gauges_after']}; RSS MiB after each burst: {r['rss_after_each_burst_mib']}")
+        print(
+            f"{'':<12} server CPU s in the burst: event loop {r['burst_cpu_loop_s']:.2f}, "
+            f"other threads {r['burst_cpu_other_s']:.2f}"
+        )
     Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0
 
