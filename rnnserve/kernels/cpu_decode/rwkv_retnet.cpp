@@ -135,34 +135,23 @@ inline void store_tile(const Proj& j, const float* tile, int64_t m0, int64_t mr,
   }
 }
 
-// mr (1-5) rows x one panel over K into tile [mr, 16] through panels.h's kernels.
-template <class T>
-inline void panel_tile(const float* x, int64_t ldx, const T* p, int64_t K, int64_t mr, float* tile) {
-  switch (mr) {
-    case 1: panel_row1(x, p, K, tile); break;
-    case 2: panel_rows<2>(x, ldx, p, K, tile); break;
-    case 3: panel_rows<3>(x, ldx, p, K, tile); break;
-    case 4: panel_rows<4>(x, ldx, p, K, tile); break;
-    default: panel_rows<5>(x, ldx, p, K, tile); break;
-  }
-}
-
 // Panels [q0, q1) of one projection for all M rows: gemm_packed's loop (panels.h), each group of up to
-// 5 rows reading the whole panel from L2. (Walking a float panel in chunks of 256 rows of K, so that
-// each chunk stays in L1 for every group, measured no faster here at 32 rows.)
+// tile_rows() rows (AVX-512: 16, so 8 rows read a panel once; AVX2: 5) reading the whole panel from L2.
+// (Walking a float panel in chunks of 256 rows of K, so that each chunk stays in L1 for every group,
+// measured no faster here at 32 rows with the AVX2 tiles.)
 template <class T>
 void proj_panels(const Proj& j, int64_t M, int64_t q0, int64_t q1) {
   constexpr bool kInt8 = std::is_same_v<T, int8_t>;
-  const int64_t K = j.x.cols, N = j.out.cols, groups = (M + 4) / 5;
+  const int64_t K = j.x.cols, N = j.out.cols, rows = tile_rows(), groups = (M + rows - 1) / rows;
   const int64_t panel_size = (kInt8 ? K + 4 : K) * kPanel;
   const T* p = j.w->data_ptr<T>();
-  alignas(64) float tile[5 * kPanel];
+  alignas(64) float tile[kMaxRows512 * kPanel];
   for (int64_t q = q0; q < q1; ++q) {
     const T* pq = p + q * panel_size;
     const int64_t n0 = q * kPanel, nn = std::min(kPanel, N - n0);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t m0 = M * g / groups, mr = M * (g + 1) / groups - m0;
-      panel_tile(j.x.p + m0 * j.x.ld, j.x.ld, pq, K, mr, tile);
+      panel_tile_rows(j.x.p + m0 * j.x.ld, j.x.ld, pq, K, mr, tile);
       store_tile(j, tile, m0, mr, n0, nn);
     }
   }
