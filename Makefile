@@ -28,9 +28,10 @@ $(STAMP): $(SERVE_STAMP)
 	PYTHONWARNINGS=ignore $(PIP) install -q -e ".[dev,loadtest,ray]"
 # Reference-only packages whose own pins (old timm/fairscale deps) we do not want.
 	$(PIP) install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
-# The fused CPU decode kernels (--cpu-decode fused) and the CPU prefill conv and scan are built now,
-# into torch's extension cache, so the tests do not wait for the compiler (a serve builds them on
-# first use); a failed build only logs a warning.
+# The fused CPU decode kernels (--cpu-decode auto / fused) and the CPU prefill conv and scan are built
+# now, into torch's extension cache, so the tests do not wait for the compiler (a serve that finds no
+# current build makes one on a background thread and uses the torch path meanwhile); a failed build
+# only logs a warning.
 	$(PY) -c "from rnnserve.kernels import cpu_decode; cpu_decode.load()"
 	$(PY) -c "from rnnserve.kernels.cpu_decode import families; families.load()"
 	$(PY) -c "from rnnserve.kernels.cpu_decode import transformer; transformer.load()"
