@@ -106,6 +106,48 @@ def test_a_lock_left_by_a_dead_build_is_removed(monkeypatch: pytest.MonkeyPatch,
         lock.touch()
     stale = time.time() - cpu_decode.STALE_LOCK_S - 60
     os.utime(old, (stale, stale))
-    cpu_decode._remove_stale_lock("old_build")
-    cpu_decode._remove_stale_lock("recent_build")
+    cpu_decode._remove_stale_lock(old)
+    cpu_decode._remove_stale_lock(recent)
     assert not old.exists() and recent.exists()
+
+
+_EXIT_DURING_BUILD = """
+import sys, threading, time
+from pathlib import Path
+import torch.utils.cpp_extension as ext
+from rnnserve.kernels import cpu_decode
+
+def fake_build(name, **kwargs):  # takes torch's lock as torch does, then compiles "forever"
+    lock = Path(ext._get_build_directory(name, False)) / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    threading.Event().wait()
+
+ext.load = fake_build
+src = Path(sys.argv[1])
+threading.Thread(target=cpu_decode.build_extension, args=("exit_build", src, [], "none", "test"), daemon=True).start()
+lock = Path(ext._get_build_directory(cpu_decode.build_name("exit_build", src), False)) / "lock"
+while not lock.exists():
+    time.sleep(0.01)
+print(lock)
+"""
+
+
+def test_a_process_that_exits_while_building_leaves_no_lock(tmp_path: Path) -> None:
+    """A server stopped (Ctrl-C) while it built in the background: its build thread never unwinds, so
+    torch's own release does not run; the lock must go at exit, or the next server's build waits on it."""
+    import os
+    import subprocess
+    import sys
+
+    if cpu_decode.unavailable_reason() is not None:
+        pytest.skip(cpu_decode.unavailable_reason())
+    source = tmp_path / "x.cpp"
+    source.write_text("// nothing\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    run = subprocess.run(
+        [sys.executable, "-c", _EXIT_DURING_BUILD, str(source)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    lock = Path(run.stdout.strip())
+    assert lock.name == "lock" and lock.parent.is_dir() and not lock.exists()

@@ -9,6 +9,7 @@ AVX2, no compiler, a failed build): callers fall back to the torch path.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import logging
@@ -95,16 +96,31 @@ def build_is_current(name: str, source: Path, cflags: list[str]) -> bool:
 STALE_LOCK_S = 15 * 60
 
 
-def _remove_stale_lock(name: str) -> None:
+def _lock_path(name: str) -> Path | None:
+    """torch's build lock file of extension ``name`` (None where torch's private helper moved)."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        lock = Path(_get_build_directory(name, False)) / "lock"
+        return Path(_get_build_directory(name, False)) / "lock"
+    except Exception:  # a private helper of torch's moved: torch's own wait stands
+        logger.debug("could not locate %s's build lock", name, exc_info=True)
+        return None
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    try:
         if lock.is_file() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
             logger.warning("removing %s, left by a build that did not finish", lock)
             lock.unlink(missing_ok=True)
-    except Exception:  # a private helper of torch's moved: torch's own wait stands
-        logger.debug("could not check %s's build lock", name, exc_info=True)
+    except OSError:
+        logger.debug("could not check %s", lock, exc_info=True)
+
+
+def _remove_own_lock(lock: Path) -> None:
+    """At exit during this process's own build (Ctrl-C while a server builds in the background, which
+    interrupts the compiler too): without this the lock stays, and the next server's build waits on it
+    until it is STALE_LOCK_S old."""
+    lock.unlink(missing_ok=True)
 
 
 def build_extension(name: str, source: Path, cflags: list[str], namespace: str, what: str) -> Any | None:
@@ -118,14 +134,25 @@ def build_extension(name: str, source: Path, cflags: list[str], namespace: str, 
             from torch.utils.cpp_extension import load as build
 
             flags = cflags + header_flags()
-            _remove_stale_lock(build_name(name, source))
-            build(
-                name=build_name(name, source),
-                sources=[str(source)],
-                extra_cflags=flags,
-                is_python_module=False,
-                verbose=False,
-            )
+            lock = _lock_path(build_name(name, source))
+            if lock is not None:
+                _remove_stale_lock(lock)
+            # A lock already there is another process's build (torch waits for it): only ours is removed
+            # if this process exits before the build ends.
+            release = functools.partial(_remove_own_lock, lock) if lock is not None and not lock.exists() else None
+            if release is not None:
+                atexit.register(release)
+            try:
+                build(
+                    name=build_name(name, source),
+                    sources=[str(source)],
+                    extra_cflags=flags,
+                    is_python_module=False,
+                    verbose=False,
+                )
+            finally:
+                if release is not None:
+                    atexit.unregister(release)
             logger.info("%s loaded in %.1f s", what, time.perf_counter() - t0)
             return getattr(torch.ops, namespace)
         except Exception as exc:  # no compiler or ninja, a failed build: the torch path serves
