@@ -36,7 +36,6 @@ from urllib.parse import unquote
 import h11
 import uvicorn
 from fastapi import FastAPI
-from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
 from rnnserve.config import ServerConfig
@@ -55,6 +54,12 @@ _FLUSH_GRACE_S = 5.0
 _REFUSAL_STATUS_LINE = b"HTTP/1.1 %d %s\r\n" % (REFUSAL_STATUS, STATUS_PHRASES[REFUSAL_STATUS])
 _REFUSAL_TAIL = b"".join(name + b": " + value + b"\r\n" for name, value in REFUSAL_HEADERS) + b"\r\n"
 _HEAD_END = b"\r\n\r\n"
+# The longest head kept from h11 while deciding: h11's own limit (16 KiB), from a private module of
+# h11's, so a release that moves it falls back to the same number rather than failing to start.
+try:
+    from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE as _MAX_HEAD
+except ImportError:
+    _MAX_HEAD = 16 * 1024
 
 
 class ReadTimeoutProtocol(H11Protocol):
@@ -97,7 +102,7 @@ class ReadTimeoutProtocol(H11Protocol):
         head = self._held_head + data
         self._held_head = b""
         end = head.find(_HEAD_END)
-        if end < 0 and len(head) <= DEFAULT_MAX_INCOMPLETE_EVENT_SIZE:
+        if end < 0 and len(head) <= _MAX_HEAD:
             self._unset_keepalive_if_required()  # a request has begun, as h11 would see it
             self._held_head = head
             return True
