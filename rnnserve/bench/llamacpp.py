@@ -486,7 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=128, help="generated tokens per sequence")
     p.add_argument("--prefill-len", type=int, default=2048, help="prefill benchmark prompt length (0: skip)")
     p.add_argument(
-        "--cpu-decode", choices=["torch", "fused"], default="torch", help="rnnserve's CPU decode path (RunnerConfig)"
+        "--cpu-decode",
+        choices=["torch", "fused"],
+        default="fused",
+        help="rnnserve's CPU decode path (RunnerConfig); fused is what `rnnserve serve` runs by default "
+        "(--cpu-decode auto) once its kernels are ready, torch the reference path",
     )
     p.add_argument("--threads", type=int, default=2, help="threads for both engines")
     p.add_argument("--rounds", type=int, default=2, help="rounds; the engine that goes first alternates")

@@ -109,6 +109,11 @@ def test_rnnserve_command_is_a_valid_throughput_command(precision, tmp_path):
     assert cmd.text().startswith("OMP_NUM_THREADS=3 py -m rnnserve bench throughput")
 
 
+def test_the_default_cpu_decode_is_the_servers():
+    """The comparison measures what `rnnserve serve` decodes with on such a CPU (auto: the fused step)."""
+    assert llamacpp.build_parser().parse_args(["--random-shape", "mamba-130m"]).cpu_decode == "fused"
+
+
 def test_command_text_quotes_for_a_shell():
     assert Command(("a b", "c"), (("X", "1 2"),)).text() == "X='1 2' 'a b' c"
 
