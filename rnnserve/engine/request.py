@@ -30,6 +30,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) added to that token's logit before sampling
+    # (greedy too: -100 bans a token in practice, +100 forces it); ids outside the vocabulary are ignored.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per generated token (0 = only the chosen)
     prompt_logprobs: int | None = None  # same for prompt tokens (echo + logprobs)
@@ -57,6 +60,11 @@ class SamplingParams:
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]", "presence_penalty")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]", "frequency_penalty")
         check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]", "logprobs")
+        check(
+            all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias),
+            "logit_bias maps token ids (>= 0) to biases in [-100, 100]",
+            "logit_bias",
+        )
         check(
             self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
             "prompt_logprobs must be in [0, 20]",

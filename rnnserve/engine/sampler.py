@@ -123,7 +123,7 @@ class Sampler:
         return SamplerOutput(token_ids=token_ids, logprobs=out_logprobs)
 
     def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
-        """In place on a private copy [B, V]; only rows that ask for a penalty are touched."""
+        """In place on a private copy [B, V]; only rows that ask for a penalty or a logit bias are touched."""
         vocab = logits.shape[-1]
         dev = logits.device
         for b, req in enumerate(requests):
@@ -138,6 +138,11 @@ class Sampler:
                 out = torch.tensor(_in_vocab(req.output_token_ids, vocab), device=dev)
                 counts = torch.zeros(vocab, device=dev).index_add_(0, out, torch.ones(out.shape[0], device=dev))
                 logits[b] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+            if p.logit_bias:
+                pairs = [(t, bias) for t, bias in p.logit_bias if t < vocab]
+                if pairs:  # index_add_: a token listed twice gets both biases
+                    ids, biases = zip(*pairs)
+                    logits[b].index_add_(0, torch.tensor(ids, device=dev), torch.tensor(biases, device=dev))
 
     def _mask_early_stops(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
         """Before ``min_tokens`` outputs, EOS (unless ignore_eos) and stop tokens cannot be picked."""
@@ -211,7 +216,8 @@ def argmax_rows(x: torch.Tensor) -> list[int]:
 
 
 def _penalised(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+    """Whether ``_apply_penalties`` changes this request's row (penalties or a logit bias)."""
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or bool(p.logit_bias)
 
 
 def _in_vocab(token_ids: Sequence[int], vocab: int) -> list[int]:

@@ -326,9 +326,11 @@ def build_sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None,
     defaults: SamplingDefaults,
+    vocab_size: int,
 ) -> SamplingParams:
     """SamplingParams from the OpenAI fields, ``defaults`` for those the body leaves out; range
     errors come back as 400 with the parameter."""
+    logit_bias = parse_logit_bias(body.logit_bias, vocab_size)
     try:
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
@@ -344,12 +346,28 @@ def build_sampling_params(
             frequency_penalty=0.0 if body.frequency_penalty is None else body.frequency_penalty,
             seed=body.seed,
             stop_token_ids=tuple(body.stop_token_ids or ()),
+            logit_bias=logit_bias,
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
     except SamplingParamsError as exc:
         raise bad_request(str(exc), param=exc.param) from exc
+
+
+def parse_logit_bias(logit_bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` object (token ids as strings) as (id, bias) pairs; 400 for a key that is
+    not a token id of this vocabulary (the bias range is SamplingParams' check). Two keys of one id
+    ("7" and "07"): the later one counts."""
+    biases: dict[int, float] = {}
+    for key, bias in (logit_bias or {}).items():
+        token = int(key) if key.strip().isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise bad_request(
+                f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})", param="logit_bias"
+            )
+        biases[token] = float(bias)
+    return tuple(sorted(biases.items()))
 
 
 def check_prompt(

@@ -84,6 +84,7 @@ class SamplingRequest(OpenAIRequest):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) -> bias in [-100, 100]
     skip_special_tokens: bool = True
     return_token_ids: bool = False  # vLLM: add prompt_token_ids and token_ids to the choices
     return_tokens_as_token_ids: bool = False  # vLLM: logprob tokens as "token_id:N"

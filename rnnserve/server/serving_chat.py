@@ -120,6 +120,7 @@ async def create_chat_completion(
         logprobs=top_n if body.logprobs else None,
         prompt_logprobs=None,
         defaults=ctx.sampling_defaults,
+        vocab_size=ctx.vocab_size,
     )
     request_id = random_id("chatcmpl")
     gen = Generation(

@@ -122,6 +122,7 @@ async def create_completion(
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if (body.echo and want_logprobs) else None,
         defaults=ctx.sampling_defaults,
+        vocab_size=ctx.vocab_size,
     )
     request_id = random_id("cmpl")
     gen = Generation(

@@ -140,3 +140,41 @@ def test_logprobs_shapes_and_chosen_token():
     assert c.logprob == pytest.approx(float(torch.log_softmax(logits[2] / 0.8, -1)[out.token_ids[2]]), abs=1e-5)
     full = full_logprobs(s, logits[0], mk("d", logprobs=V))
     assert math.isclose(float(full.exp().sum()), 1.0, abs_tol=1e-5)
+
+
+def test_logit_bias_moves_greedy_and_sampled_choices_and_leaves_other_rows():
+    torch.manual_seed(3)
+    logits = torch.randn(3, V)
+    s = Sampler(V, "cpu", seed=0)
+    top = logits.argmax(-1).tolist()
+    second = logits[1].topk(2).indices[1].item()
+    reqs = [
+        mk("force", temperature=0.0, logit_bias=((7, 100.0),)),
+        mk("ban", temperature=0.0, logit_bias=((top[1], -100.0), (V + 5, 100.0))),  # an id past V is ignored
+        mk("plain", temperature=0.0),
+    ]
+    out = s(logits, reqs)
+    assert out.token_ids == [7, second, top[2]]
+    # Sampled: every token but 3 pushed down by 100 leaves 3 all the probability a float32 softmax holds.
+    only3 = tuple((t, -100.0) for t in range(V) if t != 3)
+    sampled = [mk(f"s{i}", temperature=1.0, seed=i, logit_bias=only3) for i in range(4)]
+    assert s(torch.randn(4, V), sampled).token_ids == [3, 3, 3, 3]
+
+
+def test_logit_bias_logprobs_are_of_the_biased_distribution_and_the_caller_logits_stay():
+    logits = torch.zeros(1, V)
+    s = Sampler(V, "cpu", seed=0)
+    r = mk("lp", temperature=0.0, logprobs=2, logit_bias=((2, 1.0), (2, 1.0)))  # a repeated id adds up
+    lp = s(logits, [r]).logprobs[0]
+    assert lp is not None and lp.token_id == 2
+    assert lp.logprob == pytest.approx(2.0 - math.log(math.exp(2.0) + V - 1), abs=1e-5)
+    assert torch.equal(logits, torch.zeros(1, V))
+
+
+@pytest.mark.parametrize("bias", [((1, 100.5),), ((1, -101.0),), ((-1, 1.0),), ((1, float("nan")),)])
+def test_logit_bias_out_of_range_is_refused(bias):
+    from rnnserve.engine.request import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as err:
+        SamplingParams(logit_bias=bias)
+    assert err.value.param == "logit_bias"

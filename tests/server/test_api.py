@@ -515,3 +515,19 @@ def test_health_is_503_when_the_engine_loop_is_gone(model_dir: Path) -> None:
         assert client.get("/health").status_code == 200
         client.portal.call(engine.shutdown)
         assert client.get("/health").status_code == 503
+
+
+def test_logit_bias_forces_and_bans_tokens(app_client: TestClient) -> None:
+    body = {"prompt": "The weather", "max_tokens": 4, "ignore_eos": True, "return_token_ids": True, **GREEDY}
+    plain = complete(app_client, **body)["choices"][0]["token_ids"]
+    assert complete(app_client, **body, logit_bias={"7": 100})["choices"][0]["token_ids"] == [7, 7, 7, 7]
+    banned = complete(app_client, **body, logit_bias={str(plain[0]): -100})["choices"][0]["token_ids"]
+    assert banned[0] != plain[0]
+    r = chat(app_client, messages=MESSAGES, max_tokens=3, return_token_ids=True, logit_bias={"11": 100.0}, **GREEDY)
+    assert r["choices"][0]["token_ids"] == [11, 11, 11]
+
+
+@pytest.mark.parametrize("bias", [{"abc": 1}, {"99999999": 1}, {"-1": 1}, {"5": 150}])
+def test_a_bad_logit_bias_is_a_400(app_client: TestClient, bias: dict) -> None:
+    body = {"model": "tiny-mamba", "prompt": "x", "max_tokens": 1, "logit_bias": bias}
+    assert_error(app_client.post("/v1/completions", json=body), 400, "logit_bias")
