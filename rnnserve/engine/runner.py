@@ -160,19 +160,21 @@ class ModelRunner:
         "torch", the torch ops, compiled with ``compile_cpu_decode``. Eager with ``enforce_eager``."""
         states = self.pool.states
         mode = self.config.cpu_decode if self.device.type == "cpu" else "torch"
+        if mode == "auto" and (self.config.enforce_eager or self.config.compile_cpu_decode):
+            why = "--enforce-eager" if self.config.enforce_eager else "--compile"
+            logger.info("--cpu-decode auto: decoding with the torch path: %s", why)
+            mode = "torch"
         if self.config.enforce_eager:
-            if mode == "auto":
-                logger.info("--cpu-decode auto: decoding with the torch path: --enforce-eager")
             return eager_decoder(self.model, states)
+        if mode == "fused":
+            # None (reason logged): the torch path below. The LLaMA baseline's reads the batch's block table.
+            fused = fused_decoder(self.model, states)
+            if fused is not None:
+                return fused
+        if mode == "auto":
+            return auto_decoder(self.model, states, eager_decoder(self.model, states))
         if self.kv_cache is not None:
-            # The CUDA-graph and compiled decoders build their batches without block tables; the fused
-            # LLaMA decode reads the batch's.
-            if mode == "fused":
-                fused = fused_decoder(self.model, states)
-                if fused is not None:
-                    return fused
-            if mode == "auto":
-                return auto_decoder(self.model, states, eager_decoder(self.model, states))
+            # The CUDA-graph and compiled decoders build their batches without block tables.
             logger.info("decoding eagerly: the model has attention layers over the paged KV cache")
             return eager_decoder(self.model, states)
         if self.device.type == "cuda":
@@ -183,16 +185,8 @@ class ModelRunner:
                 logger.exception("CUDA-graph capture failed; decoding eagerly")
                 return eager_decoder(self.model, states)
             return graphs
-        if mode == "fused":
-            fused = fused_decoder(self.model, states)  # None (reason logged): the torch path below
-            if fused is not None:
-                return fused
         if self.config.compile_cpu_decode:
-            if mode == "auto":
-                logger.info("--cpu-decode auto: decoding with the torch path: --compile")
             compiled = CompiledDecoder(self.model, states)
             compiled.warmup()
             return compiled
-        if mode == "auto":
-            return auto_decoder(self.model, states, eager_decoder(self.model, states))
         return eager_decoder(self.model, states)
