@@ -147,11 +147,7 @@ def test_fused_decode_equals_torch(family: str, weights: str, request) -> None:
     assert fused.head.dtype == (torch.int8 if weights == "int8" else torch.float32)  # the packed head's panels
     next_token = {s: 5 + s % (VOCAB - 5) for s in range(NUM_SLOTS)}
     for slots in STEPS:
-        batch = DecodeBatch(
-            input_ids=torch.tensor([next_token[s] for s in slots]),
-            positions=torch.tensor([position[s] for s in slots]),
-            slot_ids=torch.tensor(slots),
-        )
+        batch = _batch(slots, next_token, position)
         ref = model.decode(batch, ref_states)
         got = fused(batch)
         assert got.shape == ref.shape and got.dtype == torch.float32
@@ -165,6 +161,15 @@ def test_fused_decode_equals_torch(family: str, weights: str, request) -> None:
     for a, b in zip(fused_states, ref_states):
         for name in a:
             assert torch.equal(a[name][:2], b[name][:2])
+
+
+def _batch(slots: list[int], next_token: dict[int, int], position: dict[int, int]) -> DecodeBatch:
+    """One decode step of ``slots``, each feeding its next token at its position."""
+    return DecodeBatch(
+        input_ids=torch.tensor([next_token[s] for s in slots]),
+        positions=torch.tensor([position[s] for s in slots]),
+        slot_ids=torch.tensor(slots),
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -185,11 +190,7 @@ def test_fused_decode_of_quantize_int8(family: str, request) -> None:
     assert fused.head.dtype == torch.int8
     next_token = {s: 5 + s % (VOCAB - 5) for s in range(NUM_SLOTS)}
     for slots in STEPS:
-        batch = DecodeBatch(
-            input_ids=torch.tensor([next_token[s] for s in slots]),
-            positions=torch.tensor([position[s] for s in slots]),
-            slot_ids=torch.tensor(slots),
-        )
+        batch = _batch(slots, next_token, position)
         ref, got, torch_int8 = ref_model.decode(batch, ref_states), fused(batch), int8.decode(batch, torch_states)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
