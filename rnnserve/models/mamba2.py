@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
+from rnnserve.kernels.linear_recurrence import cpu as linear_recurrence_cpu
 from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, gated_rms_norm, lm_logits, quantize_int8, use_column_major_weight
 from rnnserve.models.weights import WeightsMapper, fp32_copy_loader, load_weights, set_weight_loader
@@ -131,6 +133,12 @@ class Mamba2Mixer(nn.Module):
         self.conv_step = get_kernel("causal_conv1d.recurrent", backend)
         self.scan_chunk = get_kernel("linear_recurrence.chunk", backend)
         self.scan_step = get_kernel("linear_recurrence.recurrent", backend)
+        # The prompt scan on the CPU (see _scan_chunks): the C++ SSD kernel where it runs.
+        self.ssd_chunk = linear_recurrence_cpu.ssd_varlen
+        # in_proj / out_proj weights packed into 16-column panels [ceil(out / 16), in, 16] by the fused
+        # CPU decoder, set through Mamba2LM.use_packed_projections; None: the nn.Linear layers.
+        self.in_proj_packed: torch.Tensor | None = None
+        self.out_proj_packed: torch.Tensor | None = None
         # fp32 copies of the per-head SSM parameters (set by ``set_fp32_params``): A = -exp(A_log),
         # dt_bias and D stay exact when the model runs in bf16/fp16.
         self.A = torch.empty(0)
@@ -154,7 +162,11 @@ class Mamba2Mixer(nn.Module):
     def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """in_proj -> z [T, E], xBC [T, E + 2GN], Δ [T, H] (fp32, softplus and clamped)."""
         cfg = self.cfg
-        z, xbc, dt = self.in_proj(h).split([cfg.intermediate_size, cfg.conv_dim, cfg.num_heads], dim=-1)
+        zxbcdt = self._linear(h, self.in_proj, self.in_proj_packed)
+        z, xbc, dt = zxbcdt.split([cfg.intermediate_size, cfg.conv_dim, cfg.num_heads], dim=-1)
+        delta = linear_recurrence_cpu.mamba2_delta(dt, self.dt_bias_f, cfg.time_step_limit)
+        if delta is not None:
+            return z, xbc, delta
         dt = F.softplus(dt.float() + self.dt_bias_f).clamp(cfg.time_step_limit[0], cfg.time_step_limit[1])
         return z, xbc, dt
 
@@ -178,11 +190,47 @@ class Mamba2Mixer(nn.Module):
         )
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """y [T, H, P] (fp32 scan output) + D x, gated group norm, out_proj -> [T, D]."""
+        """y [T, H, P] (fp32 scan output) + D x, gated group norm, out_proj -> [T, D]. On the CPU the D skip,
+        the gate and the norm are one pass of the C++ kernel over y (in place: y is the scan's own output)."""
         cfg = self.cfg
-        y = torch.addcmul(y.float(), self.D_f.unsqueeze(-1), x.float())  # [T, H, P]
-        y = gated_rms_norm(y.flatten(1), z, self.norm.weight, cfg.norm_eps, groups=cfg.n_groups)
-        return self.out_proj(y)
+        normed = linear_recurrence_cpu.gated_rms_norm_(
+            y.flatten(1), z, self.norm.weight, cfg.norm_eps, cfg.n_groups, x.flatten(1), self.D_f
+        )
+        if normed is None:
+            y = torch.addcmul(y.float(), self.D_f.unsqueeze(-1), x.float())  # [T, H, P]
+            normed = gated_rms_norm(y.flatten(1), z, self.norm.weight, cfg.norm_eps, groups=cfg.n_groups)
+        return self._linear(normed, self.out_proj, self.out_proj_packed)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, linear: nn.Linear, packed: torch.Tensor | None) -> torch.Tensor:
+        """linear(x) for x [M, in]: through the packed panels when set (the fused decoder's AVX-512
+        GEMM), else the nn.Linear."""
+        if packed is None:
+            return linear(x)
+        out = torch.ops.rnnserve_cpu.linear_packed(x.contiguous(), packed, linear.out_features)
+        return out if linear.bias is None else out.add_(linear.bias)
+
+    def _scan_chunks(
+        self,
+        xbc: torch.Tensor,
+        dt: torch.Tensor,
+        ssm_state: torch.Tensor,
+        varlen: torch.Tensor | Varlen,
+        slot_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv output [T, E + 2GN] and Δ [T, H] of prompt tokens -> (scan output y [T, H, P], x [T, H, P]),
+        the states at slot_ids updated in place. On the CPU through ``linear_recurrence.cpu.ssd_varlen``
+        (the C++ SSD kernel, which scales x by Δ itself and reads x, B, C as column views of xbc; the
+        chunked torch scan where it cannot run); elsewhere the dispatched chunk kernel."""
+        cfg = self.cfg
+        if xbc.device.type == "cpu":
+            t, gn = xbc.shape[0], cfg.n_groups * cfg.state_size
+            x, b, c = xbc.split([cfg.intermediate_size, gn, gn], dim=-1)
+            x = x.view(t, cfg.num_heads, cfg.head_dim)
+            q, k = c.view(t, cfg.n_groups, cfg.state_size), b.view(t, cfg.n_groups, cfg.state_size)
+            return self.ssd_chunk(q, k, x, dt, dt * self.A, None, ssm_state, varlen, slot_ids), x
+        x, q, k, v, log_decay = self._ssm_inputs(xbc, dt)
+        return self.scan_chunk(q, k, v, log_decay, ssm_state, varlen, slot_ids), x
 
     def prefill(
         self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, batch: PrefillBatch
@@ -193,8 +241,7 @@ class Mamba2Mixer(nn.Module):
         xbc = self.conv_chunk(
             xbc, self.conv1d.weight.squeeze(1), bias, conv_state, batch.varlen, batch.slot_ids, "silu"
         )
-        x, q, k, v, log_decay = self._ssm_inputs(xbc, dt)
-        y = self.scan_chunk(q, k, v, log_decay, ssm_state, batch.varlen, batch.slot_ids)  # [T, H, P]
+        y, x = self._scan_chunks(xbc, dt, ssm_state, batch.varlen, batch.slot_ids)  # [T, H, P]
         return self._output(y, x, z)
 
     def decode(
@@ -222,14 +269,10 @@ class Mamba2Mixer(nn.Module):
                 self.conv_chunk(xbc[n:], w, bias, conv_state, pre.varlen, pre.slot_ids, "silu"),
             ]
         )
-        x, q, k, v, log_decay = self._ssm_inputs(xbc, dt)
-        y = torch.cat(
-            [
-                self.scan_step(q[:n], k[:n], v[:n], log_decay[:n], ssm_state, dec.slot_ids),
-                self.scan_chunk(q[n:], k[n:], v[n:], log_decay[n:], ssm_state, pre.varlen, pre.slot_ids),
-            ]
-        )  # [n + T, H, P]
-        return self._output(y, x, z)
+        x, q, k, v, log_decay = self._ssm_inputs(xbc[:n], dt[:n])
+        y_pre, x_pre = self._scan_chunks(xbc[n:], dt[n:], ssm_state, pre.varlen, pre.slot_ids)
+        y = torch.cat([self.scan_step(q, k, v, log_decay, ssm_state, dec.slot_ids).to(y_pre.dtype), y_pre])
+        return self._output(y, torch.cat([x, x_pre]), z)  # [n + T, H, P]
 
 
 class Mamba2Block(nn.Module):
@@ -297,6 +340,22 @@ class Mamba2LM(RecurrentLM):
             layer.mixer.in_proj = quantize_int8(layer.mixer.in_proj)
             layer.mixer.out_proj = quantize_int8(layer.mixer.out_proj)
         self.lm_head = quantize_int8(self.lm_head)  # a tied embedding keeps its fp32 weight for lookups
+
+    def use_packed_projections(self, in_w: list[torch.Tensor] | None, out_w: list[torch.Tensor] | None) -> None:
+        """Run every layer's in_proj and out_proj through float32 panels packed by the fused CPU decoder
+        (``cpu_decode_families.pack_linear``, one per layer, same values as the layers' weights), whose
+        extension must be loaded; None, None goes back to the nn.Linear layers. int8 panels are refused:
+        ``Int8Linear`` quantizes activations too, the panels' kernel does not."""
+        layers = self.backbone.layers
+        if in_w is None or out_w is None:
+            in_w = out_w = [None] * len(layers)
+        elif len(in_w) != len(layers) or len(out_w) != len(layers):
+            raise ValueError(f"use_packed_projections: {len(in_w)} / {len(out_w)} panels for {len(layers)} layers")
+        for layer, pin, pout in zip(layers, in_w, out_w):
+            for p in (pin, pout):
+                if p is not None and p.dtype != torch.float32:
+                    raise ValueError(f"use_packed_projections takes float32 panels, not {p.dtype}")
+            layer.mixer.in_proj_packed, layer.mixer.out_proj_packed = pin, pout
 
     # ------------------------------------------------------------------ forward
 

@@ -1,0 +1,379 @@
+// The chunked (SSD) prefill of the scalar-decay linear recurrence on the CPU (float32, AVX-512): the
+// packed varlen batch in one call, every sequence resumed from its slot's state and its final state
+// written back in place. Per head h (group g = h / R) and token t, with x_t = v_t ⊙ v_scale_t:
+//
+//   S_t = exp(a_t) S_{t-1} + k_tᵀ x_t,   o_t = scale · q_t S_t + D_h v_t          (S [K, V])
+//
+// Mamba-2 passes v = x, v_scale = Δ, a = Δ A and its D skip, so neither Δ x nor y + D x is ever a
+// [T, H, P] tensor; RetNet passes neither (v_scale, D absent).
+//
+// Per chunk of L tokens (never across a sequence boundary), A_i = a_0 + ... + a_i (double) and
+//   o_i   = scale · (exp(A_i) q_i S_in + Σ_{j<=i} (q_i·k_j) exp(A_i - A_j) x_j) + D v_i
+//   S_out = exp(A_{l-1}) S_in + Σ_j exp(A_{l-1} - A_j) k_jᵀ x_j
+// Two phases, each a set of items on panels.h's item pool:
+//   1. per (chunk, group): kT [K, L] (the chunk's k transposed, zero past its length) and the scores
+//      q kᵀ [L, L], shared by the group's R heads;
+//   2. per (sequence, head): the walk over the sequence's chunks with the head's state S [K, V] in a
+//      local buffer (L1/L2): three small matrix products per chunk (q S, P x, kT x) through one
+//      register-tiled AVX-512 kernel (mm below), the decays through a vector exp.
+// The torch path (chunk.py) makes [NC, G, R, L, L] decay and score tensors and carries the state
+// through ~30 small addcmul calls per layer; this is one pass per head.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "panels.h"
+
+namespace {
+
+// exp(x) for 16 floats (Cephes' reduction and polynomial, as panels.h's exp256); inputs below -87.3
+// give exactly 0, never a denormal; above 88.4 the largest finite value's neighbourhood (e^88.4).
+inline __m512 exp512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3365478515625f);
+  const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.3762626647949f));
+  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  __m512i n = _mm512_cvttps_epi32(fx);
+  n = _mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23);
+  y = _mm512_mul_ps(y, _mm512_castsi512_ps(n));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), y);
+}
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
+
+// C[r, 0:16 NV] (+)= Σ_j A[r, j] B[j, 0:16 NV] for RT rows: RT x NV accumulators in registers, A's
+// element broadcast, B's row loaded once per j for all RT rows; `last` masks B's and C's last vector.
+template <int RT, int NV>
+inline void tile(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t J,
+                 __mmask16 last, bool acc) {
+  __m512 c[RT][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      c[r][v] = acc ? _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, C + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t j = 0; j < J; ++j) {
+    __m512 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, B + j * ldb + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < RT; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(C + r * ldc + 16 * v, v == NV - 1 ? last : 0xffff, c[r][v]);
+}
+
+template <int RT>
+inline void tile_nv(int nv, float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    int64_t J, __mmask16 last, bool acc) {
+  switch (nv) {
+    case 1: tile<RT, 1>(C, ldc, A, lda, B, ldb, J, last, acc); break;
+    case 2: tile<RT, 2>(C, ldc, A, lda, B, ldb, J, last, acc); break;
+    case 3: tile<RT, 3>(C, ldc, A, lda, B, ldb, J, last, acc); break;
+    default: tile<RT, 4>(C, ldc, A, lda, B, ldb, J, last, acc); break;
+  }
+}
+
+constexpr int kRows = 6;  // rows per register tile: 6 x 4 accumulators + 4 B vectors + 1 broadcast
+
+// C [R, n] (+)= A [R, J] · B [J, n], all row-major with the given row strides. causal: row i sums only
+// j <= i (A is lower triangular; each tile of rows stops at its last row's diagonal).
+void mm(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t R, int64_t J,
+        int64_t n, bool acc, bool causal) {
+  for (int64_t c0 = 0; c0 < n; c0 += 64) {
+    const int64_t cols = std::min<int64_t>(64, n - c0);
+    const int nv = static_cast<int>((cols + 15) / 16);
+    const __mmask16 last = tail_mask(cols - 16 * (nv - 1));
+    for (int64_t r0 = 0; r0 < R; r0 += kRows) {
+      const int rt = static_cast<int>(std::min<int64_t>(kRows, R - r0));
+      const int64_t j_end = causal ? std::min(J, r0 + rt) : J;
+      float* c = C + r0 * ldc + c0;
+      const float* a = A + r0 * lda;
+      const float* b = B + c0;
+      switch (rt) {
+        case 1: tile_nv<1>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
+        case 2: tile_nv<2>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
+        case 3: tile_nv<3>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
+        case 4: tile_nv<4>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
+        case 5: tile_nv<5>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
+        default: tile_nv<6>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
+      }
+    }
+  }
+}
+
+void check_f32_rows(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be float32 on the CPU");
+  TORCH_CHECK(t.dim() == dim && t.stride(-1) == 1, name, " must be ", dim, "-D with unit stride along its last dim");
+}
+
+// q, k [T, G, K]; v [T, H, V]; v_scale [T, H] or absent; log_decay [T, H] (<= 0); D [H] or absent;
+// state [S, H, K, V] (each slot's [H, K, V] contiguous), read at and written back to slot_ids[b];
+// bounds: the B + 1 host sequence boundaries. Returns o [T, H, V].
+at::Tensor ssd_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& v_scale, const at::Tensor& log_decay,
+                      const std::optional<at::Tensor>& D, at::Tensor state, at::IntArrayRef bounds,
+                      const at::Tensor& slot_ids, double scale_d, int64_t L) {
+  check_f32_rows(q, "q", 3);
+  check_f32_rows(k, "k", 3);
+  check_f32_rows(v, "v", 3);
+  check_f32_rows(log_decay, "log_decay", 2);
+  const int64_t T = q.size(0), G = q.size(1), K = q.size(2), H = v.size(1), V = v.size(2);
+  TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == T && H % G == 0, "q, k [T, G, K] and v [T, H, V], H % G == 0");
+  TORCH_CHECK(log_decay.size(0) == T && log_decay.size(1) == H, "log_decay must be [T, H]");
+  TORCH_CHECK(L >= 1 && L <= 64, "chunk size must be in [1, 64]");
+  const bool has_vs = v_scale.has_value() && v_scale->defined();
+  const bool has_d = D.has_value() && D->defined();
+  if (has_vs) {
+    check_f32_rows(*v_scale, "v_scale", 2);
+    TORCH_CHECK(v_scale->size(0) == T && v_scale->size(1) == H, "v_scale must be [T, H]");
+  }
+  if (has_d) TORCH_CHECK(D->scalar_type() == at::kFloat && D->is_contiguous() && D->numel() == H, "D must be [H]");
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.dim() == 4 && state.size(1) == H && state.size(2) == K &&
+                  state.size(3) == V && state.stride(3) == 1 && state.stride(2) == V && state.stride(1) == K * V,
+              "state must be float32 [S, H, K, V], each slot contiguous");
+  const int64_t B = static_cast<int64_t>(bounds.size()) - 1;
+  TORCH_CHECK(B >= 0 && slot_ids.scalar_type() == at::kLong && slot_ids.numel() == B, "one int64 slot per sequence");
+  TORCH_CHECK(bounds[0] == 0 && bounds[B] == T, "bounds must run from 0 to T");
+  const int64_t* slot = slot_ids.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(bounds[b + 1] >= bounds[b], "bounds must not decrease");
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < state.size(0), "slot id ", slot[b], " out of range");
+  }
+  const int64_t R = H / G;
+  const float scale = static_cast<float>(scale_d);
+
+  // Chunks of every sequence in order: (first token, length); first_chunk[b] indexes them.
+  std::vector<int64_t> c_t0, c_len, first_chunk(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    first_chunk[b] = static_cast<int64_t>(c_t0.size());
+    for (int64_t t = bounds[b]; t < bounds[b + 1]; t += L) {
+      c_t0.push_back(t);
+      c_len.push_back(std::min(L, bounds[b + 1] - t));
+    }
+  }
+  const int64_t NC = static_cast<int64_t>(c_t0.size());
+  first_chunk[B] = NC;
+
+  at::Tensor out = at::empty({T, H, V}, v.options());
+  if (T == 0) return out;
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* ldp = log_decay.data_ptr<float>();
+  const float* vsp = has_vs ? v_scale->data_ptr<float>() : nullptr;
+  const float* dp = has_d ? D->data_ptr<float>() : nullptr;
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), ls0 = log_decay.stride(0), ls1 = log_decay.stride(1);
+  const int64_t ss0 = has_vs ? v_scale->stride(0) : 0, ss1 = has_vs ? v_scale->stride(1) : 0;
+  float* op = out.data_ptr<float>();
+  float* sp = state.data_ptr<float>();
+  const int64_t st0 = state.stride(0);
+
+  // Phase 1: kT [NC, G, K, L] and scores [NC, G, L, L].
+  std::vector<float> kT(static_cast<size_t>(NC * G * K * L)), scores(static_cast<size_t>(NC * G * L * L));
+  parallel_items(NC * G, [&](int64_t item) {
+    const int64_t c = item / G, g = item % G, t0 = c_t0[c], l = c_len[c];
+    float* kt = kT.data() + item * K * L;
+    for (int64_t d = 0; d < K; ++d) {
+      for (int64_t j = 0; j < l; ++j) kt[d * L + j] = kp[(t0 + j) * ks0 + g * ks1 + d];
+      for (int64_t j = l; j < L; ++j) kt[d * L + j] = 0.0f;
+    }
+    mm(scores.data() + item * L * L, L, qp + t0 * qs0 + g * qs1, qs0, kt, L, l, K, L, false, false);
+  });
+
+  // Phase 2: per (sequence, head), the chunks in order.
+  parallel_items(B * H, [&](int64_t item) {
+    FlushDenormals ftz;
+    const int64_t b = item / H, h = item % H, g = h / R;
+    std::vector<float> S(static_cast<size_t>(K * V)), P(static_cast<size_t>(L * L)), xs(static_cast<size_t>(L * V)),
+        y(static_cast<size_t>(L * V));
+    std::vector<double> cum(static_cast<size_t>(L));
+    float* state_bh = sp + slot[b] * st0 + h * K * V;
+    std::copy_n(state_bh, K * V, S.data());
+    const float d_h = dp ? dp[h] : 0.0f;
+    for (int64_t c = first_chunk[b]; c < first_chunk[b + 1]; ++c) {
+      const int64_t t0 = c_t0[c], l = c_len[c];
+      double acc = 0.0;
+      for (int64_t i = 0; i < l; ++i) cum[i] = acc += ldp[(t0 + i) * ls0 + h * ls1];
+      for (int64_t i = 0; i < l; ++i) {
+        const float* vrow = vp + (t0 + i) * vs0 + h * vs1;
+        const float s = vsp ? vsp[(t0 + i) * ss0 + h * ss1] : 1.0f;
+        for (int64_t e = 0; e < V; ++e) xs[i * V + e] = vrow[e] * s;
+      }
+      // Inter-chunk: y_i = exp(A_i) q_i S_in.
+      const float* qc = qp + t0 * qs0 + g * qs1;
+      mm(y.data(), V, qc, qs0, S.data(), V, l, K, V, false, false);
+      for (int64_t i = 0; i < l; ++i) {
+        const __m512 w = _mm512_set1_ps(static_cast<float>(std::exp(cum[i])));
+        for (int64_t e = 0; e < V; e += 16) {
+          const __mmask16 m = tail_mask(V - e);
+          _mm512_mask_storeu_ps(y.data() + i * V + e, m, _mm512_mul_ps(w, _mm512_maskz_loadu_ps(m, y.data() + i * V + e)));
+        }
+      }
+      // Intra-chunk: P_ij = (q_i·k_j) exp(A_i - A_j) for j <= i, 0 above (up to the row tile's end).
+      const float* sc = scores.data() + (c * G + g) * L * L;
+      for (int64_t i = 0; i < l; ++i) {
+        const __m512d ci = _mm512_set1_pd(cum[i]);
+        for (int64_t j0 = 0; j0 < l; j0 += 16) {
+          float* prow = P.data() + i * L + j0;
+          if (j0 > i) {
+            _mm512_mask_storeu_ps(prow, tail_mask(l - j0), _mm512_setzero_ps());
+            continue;
+          }
+          const int64_t n = std::min<int64_t>(16, i + 1 - j0);  // j0 .. i
+          const __mmask16 m = tail_mask(n);
+          alignas(64) double cj[16] = {};
+          std::copy_n(cum.data() + j0, n, cj);
+          const __m256 lo = _mm512_cvtpd_ps(_mm512_sub_pd(ci, _mm512_load_pd(cj)));
+          const __m256 hi = _mm512_cvtpd_ps(_mm512_sub_pd(ci, _mm512_load_pd(cj + 8)));
+          const __m512 diff = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+          const __m512 p = _mm512_maskz_mul_ps(m, exp512(_mm512_maskz_mov_ps(m, diff)), _mm512_loadu_ps(sc + i * L + j0));
+          _mm512_mask_storeu_ps(prow, tail_mask(std::min<int64_t>(16, l - j0)), p);
+        }
+      }
+      mm(y.data(), V, P.data(), L, xs.data(), V, l, l, V, true, true);
+      for (int64_t i = 0; i < l; ++i) {
+        const float* vrow = vp + (t0 + i) * vs0 + h * vs1;
+        float* orow = op + ((t0 + i) * H + h) * V;
+        for (int64_t e = 0; e < V; ++e) orow[e] = scale * y[i * V + e] + d_h * vrow[e];
+      }
+      // State: S_out = exp(A_{l-1}) S_in + kT (exp(A_{l-1} - A_j) x_j).
+      const double last = cum[l - 1];
+      for (int64_t j = 0; j < l; ++j) {
+        const float w = static_cast<float>(std::exp(last - cum[j]));
+        for (int64_t e = 0; e < V; ++e) xs[j * V + e] *= w;
+      }
+      const float decay = static_cast<float>(std::exp(last));
+      for (int64_t i = 0; i < K * V; ++i) S[i] *= decay;
+      mm(S.data(), V, kT.data() + (c * G + g) * K * L, L, xs.data(), V, K, l, V, true, false);
+    }
+    std::copy_n(S.data(), K * V, state_bh);
+  });
+  return out;
+}
+
+// Mamba-2's output tail, in place on y [T, E] (contiguous): y ← w ⊙ rms_norm_per_group((y + D x) ⊙ silu(z)),
+// D [H] per head of E / H channels (with x [T, E], or both absent), each of the G groups of E / G channels
+// normalised on its own; z and x may be row-strided (column views of in_proj's and the conv's outputs).
+// One pass per row, items of 16 rows; torch's form makes seven [T, E] temporaries.
+at::Tensor gated_rms_norm_(at::Tensor y, const at::Tensor& z, const at::Tensor& w, double eps_d, int64_t groups,
+                           const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& D) {
+  check_f32_rows(y, "y", 2);
+  check_f32_rows(z, "z", 2);
+  const int64_t T = y.size(0), E = y.size(1);
+  TORCH_CHECK(y.is_contiguous() && z.size(0) == T && z.size(1) == E, "y [T, E] contiguous and z [T, E]");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == E, "weight must be float32 [E]");
+  TORCH_CHECK(groups >= 1 && E % groups == 0, "E must be a multiple of groups");
+  const bool skip = x.has_value() && x->defined() && D.has_value() && D->defined();
+  int64_t P = E;
+  if (skip) {
+    check_f32_rows(*x, "x", 2);
+    TORCH_CHECK(x->size(0) == T && x->size(1) == E, "x must be [T, E]");
+    TORCH_CHECK(D->scalar_type() == at::kFloat && D->is_contiguous() && D->numel() >= 1 && E % D->numel() == 0,
+                "D must be float32 [H] with E a multiple of H");
+    P = E / D->numel();
+  }
+  const int64_t gs = E / groups, zs = z.stride(0), xs = skip ? x->stride(0) : 0;
+  const float eps = static_cast<float>(eps_d);
+  float* yp = y.data_ptr<float>();
+  const float *zp = z.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const float* xp = skip ? x->data_ptr<float>() : nullptr;
+  const float* dp = skip ? D->data_ptr<float>() : nullptr;
+  parallel_ranges(T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* row = yp + t * E;
+      const float* zrow = zp + t * zs;
+      if (skip) {
+        const float* xrow = xp + t * xs;
+        for (int64_t h0 = 0; h0 < E; h0 += P) {
+          const __m512 d = _mm512_set1_ps(dp[h0 / P]);
+          for (int64_t e = h0; e < h0 + P; e += 16) {
+            const __mmask16 m = tail_mask(h0 + P - e);
+            const __m512 v = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, xrow + e), _mm512_maskz_loadu_ps(m, row + e));
+            _mm512_mask_storeu_ps(row + e, m, v);
+          }
+        }
+      }
+      for (int64_t g0 = 0; g0 < E; g0 += gs) {
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t e = g0; e < g0 + gs; e += 16) {
+          const __mmask16 m = tail_mask(g0 + gs - e);
+          const __m512 zv = _mm512_maskz_loadu_ps(m, zrow + e);
+          const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                           _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), zv))));
+          const __m512 h = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + e), _mm512_mul_ps(zv, sig));
+          _mm512_mask_storeu_ps(row + e, m, h);
+          ss = _mm512_fmadd_ps(h, h, ss);
+        }
+        const __m512 r = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(gs) + eps));
+        for (int64_t e = g0; e < g0 + gs; e += 16) {
+          const __mmask16 m = tail_mask(g0 + gs - e);
+          const __m512 h = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + e), r);
+          _mm512_mask_storeu_ps(row + e, m, _mm512_mul_ps(h, _mm512_maskz_loadu_ps(m, wp + e)));
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// Mamba-2's step sizes Δ = clamp(softplus(dt + dt_bias), lo, hi) [T, H] contiguous, from in_proj's dt
+// columns dt [T, H] (row-strided); dt_bias [H]. softplus as torch's (x itself above 20).
+at::Tensor mamba2_delta(const at::Tensor& dt, const at::Tensor& dt_bias, double lo, double hi) {
+  check_f32_rows(dt, "dt", 2);
+  const int64_t T = dt.size(0), H = dt.size(1);
+  TORCH_CHECK(dt_bias.scalar_type() == at::kFloat && dt_bias.is_contiguous() && dt_bias.numel() == H,
+              "dt_bias must be float32 [H]");
+  at::Tensor delta = at::empty({T, H}, dt.options());
+  const float *dp = dt.data_ptr<float>(), *bp = dt_bias.data_ptr<float>();
+  float* op = delta.data_ptr<float>();
+  const int64_t ds = dt.stride(0);
+  const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float v = dp[t * ds + h] + bp[h];
+      op[t * H + h] = std::min(std::max(v > 20.0f ? v : std::log1p(std::exp(v)), flo), fhi);
+    }
+  }
+  return delta;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(rnnserve_cpu_ssd, m) {
+  m.def(
+      "ssd_varlen(Tensor q, Tensor k, Tensor v, Tensor? v_scale, Tensor log_decay, Tensor? D, Tensor(a!) state, "
+      "int[] bounds, Tensor slot_ids, float scale, int chunk) -> Tensor");
+  m.def(
+      "gated_rms_norm_(Tensor(a!) y, Tensor z, Tensor weight, float eps, int groups, Tensor? x, Tensor? D) -> "
+      "Tensor(a!)");
+  m.def("mamba2_delta(Tensor dt, Tensor dt_bias, float lo, float hi) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rnnserve_cpu_ssd, CPU, m) {
+  m.impl("ssd_varlen", &ssd_varlen);
+  m.impl("gated_rms_norm_", &gated_rms_norm_);
+  m.impl("mamba2_delta", &mamba2_delta);
+}

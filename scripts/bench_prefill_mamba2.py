@@ -1,0 +1,142 @@
+"""Prefill of one prompt through a Mamba-2 checkpoint on the CPU, arms alternated in one process (a busy,
+shared machine slows both alike), the same model and prompt:
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_prefill_mamba2.py --model DIR [--tokens 2048]
+        [--rounds 4] [--threads 2] [--arms torch,cpu,packed] [--profile ARM]
+
+``DIR`` is an HF-format Mamba-2 folder (``rnnserve bench llamacpp --random-shape mamba2-130m`` makes one).
+Arms: ``torch``, the chunked torch SSD scan (linear_recurrence/chunk.py) and torch's Δ and gated norm;
+``cpu``, the C++ kernels of linear_recurrence/cpu.cpp (SSD scan, Δ, D skip + gated norm) that the CPU
+prefill takes by default; ``packed``, ``cpu`` with in_proj and out_proj through the fused decoder's
+packed AVX-512 panels (``Mamba2LM.use_packed_projections``; the server's ``--cpu-decode fused|auto``
+packs the same panels for its decode). Each arm prefills from zeroed states and returns
+the last token's logits, as the engine's prefill step does. Prints per round and arm the wall time, the
+process CPU time (which a loaded machine inflates less than the wall time) and tokens/s, min / median
+per arm, then the largest logit difference of each arm from the first. ``--profile ARM`` also prints
+torch.profiler's table of one more prefill through that arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from rnnserve.config import ModelConfig
+from rnnserve.engine.cpu_decode_families import pack_linear
+from rnnserve.kernels import cpu_decode
+from rnnserve.kernels.linear_recurrence import cpu as ssd_cpu
+from rnnserve.models.base import PrefillBatch, States
+from rnnserve.models.loader import load_model
+from rnnserve.models.mamba2 import Mamba2LM
+
+ARMS = ("torch", "cpu", "packed")
+
+
+_READY = ssd_cpu.ready
+
+
+def use_arm(model: Mamba2LM, arm: str, packed: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+    """The arm's kernels: for ``torch`` the extension reports itself not ready, so the SSD scan, Δ and
+    the gated norm take their torch forms (the CPU prefill before the C++ kernel); the projections
+    through the packed panels for ``packed`` only."""
+    ssd_cpu.ready = (lambda: None) if arm == "torch" else _READY
+    if arm == "packed":
+        model.use_packed_projections(*packed)
+    else:
+        model.use_packed_projections(None, None)
+
+
+def prompt_batch(n: int, vocab: int) -> PrefillBatch:
+    ids = torch.randint(10, vocab, (n,), generator=torch.Generator().manual_seed(0))
+    return PrefillBatch(
+        input_ids=ids,
+        positions=torch.arange(n),
+        cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
+        slot_ids=torch.tensor([1]),
+        logits_indices=torch.tensor([n - 1]),
+        cu_seqlens_cpu=(0, n),
+    )
+
+
+def prefill(model: Mamba2LM, states: States, n: int) -> tuple[float, float, torch.Tensor]:
+    """(wall s, CPU s, logits [1, V]) of one prefill of n tokens from zeroed states."""
+    for layer in states:
+        for t in layer.values():
+            t.zero_()
+    batch = prompt_batch(n, model.vocab_size)
+    t0, c0 = time.perf_counter(), time.process_time()
+    logits = model.prefill(batch, states)
+    return time.perf_counter() - t0, time.process_time() - c0, logits
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="HF-format Mamba-2 folder")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p.add_argument("--profile", choices=ARMS, help="print torch.profiler's table for one prefill of this arm")
+    args = p.parse_args()
+    arms = tuple(args.arms.split(","))
+    if not set(arms) <= set(ARMS):
+        raise SystemExit(f"--arms: unknown arm in {args.arms!r}")
+    torch.set_num_threads(args.threads)
+    model = load_model(ModelConfig(model=args.model, dtype="float32", device="cpu", kernels="torch")).model
+    if not isinstance(model, Mamba2LM):
+        raise SystemExit(f"{args.model} is not a Mamba-2 checkpoint")
+    if ssd_cpu.load() is None:
+        raise SystemExit("the CPU SSD kernel did not build or this CPU has no AVX-512 (see the warning)")
+    packed: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    if "packed" in arms:
+        ops = cpu_decode.load()
+        if ops is None:
+            raise SystemExit("the fused CPU decode extension did not build (see the warning)")
+        for layer in model.backbone.layers:
+            packed[0].append(pack_linear(layer.mixer.in_proj, ops))
+            packed[1].append(pack_linear(layer.mixer.out_proj, ops))
+    states = [{s.name: torch.zeros((2, *s.shape), dtype=s.dtype) for s in layer} for layer in model.state_specs()]
+    n = args.tokens
+    for arm in arms:  # untimed warm-up of each arm
+        use_arm(model, arm, packed)
+        prefill(model, states, min(n, 256))
+    print(f"{n} tokens, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    logits: dict[str, torch.Tensor] = {}
+    walls: dict[str, list[float]] = {arm: [] for arm in arms}
+    cpus: dict[str, list[float]] = {arm: [] for arm in arms}
+    for r in range(args.rounds):
+        for arm in arms if r % 2 == 0 else arms[::-1]:
+            use_arm(model, arm, packed)
+            wall, cpu, logits[arm] = prefill(model, states, n)
+            walls[arm].append(wall)
+            cpus[arm].append(cpu)
+            print(f"round {r + 1} {arm:6s}: {wall:7.2f} s wall {cpu:7.2f} s CPU {n / wall:8.1f} tok/s", flush=True)
+    for arm in arms:
+        w, c = walls[arm], cpus[arm]
+        print(
+            f"{arm:6s}: wall min {min(w):.3f} median {statistics.median(w):.3f} s "
+            f"({n / min(w):.1f} / {n / statistics.median(w):.1f} tok/s), "
+            f"CPU min {min(c):.3f} median {statistics.median(c):.3f} s"
+        )
+    ref = logits[arms[0]]
+    for arm in arms[1:]:
+        diff = (logits[arm] - ref).abs().max().item()
+        same = bool(torch.equal(ref.argmax(-1), logits[arm].argmax(-1)))
+        print(f"{arm} vs {arms[0]}: largest |logit difference| {diff:.2e} (largest |logit| "
+              f"{ref.abs().max().item():.1f}), argmax equal: {same}")  # fmt: skip
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        use_arm(model, args.profile, packed)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            prefill(model, states, n)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(f"load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Mamba-2 prefill through the C++ SSD kernel (what the mixer takes on the CPU) and, optionally, in_proj /
+out_proj through the fused decoder's packed panels, against the same model with the torch chunked scan
+and nn.Linear: logits of every token and final states within 1e-4, greedy tokens equal, for odd
+lengths, a varlen batch resumed from states a first chunk left, and a mixed decode + prefill step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from rnnserve.config import ModelConfig
+from rnnserve.engine.cpu_decode_families import pack_linear
+from rnnserve.kernels import cpu_decode
+from rnnserve.kernels.linear_recurrence import cpu as ssd_cpu
+from rnnserve.models.base import MixedBatch
+from rnnserve.models.loader import load_model
+from rnnserve.models.mamba2 import Mamba2LM
+from tests.models import harness
+
+pytestmark = pytest.mark.skipif(ssd_cpu.load() is None, reason="the CPU SSD kernel needs AVX-512 and a compiler")
+
+VOCAB = 160
+
+
+def _config() -> transformers.Mamba2Config:
+    # E = 2 * 64 = 4 heads of 32 (two groups of 2 heads), state 24: the kernel's masked column tails.
+    return transformers.Mamba2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        expand=2,
+        num_heads=4,
+        head_dim=32,
+        n_groups=2,
+        state_size=24,
+        conv_kernel=4,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def _load(folder) -> Mamba2LM:
+    model = load_model(ModelConfig(model=str(folder), dtype="float32", device="cpu", kernels="torch")).model
+    assert isinstance(model, Mamba2LM)
+    return model
+
+
+def _torch_scan(model: Mamba2LM) -> Mamba2LM:
+    for layer in model.backbone.layers:
+        layer.mixer.ssd_chunk = ssd_cpu.ssd_varlen_torch
+    return model
+
+
+def _packed(model: Mamba2LM) -> Mamba2LM:
+    ops = cpu_decode.load()
+    if ops is None:
+        pytest.skip("the fused CPU decode extension did not build")
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    model.use_packed_projections(
+        [pack_linear(m.in_proj, ops) for m in mixers], [pack_linear(m.out_proj, ops) for m in mixers]
+    )
+    return model
+
+
+@pytest.fixture(params=["kernel", "kernel+packed"])
+def models(request, hf_model_dir) -> tuple[Mamba2LM, Mamba2LM]:
+    """(the model as the CPU prefill runs it, the same weights with the torch scan and nn.Linear)."""
+    folder, _ = hf_model_dir(_config(), seed=0, jitter=0.05)
+    fast = _load(folder)
+    assert all(layer.mixer.ssd_chunk is ssd_cpu.ssd_varlen for layer in fast.backbone.layers)
+    if request.param == "kernel+packed":
+        _packed(fast)
+    return fast, _torch_scan(_load(folder))
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def _assert_states_close(got, want) -> None:
+    for layer_got, layer_want in zip(got, want):
+        for name in layer_got:
+            torch.testing.assert_close(layer_got[name], layer_want[name], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 63, 500])
+@torch.no_grad()
+def test_one_prompt_equals_torch_scan(models, n: int) -> None:
+    fast, ref = models
+    got, want = harness.alloc_states(fast, 3), harness.alloc_states(ref, 3)
+    a = fast.prefill(harness.prefill_batch([_prompt(n, n)], [2], [0], fast.device, all_logits=True), got)
+    b = ref.prefill(harness.prefill_batch([_prompt(n, n)], [2], [0], ref.device, all_logits=True), want)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_states_close(got, want)
+
+
+@torch.no_grad()
+def test_varlen_resumed_prefill_equals_torch_scan(models) -> None:
+    fast, ref = models
+    prompts = [_prompt(n, seed=n) for n in (1, 63, 200, 7)]
+    slots = [5, 2, 7, 3]
+    got, want = harness.alloc_states(fast, 8), harness.alloc_states(ref, 8)
+    for states, model in ((got, fast), (want, ref)):
+        model.prefill(harness.prefill_batch([p[:40] for p in prompts], slots, [0] * 4, model.device), states)
+    rest = [(p[40:], s) for p, s in zip(prompts, slots) if len(p) > 40]
+    seqs, rest_slots = [r for r, _ in rest], [s for _, s in rest]
+    a = fast.prefill(harness.prefill_batch(seqs, rest_slots, [40] * len(seqs), fast.device, all_logits=True), got)
+    b = ref.prefill(harness.prefill_batch(seqs, rest_slots, [40] * len(seqs), ref.device, all_logits=True), want)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    _assert_states_close(got, want)
+
+
+def test_greedy_tokens_equal(models) -> None:
+    fast, ref = models
+    prompt = _prompt(150, seed=9)
+    assert harness.greedy_generate(fast, prompt, 16) == harness.greedy_generate(ref, prompt, 16)
+    assert harness.greedy_generate(fast, prompt, 16, chunk=37) == harness.greedy_generate(ref, prompt, 16)
+
+
+@torch.no_grad()
+def test_mixed_step_equals_torch_scan(models) -> None:
+    """2 decode rows and 2 prompt chunks in one pass: the prompt rows through the kernel."""
+    out = []
+    for model in models:
+        states = harness.alloc_states(model, 6)
+        model.prefill(harness.prefill_batch([_prompt(30, 1), _prompt(5, 2)], [1, 4], [0, 0], model.device), states)
+        dec = harness.decode_batch([3, 8], [30, 5], [1, 4], model.device, states)
+        pre = harness.prefill_batch([_prompt(70, 3), _prompt(2, 4)], [2, 5], [0, 0], model.device)
+        out.append((model.mixed(MixedBatch.pack(dec, pre), states), states))
+    (a, got), (b, want) = out
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_states_close(got, want)
+
+
+def test_packed_projections_switch_back_and_refuse_int8(hf_model_dir) -> None:
+    folder, _ = hf_model_dir(_config(), seed=0, jitter=0.05)
+    model = _packed(_load(folder))
+    assert all(layer.mixer.in_proj_packed is not None for layer in model.backbone.layers)
+    model.use_packed_projections(None, None)
+    assert all(layer.mixer.out_proj_packed is None for layer in model.backbone.layers)
+    int8 = [torch.zeros(1, 64, 16, dtype=torch.int8)] * 2
+    with pytest.raises(ValueError, match="float32"):
+        model.use_packed_projections(int8, int8)
+    with pytest.raises(ValueError, match="layers"):
+        model.use_packed_projections(int8[:1], int8[:1])
