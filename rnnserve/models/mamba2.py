@@ -368,8 +368,18 @@ class Mamba2LM(RecurrentLM):
     @torch.no_grad()
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
         h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [T, D]
-        for layer, st in zip(self.backbone.layers, states):
-            h.add_(layer.mixer.prefill(layer.norm(h), st["conv"], st["ssm"], batch))
+        layers = self.backbone.layers
+        hn = layers[0].norm(h)
+        for i, (layer, st) in enumerate(zip(layers, states)):
+            out = layer.mixer.prefill(hn, st["conv"], st["ssm"], batch)
+            if i + 1 == len(layers):
+                h.add_(out)
+                break
+            # The residual add and the next layer's norm in one pass on the CPU (float32).
+            norm = layers[i + 1].norm
+            hn = linear_recurrence_cpu.add_rms_norm_(h, out, norm.weight, norm.eps)
+            if hn is None:
+                hn = norm(h.add_(out))
         return self._logits(h.index_select(0, batch.logits_indices))
 
     @torch.no_grad()

@@ -161,3 +161,14 @@ def test_mamba2_delta_matches_torch(limit: tuple[float, float]) -> None:
     dt, bias = wide[:, 30:], torch.randn(10, generator=g) * 10.0
     ref = torch.nn.functional.softplus(dt + bias).clamp(*limit)
     torch.testing.assert_close(cpu.mamba2_delta(dt, bias, limit), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_add_rms_norm_matches_torch() -> None:
+    """h += delta in place and the next layer's RMSNorm of it, D not a multiple of 16."""
+    g = torch.Generator().manual_seed(13)
+    h, delta, w = torch.randn(29, 40, generator=g), torch.randn(29, 40, generator=g), torch.randn(40, generator=g)
+    want_h = h + delta
+    want = torch.nn.functional.rms_norm(want_h, (40,), w, 1e-5)
+    got = cpu.add_rms_norm_(h, delta, w, 1e-5)
+    torch.testing.assert_close(h, want_h, atol=0, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

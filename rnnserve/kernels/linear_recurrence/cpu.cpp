@@ -58,17 +58,21 @@ inline __m512 exp512(__m512 x) {
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 
-// C[r, 0:16 NV] (+)= Σ_j A[r, j] B[j, 0:16 NV] for RT rows: RT x NV accumulators in registers, A's
-// element broadcast, B's row loaded once per j for all RT rows; `last` masks B's and C's last vector.
+// C[r, 0:16 NV] ← (acc ? cs[r] C[r, 0:16 NV] : 0) + Σ_j A[r, j] B[j, 0:16 NV] for RT rows (cs null: 1): RT x NV
+// accumulators in registers, A's element broadcast, B's row loaded once per j for all RT rows; `last`
+// masks B's and C's last vector.
 template <int RT, int NV>
 inline void tile(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t J,
-                 __mmask16 last, bool acc) {
+                 __mmask16 last, bool acc, const float* cs) {
   __m512 c[RT][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < RT; ++r)
+  for (int r = 0; r < RT; ++r) {
+    const __m512 s = _mm512_set1_ps(cs ? cs[r] : 1.0f);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
-      c[r][v] = acc ? _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, C + r * ldc + 16 * v) : _mm512_setzero_ps();
+      c[r][v] = acc ? _mm512_mul_ps(s, _mm512_maskz_loadu_ps(v == NV - 1 ? last : 0xffff, C + r * ldc + 16 * v))
+                    : _mm512_setzero_ps();
+  }
   for (int64_t j = 0; j < J; ++j) {
     __m512 b[NV];
 #pragma GCC unroll 4
@@ -88,21 +92,22 @@ inline void tile(float* C, int64_t ldc, const float* A, int64_t lda, const float
 
 template <int RT>
 inline void tile_nv(int nv, float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb,
-                    int64_t J, __mmask16 last, bool acc) {
+                    int64_t J, __mmask16 last, bool acc, const float* cs) {
   switch (nv) {
-    case 1: tile<RT, 1>(C, ldc, A, lda, B, ldb, J, last, acc); break;
-    case 2: tile<RT, 2>(C, ldc, A, lda, B, ldb, J, last, acc); break;
-    case 3: tile<RT, 3>(C, ldc, A, lda, B, ldb, J, last, acc); break;
-    default: tile<RT, 4>(C, ldc, A, lda, B, ldb, J, last, acc); break;
+    case 1: tile<RT, 1>(C, ldc, A, lda, B, ldb, J, last, acc, cs); break;
+    case 2: tile<RT, 2>(C, ldc, A, lda, B, ldb, J, last, acc, cs); break;
+    case 3: tile<RT, 3>(C, ldc, A, lda, B, ldb, J, last, acc, cs); break;
+    default: tile<RT, 4>(C, ldc, A, lda, B, ldb, J, last, acc, cs); break;
   }
 }
 
 constexpr int kRows = 6;  // rows per register tile: 6 x 4 accumulators + 4 B vectors + 1 broadcast
 
-// C [R, n] (+)= A [R, J] · B [J, n], all row-major with the given row strides. causal: row i sums only
-// j <= i (A is lower triangular; each tile of rows stops at its last row's diagonal).
+// C [R, n] ← (acc ? diag(cs) C : 0) + A [R, J] · B [J, n], all row-major with the given row strides (cs
+// [R], or null for 1). causal: row i sums only j <= i (A is lower triangular; each tile of rows stops at
+// its last row's diagonal).
 void mm(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int64_t ldb, int64_t R, int64_t J,
-        int64_t n, bool acc, bool causal) {
+        int64_t n, bool acc, bool causal, const float* cs = nullptr) {
   for (int64_t c0 = 0; c0 < n; c0 += 64) {
     const int64_t cols = std::min<int64_t>(64, n - c0);
     const int nv = static_cast<int>((cols + 15) / 16);
@@ -113,13 +118,14 @@ void mm(float* C, int64_t ldc, const float* A, int64_t lda, const float* B, int6
       float* c = C + r0 * ldc + c0;
       const float* a = A + r0 * lda;
       const float* b = B + c0;
+      const float* s = cs ? cs + r0 : nullptr;
       switch (rt) {
-        case 1: tile_nv<1>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
-        case 2: tile_nv<2>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
-        case 3: tile_nv<3>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
-        case 4: tile_nv<4>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
-        case 5: tile_nv<5>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
-        default: tile_nv<6>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc); break;
+        case 1: tile_nv<1>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc, s); break;
+        case 2: tile_nv<2>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc, s); break;
+        case 3: tile_nv<3>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc, s); break;
+        case 4: tile_nv<4>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc, s); break;
+        case 5: tile_nv<5>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc, s); break;
+        default: tile_nv<6>(nv, c, ldc, a, lda, b, ldb, j_end, last, acc, s); break;
       }
     }
   }
@@ -203,13 +209,16 @@ at::Tensor ssd_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     mm(scores.data() + item * L * L, L, qp + t0 * qs0 + g * qs1, qs0, kt, L, l, K, L, false, false);
   });
 
-  // Phase 2: per (sequence, head), the chunks in order.
+  // Phase 2: per (sequence, head), the chunks in order. Without a scale or a D skip (Mamba-2's prefill:
+  // the D skip goes with the gated norm) the chunk's output rows are written straight into `out`.
+  const bool direct = scale == 1.0f && !dp;
   parallel_items(B * H, [&](int64_t item) {
     FlushDenormals ftz;
     const int64_t b = item / H, h = item % H, g = h / R;
     std::vector<float> S(static_cast<size_t>(K * V)), P(static_cast<size_t>(L * L)), xs(static_cast<size_t>(L * V)),
-        y(static_cast<size_t>(L * V));
-    std::vector<double> cum(static_cast<size_t>(L));
+        xe(static_cast<size_t>(L * V)), y(direct ? 0 : static_cast<size_t>(L * V));
+    std::vector<float> row_decay(static_cast<size_t>(std::max(L, K)));
+    alignas(64) double cum[64 + 16] = {};  // A_i, then zeros: the P rows read 16 at a time
     float* state_bh = sp + slot[b] * st0 + h * K * V;
     std::copy_n(state_bh, K * V, S.data());
     const float d_h = dp ? dp[h] : 0.0f;
@@ -217,21 +226,24 @@ at::Tensor ssd_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int64_t t0 = c_t0[c], l = c_len[c];
       double acc = 0.0;
       for (int64_t i = 0; i < l; ++i) cum[i] = acc += ldp[(t0 + i) * ls0 + h * ls1];
+      for (int64_t i = l; i < 64 + 16; ++i) cum[i] = 0.0;
+      const double last = cum[l - 1];
+      // xs = v ⊙ v_scale (the intra-chunk product), xe = exp(A_{l-1} - A_j) xs (the state update).
       for (int64_t i = 0; i < l; ++i) {
         const float* vrow = vp + (t0 + i) * vs0 + h * vs1;
         const float s = vsp ? vsp[(t0 + i) * ss0 + h * ss1] : 1.0f;
-        for (int64_t e = 0; e < V; ++e) xs[i * V + e] = vrow[e] * s;
-      }
-      // Inter-chunk: y_i = exp(A_i) q_i S_in.
-      const float* qc = qp + t0 * qs0 + g * qs1;
-      mm(y.data(), V, qc, qs0, S.data(), V, l, K, V, false, false);
-      for (int64_t i = 0; i < l; ++i) {
-        const __m512 w = _mm512_set1_ps(static_cast<float>(std::exp(cum[i])));
-        for (int64_t e = 0; e < V; e += 16) {
-          const __mmask16 m = tail_mask(V - e);
-          _mm512_mask_storeu_ps(y.data() + i * V + e, m, _mm512_mul_ps(w, _mm512_maskz_loadu_ps(m, y.data() + i * V + e)));
+        const float se = s * static_cast<float>(std::exp(last - cum[i]));
+        for (int64_t e = 0; e < V; ++e) {
+          xs[i * V + e] = vrow[e] * s;
+          xe[i * V + e] = vrow[e] * se;
         }
       }
+      // Inter-chunk: q_i S_in, scaled by exp(A_i) when the intra-chunk sum is added to it below.
+      float* yc = direct ? op + (t0 * H + h) * V : y.data();
+      const int64_t ldy = direct ? H * V : V;
+      const float* qc = qp + t0 * qs0 + g * qs1;
+      mm(yc, ldy, qc, qs0, S.data(), V, l, K, V, false, false);
+      for (int64_t i = 0; i < l; ++i) row_decay[i] = static_cast<float>(std::exp(cum[i]));
       // Intra-chunk: P_ij = (q_i·k_j) exp(A_i - A_j) for j <= i, 0 above (up to the row tile's end).
       const float* sc = scores.data() + (c * G + g) * L * L;
       for (int64_t i = 0; i < l; ++i) {
@@ -242,32 +254,25 @@ at::Tensor ssd_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             _mm512_mask_storeu_ps(prow, tail_mask(l - j0), _mm512_setzero_ps());
             continue;
           }
-          const int64_t n = std::min<int64_t>(16, i + 1 - j0);  // j0 .. i
-          const __mmask16 m = tail_mask(n);
-          alignas(64) double cj[16] = {};
-          std::copy_n(cum.data() + j0, n, cj);
-          const __m256 lo = _mm512_cvtpd_ps(_mm512_sub_pd(ci, _mm512_load_pd(cj)));
-          const __m256 hi = _mm512_cvtpd_ps(_mm512_sub_pd(ci, _mm512_load_pd(cj + 8)));
+          const __mmask16 m = tail_mask(i + 1 - j0);  // j0 .. i
+          const __m256 lo = _mm512_cvtpd_ps(_mm512_sub_pd(ci, _mm512_load_pd(cum + j0)));
+          const __m256 hi = _mm512_cvtpd_ps(_mm512_sub_pd(ci, _mm512_load_pd(cum + j0 + 8)));
           const __m512 diff = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
-          const __m512 p = _mm512_maskz_mul_ps(m, exp512(_mm512_maskz_mov_ps(m, diff)), _mm512_loadu_ps(sc + i * L + j0));
-          _mm512_mask_storeu_ps(prow, tail_mask(std::min<int64_t>(16, l - j0)), p);
+          const __m512 p = _mm512_maskz_mul_ps(m, exp512(_mm512_maskz_mov_ps(m, diff)), _mm512_maskz_loadu_ps(m, sc + i * L + j0));
+          _mm512_mask_storeu_ps(prow, tail_mask(l - j0), p);
         }
       }
-      mm(y.data(), V, P.data(), L, xs.data(), V, l, l, V, true, true);
-      for (int64_t i = 0; i < l; ++i) {
-        const float* vrow = vp + (t0 + i) * vs0 + h * vs1;
-        float* orow = op + ((t0 + i) * H + h) * V;
-        for (int64_t e = 0; e < V; ++e) orow[e] = scale * y[i * V + e] + d_h * vrow[e];
+      mm(yc, ldy, P.data(), L, xs.data(), V, l, l, V, true, true, row_decay.data());
+      if (!direct) {
+        for (int64_t i = 0; i < l; ++i) {
+          const float* vrow = vp + (t0 + i) * vs0 + h * vs1;
+          float* orow = op + ((t0 + i) * H + h) * V;
+          for (int64_t e = 0; e < V; ++e) orow[e] = scale * y[i * V + e] + d_h * vrow[e];
+        }
       }
-      // State: S_out = exp(A_{l-1}) S_in + kT (exp(A_{l-1} - A_j) x_j).
-      const double last = cum[l - 1];
-      for (int64_t j = 0; j < l; ++j) {
-        const float w = static_cast<float>(std::exp(last - cum[j]));
-        for (int64_t e = 0; e < V; ++e) xs[j * V + e] *= w;
-      }
-      const float decay = static_cast<float>(std::exp(last));
-      for (int64_t i = 0; i < K * V; ++i) S[i] *= decay;
-      mm(S.data(), V, kT.data() + (c * G + g) * K * L, L, xs.data(), V, K, l, V, true, false);
+      // State: S_out = exp(A_{l-1}) S_in + kT xe.
+      std::fill_n(row_decay.data(), K, static_cast<float>(std::exp(last)));
+      mm(S.data(), V, kT.data() + (c * G + g) * K * L, L, xe.data(), V, K, l, V, true, false, row_decay.data());
     }
     std::copy_n(S.data(), K * V, state_bh);
   });
@@ -360,6 +365,41 @@ at::Tensor mamba2_delta(const at::Tensor& dt, const at::Tensor& dt_bias, double 
   return delta;
 }
 
+// The residual stream between two layers: h += delta (in place, h and delta [T, D] contiguous), then the
+// next layer's RMSNorm w ⊙ h / rms(h) into a new [T, D], one pass per row (torch's form is an add and
+// a decomposed norm: five passes).
+at::Tensor add_rms_norm_(at::Tensor h, const at::Tensor& delta, const at::Tensor& w, double eps_d) {
+  check_f32_rows(h, "h", 2);
+  check_f32_rows(delta, "delta", 2);
+  const int64_t T = h.size(0), D = h.size(1);
+  TORCH_CHECK(h.is_contiguous() && delta.is_contiguous() && delta.sizes() == h.sizes(), "h, delta [T, D] contiguous");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == D, "weight must be float32 [D]");
+  at::Tensor out = at::empty_like(h);
+  float *hp = h.data_ptr<float>(), *op = out.data_ptr<float>();
+  const float *dp = delta.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const float eps = static_cast<float>(eps_d);
+  parallel_ranges(T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* row = hp + t * D;
+      const float* drow = dp + t * D;
+      __m512 ss = _mm512_setzero_ps();
+      for (int64_t e = 0; e < D; e += 16) {
+        const __mmask16 m = tail_mask(D - e);
+        const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row + e), _mm512_maskz_loadu_ps(m, drow + e));
+        _mm512_mask_storeu_ps(row + e, m, v);
+        ss = _mm512_fmadd_ps(v, v, ss);
+      }
+      const __m512 r = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(D) + eps));
+      for (int64_t e = 0; e < D; e += 16) {
+        const __mmask16 m = tail_mask(D - e);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + e), r);
+        _mm512_mask_storeu_ps(op + t * D + e, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, wp + e)));
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnserve_cpu_ssd, m) {
@@ -370,10 +410,12 @@ TORCH_LIBRARY(rnnserve_cpu_ssd, m) {
       "gated_rms_norm_(Tensor(a!) y, Tensor z, Tensor weight, float eps, int groups, Tensor? x, Tensor? D) -> "
       "Tensor(a!)");
   m.def("mamba2_delta(Tensor dt, Tensor dt_bias, float lo, float hi) -> Tensor");
+  m.def("add_rms_norm_(Tensor(a!) h, Tensor delta, Tensor weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rnnserve_cpu_ssd, CPU, m) {
   m.impl("ssd_varlen", &ssd_varlen);
   m.impl("gated_rms_norm_", &gated_rms_norm_);
   m.impl("mamba2_delta", &mamba2_delta);
+  m.impl("add_rms_norm_", &add_rms_norm_);
 }

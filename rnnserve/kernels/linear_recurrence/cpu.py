@@ -155,5 +155,16 @@ def mamba2_delta(dt: torch.Tensor, dt_bias: torch.Tensor, limit: tuple[float, fl
     return None
 
 
+def add_rms_norm_(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The residual stream between two layers: ``h += delta`` in place, returns the next layer's
+    ``rms_norm(h) ⊙ weight`` [T, D] (h, delta contiguous float32), one pass of the kernel; None (h
+    untouched) where it cannot run."""
+    if h.is_contiguous() and delta.is_contiguous() and weight.is_contiguous() and _fits_rows([h, delta, weight]):
+        ops = ready()
+        if ops is not None:
+            return ops.add_rms_norm_(h, delta, weight, eps)
+    return None
+
+
 def _fits_rows(tensors: list[torch.Tensor]) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
