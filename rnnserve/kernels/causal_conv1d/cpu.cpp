@@ -4,9 +4,9 @@
 //
 //   y[t, c] = act(bias[c] + Σ_k w[c, k] · u[t - (K-1) + k, c])
 //
-// where u is the sequence preceded by its cache. Work items are (sequence, block of 64 channels); one
-// item reads each input row once, straight from x (a row-strided view is fine), and takes the K-1 rows
-// before a sequence's first token from the cache. Items run on the item pool of panels.h.
+// where u is the sequence preceded by its cache. Work items are (sequence, run of 32 tokens), all
+// channels: input rows are read straight from x (a row-strided view is fine), the K-1 rows before a
+// sequence's first token from the cache. Items run on the item pool of panels.h.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -21,8 +21,8 @@
 
 namespace {
 
-constexpr int64_t kBlock = 64;  // channels per work item
-constexpr int64_t kMaxK = 8;    // conv width bound for the local arrays
+constexpr int64_t kRows = 32;  // tokens per work item
+constexpr int64_t kMaxK = 8;   // conv width bound
 
 // x [T, C] (unit column stride, any row stride); weight [C, K]; bias [C] or None; conv_state [S, C, K-1]
 // (read at slot_ids, each sequence's last K-1 inputs written back); cu_seqlens [nseq + 1] host ints;
@@ -69,50 +69,63 @@ at::Tensor causal_conv1d_varlen(const at::Tensor& x, const at::Tensor& weight, c
   at::Tensor y = at::empty({T, Cn}, x.options());
   float* yp = y.data_ptr<float>();
 
-  std::vector<int64_t> seqs;  // the non-empty sequences
+  // Work items are (sequence, run of kRows tokens) over every channel: an item reads input rows in
+  // memory order (whole rows, which the hardware prefetcher follows), where (sequence, channel block)
+  // items read 256 bytes per row at the row stride and waited on memory. Rows before a sequence's first
+  // token come from its cache, copied first into pre [nseq, K-1, C] (row-major like x).
+  std::vector<float> wt(K * Cn);  // the weights tap-major [K, C]
+  for (int64_t c = 0; c < Cn; ++c)
+    for (int64_t k = 0; k < K; ++k) wt[k * Cn + c] = wp[c * K + k];
+  std::vector<float> pre(std::max<int64_t>(nseq, 1) * L * Cn);
+  struct Item {
+    int64_t b, t0, t1;  // sequence, token range within it
+  };
+  std::vector<Item> items;
   for (int64_t b = 0; b < nseq; ++b) {
-    if (cu_seqlens[b + 1] > cu_seqlens[b]) seqs.push_back(b);
+    const float* slot = cs + slotp[b] * cs0;
+    for (int64_t k = 0; k < L; ++k)
+      for (int64_t c = 0; c < Cn; ++c) pre[(b * L + k) * Cn + c] = slot[c * cs1 + k * cs2];
+    const int64_t len = cu_seqlens[b + 1] - cu_seqlens[b];
+    for (int64_t t0 = 0; t0 < len; t0 += kRows) items.push_back({b, t0, std::min(len, t0 + kRows)});
   }
-  const int64_t blocks = (Cn + kBlock - 1) / kBlock;
-  parallel_items(static_cast<int64_t>(seqs.size()) * blocks, [&](int64_t item) {
-    const int64_t b = seqs[item / blocks];
-    const int64_t c0 = (item % blocks) * kBlock, nc = std::min(kBlock, Cn - c0);
-    const int64_t start = cu_seqlens[b], len = cu_seqlens[b + 1] - start;
-    // The block's cache as rows [K-1, 64] (oldest first) and its weights as [K, 64] (tap-major).
-    alignas(32) float cache[(kMaxK - 1) * kBlock];
-    alignas(32) float wt[kMaxK * kBlock];
-    alignas(32) float bb[kBlock];
-    float* slot = cs + slotp[b] * cs0 + c0 * cs1;
-    for (int64_t i = 0; i < nc; ++i) {
-      for (int64_t k = 0; k < L; ++k) cache[k * kBlock + i] = slot[i * cs1 + k * cs2];
-      for (int64_t k = 0; k < K; ++k) wt[k * kBlock + i] = wp[(c0 + i) * K + k];
-      bb[i] = bp ? bp[c0 + i] : 0.0f;
-    }
-    // Input row j of the sequence preceded by its cache (j in [-(K-1), len)), this block's channels.
-    auto row = [&](int64_t j) -> const float* { return j < 0 ? cache + (j + L) * kBlock : xp + (start + j) * sx + c0; };
-    const int64_t full = nc / 8 * 8;
-    for (int64_t t = 0; t < len; ++t) {
+  const int64_t full = Cn / 8 * 8;
+  parallel_items(static_cast<int64_t>(items.size()), [&](int64_t n) {
+    const Item it = items[n];
+    const int64_t start = cu_seqlens[it.b];
+    // Input row j of the sequence preceded by its cache (j in [-(K-1), len)), all channels.
+    auto row = [&](int64_t j) -> const float* {
+      return j < 0 ? pre.data() + (it.b * L + j + L) * Cn : xp + (start + j) * sx;
+    };
+    for (int64_t t = it.t0; t < it.t1; ++t) {
       const float* rows[kMaxK];
       for (int64_t k = 0; k < K; ++k) rows[k] = row(t - L + k);
-      float* out = yp + (start + t) * Cn + c0;
-      for (int64_t i = 0; i < full; i += 8) {
-        __m256 acc = _mm256_load_ps(bb + i);
-        for (int64_t k = 0; k < K; ++k) acc = _mm256_fmadd_ps(_mm256_load_ps(wt + k * kBlock + i), _mm256_loadu_ps(rows[k] + i), acc);
+      float* out = yp + (start + t) * Cn;
+      for (int64_t c = 0; c < full; c += 8) {
+        __m256 acc = bp ? _mm256_loadu_ps(bp + c) : _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; ++k)
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt.data() + k * Cn + c), _mm256_loadu_ps(rows[k] + c), acc);
         if (silu) acc = silu256(acc);
-        _mm256_storeu_ps(out + i, acc);
+        _mm256_storeu_ps(out + c, acc);
       }
-      for (int64_t i = full; i < nc; ++i) {
-        float acc = bb[i];
-        for (int64_t k = 0; k < K; ++k) acc += wt[k * kBlock + i] * rows[k][i];
-        out[i] = silu ? silu1(acc) : acc;
+      for (int64_t c = full; c < Cn; ++c) {
+        float acc = bp ? bp[c] : 0.0f;
+        for (int64_t k = 0; k < K; ++k) acc += wt[k * Cn + c] * rows[k][c];
+        out[c] = silu ? silu1(acc) : acc;
       }
-    }
-    // The new cache: the last K-1 input rows (cache rows first when the sequence is shorter than that).
-    for (int64_t k = 0; k < L; ++k) {
-      const float* src = row(len - L + k);
-      for (int64_t i = 0; i < nc; ++i) slot[i * cs1 + k * cs2] = src[i];
     }
   });
+  // The new caches: each non-empty sequence's last K-1 input rows (cache rows first when the sequence is
+  // shorter than that), after every item has read the old ones.
+  for (int64_t b = 0; b < nseq; ++b) {
+    const int64_t start = cu_seqlens[b], len = cu_seqlens[b + 1] - start;
+    if (len == 0) continue;
+    float* slot = cs + slotp[b] * cs0;
+    for (int64_t k = 0; k < L; ++k) {
+      const int64_t j = len - L + k;
+      const float* src = j < 0 ? pre.data() + (b * L + j + L) * Cn : xp + (start + j) * sx;
+      for (int64_t c = 0; c < Cn; ++c) slot[c * cs1 + k * cs2] = src[c];
+    }
+  }
   return y;
 }
 
