@@ -3,9 +3,10 @@ by ``torch.utils.cpp_extension`` into torch's extension cache (``make install`` 
 build the first call starts one in the background, ``kernels.cpu_build``), and the torch conv
 (``chunk.py``) where it cannot run.
 
-One pass per (sequence, block of 64 channels): each output row is K multiply-adds over input rows read
-in place (the cache for the K-1 rows before a sequence), plus the bias and silu; the torch conv copies
-the batch into an extended buffer, convolves it and gathers the rows back (several [T, C] passes).
+One pass per (sequence, run of 32 tokens), all channels: each output row is K multiply-adds over input
+rows read in place (the cache for the K-1 rows before a sequence), plus the bias and silu; the torch
+conv copies the batch into an extended buffer, convolves it and gathers the rows back (several [T, C]
+passes).
 """
 
 from __future__ import annotations
