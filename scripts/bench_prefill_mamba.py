@@ -1,20 +1,24 @@
-"""Prefill of one prompt through a Mamba-1 checkpoint on the CPU: the torch chunk kernels (conv and scan of
-``chunk.py``) against the C++ CPU kernels that dispatch picks (``cpu.py``), arms alternated in one
-process (a busy, shared machine slows both alike), the same model and prompt:
+"""Prefill of one prompt through a Mamba-1 checkpoint on the CPU, arms alternated in one process (a busy,
+shared machine slows all alike), the same model and prompt: ``torch`` the torch chunk kernels (conv and
+scan of ``chunk.py``) and torch's GEMMs; ``cpu`` the C++ conv and scan (``cpu.py``) and torch's GEMMs;
+``gemm`` those and the prefill GEMM of ``selective_scan/cpu.cpp`` (the rms norm inside in_proj's, the
+residual add inside out_proj's), what the model runs by default:
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_prefill_mamba.py --model DIR [--tokens 2048]
-        [--rounds 2] [--threads 2]
+        [--rounds 2] [--threads 2] [--arms torch cpu gemm]
 
 ``DIR`` is an HF-format Mamba folder (``rnnserve bench llamacpp --random-shape mamba-130m`` makes one).
 Each arm prefills from zeroed states and returns the last token's logits, as the engine's prefill step
 does. Prints per round and arm the wall time, the process CPU time (which a loaded machine inflates
-less than the wall time) and tokens/s, then the largest logit difference between the arms.
+less than the wall time) and tokens/s, then each arm's largest logit difference from the first arm
+timed, and min / median tokens/s per arm.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -27,17 +31,18 @@ from rnnserve.kernels.selective_scan import cpu as scan_cpu
 from rnnserve.models.base import PrefillBatch, RecurrentLM, States
 from rnnserve.models.loader import load_model
 
-ARMS = ("torch", "cpu")
+ARMS = ("torch", "cpu", "gemm")
 
 
 def use_arm(model: RecurrentLM, arm: str) -> None:
-    """Point every mixer's prefill conv and scan at the arm's kernels."""
+    """Point every mixer's prefill conv, scan and projections at the arm's kernels."""
     for layer in model.backbone.layers:
         mixer = layer.mixer
-        if arm == "cpu":
-            mixer.conv_chunk, mixer.scan_chunk = conv_cpu.causal_conv1d_varlen, scan_cpu.selective_scan_varlen
-        else:
+        if arm == "torch":
             mixer.conv_chunk, mixer.scan_chunk = conv_chunk.causal_conv1d_varlen, scan_chunk.selective_scan_varlen
+        else:
+            mixer.conv_chunk, mixer.scan_chunk = conv_cpu.causal_conv1d_varlen, scan_cpu.selective_scan_varlen
+        mixer.prefill_linear = scan_cpu.linear_prefill if arm == "gemm" else None
 
 
 def prompt_batch(n: int, vocab: int) -> PrefillBatch:
@@ -69,6 +74,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="the arms timed (default all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(ModelConfig(model=args.model, dtype="float32", device="cpu", kernels="torch")).model
@@ -81,15 +87,22 @@ def main() -> None:
         use_arm(model, arm)
         prefill(model, states, min(n, 64))
     print(f"{n} tokens, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    arms = [a for a in ARMS if a in args.arms]
+    rates: dict[str, list[float]] = {arm: [] for arm in arms}
     for r in range(args.rounds):
-        for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
+        for arm in arms if r % 2 == 0 else arms[::-1]:
             use_arm(model, arm)
             wall, cpu, logits[arm] = prefill(model, states, n)
+            rates[arm].append(n / wall)
             print(f"round {r + 1} {arm:5s}: {wall:7.2f} s wall {cpu:7.2f} s CPU {n / wall:8.1f} tok/s", flush=True)
-    diff = (logits["torch"] - logits["cpu"]).abs().max().item()
-    same = bool(torch.equal(logits["torch"].argmax(-1), logits["cpu"].argmax(-1)))
-    top = logits["torch"].abs().max().item()
-    print(f"largest |logit difference| {diff:.2e} (largest |logit| {top:.1f}), argmax equal: {same}")
+    ref = arms[0]
+    top = logits[ref].abs().max().item()
+    for arm in arms[1:]:
+        diff = (logits[ref] - logits[arm]).abs().max().item()
+        same = bool(torch.equal(logits[ref].argmax(-1), logits[arm].argmax(-1)))
+        print(f"{arm} vs {ref}: largest |logit difference| {diff:.2e} (largest |logit| {top:.1f}), same argmax: {same}")
+    for arm in arms:
+        print(f"{arm:5s}: tok/s min {min(rates[arm]):.1f} median {statistics.median(rates[arm]):.1f}")
     print(f"load average {os.getloadavg()[0]:.1f}")
 
 

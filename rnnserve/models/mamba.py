@@ -19,7 +19,7 @@ then ``norm_f`` and ``lm_head`` (tied to the embedding or not).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnserve.kernels.dispatch import Backend, get_kernel
+from rnnserve.kernels.selective_scan.cpu import linear_prefill
 from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, lm_logits, quantize_int8, rms_norm, use_column_major_weight
 from rnnserve.models.weights import WeightsMapper, fp32_copy_loader, load_weights, set_weight_loader
@@ -143,6 +144,9 @@ class MambaMixer(nn.Module):
         self.conv_step = get_kernel("causal_conv1d.recurrent", backend)
         self.scan_chunk = get_kernel("selective_scan.chunk", backend)
         self.scan_step = get_kernel("selective_scan.recurrent", backend)
+        # Prefill projections: the C++ GEMM (selective_scan/cpu.cpp) where it takes the inputs (float32
+        # CPU, many rows), returning None elsewhere; None here: torch for every projection.
+        self.prefill_linear: Callable[..., torch.Tensor | None] | None = linear_prefill
         # fp32 SSM parameters (keep_fp32_params' load hooks): A = -exp(A_log) [E, N], D [E],
         # dt_bias [E]; exact whatever the model dtype. Non-persistent: never in a state dict. Cast the
         # module before loading (as the loader does), not after: a later cast would round them too.
@@ -164,12 +168,43 @@ class MambaMixer(nn.Module):
         set_weight_loader(self.D, fp32_copy_loader(self, "D_f"))
         set_weight_loader(self.dt_proj.bias, fp32_copy_loader(self, "dt_bias_f"))
 
-    def _x_dbl(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Conv output x [T, E] -> dt (pre-bias) [T, E], B [T, N], C [T, N]."""
+    def _x_dbl(self, x: torch.Tensor, prefill: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conv output x [T, E] -> dt (pre-bias) [T, E], B [T, N], C [T, N]; ``prefill``: dt_proj through
+        ``_project`` (the prefill GEMM)."""
         cfg = self.cfg
         delta, b, c = self.norm_dt_b_c(*self.x_proj(x).split([cfg.dt_rank, cfg.state_size, cfg.state_size], dim=-1))
         # dt_proj's bias is added in fp32 inside the scan (as transformers does).
+        if prefill:
+            return self._project(delta, self.dt_proj, use_bias=False), b, c
         return F.linear(delta, self.dt_proj.weight), b, c
+
+    def _project(
+        self,
+        x: torch.Tensor,
+        linear: nn.Module,
+        *,
+        use_bias: bool = True,
+        out: torch.Tensor | None = None,
+        accumulate: bool = False,
+        norm_weight: torch.Tensor | None = None,
+        eps: float = 0.0,
+    ) -> torch.Tensor:
+        """A prefill projection x [T, K] -> [T, N]: ``linear(rms_norm(x, norm_weight, eps))`` (no norm
+        without norm_weight), returned, or written to out (added to it with accumulate). Through
+        ``prefill_linear`` where it runs (an nn.Linear it takes), else torch: the same maths."""
+        bias = linear.bias if use_bias else None
+        if self.prefill_linear is not None and isinstance(linear, nn.Linear):
+            y = self.prefill_linear(
+                x, linear.weight, bias, out=out, accumulate=accumulate, norm_weight=norm_weight, eps=eps
+            )
+            if y is not None:
+                return y
+        if norm_weight is not None:
+            x = rms_norm(x.to(norm_weight.dtype), norm_weight, eps)
+        y = linear(x) if use_bias else F.linear(x, linear.weight)
+        if out is None:
+            return y
+        return out.add_(y) if accumulate else out.copy_(y)
 
     def norm_dt_b_c(
         self, delta: torch.Tensor, b: torch.Tensor, c: torch.Tensor
@@ -182,15 +217,37 @@ class MambaMixer(nn.Module):
         self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, batch: PrefillBatch
     ) -> torch.Tensor:
         """h [T, D] packed normalised hidden states -> [T, D]; states updated in place by slot."""
-        x, z = self.in_proj(h).chunk(2, dim=-1)  # [T, E] each
+        y = self._prefill_y(self._project(h, self.in_proj), conv_state, ssm_state, batch)
+        return self._project(y, self.out_proj)
+
+    def prefill_residual(
+        self,
+        h: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        conv_state: torch.Tensor,
+        ssm_state: torch.Tensor,
+        batch: PrefillBatch,
+    ) -> None:
+        """The block's residual update in place: h [T, D] += prefill(rms_norm(h, norm_weight, eps)).
+        Where the prefill GEMM runs, the norm is applied as in_proj reads h and out_proj adds into h:
+        no normalised copy of h, no [T, D] output, no separate add pass."""
+        xz = self._project(h, self.in_proj, norm_weight=norm_weight, eps=eps)  # [T, 2E]
+        y = self._prefill_y(xz, conv_state, ssm_state, batch)
+        self._project(y, self.out_proj, out=h, accumulate=True)
+
+    def _prefill_y(
+        self, xz: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, batch: PrefillBatch
+    ) -> torch.Tensor:
+        """in_proj's output xz [T, 2E] -> the gated scan output y [T, E] (conv, x_proj, dt_proj, scan)."""
+        x, z = xz.chunk(2, dim=-1)  # [T, E] each
         x = self.conv_chunk(
             x, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state, batch.varlen, batch.slot_ids, "silu"
         )
-        dt, b, c = self._x_dbl(x)
-        y = self.scan_chunk(
+        dt, b, c = self._x_dbl(x, prefill=True)
+        return self.scan_chunk(
             x, dt, self.A, b, c, self.D_f, z, self.dt_bias_f, ssm_state, batch.varlen, batch.slot_ids, True
         )
-        return self.out_proj(y)
 
     def decode(
         self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slot_ids: torch.Tensor
@@ -310,8 +367,7 @@ class MambaLM(RecurrentLM):
     def prefill(self, batch: PrefillBatch, states: States) -> torch.Tensor:
         h = self.backbone.embeddings(batch.input_ids).to(self._residual_dtype())  # [T, D]
         for layer, st in zip(self.backbone.layers, states):
-            normed = rms_norm(h.to(self.dtype), layer.norm.weight, self.cfg.norm_eps)
-            h.add_(layer.mixer.prefill(normed, st["conv"], st["ssm"], batch))
+            layer.mixer.prefill_residual(h, layer.norm.weight, self.cfg.norm_eps, st["conv"], st["ssm"], batch)
         return self._logits(h.index_select(0, batch.logits_indices))
 
     @torch.no_grad()

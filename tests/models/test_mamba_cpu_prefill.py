@@ -1,7 +1,8 @@
-"""Mamba and DenseMamba prefill through the C++ CPU conv and scan (what dispatch picks on the CPU)
-equal the same model with the torch chunk kernels: logits of every token within 1e-4 (absolute and
-relative; float32, the two scans sum in different orders), final states within 1e-4 and greedy tokens
-equal, for a varlen batch resumed from states a first chunk left, and a mixed decode + prefill step."""
+"""Mamba and DenseMamba prefill through the C++ CPU conv, scan and projections (the prefill GEMM, with
+the block's RMS norm and residual add fused; what the model runs on the CPU) equal the same model with
+the torch chunk kernels and torch's projections: logits of every token within 1e-4 (absolute and
+relative; float32, the two sum in different orders), final states within 1e-4 and greedy tokens equal,
+for a varlen batch resumed from states a first chunk left, and a mixed decode + prefill step."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def _torch_kernels(model: RecurrentLM) -> RecurrentLM:
     for mixer in _mixers(model):
         mixer.conv_chunk = conv_chunk.causal_conv1d_varlen
         mixer.scan_chunk = scan_chunk.selective_scan_varlen
+        mixer.prefill_linear = None
     return model
 
 
@@ -63,6 +65,7 @@ def models(request, hf_model_dir, tmp_path: Path) -> tuple[RecurrentLM, Recurren
         folder, _, _ = dense_folder(tmp_path, m=2)
     fast = _load(folder)
     assert all(m.scan_chunk is scan_cpu.selective_scan_varlen for m in _mixers(fast))
+    assert all(m.prefill_linear is scan_cpu.linear_prefill for m in _mixers(fast))
     return fast, _torch_kernels(_load(folder))
 
 
@@ -117,6 +120,46 @@ def test_mixed_step_equals_torch_kernels(hf_model_dir) -> None:
         pre = harness.prefill_batch([_prompt(70, 3), _prompt(2, 4)], [2, 5], [0, 0], model.device)
         out.append((model.mixed(MixedBatch.pack(dec, pre), states), states))
     (a, got), (b, want) = out
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    for layer_got, layer_want in zip(got, want):
+        for name in layer_got:
+            torch.testing.assert_close(layer_got[name], layer_want[name], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_every_projection_through_the_prefill_gemm(hf_model_dir) -> None:
+    """Widths at which in_proj (with the fused norm), dt_proj and out_proj (adding into the residual)
+    all take the GEMM, counted through a wrapper: a varlen batch (63, 500, 1 tokens) resumed in a second
+    call equals torch's projections, logits and states."""
+    if scan_cpu.load() is None or conv_cpu.load() is None:
+        pytest.skip("the CPU prefill kernels did not build (see the warning)")
+    cfg = MambaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=288, num_hidden_layers=2, state_size=16, time_step_rank=9
+    )
+    folder, _ = hf_model_dir(cfg, MambaForCausalLM, seed=2, jitter=0.05)
+    fast, ref = _load(folder), _torch_kernels(_load(folder))
+    ran: list[tuple[int, int]] = []
+
+    def counted(x, weight, bias=None, **kw):
+        y = scan_cpu.linear_prefill(x, weight, bias, **kw)
+        if y is not None:
+            ran.append(tuple(weight.shape))
+        return y
+
+    for mixer in _mixers(fast):
+        mixer.prefill_linear = counted
+    prompts = [_prompt(n, seed=n) for n in (63, 500, 1)]
+    slots = [4, 1, 6]
+    got, want = harness.alloc_states(fast, 8), harness.alloc_states(ref, 8)
+    for states, model in ((got, fast), (want, ref)):
+        model.prefill(harness.prefill_batch([p[:30] for p in prompts], slots, [0] * 3, model.device), states)
+    seqs = [p[30:] for p in prompts[:2]]
+    a = fast.prefill(harness.prefill_batch(seqs, slots[:2], [30, 30], fast.device, all_logits=True), got)
+    b = ref.prefill(harness.prefill_batch(seqs, slots[:2], [30, 30], ref.device, all_logits=True), want)
+    # Second call (503 rows) through the GEMM for each layer's in_proj, dt_proj, out_proj; the first
+    # (61 rows) below its row floor.
+    assert sorted(set(ran)) == sorted({(576, 256), (288, 9), (256, 288)}) and len(ran) == 3 * 2
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     for layer_got, layer_want in zip(got, want):

@@ -11,12 +11,15 @@
 // item pool of panels.h (the caller plus at::get_num_threads() - 1 workers).
 // With AVX-512 and N = 16 an item is (sequence, 16 channels) instead and its state never leaves the
 // registers (scan16_avx512).
+// The same extension holds linear_prefill, the prefill GEMM of Mamba-1's projections (at the end; see
+// README.md).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -55,9 +58,9 @@ inline __m256 exp2_neg256(__m256 t) {
 // state loads or stores per token and half the instructions of the AVX2 loop. Compiled for AVX-512
 // through the target attribute and run only when the CPU reports it, so the extension still builds
 // and runs with -mavx2 alone.
-#define RNNSERVE_AVX512 __attribute__((target("avx512f")))
 
-// exp2_neg256 on 16 floats.
+// exp2_neg256 on 16 floats, 2^n applied by vscalefps (one instruction for the conversion, shift and
+// add, and exact) instead of through the exponent bits.
 RNNSERVE_AVX512 inline __m512 exp2_neg512(__m512 t) {
   t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -69,16 +72,74 @@ RNNSERVE_AVX512 inline __m512 exp2_neg512(__m512 t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
-  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+  return _mm512_scalef_ps(p, n);
 }
 
-// f (an 8-float function of panels.h) on both halves of 16 floats.
-template <class F>
-RNNSERVE_AVX512 inline __m512 halves(__m512 v, const F& f) {
-  const __m256 lo = f(_mm512_castps512_ps256(v));
-  const __m256 hi = f(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+// exp256, log256, softplus256 and silu256 of panels.h on 16 floats: the same operations (so the same
+// results), masks for the AVX2 blends. On both 8-float halves through the AVX2 forms, softplus and silu
+// took about a third of scan16's instructions.
+RNNSERVE_AVX512 inline __m512 exp512(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.3762626647949f);
+  const __m512 lo = _mm512_set1_ps(-87.3365478515625f);
+  const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  __m512i n = _mm512_cvttps_epi32(fx);
+  n = _mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23);
+  y = _mm512_mul_ps(y, _mm512_castsi512_ps(n));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), y);
+}
+
+RNNSERVE_AVX512 inline __m512 log512(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512i xi = _mm512_castps_si512(x);
+  const __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(xi, 23), _mm512_set1_epi32(127));
+  x = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_and_si512(xi, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f000000)));
+  __m512 ef = _mm512_add_ps(_mm512_cvtepi32_ps(e), one);  // x = m * 2^ef with m in [0.5, 1)
+  const __mmask16 small = _mm512_cmp_ps_mask(x, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  ef = _mm512_mask_sub_ps(ef, small, ef, one);
+  const __m512 xm1 = _mm512_sub_ps(x, one);
+  x = _mm512_mask_add_ps(xm1, small, xm1, x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_set1_ps(7.0376836292E-2f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.1514610310E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.1676998740E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.2420140846E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.4249322787E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.6668057665E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(2.0000714765E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-2.4999993993E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(3.3333331174E-1f));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, x), z);
+  y = _mm512_fmadd_ps(ef, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
+  x = _mm512_add_ps(x, y);
+  return _mm512_fmadd_ps(ef, _mm512_set1_ps(0.693359375f), x);
+}
+
+RNNSERVE_AVX512 inline __m512 softplus512(__m512 x) {
+  const __m512 absx = _mm512_abs_ps(x);
+  const __m512 sp = _mm512_add_ps(
+      _mm512_max_ps(x, _mm512_setzero_ps()),
+      log512(_mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), absx)))));
+  return _mm512_mask_mov_ps(sp, _mm512_cmp_ps_mask(x, _mm512_set1_ps(20.0f), _CMP_GT_OQ), x);
+}
+
+RNNSERVE_AVX512 inline __m512 silu512(__m512 x) {
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
 struct Scan16Args {
@@ -105,7 +166,7 @@ RNNSERVE_AVX512 void scan16_avx512(const Scan16Args& a) {
   const __m512 bv = a.bias ? _mm512_loadu_ps(a.bias) : _mm512_setzero_ps();
   for (int64_t t = a.t0; t < a.t1; ++t) {
     __m512 d = _mm512_add_ps(_mm512_loadu_ps(a.dt + t * a.sdt), bv);
-    if (a.softplus) d = halves(d, [](__m256 v) { return softplus256(v); });
+    if (a.softplus) d = softplus512(d);
     const __m512 xv = _mm512_loadu_ps(a.x + t * a.sx);
     const __m512 dx = _mm512_mul_ps(d, xv);
     const float* Bt = a.B + t * a.sB;
@@ -121,7 +182,7 @@ RNNSERVE_AVX512 void scan16_avx512(const Scan16Args& a) {
       acc1 = _mm512_fmadd_ps(st[n + 1], _mm512_set1_ps(Ct[n + 1]), acc1);
     }
     __m512 out = _mm512_fmadd_ps(Dv, xv, _mm512_add_ps(acc0, acc1));
-    if (a.z) out = _mm512_mul_ps(out, halves(_mm512_loadu_ps(a.z + t * a.sz), [](__m256 v) { return silu256(v); }));
+    if (a.z) out = _mm512_mul_ps(out, silu512(_mm512_loadu_ps(a.z + t * a.sz)));
     _mm512_storeu_ps(a.y + t * a.E, out);
   }
 #pragma GCC unroll 16
@@ -145,7 +206,7 @@ const float* vec_ptr(const c10::optional<at::Tensor>& t, const char* name, int64
   if (!t.has_value()) return nullptr;
   TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 1 && t->size(0) == n &&
                   t->is_contiguous(),
-              "selective_scan_varlen: ", name, " must be a contiguous float32 CPU tensor of ", n, " elements");
+              name, " must be a contiguous float32 CPU tensor of ", n, " elements");
   return t->data_ptr<float>();
 }
 
@@ -198,7 +259,7 @@ at::Tensor selective_scan_varlen(const at::Tensor& x, const at::Tensor& dt, cons
   for (int64_t b = 0; b < nseq; ++b) {
     if (cu_seqlens[b + 1] > cu_seqlens[b]) seqs.push_back(b);
   }
-  if (N == 16 && E % 16 == 0 && __builtin_cpu_supports("avx512f")) {
+  if (N == 16 && E % 16 == 0 && use_avx512()) {
     // A log2(e) transposed to [E / 16, 16 n, 16 e]: one [16, 16] tile per item.
     std::vector<float> a2(E * 16);
     for (int64_t e = 0; e < E; ++e)
@@ -288,12 +349,158 @@ at::Tensor selective_scan_varlen(const at::Tensor& x, const at::Tensor& dt, cons
   return y;
 }
 
+// ------------------------------------------------------------------------------------- prefill GEMM
+// out[M, N] (+)= x[M, K] · W[K, N] (+ bias[N]) for a prefill's many rows, through the AVX-512 tiles of
+// panels.h (16 rows x one 16-column panel, accumulators in registers) on a weight stored [K, N] (the
+// column-major linear weight's transpose, as post_load keeps it): no weight packed ahead of time (the
+// copy of a panel per item costs ~1/(rows of the item) of its products). Items are (block of kRowBlock
+// rows, run of kPanelRun panels); an item copies each of its panels [K, 16] into a thread-local buffer,
+// then multiplies it with each group of 8..16 rows of its block, those rows interleaved once per call
+// into [K, rows] blocks (the tile's broadcasts then address one pointer). At M = 2048, 2 threads, a few
+// alternated runs on the shared machine: in_proj (768 -> 3072) and out_proj (1536 -> 768) ran fastest
+// with 512 x 2 (256 x 4 close; 128 x 8 and 2048 x 1 slower), ~1.2-1.3x MKL's sgemm.
+constexpr int64_t kRowBlock = 512;
+constexpr int64_t kPanelRun = 2;
+constexpr int64_t kDepth = 256;  // K per partial sum (128: ~10% slower; K in one chain: 2-4x the error)
+
+// Panels [q0, q1) x row groups [g0, g1) of gemm_rows: each panel of W [K, N] copied into panel (K x 16,
+// 64-byte aligned, zero past N), then multiplied with each group's interleaved rows.
+RNNSERVE_AVX512 __attribute__((noinline)) void gemm_rows_item(const float* xt, const float* w, int64_t ldw,
+                                                               const float* bias, float* c, int64_t ldc, int64_t M,
+                                                               int64_t K, int64_t N, bool accumulate, int64_t groups,
+                                                               int64_t g0, int64_t g1, int64_t q0, int64_t q1,
+                                                               float* panel) {
+  alignas(64) float tile[kMaxRows512 * kPanel];
+  alignas(64) float part[kMaxRows512 * kPanel];
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t n0 = q * kPanel, nn = std::min(kPanel, N - n0);
+    for (int64_t k = 0; k < K; ++k) {
+      const float* src = w + k * ldw + n0;
+      float* dst = panel + k * kPanel;
+      if (nn == kPanel) {
+        _mm512_store_ps(dst, _mm512_loadu_ps(src));
+      } else {
+        for (int64_t j = 0; j < kPanel; ++j) dst[j] = j < nn ? src[j] : 0.0f;
+      }
+    }
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t m0 = M * g / groups, mr = M * (g + 1) / groups - m0;
+      // Blocks of kDepth along K, their partial sums added: each output then sums K / kDepth partials
+      // of kDepth products, not one chain of K (closer to the float64 result, as a blocked sgemm is).
+      panel_group_512<true>(xt + m0 * K, mr, mr, panel, std::min(K, kDepth), tile);
+      for (int64_t k0 = kDepth; k0 < K; k0 += kDepth) {
+        panel_group_512<true>(xt + m0 * K + k0 * mr, mr, mr, panel + k0 * kPanel, std::min(K - k0, kDepth), part);
+        for (int64_t i = 0; i < mr; ++i)
+          _mm512_store_ps(tile + i * kPanel,
+                          _mm512_add_ps(_mm512_load_ps(tile + i * kPanel), _mm512_load_ps(part + i * kPanel)));
+      }
+      // The tile into C (+ bias, + C), masked to the panel's nn columns: a scalar loop here cost as much
+      // as the products for K = 48 (dt_proj).
+      const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1);
+      const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+      for (int64_t i = 0; i < mr; ++i) {
+        float* cr = c + (m0 + i) * ldc + n0;
+        __m512 v = _mm512_add_ps(_mm512_load_ps(tile + i * kPanel), bv);
+        if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, cr));
+        _mm512_mask_storeu_ps(cr, mask, v);
+      }
+    }
+  }
+}
+
+// Row i of x [.., K] times rsqrt(mean(x_i^2) + eps) (float accumulation, as F.rms_norm on float32).
+float rms_scale(const float* x, int64_t K, float eps) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = hsum256(acc);
+  for (; k < K; ++k) ss += x[k] * x[k];
+  return 1.0f / std::sqrt(ss / static_cast<float>(K) + eps);
+}
+
+// C[M, N] (+)= X' · W (+ bias) with X' = X, or with norm_w the rows of X RMS-normalised and scaled by
+// norm_w [K] (the block's pre-norm, applied while the rows are interleaved: no normalised copy of X).
+void gemm_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* c, int64_t ldc,
+               int64_t M, int64_t K, int64_t N, bool accumulate, const float* norm_w, float eps) {
+  const int64_t groups = (M + kMaxRows512 - 1) / kMaxRows512;  // groups of 8..16 rows, as even as can be
+  // Group g's rows at m0 * K, [K, mr]; the calling thread's buffer, kept between calls (a fresh 6-12 MB
+  // vector per call is zeroed and page-faulted in again).
+  thread_local std::vector<float> xbuf;
+  if (static_cast<int64_t>(xbuf.size()) < M * K) xbuf.resize(M * K);
+  float* xt = xbuf.data();
+  parallel_items(groups, [&](int64_t g) {
+    const int64_t m0 = M * g / groups, mr = M * (g + 1) / groups - m0;
+    float* dst = xt + m0 * K;
+    for (int64_t i = 0; i < mr; ++i) {
+      const float* src = x + (m0 + i) * ldx;
+      if (norm_w != nullptr) {
+        const float r = rms_scale(src, K, eps);
+        for (int64_t k = 0; k < K; ++k) dst[k * mr + i] = src[k] * r * norm_w[k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) dst[k * mr + i] = src[k];
+      }
+    }
+  });
+  const int64_t NP = (N + kPanel - 1) / kPanel, runs = (NP + kPanelRun - 1) / kPanelRun;
+  const int64_t gpb = std::max<int64_t>(1, kRowBlock / kMaxRows512), blocks = (groups + gpb - 1) / gpb;
+  parallel_items(blocks * runs, [&](int64_t item) {
+    thread_local std::vector<float> wbuf;
+    if (static_cast<int64_t>(wbuf.size()) < K * kPanel + 16) wbuf.resize(K * kPanel + 16);
+    float* panel = wbuf.data() + (16 - reinterpret_cast<uintptr_t>(wbuf.data()) / 4 % 16) % 16;  // 64-byte aligned
+    const int64_t g0 = item / runs * gpb, q0 = item % runs * kPanelRun;
+    gemm_rows_item(xt, w, ldw, bias, c, ldc, M, K, N, accumulate, groups, g0, std::min(groups, g0 + gpb), q0,
+                   std::min(NP, q0 + kPanelRun), panel);
+  });
+}
+
+// out [M, N] (+)= x' [M, K] · w_kn [K, N] (+ bias [N]), x' = x or, with norm_weight [K], x's rows
+// RMS-normalised (eps) and scaled by it. x and out float32 with unit column stride (rows may be strided),
+// w_kn contiguous; out may not overlap x. Without AVX-512, torch ops.
+void linear_prefill(const at::Tensor& x, const at::Tensor& w_kn, const c10::optional<at::Tensor>& bias,
+                    at::Tensor& out, bool accumulate, const c10::optional<at::Tensor>& norm_weight, double eps) {
+  const int64_t M = x.size(0), K = x.size(1), N = w_kn.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w_kn.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+                  x.device().is_cpu() && w_kn.device().is_cpu() && out.device().is_cpu(),
+              "linear_prefill: float32 CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && w_kn.dim() == 2 && out.dim() == 2 && w_kn.size(0) == K && out.size(0) == M &&
+                  out.size(1) == N,
+              "linear_prefill: x ", x.sizes(), " w_kn ", w_kn.sizes(), " out ", out.sizes(), " do not fit");
+  TORCH_CHECK((x.stride(1) == 1 || K <= 1) && (out.stride(1) == 1 || N <= 1) && w_kn.is_contiguous(),
+              "linear_prefill: x and out need unit column stride, w_kn contiguous");
+  const float* bp = vec_ptr(bias, "bias", N);
+  const float* np = vec_ptr(norm_weight, "norm_weight", K);
+  if (M == 0) return;
+  if (!use_avx512()) {
+    const at::Tensor xn =
+        np ? at::rms_norm(x, {K}, norm_weight, eps) : x;
+    at::Tensor prod = at::mm(xn, w_kn);
+    if (bp) prod.add_(*bias);
+    if (accumulate) {
+      out.add_(prod);
+    } else {
+      out.copy_(prod);
+    }
+    return;
+  }
+  gemm_rows(x.data_ptr<float>(), x.stride(0), w_kn.data_ptr<float>(), N, bp, out.data_ptr<float>(), out.stride(0), M,
+            K, N, accumulate, np, static_cast<float>(eps));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnserve_cpu_scan, m) {
   m.def(
       "selective_scan_varlen(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
       "Tensor? dt_bias, Tensor(a!) ssm_state, int[] cu_seqlens, Tensor slot_ids, bool dt_softplus) -> Tensor");
+  m.def(
+      "linear_prefill(Tensor x, Tensor w_kn, Tensor? bias, Tensor(a!) out, bool accumulate, Tensor? norm_weight, "
+      "float eps) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(rnnserve_cpu_scan, CPU, m) { m.impl("selective_scan_varlen", &selective_scan_varlen); }
+TORCH_LIBRARY_IMPL(rnnserve_cpu_scan, CPU, m) {
+  m.impl("selective_scan_varlen", &selective_scan_varlen);
+  m.impl("linear_prefill", &linear_prefill);
+}
