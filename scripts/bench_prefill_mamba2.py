@@ -5,11 +5,13 @@ shared machine slows both alike), the same model and prompt:
         [--rounds 4] [--threads 2] [--arms torch,cpu,packed] [--profile ARM]
 
 ``DIR`` is an HF-format Mamba-2 folder (``rnnserve bench llamacpp --random-shape mamba2-130m`` makes one).
-Arms: ``torch``, the chunked torch SSD scan (linear_recurrence/chunk.py) and torch's Δ and gated norm;
-``cpu``, the C++ kernels of linear_recurrence/cpu.cpp (SSD scan, Δ, D skip + gated norm) that the CPU
-prefill takes by default; ``packed``, ``cpu`` with in_proj and out_proj through the fused decoder's
-packed AVX-512 panels (``Mamba2LM.use_packed_projections``; the server's ``--cpu-decode fused|auto``
-packs the same panels for its decode). Each arm prefills from zeroed states and returns
+Arms: ``torch``, the chunked torch SSD scan (linear_recurrence/chunk.py), torch's Δ, norms and F.linear
+(the CPU prefill before the C++ kernels); ``cpu``, the C++ kernels of linear_recurrence/cpu.cpp (SSD
+scan, Δ, D skip + gated norm, residual + norm) with F.linear (MKL) projections; ``gemm``, ``cpu`` with
+in_proj and out_proj through the C++ prefill GEMM (selective_scan/cpu.py's linear_prefill): what the CPU
+prefill runs by default; ``packed``, ``cpu`` with in_proj and out_proj through the fused decoder's packed
+AVX-512 panels (``Mamba2LM.use_packed_projections``; the server's ``--cpu-decode fused|auto`` packs the
+same panels for its decode). Each arm prefills from zeroed states and returns
 the last token's logits, as the engine's prefill step does. Prints per round and arm the wall time, the
 process CPU time (which a loaded machine inflates less than the wall time) and tokens/s, min / median
 per arm, then the largest logit difference of each arm from the first. ``--profile ARM`` also prints
@@ -29,11 +31,13 @@ from rnnserve.config import ModelConfig
 from rnnserve.engine.cpu_decode_families import pack_linear
 from rnnserve.kernels import cpu_decode
 from rnnserve.kernels.linear_recurrence import cpu as ssd_cpu
+from rnnserve.kernels.selective_scan import cpu as scan_cpu
+from rnnserve.kernels.selective_scan.cpu import linear_prefill
 from rnnserve.models.base import PrefillBatch, States
 from rnnserve.models.loader import load_model
 from rnnserve.models.mamba2 import Mamba2LM
 
-ARMS = ("torch", "cpu", "packed")
+ARMS = ("torch", "cpu", "gemm", "packed")
 
 
 _READY = ssd_cpu.ready
@@ -48,6 +52,8 @@ def use_arm(model: Mamba2LM, arm: str, packed: tuple[list[torch.Tensor], list[to
         model.use_packed_projections(*packed)
     else:
         model.use_packed_projections(None, None)
+    for layer in model.backbone.layers:
+        layer.mixer.prefill_linear = linear_prefill if arm == "gemm" else None
 
 
 def prompt_batch(n: int, vocab: int) -> PrefillBatch:
@@ -91,6 +97,8 @@ def main() -> None:
         raise SystemExit(f"{args.model} is not a Mamba-2 checkpoint")
     if ssd_cpu.load() is None:
         raise SystemExit("the CPU SSD kernel did not build or this CPU has no AVX-512 (see the warning)")
+    if "gemm" in arms and scan_cpu.load() is None:
+        raise SystemExit("the CPU prefill GEMM (selective_scan/cpu.cpp) did not build (see the warning)")
     packed: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     if "packed" in arms:
         ops = cpu_decode.load()

@@ -22,7 +22,7 @@ to at least 5.17 normalise over all E channels, which differs whenever n_groups 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.kernels.linear_recurrence import cpu as linear_recurrence_cpu
+from rnnserve.kernels.selective_scan.cpu import linear_prefill
 from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, gated_rms_norm, lm_logits, quantize_int8, use_column_major_weight
 from rnnserve.models.weights import WeightsMapper, fp32_copy_loader, load_weights, set_weight_loader
@@ -139,6 +140,9 @@ class Mamba2Mixer(nn.Module):
         # CPU decoder, set through Mamba2LM.use_packed_projections; None: the nn.Linear layers.
         self.in_proj_packed: torch.Tensor | None = None
         self.out_proj_packed: torch.Tensor | None = None
+        # The C++ prefill GEMM (selective_scan/cpu.py's linear_prefill, shared with Mamba-1): None where
+        # it does not take the inputs (few rows, not float32 on the CPU); None here: torch's F.linear.
+        self.prefill_linear: Callable[..., torch.Tensor | None] | None = linear_prefill
         # fp32 copies of the per-head SSM parameters (set by ``set_fp32_params``): A = -exp(A_log),
         # dt_bias and D stay exact when the model runs in bf16/fp16.
         self.A = torch.empty(0)
@@ -201,14 +205,18 @@ class Mamba2Mixer(nn.Module):
             normed = gated_rms_norm(y.flatten(1), z, self.norm.weight, cfg.norm_eps, groups=cfg.n_groups)
         return self._linear(normed, self.out_proj, self.out_proj_packed)
 
-    @staticmethod
-    def _linear(x: torch.Tensor, linear: nn.Linear, packed: torch.Tensor | None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, linear: nn.Module, packed: torch.Tensor | None) -> torch.Tensor:
         """linear(x) for x [M, in]: through the packed panels when set (the fused decoder's AVX-512
-        GEMM), else the nn.Linear."""
-        if packed is None:
-            return linear(x)
-        out = torch.ops.rnnserve_cpu.linear_packed(x.contiguous(), packed, linear.out_features)
-        return out if linear.bias is None else out.add_(linear.bias)
+        GEMM); else through ``prefill_linear`` where it takes the inputs (the C++ prefill GEMM: float32
+        on the CPU, many rows, an nn.Linear); else the module itself."""
+        if packed is not None:
+            out = torch.ops.rnnserve_cpu.linear_packed(x.contiguous(), packed, linear.out_features)
+            return out if linear.bias is None else out.add_(linear.bias)
+        if self.prefill_linear is not None and isinstance(linear, nn.Linear):
+            out = self.prefill_linear(x, linear.weight, linear.bias)
+            if out is not None:
+                return out
+        return linear(x)
 
     def _scan_chunks(
         self,
@@ -228,7 +236,7 @@ class Mamba2Mixer(nn.Module):
             x, b, c = xbc.split([cfg.intermediate_size, gn, gn], dim=-1)
             x = x.view(t, cfg.num_heads, cfg.head_dim)
             q, k = c.view(t, cfg.n_groups, cfg.state_size), b.view(t, cfg.n_groups, cfg.state_size)
-            return self.ssd_chunk(q, k, x, dt, dt * self.A, None, ssm_state, varlen, slot_ids), x
+            return self.ssd_chunk(q, k, x, dt, None, None, ssm_state, varlen, slot_ids, decay_rate=self.A), x
         x, q, k, v, log_decay = self._ssm_inputs(xbc, dt)
         return self.scan_chunk(q, k, v, log_decay, ssm_state, varlen, slot_ids), x
 

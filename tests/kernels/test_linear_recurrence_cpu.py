@@ -28,7 +28,7 @@ def _inputs(lens: list[int], groups: int, heads: int, dk: int, dv: int, num_slot
 
 
 def _run(q, k, v, v_scale, ld, d, state, bounds, slots, scale=1.0, chunk_size=64):
-    return ops.ssd_varlen(q, k, v, v_scale, ld, d, state, bounds, slots, scale, chunk_size)
+    return ops.ssd_varlen(q, k, v, v_scale, ld, None, d, state, bounds, slots, scale, chunk_size)
 
 
 @pytest.mark.parametrize(
@@ -80,10 +80,16 @@ def test_mamba2_form_matches_torch_path(lens: list[int]) -> None:
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(state_cpu, ref_state, atol=ATOL, rtol=RTOL)
-    # The public entry takes the kernel for these inputs and returns the same.
-    state_entry = state.clone()
+    # The public entry takes the kernel for these inputs and returns the same, also with the log-decay
+    # given as Δ ⊙ decay_rate (the kernel forms Δ A itself), and the torch path does too.
+    state_entry, state_rate, state_rate_torch = state.clone(), state.clone(), state.clone()
     torch.testing.assert_close(cpu.ssd_varlen(c, b, x, dt, dt * a, d, state_entry, cu, slots), out, atol=0, rtol=0)
     torch.testing.assert_close(state_entry, state_cpu, atol=0, rtol=0)
+    rate = cpu.ssd_varlen(c, b, x, dt, None, d, state_rate, cu, slots, decay_rate=a)
+    torch.testing.assert_close(rate, out, atol=0, rtol=0)
+    torch.testing.assert_close(state_rate, state_cpu, atol=0, rtol=0)
+    rate_torch = cpu.ssd_varlen_torch(c, b, x, dt, None, d, state_rate_torch, cu, slots, decay_rate=a)
+    torch.testing.assert_close(rate_torch, ref, atol=0, rtol=0)
 
 
 def test_resumed_pieces_equal_one_shot() -> None:

@@ -1,7 +1,8 @@
-"""Mamba-2 prefill through the C++ SSD kernel (what the mixer takes on the CPU) and, optionally, in_proj /
-out_proj through the fused decoder's packed panels, against the same model with the torch chunked scan
-and nn.Linear: logits of every token and final states within 1e-4, greedy tokens equal, for odd
-lengths, a varlen batch resumed from states a first chunk left, and a mixed decode + prefill step."""
+"""Mamba-2 prefill through the C++ SSD kernel and the C++ prefill GEMM (what the mixer takes on the CPU)
+or, instead of that GEMM, in_proj / out_proj through the fused decoder's packed panels, against the same
+model with the torch chunked scan and F.linear: logits of every token and final states within 1e-4,
+greedy tokens equal, for odd lengths, a varlen batch resumed from states a first chunk left, and a
+mixed decode + prefill step."""
 
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ def _load(folder) -> Mamba2LM:
 
 
 def _torch_scan(model: Mamba2LM) -> Mamba2LM:
+    """The reference: the torch SSD scan and torch's F.linear for every projection."""
     for layer in model.backbone.layers:
         layer.mixer.ssd_chunk = ssd_cpu.ssd_varlen_torch
+        layer.mixer.prefill_linear = None
     return model
 
 

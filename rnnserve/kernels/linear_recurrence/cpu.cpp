@@ -136,23 +136,32 @@ void check_f32_rows(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim && t.stride(-1) == 1, name, " must be ", dim, "-D with unit stride along its last dim");
 }
 
-// q, k [T, G, K]; v [T, H, V]; v_scale [T, H] or absent; log_decay [T, H] (<= 0); D [H] or absent;
+// q, k [T, G, K]; v [T, H, V]; v_scale [T, H] or absent; log_decay [T, H] (<= 0), or absent with
+// decay_rate [H] and v_scale: log_decay = v_scale ⊙ decay_rate (Mamba-2's Δ A); D [H] or absent;
 // state [S, H, K, V] (each slot's [H, K, V] contiguous), read at and written back to slot_ids[b];
 // bounds: the B + 1 host sequence boundaries. Returns o [T, H, V].
 at::Tensor ssd_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const std::optional<at::Tensor>& v_scale, const at::Tensor& log_decay,
+                      const std::optional<at::Tensor>& v_scale, const std::optional<at::Tensor>& log_decay,
+                      const std::optional<at::Tensor>& decay_rate,
                       const std::optional<at::Tensor>& D, at::Tensor state, at::IntArrayRef bounds,
                       const at::Tensor& slot_ids, double scale_d, int64_t L) {
   check_f32_rows(q, "q", 3);
   check_f32_rows(k, "k", 3);
   check_f32_rows(v, "v", 3);
-  check_f32_rows(log_decay, "log_decay", 2);
   const int64_t T = q.size(0), G = q.size(1), K = q.size(2), H = v.size(1), V = v.size(2);
   TORCH_CHECK(k.sizes() == q.sizes() && v.size(0) == T && H % G == 0, "q, k [T, G, K] and v [T, H, V], H % G == 0");
-  TORCH_CHECK(log_decay.size(0) == T && log_decay.size(1) == H, "log_decay must be [T, H]");
   TORCH_CHECK(L >= 1 && L <= 64, "chunk size must be in [1, 64]");
   const bool has_vs = v_scale.has_value() && v_scale->defined();
   const bool has_d = D.has_value() && D->defined();
+  const bool has_ld = log_decay.has_value() && log_decay->defined();
+  if (has_ld) {
+    check_f32_rows(*log_decay, "log_decay", 2);
+    TORCH_CHECK(log_decay->size(0) == T && log_decay->size(1) == H, "log_decay must be [T, H]");
+  } else {
+    TORCH_CHECK(has_vs && decay_rate.has_value() && decay_rate->defined() &&
+                    decay_rate->scalar_type() == at::kFloat && decay_rate->is_contiguous() && decay_rate->numel() == H,
+                "without log_decay, v_scale [T, H] and a float32 decay_rate [H] are needed");
+  }
   if (has_vs) {
     check_f32_rows(*v_scale, "v_scale", 2);
     TORCH_CHECK(v_scale->size(0) == T && v_scale->size(1) == H, "v_scale must be [T, H]");
@@ -187,11 +196,13 @@ at::Tensor ssd_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   at::Tensor out = at::empty({T, H, V}, v.options());
   if (T == 0) return out;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float* ldp = log_decay.data_ptr<float>();
+  const float* ldp = has_ld ? log_decay->data_ptr<float>() : nullptr;
+  const float* rate = has_ld ? nullptr : decay_rate->data_ptr<float>();
   const float* vsp = has_vs ? v_scale->data_ptr<float>() : nullptr;
   const float* dp = has_d ? D->data_ptr<float>() : nullptr;
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), ls0 = log_decay.stride(0), ls1 = log_decay.stride(1);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), ls0 = has_ld ? log_decay->stride(0) : 0,
+                ls1 = has_ld ? log_decay->stride(1) : 0;
   const int64_t ss0 = has_vs ? v_scale->stride(0) : 0, ss1 = has_vs ? v_scale->stride(1) : 0;
   float* op = out.data_ptr<float>();
   float* sp = state.data_ptr<float>();
@@ -225,7 +236,8 @@ at::Tensor ssd_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     for (int64_t c = first_chunk[b]; c < first_chunk[b + 1]; ++c) {
       const int64_t t0 = c_t0[c], l = c_len[c];
       double acc = 0.0;
-      for (int64_t i = 0; i < l; ++i) cum[i] = acc += ldp[(t0 + i) * ls0 + h * ls1];
+      for (int64_t i = 0; i < l; ++i)
+        cum[i] = acc += ldp ? ldp[(t0 + i) * ls0 + h * ls1] : vsp[(t0 + i) * ss0 + h * ss1] * rate[h];
       for (int64_t i = l; i < 64 + 16; ++i) cum[i] = 0.0;
       const double last = cum[l - 1];
       // xs = v ⊙ v_scale (the intra-chunk product), xe = exp(A_{l-1} - A_j) xs (the state update).
@@ -404,7 +416,8 @@ at::Tensor add_rms_norm_(at::Tensor h, const at::Tensor& delta, const at::Tensor
 
 TORCH_LIBRARY(rnnserve_cpu_ssd, m) {
   m.def(
-      "ssd_varlen(Tensor q, Tensor k, Tensor v, Tensor? v_scale, Tensor log_decay, Tensor? D, Tensor(a!) state, "
+      "ssd_varlen(Tensor q, Tensor k, Tensor v, Tensor? v_scale, Tensor? log_decay, Tensor? decay_rate, Tensor? D, "
+      "Tensor(a!) state, "
       "int[] bounds, Tensor slot_ids, float scale, int chunk) -> Tensor");
   m.def(
       "gated_rms_norm_(Tensor(a!) y, Tensor z, Tensor weight, float eps, int groups, Tensor? x, Tensor? D) -> "

@@ -68,26 +68,30 @@ def ssd_varlen(
     k: torch.Tensor,
     v: torch.Tensor,
     v_scale: torch.Tensor | None,
-    log_decay: torch.Tensor,
+    log_decay: torch.Tensor | None,
     d: torch.Tensor | None,
     state: torch.Tensor,
     cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     scale: float = 1.0,
+    decay_rate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``S_t = exp(log_decay_t) S_{t-1} + k_tᵀ (v_scale_t v_t)``, ``o_t = scale · q_t S_t + d_h v_t``.
 
-    q, k: [T, G, K]; v: [T, H, V]; v_scale: [T, H] or None (1); log_decay: [T, H] (<= 0); d: [H] fp32
-    or None (no skip); state [S, H, K, V] fp32, read at slot_ids and the final states written back in
+    q, k: [T, G, K]; v: [T, H, V]; v_scale: [T, H] or None (1); log_decay: [T, H] (<= 0), or None with
+    decay_rate [H] fp32 and v_scale: log_decay = v_scale ⊙ decay_rate (Mamba-2's Δ A, never a tensor
+    then); d: [H] fp32 or None (no skip); state [S, H, K, V] fp32, read at slot_ids and the final states written back in
     place; cu_seqlens [B + 1] int32 or the step's ``Varlen``. q, k, v may be row-strided views (the
     columns of Mamba-2's conv output). Returns o [T, H, V]: float32 from the kernel, v's dtype from
     the torch path (as ``chunk.linear_recurrence_varlen``)."""
-    if _fits([q, k, v, v_scale, log_decay, d], state):
+    if _fits([q, k, v, v_scale, log_decay, decay_rate, d], state):
         ops = ready()
         if ops is not None:
             bounds = list(Varlen.of(cu_seqlens).bounds)
-            return ops.ssd_varlen(q, k, v, v_scale, log_decay, d, state, bounds, slot_ids.long(), scale, CHUNK_SIZE)
-    return ssd_varlen_torch(q, k, v, v_scale, log_decay, d, state, cu_seqlens, slot_ids, scale)
+            return ops.ssd_varlen(
+                q, k, v, v_scale, log_decay, decay_rate, d, state, bounds, slot_ids.long(), scale, CHUNK_SIZE
+            )
+    return ssd_varlen_torch(q, k, v, v_scale, log_decay, d, state, cu_seqlens, slot_ids, scale, decay_rate)
 
 
 def ssd_varlen_torch(
@@ -95,15 +99,20 @@ def ssd_varlen_torch(
     k: torch.Tensor,
     v: torch.Tensor,
     v_scale: torch.Tensor | None,
-    log_decay: torch.Tensor,
+    log_decay: torch.Tensor | None,
     d: torch.Tensor | None,
     state: torch.Tensor,
     cu_seqlens: torch.Tensor | Varlen,
     slot_ids: torch.Tensor,
     scale: float = 1.0,
+    decay_rate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``ssd_varlen`` through the chunked torch scan (chunk.py): its fallback, and the reference arm of
     scripts/bench_prefill_mamba2.py."""
+    if log_decay is None:
+        if v_scale is None or decay_rate is None:
+            raise ValueError("ssd_varlen: without log_decay, v_scale and decay_rate are needed")
+        log_decay = v_scale.float() * decay_rate
     x = v if v_scale is None else v.float() * v_scale.float().unsqueeze(-1)
     o = chunk.linear_recurrence_varlen(q, k, x, log_decay, state, cu_seqlens, slot_ids, scale)
     return o if d is None else torch.addcmul(o.float(), d.unsqueeze(-1), v.float()).to(o.dtype)
