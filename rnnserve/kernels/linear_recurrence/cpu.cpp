@@ -220,20 +220,26 @@ at::Tensor ssd_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     mm(scores.data() + item * L * L, L, qp + t0 * qs0 + g * qs1, qs0, kt, L, l, K, L, false, false);
   });
 
-  // Phase 2: per (sequence, head), the chunks in order. Without a scale or a D skip (Mamba-2's prefill:
-  // the D skip goes with the gated norm) the chunk's output rows are written straight into `out`.
+  // Phase 2: per (sequence, block of kHeads heads), the chunks in order and, per chunk, the block's heads:
+  // the chunk's q, kT and scores are read from L1/L2 by every head of the block, and its v rows are read
+  // a block's width (kHeads * V floats) at a time. Without a scale or a D skip (Mamba-2's prefill: the D
+  // skip goes with the gated norm) the chunk's output rows are written straight into `out`.
   const bool direct = scale == 1.0f && !dp;
-  parallel_items(B * H, [&](int64_t item) {
+  constexpr int64_t kHeads = 4;
+  const int64_t blocks = (H + kHeads - 1) / kHeads;
+  parallel_items(B * blocks, [&](int64_t item) {
     FlushDenormals ftz;
-    const int64_t b = item / H, h = item % H, g = h / R;
-    std::vector<float> S(static_cast<size_t>(K * V)), P(static_cast<size_t>(L * L)), xs(static_cast<size_t>(L * V)),
-        xe(static_cast<size_t>(L * V)), y(direct ? 0 : static_cast<size_t>(L * V));
+    const int64_t b = item / blocks, h0 = (item % blocks) * kHeads, h1 = std::min(H, h0 + kHeads);
+    std::vector<float> S_all(static_cast<size_t>((h1 - h0) * K * V)), P(static_cast<size_t>(L * L)),
+        xs(static_cast<size_t>(L * V)), xe(static_cast<size_t>(L * V)), y(direct ? 0 : static_cast<size_t>(L * V));
     std::vector<float> row_decay(static_cast<size_t>(std::max(L, K)));
     alignas(64) double cum[64 + 16] = {};  // A_i, then zeros: the P rows read 16 at a time
-    float* state_bh = sp + slot[b] * st0 + h * K * V;
-    std::copy_n(state_bh, K * V, S.data());
-    const float d_h = dp ? dp[h] : 0.0f;
-    for (int64_t c = first_chunk[b]; c < first_chunk[b + 1]; ++c) {
+    float* state_b = sp + slot[b] * st0;
+    std::copy_n(state_b + h0 * K * V, (h1 - h0) * K * V, S_all.data());
+    for (int64_t c = first_chunk[b]; c < first_chunk[b + 1]; ++c) for (int64_t h = h0; h < h1; ++h) {
+      const int64_t g = h / R;
+      const float d_h = dp ? dp[h] : 0.0f;
+      float* S = S_all.data() + (h - h0) * K * V;
       const int64_t t0 = c_t0[c], l = c_len[c];
       double acc = 0.0;
       for (int64_t i = 0; i < l; ++i)
@@ -254,7 +260,7 @@ at::Tensor ssd_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       float* yc = direct ? op + (t0 * H + h) * V : y.data();
       const int64_t ldy = direct ? H * V : V;
       const float* qc = qp + t0 * qs0 + g * qs1;
-      mm(yc, ldy, qc, qs0, S.data(), V, l, K, V, false, false);
+      mm(yc, ldy, qc, qs0, S, V, l, K, V, false, false);
       for (int64_t i = 0; i < l; ++i) row_decay[i] = static_cast<float>(std::exp(cum[i]));
       // Intra-chunk: P_ij = (q_i·k_j) exp(A_i - A_j) for j <= i, 0 above (up to the row tile's end).
       const float* sc = scores.data() + (c * G + g) * L * L;
@@ -284,9 +290,9 @@ at::Tensor ssd_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       }
       // State: S_out = exp(A_{l-1}) S_in + kT xe.
       std::fill_n(row_decay.data(), K, static_cast<float>(std::exp(last)));
-      mm(S.data(), V, kT.data() + (c * G + g) * K * L, L, xe.data(), V, K, l, V, true, false, row_decay.data());
+      mm(S, V, kT.data() + (c * G + g) * K * L, L, xe.data(), V, K, l, V, true, false, row_decay.data());
     }
-    std::copy_n(S.data(), K * V, state_bh);
+    std::copy_n(S_all.data(), (h1 - h0) * K * V, state_b + h0 * K * V);
   });
   return out;
 }
