@@ -1,4 +1,5 @@
-"""rnnserve.server.run.ReadTimeoutProtocol: EdgeGuard's 429 answered from the raw request head.
+"""rnnserve.server.run.ReadTimeoutProtocol: EdgeGuard's 429 answered from the raw request head, and
+request heads past HeadTurns' bound per event-loop turn kept and answered.
 
 A real uvicorn server on 127.0.0.1 in a thread, an ASGI app behind EdgeGuard whose requests stay in
 flight until released, and raw sockets, so the bytes on the wire can be compared.
@@ -19,7 +20,7 @@ import pytest
 import uvicorn
 
 from rnnserve.server.edge import EdgeGuard
-from rnnserve.server.run import make_protocol
+from rnnserve.server.run import HEADS_PER_TURN, ReadTimeoutProtocol, make_protocol
 
 POST = (
     b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
@@ -32,10 +33,12 @@ class HeldApp:
     def __init__(self) -> None:
         self.release = threading.Event()
         self.seen = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] != "http":
             return
+        self.loop = asyncio.get_running_loop()
         if scope["path"] != "/health":
             self.seen += 1
             while not self.release.is_set():
@@ -64,6 +67,7 @@ class Served:
     app: HeldApp
     guard: EdgeGuard
     counting: Counting
+    protocol: type[ReadTimeoutProtocol]
 
     def connect(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
@@ -77,16 +81,18 @@ class Served:
 
 
 @contextmanager
-def serve(early: bool, read_timeout: float = 30.0) -> Iterator[Served]:
-    """One address may hold one request in flight; ``early``: the protocol refuses, else EdgeGuard."""
+def serve(
+    early: bool, read_timeout: float = 30.0, max_per_address: int = 1, heads_per_turn: int = HEADS_PER_TURN
+) -> Iterator[Served]:
+    """One address may hold ``max_per_address`` requests in flight (all addresses ten times that);
+    ``early``: the protocol refuses, else EdgeGuard; ``heads_per_turn``: the protocol's HeadTurns."""
     app = HeldApp()
-    guard = EdgeGuard(app, max_requests=10, max_per_address=1, open_paths=("/health",))
+    guard = EdgeGuard(app, max_requests=10 * max_per_address, max_per_address=max_per_address, open_paths=("/health",))
     counting = Counting(guard)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        counting, log_level="warning", proxy_headers=False, http=make_protocol(read_timeout, guard if early else None)
-    )
+    protocol = make_protocol(read_timeout, guard if early else None, heads_per_turn)
+    config = uvicorn.Config(counting, log_level="warning", proxy_headers=False, http=protocol)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -95,7 +101,7 @@ def serve(early: bool, read_timeout: float = 30.0) -> Iterator[Served]:
         while not server.started:
             assert thread.is_alive() and time.monotonic() < deadline
             time.sleep(0.01)
-        yield Served(sock.getsockname()[1], app, guard, counting)
+        yield Served(sock.getsockname()[1], app, guard, counting, protocol)
     finally:
         app.release.set()
         server.should_exit = True
@@ -250,3 +256,27 @@ def test_a_refused_request_waiting_for_100_continue_is_closed_without_its_body()
         held.close()
         s.wait_in_flight(0)
         assert s.guard.refused == 1 and s.counting.calls == 1
+
+
+def test_heads_ready_in_one_turn_past_its_bound_are_kept_and_all_answered() -> None:
+    with serve(early=True, max_per_address=100, heads_per_turn=2) as s:
+        s.app.release.set()
+        socks = [s.connect() for _ in range(20)]
+        with s.connect() as probe:  # accepted after the 20: once it is answered, they are all open
+            probe.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            read_response(probe)
+        assert s.app.loop is not None
+        # Hold the server's loop while every connection sends, so all are readable in one poll.
+        go = threading.Event()
+        s.app.loop.call_soon_threadsafe(go.wait, 30)
+        for sock in socks:
+            sock.sendall(POST[:25])
+        for sock in socks:
+            sock.sendall(POST[25:] + b"{}")  # the rest, in the same read or a later one
+        go.set()
+        for sock in socks:
+            assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+            sock.close()
+        s.wait_in_flight(0)
+        assert s.protocol.heads is not None and s.protocol.heads.deferred >= 18 and s.protocol.heads.waiting == 0
+        assert s.app.seen == 20 and s.guard.refused == 0
