@@ -169,10 +169,11 @@ class MambaMixer(nn.Module):
         set_weight_loader(self.dt_proj.bias, fp32_copy_loader(self, "dt_bias_f"))
 
     def _x_dbl(self, x: torch.Tensor, prefill: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Conv output x [T, E] -> dt (pre-bias) [T, E], B [T, N], C [T, N]; ``prefill``: dt_proj through
-        ``_project`` (the prefill GEMM)."""
+        """Conv output x [T, E] -> dt (pre-bias) [T, E], B [T, N], C [T, N]; ``prefill``: x_proj and
+        dt_proj through ``_project`` (the prefill GEMM)."""
         cfg = self.cfg
-        delta, b, c = self.norm_dt_b_c(*self.x_proj(x).split([cfg.dt_rank, cfg.state_size, cfg.state_size], dim=-1))
+        dbc = self._project(x, self.x_proj) if prefill else self.x_proj(x)  # [T, R + 2N]
+        delta, b, c = self.norm_dt_b_c(*dbc.split([cfg.dt_rank, cfg.state_size, cfg.state_size], dim=-1))
         # dt_proj's bias is added in fp32 inside the scan (as transformers does).
         if prefill:
             return self._project(delta, self.dt_proj, use_bias=False), b, c

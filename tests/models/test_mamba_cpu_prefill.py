@@ -129,8 +129,8 @@ def test_mixed_step_equals_torch_kernels(hf_model_dir) -> None:
 
 @torch.no_grad()
 def test_every_projection_through_the_prefill_gemm(hf_model_dir) -> None:
-    """Widths at which in_proj (with the fused norm), dt_proj and out_proj (adding into the residual)
-    all take the GEMM, counted through a wrapper: a varlen batch (63, 500, 1 tokens) resumed in a second
+    """in_proj (with the fused norm), x_proj, dt_proj and out_proj (adding into the residual) all
+    take the GEMM, counted through a wrapper: a varlen batch (63, 500, 1 tokens) resumed in a second
     call equals torch's projections, logits and states."""
     if scan_cpu.load() is None or conv_cpu.load() is None:
         pytest.skip("the CPU prefill kernels did not build (see the warning)")
@@ -157,9 +157,9 @@ def test_every_projection_through_the_prefill_gemm(hf_model_dir) -> None:
     seqs = [p[30:] for p in prompts[:2]]
     a = fast.prefill(harness.prefill_batch(seqs, slots[:2], [30, 30], fast.device, all_logits=True), got)
     b = ref.prefill(harness.prefill_batch(seqs, slots[:2], [30, 30], ref.device, all_logits=True), want)
-    # Second call (503 rows) through the GEMM for each layer's in_proj, dt_proj, out_proj; the first
-    # (61 rows) below its row floor.
-    assert sorted(set(ran)) == sorted({(576, 256), (288, 9), (256, 288)}) and len(ran) == 3 * 2
+    # Second call (503 rows) through the GEMM for each layer's in_proj, x_proj, dt_proj, out_proj; the
+    # first (61 rows) below its row floor.
+    assert sorted(set(ran)) == sorted({(576, 256), (41, 288), (288, 9), (256, 288)}) and len(ran) == 4 * 2
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     for layer_got, layer_want in zip(got, want):

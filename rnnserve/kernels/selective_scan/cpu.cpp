@@ -408,6 +408,41 @@ RNNSERVE_AVX512 __attribute__((noinline)) void gemm_rows_item(const float* xt, c
   }
 }
 
+// Narrow outputs (N <= kNarrow, e.g. x_proj's 80): the whole W packed once per call into panels
+// [NP, K, 16] (480 KB for 1536 x 80, L2), items of 8 rows read in place (no interleave pass, which
+// the few products per row do not repay; 8 row pointers fit in registers), each row group times every
+// panel, kDepth partial sums as in gemm_rows_item.
+constexpr int64_t kNarrow = 128;
+
+RNNSERVE_AVX512 __attribute__((noinline)) void gemm_narrow_item(const float* x, int64_t ldx, const float* p,
+                                                                 const float* bias, float* c, int64_t ldc,
+                                                                 int64_t m0, int64_t mr, int64_t K, int64_t N,
+                                                                 bool accumulate) {
+  alignas(64) float tile[8 * kPanel];
+  alignas(64) float part[8 * kPanel];
+  const int64_t NP = (N + kPanel - 1) / kPanel;
+  const float* xm = x + m0 * ldx;
+  for (int64_t q = 0; q < NP; ++q) {
+    const float* pq = p + q * K * kPanel;
+    const int64_t n0 = q * kPanel, nn = std::min(kPanel, N - n0);
+    panel_group_512<false>(xm, ldx, mr, pq, std::min(K, kDepth), tile);
+    for (int64_t k0 = kDepth; k0 < K; k0 += kDepth) {
+      panel_group_512<false>(xm + k0, ldx, mr, pq + k0 * kPanel, std::min(K - k0, kDepth), part);
+      for (int64_t i = 0; i < mr; ++i)
+        _mm512_store_ps(tile + i * kPanel,
+                        _mm512_add_ps(_mm512_load_ps(tile + i * kPanel), _mm512_load_ps(part + i * kPanel)));
+    }
+    const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < mr; ++i) {
+      float* cr = c + (m0 + i) * ldc + n0;
+      __m512 v = _mm512_add_ps(_mm512_load_ps(tile + i * kPanel), bv);
+      if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, cr));
+      _mm512_mask_storeu_ps(cr, mask, v);
+    }
+  }
+}
+
 // Row i of x [.., K] times rsqrt(mean(x_i^2) + eps) (float accumulation, as F.rms_norm on float32).
 float rms_scale(const float* x, int64_t K, float eps) {
   __m256 acc = _mm256_setzero_ps();
@@ -425,6 +460,14 @@ float rms_scale(const float* x, int64_t K, float eps) {
 // norm_w [K] (the block's pre-norm, applied while the rows are interleaved: no normalised copy of X).
 void gemm_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* c, int64_t ldc,
                int64_t M, int64_t K, int64_t N, bool accumulate, const float* norm_w, float eps) {
+  if (N <= kNarrow && norm_w == nullptr) {
+    const at::Tensor packed = pack_weight(at::from_blob(const_cast<float*>(w), {K, N}, {ldw, 1}, at::kFloat), true);
+    const float* p = packed.data_ptr<float>();
+    parallel_items((M + 7) / 8, [&](int64_t g) {
+      gemm_narrow_item(x, ldx, p, bias, c, ldc, g * 8, std::min<int64_t>(8, M - g * 8), K, N, accumulate);
+    });
+    return;
+  }
   const int64_t groups = (M + kMaxRows512 - 1) / kMaxRows512;  // groups of 8..16 rows, as even as can be
   // Group g's rows at m0 * K, [K, mr]; the calling thread's buffer, kept between calls (a fresh 6-12 MB
   // vector per call is zeroed and page-faulted in again).

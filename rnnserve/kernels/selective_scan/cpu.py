@@ -89,12 +89,10 @@ def selective_scan_varlen(
     return chunk.selective_scan_varlen(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, slot_ids, dt_softplus)
 
 
-# Prefill GEMMs (``linear_prefill`` of cpu.cpp): at M = 2048 rows, 2 threads, on this Zen 4 CPU it ran
-# in_proj (768 -> 3072) ~1.3x and out_proj (1536 -> 768) ~1.2x MKL's sgemm (F.linear), but x_proj
-# (1536 -> 80) ~0.7x: interleaving the rows costs a pass over x, which a narrow output does not repay.
-# Hence the row and output-width floors below which F.linear stays.
+# Prefill GEMMs (``linear_prefill`` of cpu.cpp): at M = 2048 rows on this Zen 4 CPU, 1 thread, ~1.2-1.5x
+# MKL's sgemm (F.linear) on in_proj (768 -> 3072), out_proj (1536 -> 768) and x_proj (1536 -> 80).
+# Below _MIN_ROWS rows (decode-sized chunks) F.linear stays.
 _MIN_ROWS = 64
-_MIN_OUT = 256
 
 
 def _linear_fits(
@@ -104,7 +102,6 @@ def _linear_fits(
     return (
         x.dim() == 2
         and x.shape[0] >= _MIN_ROWS
-        and w.shape[0] >= _MIN_OUT
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and x.stride(-1) == 1
         and w.t().is_contiguous()  # column-major, as post_load stores CPU weights
@@ -128,8 +125,8 @@ def linear_prefill(
     weight, bias)`` (no norm without norm_weight [K]) for a linear weight [N, K], returned, or written to
     out [M, N] (added to it with accumulate: a residual update in place; out must not overlap x). None,
     with nothing written, where the GEMM does not take these inputs (not all float32 on the CPU, a
-    weight not column-major, fewer than ``_MIN_ROWS`` rows or ``_MIN_OUT`` outputs) or is not built
-    yet: the caller then runs the same maths through torch."""
+    weight not column-major, fewer than ``_MIN_ROWS`` rows) or is not built yet: the caller then runs
+    the same maths through torch."""
     if not _linear_fits(x, weight, bias, out, norm_weight):
         return None
     ops = ready()
