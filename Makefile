@@ -28,7 +28,7 @@ $(STAMP): $(SERVE_STAMP)
 	PYTHONWARNINGS=ignore $(PIP) install -q -e ".[dev,loadtest,ray]"
 # Reference-only packages whose own pins (old timm/fairscale deps) we do not want.
 	$(PIP) install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
-# The fused CPU decode kernels (--cpu-decode auto / fused) and the CPU prefill conv and scan are built
+# The fused CPU decode kernels (--cpu-decode auto / fused) and the CPU prefill conv, scans and GEMM are built
 # now, into torch's extension cache, so the tests do not wait for the compiler (a serve that finds no
 # current build makes one on a background thread and uses the torch path meanwhile); a failed build
 # only logs a warning.
@@ -37,6 +37,7 @@ $(STAMP): $(SERVE_STAMP)
 	$(PY) -c "from rnnserve.kernels.cpu_decode import transformer; transformer.load()"
 	$(PY) -c "from rnnserve.kernels.selective_scan import cpu; cpu.load()"
 	$(PY) -c "from rnnserve.kernels.causal_conv1d import cpu; cpu.load()"
+	$(PY) -c "from rnnserve.kernels.linear_recurrence import cpu; cpu.load()"
 	touch $(STAMP)
 
 install: $(STAMP)
