@@ -2,16 +2,14 @@
 shared machine slows both alike), the same model and prompt:
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_prefill_mamba2.py --model DIR [--tokens 2048]
-        [--rounds 4] [--threads 2] [--arms torch,cpu,packed] [--profile ARM]
+        [--rounds 4] [--threads 2] [--arms torch,cpu,gemm] [--profile ARM]
 
 ``DIR`` is an HF-format Mamba-2 folder (``rnnserve bench llamacpp --random-shape mamba2-130m`` makes one).
 Arms: ``torch``, the chunked torch SSD scan (linear_recurrence/chunk.py), torch's Δ, norms and F.linear
 (the CPU prefill before the C++ kernels); ``cpu``, the C++ kernels of linear_recurrence/cpu.cpp (SSD
 scan, Δ, D skip + gated norm, residual + norm) with F.linear (MKL) projections; ``gemm``, ``cpu`` with
 in_proj and out_proj through the C++ prefill GEMM (selective_scan/cpu.py's linear_prefill): what the CPU
-prefill runs by default; ``packed``, ``cpu`` with in_proj and out_proj through the fused decoder's packed
-AVX-512 panels (``Mamba2LM.use_packed_projections``; the server's ``--cpu-decode fused|auto`` packs the
-same panels for its decode). Each arm prefills from zeroed states and returns
+prefill runs by default. Each arm prefills from zeroed states and returns
 the last token's logits, as the engine's prefill step does. Prints per round and arm the wall time, the
 process CPU time (which a loaded machine inflates less than the wall time) and tokens/s, min / median
 per arm, then the largest logit difference of each arm from the first. ``--profile ARM`` also prints
@@ -28,8 +26,6 @@ import time
 import torch
 
 from rnnserve.config import ModelConfig
-from rnnserve.engine.cpu_decode_families import pack_linear
-from rnnserve.kernels import cpu_decode
 from rnnserve.kernels.linear_recurrence import cpu as ssd_cpu
 from rnnserve.kernels.selective_scan import cpu as scan_cpu
 from rnnserve.kernels.selective_scan.cpu import linear_prefill
@@ -37,21 +33,17 @@ from rnnserve.models.base import PrefillBatch, States
 from rnnserve.models.loader import load_model
 from rnnserve.models.mamba2 import Mamba2LM
 
-ARMS = ("torch", "cpu", "gemm", "packed")
+ARMS = ("torch", "cpu", "gemm")
 
 
 _READY = ssd_cpu.ready
 
 
-def use_arm(model: Mamba2LM, arm: str, packed: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+def use_arm(model: Mamba2LM, arm: str) -> None:
     """The arm's kernels: for ``torch`` the extension reports itself not ready, so the SSD scan, Δ and
     the gated norm take their torch forms (the CPU prefill before the C++ kernel); the projections
-    through the packed panels for ``packed`` only."""
+    through the C++ prefill GEMM for ``gemm`` only."""
     ssd_cpu.ready = (lambda: None) if arm == "torch" else _READY
-    if arm == "packed":
-        model.use_packed_projections(*packed)
-    else:
-        model.use_packed_projections(None, None)
     for layer in model.backbone.layers:
         layer.mixer.prefill_linear = linear_prefill if arm == "gemm" else None
 
@@ -99,18 +91,10 @@ def main() -> None:
         raise SystemExit("the CPU SSD kernel did not build or this CPU has no AVX-512 (see the warning)")
     if "gemm" in arms and scan_cpu.load() is None:
         raise SystemExit("the CPU prefill GEMM (selective_scan/cpu.cpp) did not build (see the warning)")
-    packed: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    if "packed" in arms:
-        ops = cpu_decode.load()
-        if ops is None:
-            raise SystemExit("the fused CPU decode extension did not build (see the warning)")
-        for layer in model.backbone.layers:
-            packed[0].append(pack_linear(layer.mixer.in_proj, ops))
-            packed[1].append(pack_linear(layer.mixer.out_proj, ops))
     states = [{s.name: torch.zeros((2, *s.shape), dtype=s.dtype) for s in layer} for layer in model.state_specs()]
     n = args.tokens
     for arm in arms:  # untimed warm-up of each arm
-        use_arm(model, arm, packed)
+        use_arm(model, arm)
         prefill(model, states, min(n, 256))
     print(f"{n} tokens, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
     logits: dict[str, torch.Tensor] = {}
@@ -118,7 +102,7 @@ def main() -> None:
     cpus: dict[str, list[float]] = {arm: [] for arm in arms}
     for r in range(args.rounds):
         for arm in arms if r % 2 == 0 else arms[::-1]:
-            use_arm(model, arm, packed)
+            use_arm(model, arm)
             wall, cpu, logits[arm] = prefill(model, states, n)
             walls[arm].append(wall)
             cpus[arm].append(cpu)
@@ -139,7 +123,7 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        use_arm(model, args.profile, packed)
+        use_arm(model, args.profile)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             prefill(model, states, n)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))

@@ -136,10 +136,6 @@ class Mamba2Mixer(nn.Module):
         self.scan_step = get_kernel("linear_recurrence.recurrent", backend)
         # The prompt scan on the CPU (see _scan_chunks): the C++ SSD kernel where it runs.
         self.ssd_chunk = linear_recurrence_cpu.ssd_varlen
-        # in_proj / out_proj weights packed into 16-column panels [ceil(out / 16), in, 16] by the fused
-        # CPU decoder, set through Mamba2LM.use_packed_projections; None: the nn.Linear layers.
-        self.in_proj_packed: torch.Tensor | None = None
-        self.out_proj_packed: torch.Tensor | None = None
         # The C++ prefill GEMM (selective_scan/cpu.py's linear_prefill, shared with Mamba-1): None where
         # it does not take the inputs (few rows, not float32 on the CPU); None here: torch's F.linear.
         self.prefill_linear: Callable[..., torch.Tensor | None] | None = linear_prefill
@@ -166,7 +162,7 @@ class Mamba2Mixer(nn.Module):
     def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """in_proj -> z [T, E], xBC [T, E + 2GN], Δ [T, H] (fp32, softplus and clamped)."""
         cfg = self.cfg
-        zxbcdt = self._linear(h, self.in_proj, self.in_proj_packed)
+        zxbcdt = self._linear(h, self.in_proj)
         z, xbc, dt = zxbcdt.split([cfg.intermediate_size, cfg.conv_dim, cfg.num_heads], dim=-1)
         delta = linear_recurrence_cpu.mamba2_delta(dt, self.dt_bias_f, cfg.time_step_limit)
         if delta is not None:
@@ -203,15 +199,11 @@ class Mamba2Mixer(nn.Module):
         if normed is None:
             y = torch.addcmul(y.float(), self.D_f.unsqueeze(-1), x.float())  # [T, H, P]
             normed = gated_rms_norm(y.flatten(1), z, self.norm.weight, cfg.norm_eps, groups=cfg.n_groups)
-        return self._linear(normed, self.out_proj, self.out_proj_packed)
+        return self._linear(normed, self.out_proj)
 
-    def _linear(self, x: torch.Tensor, linear: nn.Module, packed: torch.Tensor | None) -> torch.Tensor:
-        """linear(x) for x [M, in]: through the packed panels when set (the fused decoder's AVX-512
-        GEMM); else through ``prefill_linear`` where it takes the inputs (the C++ prefill GEMM: float32
-        on the CPU, many rows, an nn.Linear); else the module itself."""
-        if packed is not None:
-            out = torch.ops.rnnserve_cpu.linear_packed(x.contiguous(), packed, linear.out_features)
-            return out if linear.bias is None else out.add_(linear.bias)
+    def _linear(self, x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+        """linear(x) for x [M, in]: through ``prefill_linear`` where it takes the inputs (the C++ prefill
+        GEMM: float32 on the CPU, many rows, an nn.Linear); else the module itself."""
         if self.prefill_linear is not None and isinstance(linear, nn.Linear):
             out = self.prefill_linear(x, linear.weight, linear.bias)
             if out is not None:
@@ -348,22 +340,6 @@ class Mamba2LM(RecurrentLM):
             layer.mixer.in_proj = quantize_int8(layer.mixer.in_proj)
             layer.mixer.out_proj = quantize_int8(layer.mixer.out_proj)
         self.lm_head = quantize_int8(self.lm_head)  # a tied embedding keeps its fp32 weight for lookups
-
-    def use_packed_projections(self, in_w: list[torch.Tensor] | None, out_w: list[torch.Tensor] | None) -> None:
-        """Run every layer's in_proj and out_proj through float32 panels packed by the fused CPU decoder
-        (``cpu_decode_families.pack_linear``, one per layer, same values as the layers' weights), whose
-        extension must be loaded; None, None goes back to the nn.Linear layers. int8 panels are refused:
-        ``Int8Linear`` quantizes activations too, the panels' kernel does not."""
-        layers = self.backbone.layers
-        if in_w is None or out_w is None:
-            in_w = out_w = [None] * len(layers)
-        elif len(in_w) != len(layers) or len(out_w) != len(layers):
-            raise ValueError(f"use_packed_projections: {len(in_w)} / {len(out_w)} panels for {len(layers)} layers")
-        for layer, pin, pout in zip(layers, in_w, out_w):
-            for p in (pin, pout):
-                if p is not None and p.dtype != torch.float32:
-                    raise ValueError(f"use_packed_projections takes float32 panels, not {p.dtype}")
-            layer.mixer.in_proj_packed, layer.mixer.out_proj_packed = pin, pout
 
     # ------------------------------------------------------------------ forward
 

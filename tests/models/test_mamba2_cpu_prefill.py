@@ -1,6 +1,5 @@
 """Mamba-2 prefill through the C++ SSD kernel and the C++ prefill GEMM (what the mixer takes on the CPU)
-or, instead of that GEMM, in_proj / out_proj through the fused decoder's packed panels, against the same
-model with the torch chunked scan and F.linear: logits of every token and final states within 1e-4,
+against the same model with the torch chunked scan and F.linear: logits of every token and final states within 1e-4,
 greedy tokens equal, for odd lengths, a varlen batch resumed from states a first chunk left, and a
 mixed decode + prefill step."""
 
@@ -11,8 +10,6 @@ import torch
 import transformers
 
 from rnnserve.config import ModelConfig
-from rnnserve.engine.cpu_decode_families import pack_linear
-from rnnserve.kernels import cpu_decode
 from rnnserve.kernels.linear_recurrence import cpu as ssd_cpu
 from rnnserve.models.base import MixedBatch
 from rnnserve.models.loader import load_model
@@ -57,25 +54,12 @@ def _torch_scan(model: Mamba2LM) -> Mamba2LM:
     return model
 
 
-def _packed(model: Mamba2LM) -> Mamba2LM:
-    ops = cpu_decode.load()
-    if ops is None:
-        pytest.skip("the fused CPU decode extension did not build")
-    mixers = [layer.mixer for layer in model.backbone.layers]
-    model.use_packed_projections(
-        [pack_linear(m.in_proj, ops) for m in mixers], [pack_linear(m.out_proj, ops) for m in mixers]
-    )
-    return model
-
-
-@pytest.fixture(params=["kernel", "kernel+packed"])
-def models(request, hf_model_dir) -> tuple[Mamba2LM, Mamba2LM]:
+@pytest.fixture
+def models(hf_model_dir) -> tuple[Mamba2LM, Mamba2LM]:
     """(the model as the CPU prefill runs it, the same weights with the torch scan and nn.Linear)."""
     folder, _ = hf_model_dir(_config(), seed=0, jitter=0.05)
     fast = _load(folder)
     assert all(layer.mixer.ssd_chunk is ssd_cpu.ssd_varlen for layer in fast.backbone.layers)
-    if request.param == "kernel+packed":
-        _packed(fast)
     return fast, _torch_scan(_load(folder))
 
 
@@ -138,16 +122,3 @@ def test_mixed_step_equals_torch_scan(models) -> None:
     (a, got), (b, want) = out
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     _assert_states_close(got, want)
-
-
-def test_packed_projections_switch_back_and_refuse_int8(hf_model_dir) -> None:
-    folder, _ = hf_model_dir(_config(), seed=0, jitter=0.05)
-    model = _packed(_load(folder))
-    assert all(layer.mixer.in_proj_packed is not None for layer in model.backbone.layers)
-    model.use_packed_projections(None, None)
-    assert all(layer.mixer.out_proj_packed is None for layer in model.backbone.layers)
-    int8 = [torch.zeros(1, 64, 16, dtype=torch.int8)] * 2
-    with pytest.raises(ValueError, match="float32"):
-        model.use_packed_projections(int8, int8)
-    with pytest.raises(ValueError, match="layers"):
-        model.use_packed_projections(int8[:1], int8[:1])
