@@ -38,6 +38,7 @@ $(STAMP): $(SERVE_STAMP)
 	$(PY) -c "from rnnserve.kernels.selective_scan import cpu; cpu.load()"
 	$(PY) -c "from rnnserve.kernels.causal_conv1d import cpu; cpu.load()"
 	$(PY) -c "from rnnserve.kernels.linear_recurrence import cpu; cpu.load()"
+	$(PY) -c "from rnnserve.kernels.prefill_linear import cpu; cpu.load()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,7 @@
 """Prefill of one prompt through a Mamba-1 checkpoint on the CPU, arms alternated in one process (a busy,
 shared machine slows all alike), the same model and prompt: ``torch`` the torch chunk kernels (conv and
 scan of ``chunk.py``) and torch's GEMMs; ``cpu`` the C++ conv and scan (``cpu.py``) and torch's GEMMs;
-``gemm`` those and the prefill GEMM of ``selective_scan/cpu.cpp`` (the rms norm inside in_proj's, the
+``gemm`` those and the prefill GEMM of ``prefill_linear/cpu.cpp`` (the rms norm inside in_proj's, the
 residual add inside out_proj's), what the model runs by default:
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_prefill_mamba.py --model DIR [--tokens 2048]
@@ -26,6 +26,7 @@ import torch
 from rnnserve.config import ModelConfig
 from rnnserve.kernels.causal_conv1d import chunk as conv_chunk
 from rnnserve.kernels.causal_conv1d import cpu as conv_cpu
+from rnnserve.kernels.prefill_linear import cpu as gemm_cpu
 from rnnserve.kernels.selective_scan import chunk as scan_chunk
 from rnnserve.kernels.selective_scan import cpu as scan_cpu
 from rnnserve.models.base import PrefillBatch, RecurrentLM, States
@@ -42,7 +43,7 @@ def use_arm(model: RecurrentLM, arm: str) -> None:
             mixer.conv_chunk, mixer.scan_chunk = conv_chunk.causal_conv1d_varlen, scan_chunk.selective_scan_varlen
         else:
             mixer.conv_chunk, mixer.scan_chunk = conv_cpu.causal_conv1d_varlen, scan_cpu.selective_scan_varlen
-        mixer.prefill_linear = scan_cpu.linear_prefill if arm == "gemm" else None
+        mixer.prefill_linear = gemm_cpu.linear_prefill if arm == "gemm" else None
 
 
 def prompt_batch(n: int, vocab: int) -> PrefillBatch:
@@ -78,7 +79,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(ModelConfig(model=args.model, dtype="float32", device="cpu", kernels="torch")).model
-    if scan_cpu.load() is None or conv_cpu.load() is None:
+    if scan_cpu.load() is None or conv_cpu.load() is None or gemm_cpu.load() is None:
         raise SystemExit("the CPU prefill kernels did not build (see the warning)")
     states = [{s.name: torch.zeros((2, *s.shape), dtype=s.dtype) for s in layer} for layer in model.state_specs()]
     n = args.tokens

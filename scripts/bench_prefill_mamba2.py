@@ -8,7 +8,7 @@ shared machine slows both alike), the same model and prompt:
 Arms: ``torch``, the chunked torch SSD scan (linear_recurrence/chunk.py), torch's Δ, norms and F.linear
 (the CPU prefill before the C++ kernels); ``cpu``, the C++ kernels of linear_recurrence/cpu.cpp (SSD
 scan, Δ, D skip + gated norm, residual + norm) with F.linear (MKL) projections; ``gemm``, ``cpu`` with
-in_proj and out_proj through the C++ prefill GEMM (selective_scan/cpu.py's linear_prefill): what the CPU
+in_proj and out_proj through the C++ prefill GEMM (prefill_linear/cpu.py's linear_prefill): what the CPU
 prefill runs by default. Each arm prefills from zeroed states and returns
 the last token's logits, as the engine's prefill step does. Prints per round and arm the wall time, the
 process CPU time (which a loaded machine inflates less than the wall time) and tokens/s, min / median
@@ -27,8 +27,8 @@ import torch
 
 from rnnserve.config import ModelConfig
 from rnnserve.kernels.linear_recurrence import cpu as ssd_cpu
-from rnnserve.kernels.selective_scan import cpu as scan_cpu
-from rnnserve.kernels.selective_scan.cpu import linear_prefill
+from rnnserve.kernels.prefill_linear import cpu as gemm_cpu
+from rnnserve.kernels.prefill_linear.cpu import linear_prefill
 from rnnserve.models.base import PrefillBatch, States
 from rnnserve.models.loader import load_model
 from rnnserve.models.mamba2 import Mamba2LM
@@ -89,8 +89,8 @@ def main() -> None:
         raise SystemExit(f"{args.model} is not a Mamba-2 checkpoint")
     if ssd_cpu.load() is None:
         raise SystemExit("the CPU SSD kernel did not build or this CPU has no AVX-512 (see the warning)")
-    if "gemm" in arms and scan_cpu.load() is None:
-        raise SystemExit("the CPU prefill GEMM (selective_scan/cpu.cpp) did not build (see the warning)")
+    if "gemm" in arms and gemm_cpu.load() is None:
+        raise SystemExit("the CPU prefill GEMM (prefill_linear/cpu.cpp) did not build (see the warning)")
     states = [{s.name: torch.zeros((2, *s.shape), dtype=s.dtype) for s in layer} for layer in model.state_specs()]
     n = args.tokens
     for arm in arms:  # untimed warm-up of each arm

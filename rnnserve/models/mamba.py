@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnserve.kernels.dispatch import Backend, get_kernel
-from rnnserve.kernels.selective_scan.cpu import linear_prefill
+from rnnserve.kernels.prefill_linear.cpu import linear_prefill
 from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, lm_logits, quantize_int8, rms_norm, use_column_major_weight
 from rnnserve.models.weights import WeightsMapper, fp32_copy_loader, load_weights, set_weight_loader
@@ -144,7 +144,7 @@ class MambaMixer(nn.Module):
         self.conv_step = get_kernel("causal_conv1d.recurrent", backend)
         self.scan_chunk = get_kernel("selective_scan.chunk", backend)
         self.scan_step = get_kernel("selective_scan.recurrent", backend)
-        # Prefill projections: the C++ GEMM (selective_scan/cpu.cpp) where it takes the inputs (float32
+        # Prefill projections: the C++ GEMM (prefill_linear/cpu.cpp) where it takes the inputs (float32
         # CPU, many rows), returning None elsewhere; None here: torch for every projection.
         self.prefill_linear: Callable[..., torch.Tensor | None] | None = linear_prefill
         # fp32 SSM parameters (keep_fp32_params' load hooks): A = -exp(A_log) [E, N], D [E],

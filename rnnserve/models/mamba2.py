@@ -32,7 +32,7 @@ from torch import nn
 from rnnserve.kernels.chunking import Varlen
 from rnnserve.kernels.dispatch import Backend, get_kernel
 from rnnserve.kernels.linear_recurrence import cpu as linear_recurrence_cpu
-from rnnserve.kernels.selective_scan.cpu import linear_prefill
+from rnnserve.kernels.prefill_linear.cpu import linear_prefill
 from rnnserve.models.base import DecodeBatch, MixedBatch, PrefillBatch, RecurrentLM, States, StateSpec
 from rnnserve.models.layers import RMSNorm, gated_rms_norm, lm_logits, quantize_int8, use_column_major_weight
 from rnnserve.models.weights import WeightsMapper, fp32_copy_loader, load_weights, set_weight_loader
@@ -136,7 +136,7 @@ class Mamba2Mixer(nn.Module):
         self.scan_step = get_kernel("linear_recurrence.recurrent", backend)
         # The prompt scan on the CPU (see _scan_chunks): the C++ SSD kernel where it runs.
         self.ssd_chunk = linear_recurrence_cpu.ssd_varlen
-        # The C++ prefill GEMM (selective_scan/cpu.py's linear_prefill, shared with Mamba-1): None where
+        # The C++ prefill GEMM (prefill_linear/cpu.py's linear_prefill, shared with Mamba-1): None where
         # it does not take the inputs (few rows, not float32 on the CPU); None here: torch's F.linear.
         self.prefill_linear: Callable[..., torch.Tensor | None] | None = linear_prefill
         # fp32 copies of the per-head SSM parameters (set by ``set_fp32_params``): A = -exp(A_log),

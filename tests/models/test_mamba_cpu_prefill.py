@@ -16,6 +16,7 @@ from rnnserve.config import ModelConfig
 from rnnserve.kernels.causal_conv1d import chunk as conv_chunk
 from rnnserve.kernels.causal_conv1d import cpu as conv_cpu
 from rnnserve.kernels.cpu_decode import unavailable_reason
+from rnnserve.kernels.prefill_linear import cpu as gemm_cpu
 from rnnserve.kernels.selective_scan import chunk as scan_chunk
 from rnnserve.kernels.selective_scan import cpu as scan_cpu
 from rnnserve.models.base import MixedBatch, RecurrentLM
@@ -47,7 +48,7 @@ def _load(folder: Path) -> RecurrentLM:
 @pytest.fixture
 def models(request, hf_model_dir, tmp_path: Path) -> tuple[RecurrentLM, RecurrentLM]:
     """(model with the kernels dispatch picks, the same weights with the torch chunk kernels)."""
-    if scan_cpu.load() is None or conv_cpu.load() is None:
+    if scan_cpu.load() is None or conv_cpu.load() is None or gemm_cpu.load() is None:
         pytest.skip("the CPU prefill kernels did not build (see the warning)")
     if request.param == "mamba":
         # 133 inner channels: two full 64-channel blocks and a 5-channel tail; state 16 as in Mamba-130m.
@@ -65,7 +66,7 @@ def models(request, hf_model_dir, tmp_path: Path) -> tuple[RecurrentLM, Recurren
         folder, _, _ = dense_folder(tmp_path, m=2)
     fast = _load(folder)
     assert all(m.scan_chunk is scan_cpu.selective_scan_varlen for m in _mixers(fast))
-    assert all(m.prefill_linear is scan_cpu.linear_prefill for m in _mixers(fast))
+    assert all(m.prefill_linear is gemm_cpu.linear_prefill for m in _mixers(fast))
     return fast, _torch_kernels(_load(folder))
 
 
@@ -107,7 +108,7 @@ def test_greedy_tokens_equal(models) -> None:
 def test_mixed_step_equals_torch_kernels(hf_model_dir) -> None:
     """One pass with 2 decode rows and 2 prompt chunks (Mamba's ``mixed``): the prompt rows go through
     the C++ conv and scan, the decode rows through the step kernels."""
-    if scan_cpu.load() is None or conv_cpu.load() is None:
+    if scan_cpu.load() is None or conv_cpu.load() is None or gemm_cpu.load() is None:
         pytest.skip("the CPU prefill kernels did not build (see the warning)")
     cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=72, num_hidden_layers=2, state_size=16)
     folder, _ = hf_model_dir(cfg, MambaForCausalLM, seed=1, jitter=0.05)
@@ -132,7 +133,7 @@ def test_every_projection_through_the_prefill_gemm(hf_model_dir) -> None:
     """in_proj (with the fused norm), x_proj, dt_proj and out_proj (adding into the residual) all
     take the GEMM, counted through a wrapper: a varlen batch (63, 500, 1 tokens) resumed in a second
     call equals torch's projections, logits and states."""
-    if scan_cpu.load() is None or conv_cpu.load() is None:
+    if scan_cpu.load() is None or conv_cpu.load() is None or gemm_cpu.load() is None:
         pytest.skip("the CPU prefill kernels did not build (see the warning)")
     cfg = MambaConfig(
         vocab_size=VOCAB, hidden_size=256, intermediate_size=288, num_hidden_layers=2, state_size=16, time_step_rank=9
@@ -142,7 +143,7 @@ def test_every_projection_through_the_prefill_gemm(hf_model_dir) -> None:
     ran: list[tuple[int, int]] = []
 
     def counted(x, weight, bias=None, **kw):
-        y = scan_cpu.linear_prefill(x, weight, bias, **kw)
+        y = gemm_cpu.linear_prefill(x, weight, bias, **kw)
         if y is not None:
             ran.append(tuple(weight.shape))
         return y

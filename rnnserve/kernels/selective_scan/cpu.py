@@ -6,8 +6,6 @@ scan (``chunk.py``) where it cannot run. With AVX-512 and N = 16 the state stays
 One pass per (sequence, block of 64 channels) over the tokens, the block's state in L1: softplus(dt +
 dt_bias), exp(Δ A), the update, y = s·C, the D skip and the z gate all in registers, never an
 [L, E, N] tensor. The chunked torch scan makes two [L, E, N] buffers and ~40 passes over them.
-
-``linear_prefill``: the prefill GEMM of the same extension (see README.md) for Mamba-1's projections.
 """
 
 from __future__ import annotations
@@ -87,53 +85,3 @@ def selective_scan_varlen(
                 x, dt, A, B, C, D, z, dt_bias, ssm_state, bounds, slot_ids.long(), dt_softplus
             )
     return chunk.selective_scan_varlen(x, dt, A, B, C, D, z, dt_bias, ssm_state, cu_seqlens, slot_ids, dt_softplus)
-
-
-# Prefill GEMMs (``linear_prefill`` of cpu.cpp): at M = 2048 rows on this Zen 4 CPU, 1 thread, ~1.2-1.5x
-# MKL's sgemm (F.linear) on in_proj (768 -> 3072), out_proj (1536 -> 768) and x_proj (1536 -> 80).
-# Below _MIN_ROWS rows (decode-sized chunks) F.linear stays.
-_MIN_ROWS = 64
-
-
-def _linear_fits(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None, norm: torch.Tensor | None
-) -> bool:
-    tensors = [t for t in (x, w, bias, out, norm) if t is not None]
-    return (
-        x.dim() == 2
-        and x.shape[0] >= _MIN_ROWS
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and x.stride(-1) == 1
-        and w.t().is_contiguous()  # column-major, as post_load stores CPU weights
-        and (out is None or out.stride(-1) == 1)
-        and (bias is None or bias.is_contiguous())
-        and (norm is None or norm.is_contiguous())
-    )
-
-
-def linear_prefill(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    out: torch.Tensor | None = None,
-    accumulate: bool = False,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 0.0,
-) -> torch.Tensor | None:
-    """A prefill projection of x [M, K] through the C++ GEMM: ``F.linear(rms_norm(x, norm_weight, eps),
-    weight, bias)`` (no norm without norm_weight [K]) for a linear weight [N, K], returned, or written to
-    out [M, N] (added to it with accumulate: a residual update in place; out must not overlap x). None,
-    with nothing written, where the GEMM does not take these inputs (not all float32 on the CPU, a
-    weight not column-major, fewer than ``_MIN_ROWS`` rows) or is not built yet: the caller then runs
-    the same maths through torch."""
-    if not _linear_fits(x, weight, bias, out, norm_weight):
-        return None
-    ops = ready()
-    if ops is None:
-        return None
-    if out is None:
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-        accumulate = False
-    ops.linear_prefill(x, weight.t(), bias, out, accumulate, norm_weight, eps)
-    return out
