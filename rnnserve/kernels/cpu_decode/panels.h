@@ -148,11 +148,18 @@ class ItemPool {
       return;
     }
     ensure_workers(want);
+    // Close the last job's generation before its n_, fn_ and call_ change: a worker descheduled inside
+    // claim() for that job must not claim from it against the new n_ (it would run an item past the old
+    // job's end, or an item of this job twice, and add to done_ so that run() returned while an item
+    // still ran on this frame's fn: a segfault under a burst of requests on an oversubscribed machine).
+    // Its claim's compare-exchange now fails; the closed generation is odd and has no items to claim.
+    const uint64_t closed = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    state_.store(closed << 32 | kClosed);
     call_ = [](const void* f, int64_t i) { (*static_cast<const F*>(f))(i); };
     fn_ = &fn;
-    n_ = n;
+    n_.store(n, std::memory_order_release);
     done_.store(0, std::memory_order_relaxed);
-    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    const uint64_t gen = closed + 1;
     state_.store(gen << 32);  // publishes call_, fn_, n_ with the new job (seq_cst: ordered before the load below)
     if (sleeping_.load() > 0) state_.notify_all();
     int64_t mine = 0;
@@ -172,7 +179,7 @@ class ItemPool {
   // The next item of job gen, or -1 when that job has none left (or is over).
   int64_t claim(uint64_t gen) {
     uint64_t s = state_.load(std::memory_order_acquire);
-    while ((s >> 32) == gen && static_cast<int64_t>(s & 0xffffffffu) < n_) {
+    while ((s >> 32) == gen && static_cast<int64_t>(s & 0xffffffffu) < n_.load(std::memory_order_acquire)) {
       if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) return static_cast<int64_t>(s & 0xffffffffu);
     }
     return -1;
@@ -212,7 +219,10 @@ class ItemPool {
   std::atomic<int> sleeping_{0};
   void (*call_)(const void*, int64_t) = nullptr;
   const void* fn_ = nullptr;
-  int64_t n_ = 0;
+  // n_ is read by claim() while it races with run() replacing it; the acquire pairs with run()'s release,
+  // so a claim that sees the next job's n_ also sees its closed generation and fails its exchange.
+  std::atomic<int64_t> n_{0};
+  static constexpr uint64_t kClosed = 0xffffffffu;  // next item of a closed generation: past any n_
   std::atomic<bool> busy_{false};
   std::vector<std::thread> workers_;
 };
