@@ -359,6 +359,32 @@ inline bool use_avx512() {
   return on;
 }
 
+// exp(x) for 16 floats: exp256's operations (Cephes' reduction and polynomial), so the same results;
+// inputs below -87.3 give exactly 0, never a denormal; above 88.4 the largest finite value's
+// neighbourhood (e^88.4). Used by the prefill scans (selective_scan, linear_recurrence).
+RNNSERVE_AVX512 inline __m512 exp512(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.3762626647949f);
+  const __m512 lo = _mm512_set1_ps(-87.3365478515625f);
+  const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  __m512i n = _mm512_cvttps_epi32(fx);
+  n = _mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23);
+  y = _mm512_mul_ps(y, _mm512_castsi512_ps(n));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), y);
+}
+
 // 16 weights of panel row k as fp32: one aligned-or-not load (fp32), or 16 int8 sign-extended straight
 // from memory into a zmm (vpmovsxbd) and converted (no VNNI: activations stay fp32).
 RNNSERVE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }

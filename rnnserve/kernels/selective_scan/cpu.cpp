@@ -73,32 +73,9 @@ RNNSERVE_AVX512 inline __m512 exp2_neg512(__m512 t) {
   return _mm512_scalef_ps(p, n);
 }
 
-// exp256, log256, softplus256 and silu256 of panels.h on 16 floats: the same operations (so the same
-// results), masks for the AVX2 blends. On both 8-float halves through the AVX2 forms, softplus and silu
+// log256, softplus256 and silu256 of panels.h on 16 floats (with its exp512): the same operations (so the
+// same results), masks for the AVX2 blends. On both 8-float halves through the AVX2 forms, softplus and silu
 // took about a third of scan16's instructions.
-RNNSERVE_AVX512 inline __m512 exp512(__m512 x) {
-  const __m512 hi = _mm512_set1_ps(88.3762626647949f);
-  const __m512 lo = _mm512_set1_ps(-87.3365478515625f);
-  const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
-  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  const __m512 z = _mm512_mul_ps(x, x);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-  y = _mm512_fmadd_ps(y, z, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-  __m512i n = _mm512_cvttps_epi32(fx);
-  n = _mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23);
-  y = _mm512_mul_ps(y, _mm512_castsi512_ps(n));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), y);
-}
-
 RNNSERVE_AVX512 inline __m512 log512(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512i xi = _mm512_castps_si512(x);
