@@ -168,16 +168,21 @@ class MambaMixer(nn.Module):
         set_weight_loader(self.D, fp32_copy_loader(self, "D_f"))
         set_weight_loader(self.dt_proj.bias, fp32_copy_loader(self, "dt_bias_f"))
 
-    def _x_dbl(self, x: torch.Tensor, prefill: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Conv output x [T, E] -> dt (pre-bias) [T, E], B [T, N], C [T, N]; ``prefill``: x_proj and
-        dt_proj through ``_project`` (the prefill GEMM)."""
-        cfg = self.cfg
-        dbc = self._project(x, self.x_proj) if prefill else self.x_proj(x)  # [T, R + 2N]
-        delta, b, c = self.norm_dt_b_c(*dbc.split([cfg.dt_rank, cfg.state_size, cfg.state_size], dim=-1))
+    def _x_dbl(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conv output x [T, E] -> dt (pre-bias) [T, E], B [T, N], C [T, N]."""
+        delta, b, c = self._split_dbc(self.x_proj(x))
         # dt_proj's bias is added in fp32 inside the scan (as transformers does).
-        if prefill:
-            return self._project(delta, self.dt_proj, use_bias=False), b, c
         return F.linear(delta, self.dt_proj.weight), b, c
+
+    def _x_dbl_prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_x_dbl`` of a prompt's rows: x_proj and dt_proj through ``_project`` (the prefill GEMM)."""
+        delta, b, c = self._split_dbc(self._project(x, self.x_proj))
+        return self._project(delta, self.dt_proj, use_bias=False), b, c
+
+    def _split_dbc(self, dbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_proj's output [T, R + 2N] -> (Δ [T, R], B [T, N], C [T, N]), normalised where the model has it."""
+        cfg = self.cfg
+        return self.norm_dt_b_c(*dbc.split([cfg.dt_rank, cfg.state_size, cfg.state_size], dim=-1))
 
     def _project(
         self,
@@ -245,7 +250,7 @@ class MambaMixer(nn.Module):
         x = self.conv_chunk(
             x, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state, batch.varlen, batch.slot_ids, "silu"
         )
-        dt, b, c = self._x_dbl(x, prefill=True)
+        dt, b, c = self._x_dbl_prefill(x)
         return self.scan_chunk(
             x, dt, self.A, b, c, self.D_f, z, self.dt_bias_f, ssm_state, batch.varlen, batch.slot_ids, True
         )
