@@ -68,12 +68,6 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
 
-def _assert_states_close(got, want) -> None:
-    for layer_got, layer_want in zip(got, want):
-        for name in layer_got:
-            torch.testing.assert_close(layer_got[name], layer_want[name], atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize("n", [1, 63, 500])
 @torch.no_grad()
 def test_one_prompt_equals_torch_scan(models, n: int) -> None:
@@ -82,7 +76,7 @@ def test_one_prompt_equals_torch_scan(models, n: int) -> None:
     a = fast.prefill(harness.prefill_batch([_prompt(n, n)], [2], [0], fast.device, all_logits=True), got)
     b = ref.prefill(harness.prefill_batch([_prompt(n, n)], [2], [0], ref.device, all_logits=True), want)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    _assert_states_close(got, want)
+    harness.assert_states_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
@@ -99,7 +93,7 @@ def test_varlen_resumed_prefill_equals_torch_scan(models) -> None:
     b = ref.prefill(harness.prefill_batch(seqs, rest_slots, [40] * len(seqs), ref.device, all_logits=True), want)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-    _assert_states_close(got, want)
+    harness.assert_states_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_tokens_equal(models) -> None:
@@ -121,4 +115,4 @@ def test_mixed_step_equals_torch_scan(models) -> None:
         out.append((model.mixed(MixedBatch.pack(dec, pre), states), states))
     (a, got), (b, want) = out
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    _assert_states_close(got, want)
+    harness.assert_states_close(got, want, atol=1e-4, rtol=1e-4)

@@ -91,9 +91,7 @@ def test_varlen_resumed_prefill_equals_torch_kernels(models) -> None:
     b = ref.prefill(harness.prefill_batch(seqs, rest_slots, [40] * len(seqs), ref.device, all_logits=True), want)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-    for layer_got, layer_want in zip(got, want):
-        for name in layer_got:
-            torch.testing.assert_close(layer_got[name], layer_want[name], atol=1e-4, rtol=1e-4)
+    harness.assert_states_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("models", ["mamba", "dense_mamba"], indirect=True)
@@ -123,9 +121,7 @@ def test_mixed_step_equals_torch_kernels(hf_model_dir) -> None:
     (a, got), (b, want) = out
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-    for layer_got, layer_want in zip(got, want):
-        for name in layer_got:
-            torch.testing.assert_close(layer_got[name], layer_want[name], atol=1e-4, rtol=1e-4)
+    harness.assert_states_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
@@ -163,6 +159,4 @@ def test_every_projection_through_the_prefill_gemm(hf_model_dir) -> None:
     assert sorted(set(ran)) == sorted({(576, 256), (41, 288), (288, 9), (256, 288)}) and len(ran) == 4 * 2
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-    for layer_got, layer_want in zip(got, want):
-        for name in layer_got:
-            torch.testing.assert_close(layer_got[name], layer_want[name], atol=1e-4, rtol=1e-4)
+    harness.assert_states_close(got, want, atol=1e-4, rtol=1e-4)
