@@ -108,7 +108,7 @@ def ssd_varlen_torch(
     decay_rate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``ssd_varlen`` through the chunked torch scan (chunk.py): its fallback, and the reference arm of
-    scripts/bench_prefill_mamba2.py."""
+    scripts/bench_prefill_mamba.py."""
     if log_decay is None:
         if v_scale is None or decay_rate is None:
             raise ValueError("ssd_varlen: without log_decay, v_scale and decay_rate are needed")
