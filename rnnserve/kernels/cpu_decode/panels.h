@@ -127,6 +127,15 @@ struct FlushDenormals {
   ~FlushDenormals() { _mm_setcsr(saved); }
 };
 
+// The data of an optional 1-d float32 tensor of n elements (a bias, a norm weight), or nullptr when absent.
+inline const float* vec_ptr(const c10::optional<at::Tensor>& t, const char* name, int64_t n) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 1 && t->size(0) == n &&
+                  t->is_contiguous(),
+              name, " must be a contiguous float32 CPU tensor of ", n, " elements");
+  return t->data_ptr<float>();
+}
+
 // ---------------------------------------------------------------------------------------------- threads
 
 // The step's work is cut into items (a few weight panels, a block of channels) that threads take from

@@ -18,14 +18,6 @@
 
 namespace {
 
-const float* vec_ptr(const c10::optional<at::Tensor>& t, const char* name, int64_t n) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 1 && t->size(0) == n &&
-                  t->is_contiguous(),
-              name, " must be a contiguous float32 CPU tensor of ", n, " elements");
-  return t->data_ptr<float>();
-}
-
 // ------------------------------------------------------------------------------------- prefill GEMM
 // out[M, N] (+)= x[M, K] · W[K, N] (+ bias[N]) for a prefill's many rows, through the AVX-512 tiles of
 // panels.h (16 rows x one 16-column panel, accumulators in registers) on a weight stored [K, N] (the
@@ -39,6 +31,38 @@ const float* vec_ptr(const c10::optional<at::Tensor>& t, const char* name, int64
 constexpr int64_t kRowBlock = 512;
 constexpr int64_t kPanelRun = 2;
 constexpr int64_t kDepth = 256;  // K per partial sum (128: ~10% slower; K in one chain: 2-4x the error)
+
+// tile [mr, 16] = the mr rows of x times one panel p [K, 16], in blocks of kDepth along K whose partial
+// sums (in part) are added: each output sums K / kDepth partials of kDepth products, not one chain of K
+// (closer to the float64 result, as a blocked sgemm is). kInterleaved: x is [K, mr] (row k at x + k * ldx,
+// ldx = mr); else mr rows of x [.., K] with stride ldx.
+template <bool kInterleaved>
+RNNSERVE_AVX512 inline void group_times_panel(const float* x, int64_t ldx, int64_t mr, const float* p, int64_t K,
+                                              float* tile, float* part) {
+  panel_group_512<kInterleaved>(x, ldx, mr, p, std::min(K, kDepth), tile);
+  for (int64_t k0 = kDepth; k0 < K; k0 += kDepth) {
+    const float* xk = x + (kInterleaved ? k0 * ldx : k0);
+    panel_group_512<kInterleaved>(xk, ldx, mr, p + k0 * kPanel, std::min(K - k0, kDepth), part);
+    for (int64_t i = 0; i < mr; ++i)
+      _mm512_store_ps(tile + i * kPanel,
+                      _mm512_add_ps(_mm512_load_ps(tile + i * kPanel), _mm512_load_ps(part + i * kPanel)));
+  }
+}
+
+// tile [mr, 16] into the mr rows of c (row stride ldc) at the panel's nn columns, + bias[nn] when given,
+// + c with accumulate; masked vector stores (a scalar loop here cost as much as the products for K = 48,
+// dt_proj).
+RNNSERVE_AVX512 inline void store_tile(const float* tile, int64_t mr, float* c, int64_t ldc, int64_t nn,
+                                       const float* bias, bool accumulate) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1);
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < mr; ++i) {
+    float* cr = c + i * ldc;
+    __m512 v = _mm512_add_ps(_mm512_load_ps(tile + i * kPanel), bv);
+    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, cr));
+    _mm512_mask_storeu_ps(cr, mask, v);
+  }
+}
 
 // Panels [q0, q1) x row groups [g0, g1) of gemm_rows: each panel of W [K, N] copied into panel (K x 16,
 // 64-byte aligned, zero past N), then multiplied with each group's interleaved rows.
@@ -62,25 +86,8 @@ RNNSERVE_AVX512 __attribute__((noinline)) void gemm_rows_item(const float* xt, c
     }
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t m0 = M * g / groups, mr = M * (g + 1) / groups - m0;
-      // Blocks of kDepth along K, their partial sums added: each output then sums K / kDepth partials
-      // of kDepth products, not one chain of K (closer to the float64 result, as a blocked sgemm is).
-      panel_group_512<true>(xt + m0 * K, mr, mr, panel, std::min(K, kDepth), tile);
-      for (int64_t k0 = kDepth; k0 < K; k0 += kDepth) {
-        panel_group_512<true>(xt + m0 * K + k0 * mr, mr, mr, panel + k0 * kPanel, std::min(K - k0, kDepth), part);
-        for (int64_t i = 0; i < mr; ++i)
-          _mm512_store_ps(tile + i * kPanel,
-                          _mm512_add_ps(_mm512_load_ps(tile + i * kPanel), _mm512_load_ps(part + i * kPanel)));
-      }
-      // The tile into C (+ bias, + C), masked to the panel's nn columns: a scalar loop here cost as much
-      // as the products for K = 48 (dt_proj).
-      const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1);
-      const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-      for (int64_t i = 0; i < mr; ++i) {
-        float* cr = c + (m0 + i) * ldc + n0;
-        __m512 v = _mm512_add_ps(_mm512_load_ps(tile + i * kPanel), bv);
-        if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, cr));
-        _mm512_mask_storeu_ps(cr, mask, v);
-      }
+      group_times_panel<true>(xt + m0 * K, mr, mr, panel, K, tile, part);
+      store_tile(tile, mr, c + m0 * ldc + n0, ldc, nn, bias ? bias + n0 : nullptr, accumulate);
     }
   }
 }
@@ -102,21 +109,8 @@ RNNSERVE_AVX512 __attribute__((noinline)) void gemm_narrow_item(const float* x, 
   for (int64_t q = 0; q < NP; ++q) {
     const float* pq = p + q * K * kPanel;
     const int64_t n0 = q * kPanel, nn = std::min(kPanel, N - n0);
-    panel_group_512<false>(xm, ldx, mr, pq, std::min(K, kDepth), tile);
-    for (int64_t k0 = kDepth; k0 < K; k0 += kDepth) {
-      panel_group_512<false>(xm + k0, ldx, mr, pq + k0 * kPanel, std::min(K - k0, kDepth), part);
-      for (int64_t i = 0; i < mr; ++i)
-        _mm512_store_ps(tile + i * kPanel,
-                        _mm512_add_ps(_mm512_load_ps(tile + i * kPanel), _mm512_load_ps(part + i * kPanel)));
-    }
-    const __mmask16 mask = static_cast<__mmask16>((1u << nn) - 1);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-    for (int64_t i = 0; i < mr; ++i) {
-      float* cr = c + (m0 + i) * ldc + n0;
-      __m512 v = _mm512_add_ps(_mm512_load_ps(tile + i * kPanel), bv);
-      if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, cr));
-      _mm512_mask_storeu_ps(cr, mask, v);
-    }
+    group_times_panel<false>(xm, ldx, mr, pq, K, tile, part);
+    store_tile(tile, mr, c + m0 * ldc + n0, ldc, nn, bias ? bias + n0 : nullptr, accumulate);
   }
 }
 

@@ -177,14 +177,6 @@ const float* rows_ptr(const at::Tensor& t, const char* name, int64_t rows, int64
   return t.data_ptr<float>();
 }
 
-const float* vec_ptr(const c10::optional<at::Tensor>& t, const char* name, int64_t n) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 1 && t->size(0) == n &&
-                  t->is_contiguous(),
-              name, " must be a contiguous float32 CPU tensor of ", n, " elements");
-  return t->data_ptr<float>();
-}
-
 // x, dt, z [T, E]; A [E, N]; B, C [T, N]; D, dt_bias [E] or None; ssm_state [S, E, N] (read at
 // slot_ids, final states written back); cu_seqlens [nseq + 1] host ints; slot_ids [nseq] int64.
 // Returns y [T, E]. Empty sequences leave their slot untouched.
