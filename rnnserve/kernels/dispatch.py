@@ -23,7 +23,7 @@ _KERNELS: dict[tuple[str, Backend], str] = {
     ("causal_conv1d.recurrent", "torch"): "rnnserve.kernels.causal_conv1d.recurrent:causal_conv1d_update",
     ("selective_scan.chunk", "torch"): "rnnserve.kernels.selective_scan.cpu:selective_scan_varlen",
     ("selective_scan.recurrent", "torch"): "rnnserve.kernels.selective_scan.recurrent:selective_state_update",
-    ("linear_recurrence.chunk", "torch"): "rnnserve.kernels.linear_recurrence.chunk:linear_recurrence_varlen",
+    ("linear_recurrence.chunk", "torch"): "rnnserve.kernels.linear_recurrence.cpu:linear_recurrence_varlen",
     ("linear_recurrence.recurrent", "torch"): "rnnserve.kernels.linear_recurrence.recurrent:linear_recurrence_step",
     ("wkv4.chunk", "torch"): "rnnserve.kernels.wkv4.chunk:wkv4_varlen",
     ("wkv4.recurrent", "torch"): "rnnserve.kernels.wkv4.recurrent:wkv4_step",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rnnserve.kernels.dispatch import get_kernel
+from rnnserve.kernels.linear_recurrence import cpu as linear_recurrence_cpu
 from rnnserve.kernels.linear_recurrence import (
     linear_recurrence_naive,
     linear_recurrence_step,
@@ -149,5 +150,6 @@ def test_heads_not_multiple_of_groups_rejected() -> None:
 
 
 def test_dispatch_resolves_torch_entries() -> None:
-    assert get_kernel("linear_recurrence.chunk", "torch") is linear_recurrence_varlen
+    # The CPU wrapper (the C++ kernel where it runs, chunk.py elsewhere), as for the other prefill ops.
+    assert get_kernel("linear_recurrence.chunk", "torch") is linear_recurrence_cpu.linear_recurrence_varlen
     assert get_kernel("linear_recurrence.recurrent", "torch") is linear_recurrence_step
