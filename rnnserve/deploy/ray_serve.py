@@ -18,6 +18,34 @@ routing outcomes. ``/health`` is 200 while at least one replica is running.
 A replica that dies mid-stream ends its requests with an error event and ``[DONE]``; Serve starts a
 new replica and routes new requests to the live ones meanwhile.
 
+The edge. The ingress serves the app behind its ``EdgeGuard`` (``rnnserve.server.edge``), as
+``rnnserve serve`` does: past the per-address or the total bound on HTTP requests in flight, the same
+429 (``Retry-After``, the OpenAI error body, ``Connection: close``) before the app runs, and the
+guard's ``malloc_trim`` once the ingress goes idle after a burst. Serve (2.60) takes any ASGI callable
+from ``__serve_build_asgi_app__``, runs the lifespan through it (the guard passes non-HTTP scopes on)
+and reads some FastAPI attributes off it (``routes`` for its route metrics, ``add_exception_handler``
+for its 503s): ``ServeEdgeGuard`` hands those to the app behind the guard. The bounds are the ingress
+replica's (one), from the replicas' summed slots when it starts. The address is the ASGI scope's
+``client``, which Serve's proxy pickles with the rest of its uvicorn scope: the TCP peer of the proxy,
+so the real client when nothing stands in front of it. Unlike ``rnnserve serve``, the proxy's
+uvicorn keeps its ``X-Forwarded-For`` handling on: from a peer in ``FORWARDED_ALLOW_IPS`` (default
+127.0.0.1) the address is the header's, so a proxy on the same machine passes its clients' addresses
+on, and a local client may name any address it likes. Behind a load balancer that does not keep the
+source address (a Kubernetes Service with ``externalTrafficPolicy: Cluster``), every client is the
+balancer's address: all of them together get one address's bound (half the total), and the fair
+share tells them apart only by their ``user`` field. What the guard cannot do on Ray: refuse from the
+raw head (``run.py``'s protocol) or bound heads per event-loop turn; each refused request still
+costs the proxy its parse and a handle call to the ingress, only the app's work is saved.
+
+Timeouts. ``serve_on_ray`` gives Serve's proxy ``--keep-alive-timeout`` (``keep_alive_timeout_s``,
+whole seconds, rounded up). The proxy has no read timeout: a connection that never completes its
+request head stays open (Serve's ``request_timeout_s`` is end-to-end, and would end long streams
+too), which ``rnnserve serve`` closes after ``--read-timeout``. A body that trickles in still gets the
+app's 408 after ``--read-timeout`` (the proxy hands the request to the ingress on its head, and the
+body follows). An application deployed from a Serve config (``app_builder``: ``serve run``, KubeRay)
+takes its HTTP options from that config's ``http_options``, not from these flags; so does one joining
+a cluster whose Serve already runs (Serve ignores new HTTP options then, and logs that).
+
 Named states (``--state-dir``) live in one folder at the same path on every machine (a shared volume,
 as the model is): ``POST /v1/states`` runs on one replica, which writes the file; every replica loads
 a name from the folder when a request first names it, and again once the file changed. The ingress
@@ -33,6 +61,7 @@ import contextvars
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -58,6 +87,7 @@ from rnnserve.config import ConfigError, ModelConfig, RayConfig
 from rnnserve.console import CLIError
 from rnnserve.deploy.routing import AffinityTable, Conversation, Outcome
 from rnnserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from rnnserve.server.edge import EdgeGuard
 
 if TYPE_CHECKING:
     from rnnserve.cli import ServeConfigs
@@ -485,6 +515,20 @@ class EngineReplica:
             raise RuntimeError("the engine step loop is not running")
 
 
+class ServeEdgeGuard(EdgeGuard):
+    """The ingress's ASGI app: an ``EdgeGuard`` that also shows Serve the FastAPI app behind it.
+
+    Serve reads FastAPI attributes off whatever ``__serve_build_asgi_app__`` returns when it has them
+    (``routes``, ``router``, ``root_path`` for its per-route metrics; ``add_exception_handler`` for
+    its 503 on ``BackPressureError`` and ``DeploymentUnavailableError``), and silently does without
+    them otherwise; what the guard lacks is the app's."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "app":  # not set yet (a half-built object): no app to ask
+            raise AttributeError(name)
+        return getattr(self.app, name)
+
+
 @serve.ingress()
 class OpenAIIngress:
     """The OpenAI API: rnnserve's FastAPI app over a RayEngineClient."""
@@ -513,7 +557,15 @@ class OpenAIIngress:
         # Innermost (the end of the middleware list): after the app's host, key, JSON and body-limit
         # checks, which keep their order and timeouts; before any route.
         app.user_middleware.append(Middleware(ConversationMiddleware, max_bytes=self._cfg.server.max_request_bytes))
-        return app
+        # Outermost, as uvicorn serves it in ``rnnserve serve``: the guard build_app made, with its bounds.
+        edge: EdgeGuard = app.state.edge
+        app.state.edge = ServeEdgeGuard(
+            app,
+            max_requests=edge.max_requests,
+            max_per_address=edge.max_per_address,
+            open_paths=tuple(edge.open_paths),
+        )
+        return app.state.edge
 
 
 def _uses_gpu(model_cfg: ModelConfig) -> bool:
@@ -618,7 +670,14 @@ def serve_on_ray(cfg: ServeConfigs) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+        serve.start(
+            http_options={
+                "host": cfg.server.host,
+                "port": cfg.server.port,
+                # Serve's field is whole seconds: never shorter than asked.
+                "keep_alive_timeout_s": math.ceil(cfg.server.keep_alive_timeout),
+            }
+        )
         try:
             app = build_application(cfg)
         except ConfigError as exc:
@@ -651,6 +710,7 @@ __all__ = [
     "EngineReplica",
     "OpenAIIngress",
     "RayEngineClient",
+    "ServeEdgeGuard",
     "StateAwareRouter",
     "aggregate_stats",
     "app_builder",

@@ -8,23 +8,29 @@ find a replica's actor and kill its process.
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import ipaddress
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.middleware import Middleware
 
 ray = pytest.importorskip("ray", reason="ray is not installed (the 'ray' extra: pip install -e '.[ray]')")
@@ -34,6 +40,9 @@ from rnnserve.deploy.ray_serve import (  # noqa: E402
     CONVERSATION,
     ENGINE_DEPLOYMENT,
     ConversationMiddleware,
+    OpenAIIngress,
+    RayEngineClient,
+    ServeEdgeGuard,
     aggregate_stats,
     app_builder,
     configs_from_app_args,
@@ -41,6 +50,7 @@ from rnnserve.deploy.ray_serve import (  # noqa: E402
     keep_ray_on_loopback,
 )
 from rnnserve.deploy.routing import PREFIX_TOKENS, AffinityTable, Conversation  # noqa: E402
+from rnnserve.server.edge import REFUSAL_BODY, EdgeGuard, edge_bounds  # noqa: E402
 from tests.e2e.conftest import free_port  # noqa: E402
 from tests.server.conftest import build_model_dir  # noqa: E402
 
@@ -48,6 +58,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "rnnserve.json"
 MODEL = "tiny-mamba"
+# The live cluster's engine (the fixture's --num-replicas, --max-num-seqs).
+REPLICAS, MAX_NUM_SEQS = 2, 8
 
 
 # --- the routing table (no Ray) -------------------------------------------------------------------
@@ -150,6 +162,48 @@ def test_application_args_are_serve_flags() -> None:
         configs_from_app_args({"num-replica": 2})
     with pytest.raises(ValueError, match="autoscale"):
         configs_from_app_args({"autoscale": "4"})
+
+
+class _StatsClient(RayEngineClient):
+    """A RayEngineClient whose replicas reported their stats, without a cluster."""
+
+    def replica_stats(self) -> dict[str, dict[str, Any]]:
+        return {f"r{i}": {"num_slots": MAX_NUM_SEQS, "slots_used": 0} for i in range(REPLICAS)}
+
+
+def _edge_bound_per_address() -> int:
+    """build_app's bound for REPLICAS x MAX_NUM_SEQS slots and the default queue (as many as slots)."""
+    slots = REPLICAS * MAX_NUM_SEQS
+    _, per_address = edge_bounds(max_in_flight=slots + slots, slots=slots)
+    assert per_address is not None
+    return per_address
+
+
+def test_ingress_serves_the_app_behind_its_edge_guard(neox_tokenizer_dir: Path, tmp_path: Path) -> None:
+    from ray.serve._private.thirdparty.get_asgi_route_name import extract_route_patterns
+
+    model_dir = build_model_dir(tmp_path / MODEL, neox_tokenizer_dir)
+    cfg = configs_from_app_args({"model": str(model_dir), "served-model-name": MODEL,
+                                 "num-replicas": REPLICAS, "max-num-seqs": MAX_NUM_SEQS})  # fmt: skip
+    client = _StatsClient(handle=None, app_name="unit")  # type: ignore[arg-type]  # no replica is called
+    client.max_model_len = 64
+    # What Serve calls once the ingress's constructor ran (it needs only these two fields).
+    guard = OpenAIIngress.__serve_build_asgi_app__(SimpleNamespace(_cfg=cfg, _client=client))
+    assert isinstance(guard, ServeEdgeGuard) and isinstance(guard, EdgeGuard)
+    app = guard.app
+    assert app.state.edge is guard
+    per_address = _edge_bound_per_address()
+    assert (guard.max_requests, guard.max_per_address) == (2 * per_address, per_address) == (96, 48)
+    assert any(m.cls is ConversationMiddleware for m in app.user_middleware)
+    # Serve's duck typing reaches the app behind the guard: its routes (Serve's route metrics) and
+    # its exception handlers (Serve's 503s).
+    assert guard.routes is app.routes and guard.add_exception_handler == app.add_exception_handler
+    assert {"/v1/completions", "/v1/chat/completions"} <= {p.path for p in extract_route_patterns(guard)}
+    # The lifespan goes through the guard to the app; a request through it is counted and freed.
+    with TestClient(guard, base_url="http://127.0.0.1") as http:  # a host --allowed-hosts lets in
+        r = http.get("/v1/models")
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL, r.text
+        assert guard.in_flight == 0 and guard.refused == 0
 
 
 # --- the KubeRay manifest -------------------------------------------------------------------------
@@ -274,6 +328,14 @@ class RayServer:
                 return now
             last = now
 
+    def gauge(self, name: str) -> float:
+        """An unlabelled-but-for-the-model series of /metrics (the replicas' sums)."""
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == {"model_name": MODEL}:
+                    return sample.value
+        raise AssertionError(f"{name} not in /metrics")
+
     def routed(self) -> dict[str, float]:
         pattern = rf'^rnnserve:ray_routed_requests_total\{{model_name="{MODEL}",outcome="(\w+)"\}} (\S+)$'
         return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, self.metrics(), re.M)}
@@ -299,9 +361,9 @@ def ray_server(neox_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactor
     port = free_port()
     log = tmp / "serve.log"
     cmd = [sys.executable, "-m", "rnnserve", "serve", "--ray", "--ray-address", context.address_info["gcs_address"],
-           "--num-replicas", "2", "--threads-per-replica", "1", "--model", str(model_dir), "--served-model-name",
-           MODEL, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "8",
-           "--state-dir", str(tmp / "states")]  # fmt: skip
+           "--num-replicas", str(REPLICAS), "--threads-per-replica", "1", "--model", str(model_dir),
+           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--state-dir", str(tmp / "states")]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RNNSERVE_API_KEY", None)
     with log.open("w") as out:
@@ -398,7 +460,7 @@ def test_grafana_dashboard_reads_the_ray_endpoint(ray_server: RayServer) -> None
     assert used and not used - exported, sorted(used - exported)
     # Engine series are the replicas' sums: two replicas' slots.
     slots = re.search(rf'^rnnserve:state_pool_slots\{{model_name="{MODEL}"\}} (\S+)$', text, re.M)
-    assert slots is not None and float(slots.group(1)) == 2 * 8
+    assert slots is not None and float(slots.group(1)) == REPLICAS * MAX_NUM_SEQS
 
 
 def test_every_choice_and_prompt_of_one_request_is_served(ray_server: RayServer) -> None:
@@ -411,6 +473,98 @@ def test_every_choice_and_prompt_of_one_request_is_served(ray_server: RayServer)
         choices = r.json()["choices"]
         assert sorted(c["index"] for c in choices) == list(range(9))
         assert all(c["finish_reason"] == "length" for c in choices)
+
+
+def _hold_request(port: int, path: str, body: bytes) -> socket.socket:
+    """A request whose head and half its body are sent: it stays in the app, reading its body."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    sock.sendall(head.encode() + body[: len(body) // 2])
+    return sock
+
+
+def _finish_request(sock: socket.socket, body: bytes) -> tuple[int, bytes]:
+    sock.sendall(body[len(body) // 2 :])
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    try:
+        return response.status, response.read()
+    finally:
+        sock.close()
+
+
+async def _stream_statuses(base_url: str, count: int, **headers: str) -> list[httpx.Response]:
+    """``count`` long streamed completions at once; each is closed once its head (and, for a 200, its
+    first event) arrived. A refused one's body is read."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 10**6, "ignore_eos": True, "stream": True}
+
+    async def one(client: httpx.AsyncClient) -> httpx.Response:
+        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            if r.status_code == 200:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        break
+            else:
+                await r.aread()
+            return r
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
+        return await asyncio.gather(*(one(client) for _ in range(count)))
+
+
+def test_edge_guard_refuses_a_flood_from_one_address(ray_server: RayServer) -> None:
+    """The ingress's EdgeGuard: while one address has its bound of requests in flight in the app, its
+    further requests get the edge's 429 before the app runs, another address's do not, and once the
+    held requests end the address is served again; nothing is left running."""
+    port = int(ray_server.base_url.rsplit(":", 1)[1])
+    per_address = _edge_bound_per_address()
+    models = ray_server.base_url + "/v1/models"
+    assert httpx.get(models, timeout=30).status_code == 200
+    # The bound's worth of requests in the app at once, held there by their unfinished bodies (the
+    # proxy hands a request to the ingress on its head). /tokenize: admission does not count it.
+    body = json.dumps({"model": MODEL, "prompt": "hello there"}).encode()
+    held = [_hold_request(port, "/tokenize", body) for _ in range(per_address)]
+    try:
+        # The guard refuses this address's next request once all of them reached it (a 429 whose
+        # body is the edge's: admission's 429s say something else).
+        _wait(lambda: httpx.get(models, timeout=30).status_code == 429, 30, "the held requests at the edge")
+        refused = asyncio.run(_stream_statuses(ray_server.base_url, 8))
+        for r in refused:
+            assert r.status_code == 429, r.text
+            assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
+            assert r.json() == json.loads(REFUSAL_BODY), r.text
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        # Another address (the proxy takes X-Forwarded-For from loopback) is under its own bound.
+        other = {"X-Forwarded-For": "192.0.2.7"}
+        (r,) = asyncio.run(_stream_statuses(ray_server.base_url, 1, **other))
+        assert r.status_code == 200, r.text
+    finally:
+        answers = [_finish_request(sock, body) for sock in held]
+    assert [status for status, _ in answers] == [200] * per_address, answers[:3]
+    assert all(json.loads(text)["count"] > 0 for _, text in answers)
+    # The address has room again: the same flood is served.
+    served = asyncio.run(_stream_statuses(ray_server.base_url, 8))
+    assert [r.status_code for r in served] == [200] * 8, [r.text for r in served if r.status_code != 200]
+    assert httpx.get(models, timeout=30).status_code == 200
+    # Every stream closed above ends its engine request (the replicas report each second).
+    _wait(
+        lambda: ray_server.gauge("vllm:num_requests_running") == 0 == ray_server.gauge("vllm:num_requests_waiting"),
+        30,
+        "no request left running or waiting",
+    )
+
+
+def test_proxy_closes_idle_connections_after_the_keep_alive_timeout(ray_server: RayServer) -> None:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    from rnnserve.config import ServerConfig
+
+    # The fixture's --keep-alive-timeout is the default (5 s); Serve's own default is 90 s.
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    http_options = ray.get(controller.get_http_config.remote(), timeout=30)
+    assert http_options.keep_alive_timeout_s == ServerConfig().keep_alive_timeout == 5
 
 
 def test_same_conversation_lands_on_the_same_replica(ray_server: RayServer) -> None:
