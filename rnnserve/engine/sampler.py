@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -123,26 +124,42 @@ class Sampler:
         return SamplerOutput(token_ids=token_ids, logprobs=out_logprobs)
 
     def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
-        """In place on a private copy [B, V]; only rows that ask for a penalty or a logit bias are touched."""
+        """In place on a private copy [B, V]; only rows that ask for a penalty or a logit bias are touched.
+
+        Each penalty is one gather and one scatter over all its rows: per row, a step of 64 requests
+        ran ~4 small torch ops each (~3 ms), and every op gives the GIL up and waits to get it back,
+        up to the switch interval (5 ms) when the event loop thread holds it under a burst."""
         vocab = logits.shape[-1]
         dev = logits.device
+        rep = [b for b, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
+        if rep:
+            # HF: over every token seen so far, divide positive logits and multiply negative ones.
+            # A token seen twice is indexed twice; both writes carry the same value.
+            seen = [requests[b].prompt_token_ids + requests[b].output_token_ids for b in rep]
+            rows, ids = _flat_ids(seen, vocab, dev)  # [S]: index into rep, token id
+            penalty = torch.tensor([requests[b].params.repetition_penalty for b in rep], device=dev)[rows]  # [S]
+            rows = torch.tensor(rep, device=dev)[rows]
+            vals = logits[rows, ids]
+            logits[rows, ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        counted = [
+            b
+            for b, r in enumerate(requests)
+            if (r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0) and r.output_token_ids
+        ]
+        if counted:
+            # OpenAI: logit -= frequency * count + presence * [count > 0], over output tokens.
+            rows, ids = _flat_ids([requests[b].output_token_ids for b in counted], vocab, dev)
+            counts = torch.zeros(len(counted), vocab, device=dev)  # [R, V]
+            counts.index_put_((rows, ids), torch.ones(ids.shape[0], device=dev), accumulate=True)
+            frequency = torch.tensor([requests[b].params.frequency_penalty for b in counted], device=dev)
+            presence = torch.tensor([requests[b].params.presence_penalty for b in counted], device=dev)
+            logits[counted] -= frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0).float()
         for b, req in enumerate(requests):
-            p = req.params
-            if p.repetition_penalty != 1.0:
-                # HF: over every token seen so far, divide positive logits and multiply negative ones.
-                seen = torch.tensor(_in_vocab(req.prompt_token_ids + req.output_token_ids, vocab), device=dev)
-                vals = logits[b, seen]
-                logits[b, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and req.output_token_ids:
-                # OpenAI: logit -= frequency * count + presence * [count > 0], over output tokens.
-                out = torch.tensor(_in_vocab(req.output_token_ids, vocab), device=dev)
-                counts = torch.zeros(vocab, device=dev).index_add_(0, out, torch.ones(out.shape[0], device=dev))
-                logits[b] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-            if p.logit_bias:
-                pairs = [(t, bias) for t, bias in p.logit_bias if t < vocab]
+            if req.params.logit_bias:
+                pairs = [(t, bias) for t, bias in req.params.logit_bias if t < vocab]
                 if pairs:  # index_add_: a token listed twice gets both biases
-                    ids, biases = zip(*pairs)
-                    logits[b].index_add_(0, torch.tensor(ids, device=dev), torch.tensor(biases, device=dev))
+                    bias_ids, biases = zip(*pairs)
+                    logits[b].index_add_(0, torch.tensor(bias_ids, device=dev), torch.tensor(biases, device=dev))
 
     def _mask_early_stops(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
         """Before ``min_tokens`` outputs, EOS (unless ignore_eos) and stop tokens cannot be picked."""
@@ -222,3 +239,14 @@ def _penalised(p: SamplingParams) -> bool:
 
 def _in_vocab(token_ids: Sequence[int], vocab: int) -> list[int]:
     return [t for t in token_ids if 0 <= t < vocab]
+
+
+def _flat_ids(lists: list[list[int]], vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token id) pairs [S] of every id in ``lists`` (row r = ``lists[r]``), ids outside the vocabulary
+    dropped."""
+    ids = torch.tensor(list(chain.from_iterable(lists)), dtype=torch.long, device=device)
+    rows = torch.repeat_interleave(
+        torch.arange(len(lists), device=device), torch.tensor([len(x) for x in lists], device=device)
+    )
+    keep = (ids >= 0) & (ids < vocab)
+    return rows[keep], ids[keep]

@@ -107,6 +107,45 @@ def test_presence_and_frequency_penalties_openai_semantics():
     torch.testing.assert_close(got, torch.log_softmax(want, -1))
 
 
+def test_penalties_of_a_batch_are_each_rows_own():
+    """Rows with and without penalties, repeated and out-of-vocabulary token ids, in one batch: each
+    row's logprobs are those of its penalties alone (HF repetition, OpenAI presence / frequency)."""
+    torch.manual_seed(4)
+    logits = torch.randn(6, V) * 2
+    rows = [
+        mk("a", prompt=(1, 2, 2, V + 3), out=(5, 5), temperature=0.0, repetition_penalty=1.3, logprobs=V),
+        mk(
+            "b", prompt=(3,), out=(4, 4, 4, 7), temperature=0.0, presence_penalty=0.5, frequency_penalty=0.2, logprobs=V
+        ),
+        mk("c", prompt=(0, 9), out=(), temperature=0.0, logprobs=V),
+        mk(
+            "d",
+            prompt=(6, 8),
+            out=(8, 1, V),
+            temperature=0.0,
+            repetition_penalty=0.8,
+            frequency_penalty=-0.4,
+            logprobs=V,
+        ),
+        mk("e", prompt=(2,), out=(), temperature=0.0, presence_penalty=1.0, logprobs=V),  # no output yet
+        mk("f", prompt=(5,), out=(3,), temperature=0.0, repetition_penalty=2.0, presence_penalty=-0.7, logprobs=V),
+    ]
+    want = logits.clone()
+    for b, r in enumerate(rows):
+        p = r.params
+        for t in {t for t in r.prompt_token_ids + r.output_token_ids if t < V}:
+            if p.repetition_penalty != 1.0:
+                want[b, t] = want[b, t] / p.repetition_penalty if want[b, t] > 0 else want[b, t] * p.repetition_penalty
+        for t in {t for t in r.output_token_ids if t < V}:
+            want[b, t] -= p.frequency_penalty * r.output_token_ids.count(t) + p.presence_penalty
+    res = Sampler(V, "cpu")(logits, rows)
+    for b, lp in enumerate(res.logprobs):
+        assert lp is not None
+        got = torch.tensor([lp.top[i] for i in range(V)])
+        torch.testing.assert_close(got, torch.log_softmax(want[b], -1))
+    assert res.token_ids == want.argmax(-1).tolist()
+
+
 def test_temperature_scales_logprobs():
     logits = torch.randn(V)
     got = full_logprobs(Sampler(V, "cpu"), logits, mk("r", temperature=2.0, logprobs=V))
