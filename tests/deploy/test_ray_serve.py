@@ -299,6 +299,8 @@ def test_kuberay_manifest_is_a_valid_rayservice() -> None:
     assert getattr(__import__(module, fromlist=[attr]), attr) is app_builder
     cfg = configs_from_app_args(app.args)  # the args are flags the server takes
     assert cfg.ray.enabled and cfg.model.model
+    # A Serve config's proxy takes its keep-alive from the manifest, not from --keep-alive-timeout.
+    assert serve_config.http_options.keep_alive_timeout_s == cfg.server.keep_alive_timeout
 
 
 # --- a live cluster -------------------------------------------------------------------------------
