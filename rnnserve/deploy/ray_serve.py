@@ -88,6 +88,7 @@ from rnnserve.console import CLIError
 from rnnserve.deploy.routing import AffinityTable, Conversation, Outcome
 from rnnserve.engine.request import FinishReason, RequestOutput, SamplingParams
 from rnnserve.server.edge import EdgeGuard
+from rnnserve.server.run import shorten_gil_switch_interval
 
 if TYPE_CHECKING:
     from rnnserve.cli import ServeConfigs
@@ -452,6 +453,8 @@ class EngineReplica:
         from rnnserve.engine.engine import AsyncEngine
 
         _keep_replica_grpc_on_loopback()
+        # The engine's step loop runs in a thread beside this replica's event loop, as in rnnserve serve.
+        shorten_gil_switch_interval()
         # A CPU replica reserves --threads-per-replica Ray CPUs and runs that many torch threads.
         torch.set_num_threads(cfg.ray.threads_per_replica)
         model_cfg, _ = resolve_model(cfg.model)

@@ -41,6 +41,7 @@ import gc
 import logging
 import signal
 import socket
+import sys
 from types import FrameType
 from typing import Any
 from urllib.parse import unquote
@@ -368,7 +369,27 @@ def run(app: FastAPI, cfg: ServerConfig, sockets: list[socket.socket] | None = N
         timeout_graceful_shutdown=cfg.shutdown_timeout + _FLUSH_GRACE_S,  # type: ignore[arg-type]
     )
     freeze_startup_heap()
+    shorten_gil_switch_interval()
     DrainingServer(config, app.state.admission, cfg.shutdown_timeout).run(sockets=sockets)
+
+
+# How long a thread waiting for the GIL lets the holder run before asking it to let go (CPython's
+# default is 5 ms); see ``shorten_gil_switch_interval``.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def shorten_gil_switch_interval() -> None:
+    """Set the interpreter's GIL switch interval to ``GIL_SWITCH_INTERVAL_S`` for this process, which
+    runs the engine's step loop in a thread beside the event loop.
+
+    Every torch op gives the GIL up while it runs. With the event loop busy (a burst's request heads),
+    the engine thread then waits up to the switch interval to get it back, after each op: a decode
+    step of the default model at batch 64 beside a pure-Python thread took a median 20-31 ms instead
+    of 3 ms at 5 ms, and 6-7 ms at 0.5 ms. The event loop's wait for the GIL shortens alike. Served
+    (scripts/ttft_under_burst.py, 2,000-request bursts, 4 rounds alternated): the well-behaved
+    client's pooled burst p99 TTFT 24.3 -> 16.4 ms; steady load (``rnnserve bench serve``, 64
+    streams, 3 rounds): output 3,968-4,414 -> 4,314-4,478 tok/s, median ITL 10.3-11.7 -> 9.5-9.9 ms."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 def freeze_startup_heap() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -36,3 +37,24 @@ def test_run_freezes_the_startup_heap_before_serving(monkeypatch: pytest.MonkeyP
     assert len(frozen_when_serving) == 1
     assert frozen_when_serving[0] > 0
     assert served == [edge]
+
+
+def test_run_shortens_the_gil_switch_interval_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine thread and the event loop share the GIL: at CPython's 5 ms default, a step's torch
+    # ops each wait up to 5 ms for it while the loop is busy with a burst.
+    interval_when_serving: list[float] = []
+    monkeypatch.setattr(
+        run_module.DrainingServer,
+        "run",
+        lambda self, sockets=None: interval_when_serving.append(sys.getswitchinterval()),
+    )
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        app = SimpleNamespace(state=SimpleNamespace(admission=unbounded(), edge=object()))
+        run_module.run(app, ServerConfig())  # type: ignore[arg-type]
+    finally:
+        sys.setswitchinterval(before)
+        gc.unfreeze()
+    assert interval_when_serving == [pytest.approx(run_module.GIL_SWITCH_INTERVAL_S)]
+    assert run_module.GIL_SWITCH_INTERVAL_S < 0.005
