@@ -8,7 +8,10 @@ The well-behaved client honours ``Retry-After`` on a 429 and counts the wait in 
 is the p50 / p99 TTFT of its requests (first attempt -> first token). Also printed: the burst's
 status counts, the server's RSS before and after (each read after 2 s idle), the engine gauges
 once idle, and the CPU seconds the server spent from the burst's start to its last answer, on its
-event-loop thread and on its other threads (the engine, torch's workers).
+event-loop thread and on its other threads (the engine, torch's workers), and the bursting
+client's own CPU seconds. On one machine the clients share the server's cores: the bursting
+client's single Python process keeps about one core busy through the burst phase (~4 CPU seconds
+for 2,000 requests), so on 2 cores the server has about half the CPU it had in the quiet phases.
 
 The two clients are told apart as the server tells clients apart: each sends its own OpenAI ``user``
 (``well-behaved`` and ``burst``), and the burst connects from 127.0.0.2 (loopback, where the system
@@ -161,15 +164,17 @@ def pct(values: list[float], q: float) -> float:
 
 
 def _burst_process(base: str, n: int, max_tokens: int, out: multiprocessing.Queue) -> None:
-    out.put(asyncio.run(burst(base, n, max_tokens)))
+    cpu0 = time.process_time()
+    codes = asyncio.run(burst(base, n, max_tokens))
+    out.put((codes, time.process_time() - cpu0))
 
 
 def during_burst(
     base: str, n_quiet: int, n_burst: int, burst_max_tokens: int, server_pid: int
-) -> tuple[list[float], int, dict[int, int], tuple[float, float]]:
+) -> tuple[list[float], int, dict[int, int], tuple[float, float], float]:
     """The burst runs in its own process, so its 2,000 connections do not slow this client's loop.
     Also returns the server's CPU seconds from the burst's start to its last answer (event-loop
-    thread, other threads)."""
+    thread, other threads) and the bursting client's own CPU seconds."""
     ctx = multiprocessing.get_context("spawn")
     cpu0 = thread_cpu_s(server_pid)
     out: multiprocessing.Queue = ctx.Queue()
@@ -184,10 +189,10 @@ def during_burst(
         time.sleep(0.05)
     time.sleep(0.5)
     ttfts, rejected = asyncio.run(well_behaved(base, n_quiet))
-    codes = out.get(timeout=1200)
+    codes, burst_cpu = out.get(timeout=1200)
     cpu1 = thread_cpu_s(server_pid)
     proc.join()
-    return ttfts, rejected, codes, (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
+    return ttfts, rejected, codes, (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]), burst_cpu
 
 
 def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
@@ -225,7 +230,9 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
         asyncio.run(well_behaved(base, 5))  # warm-up
         rss0 = idle_rss_mib(proc.pid)
         quiet1, _ = asyncio.run(well_behaved(base, args.requests))
-        loud, rejected, codes, cpu = during_burst(base, args.requests, args.burst, args.burst_max_tokens, proc.pid)
+        loud, rejected, codes, cpu, burst_cpu = during_burst(
+            base, args.requests, args.burst, args.burst_max_tokens, proc.pid
+        )
         quiet2, _ = asyncio.run(well_behaved(base, args.requests))
         rss_after = [idle_rss_mib(proc.pid)]
         for _ in range(args.bursts - 1):  # more bursts: a leak keeps growing, allocator pools do not
@@ -243,6 +250,7 @@ def run_setting(name: str, extra: list[str], args: argparse.Namespace) -> dict:
             "burst_statuses": codes,
             "burst_cpu_loop_s": cpu[0],
             "burst_cpu_other_s": cpu[1],
+            "burst_client_cpu_s": burst_cpu,
             "rss_before_mib": rss0,
             "rss_after_mib": rss_after[0],
             "rss_after_each_burst_mib": rss_after,
@@ -281,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':<12} after: {r['gauges_after']}; RSS MiB after each burst: {r['rss_after_each_burst_mib']}")
         print(
             f"{'':<12} server CPU s in the burst: event loop {r['burst_cpu_loop_s']:.2f}, "
-            f"other threads {r['burst_cpu_other_s']:.2f}"
+            f"other threads {r['burst_cpu_other_s']:.2f}; the bursting client {r['burst_client_cpu_s']:.2f}"
         )
     Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0
