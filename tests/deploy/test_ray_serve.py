@@ -558,7 +558,7 @@ def test_edge_guard_refuses_a_flood_from_one_address(ray_server: RayServer) -> N
     )
 
 
-def test_proxy_closes_idle_connections_after_the_keep_alive_timeout(ray_server: RayServer) -> None:
+def test_the_proxy_takes_the_servers_keep_alive_timeout(ray_server: RayServer) -> None:
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     from rnnserve.config import ServerConfig
