@@ -384,8 +384,8 @@ def shorten_gil_switch_interval() -> None:
 
     Every torch op gives the GIL up while it runs. With the event loop busy (a burst's request heads),
     the engine thread then waits up to the switch interval to get it back, after each op: a decode
-    step of the default model at batch 64 beside a pure-Python thread took a median 20-31 ms instead
-    of 3 ms at 5 ms, and 6-7 ms at 0.5 ms. The event loop's wait for the GIL shortens alike. Served
+    step of the default model at batch 64 (2.5-4.7 ms alone) beside a pure-Python thread took a median
+    20-31 ms at 5 ms, 5.8-7.3 ms at 0.5 ms. The event loop's wait for the GIL shortens alike. Served
     (scripts/ttft_under_burst.py, 2,000-request bursts, 4 rounds alternated): the well-behaved
     client's pooled burst p99 TTFT 24.3 -> 16.4 ms; steady load (``rnnserve bench serve``, 64
     streams, 3 rounds): output 3,968-4,414 -> 4,314-4,478 tok/s, median ITL 10.3-11.7 -> 9.5-9.9 ms."""
