@@ -554,20 +554,17 @@ class OpenAIIngress:
         folder = path if path.is_dir() else path.parent
         tokenizer = load_tokenizer(folder, model_cfg.tokenizer, model_cfg.chat_template)
         app = build_app(
-            self._client, tokenizer, model_name=name, model_root=str(folder), server_config=self._cfg.server
+            self._client,
+            tokenizer,
+            model_name=name,
+            model_root=str(folder),
+            server_config=self._cfg.server,
+            edge_guard=ServeEdgeGuard,  # outermost, as uvicorn serves build_app's guard in rnnserve serve
         )
         app.state.ctx.metrics.registry.register(_RayCollector(name, self._client))
         # Innermost (the end of the middleware list): after the app's host, key, JSON and body-limit
         # checks, which keep their order and timeouts; before any route.
         app.user_middleware.append(Middleware(ConversationMiddleware, max_bytes=self._cfg.server.max_request_bytes))
-        # Outermost, as uvicorn serves it in ``rnnserve serve``: the guard build_app made, with its bounds.
-        edge: EdgeGuard = app.state.edge
-        app.state.edge = ServeEdgeGuard(
-            app,
-            max_requests=edge.max_requests,
-            max_per_address=edge.max_per_address,
-            open_paths=tuple(edge.open_paths),
-        )
         return app.state.edge
 
 

@@ -298,8 +298,11 @@ def build_app(
     model_name: str,
     model_root: str,
     server_config: ServerConfig | None = None,
+    edge_guard: type[EdgeGuard] = EdgeGuard,
 ) -> FastAPI:
-    """The HTTP app around an engine. The lifespan starts the engine and shuts it down."""
+    """The HTTP app around an engine. The lifespan starts the engine and shuts it down. The ASGI app to
+    serve is ``app.state.edge``: the app behind an ``edge_guard`` (a subclass where the server needs
+    more of it, as Ray Serve's ingress does) with the bounds derived here."""
     cfg = server_config or ServerConfig()
     metrics = ServerMetrics(model_name, engine.stats)
     try:
@@ -347,7 +350,7 @@ def build_app(
     app.state.admission = admission
     # What uvicorn serves: the app behind the edge bound on HTTP requests in flight (edge.py).
     max_requests, max_per_address = edge_bounds(max_in_flight, slots)
-    app.state.edge = EdgeGuard(app, max_requests=max_requests, max_per_address=max_per_address, open_paths=OPEN_PATHS)
+    app.state.edge = edge_guard(app, max_requests=max_requests, max_per_address=max_per_address, open_paths=OPEN_PATHS)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     # Starlette runs the last-added middleware first: Host, then CORS, then the key, then the
