@@ -7,9 +7,10 @@ For each batch size B, B random prompts of ``--prompt-len`` tokens each generate
   the runner's decode path (CUDA graphs on CUDA unless ``--enforce-eager``; ``--compile`` for the
   torch.compile'd CPU decode). Prefill = time until every request has its first token; decode = the
   rest (B x (gen_len - 1) tokens). One engine per batch size, warmed up at the timed shapes.
-- transformers: ``AutoModelForCausalLM`` on the same folder, same dtype and device. Prefill =
-  ``generate()`` of one token (a forward over the prompt batch); decode = ``generate()`` of
-  gen_len tokens minus that.
+- transformers: ``AutoModelForCausalLM`` on the same folder, same dtype and device, one
+  ``generate()`` of gen_len tokens timed the same way: prefill until its streamer gets the first
+  new tokens, decode the rest. (It was two runs, one token and gen_len, subtracted; on a busy
+  machine the difference came out negative and the decode rate NaN.)
 
 Also reports whether both produced the same greedy tokens (they should in float32). Prints a table
 and, with ``--json``, writes every figure plus the device name and library versions.
@@ -136,6 +137,25 @@ def load_hf(folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.
     return model.to(device).eval()
 
 
+class _FirstTokens:
+    """A ``generate()`` streamer that only notes when the first new tokens (one per row) came out:
+    ``put`` gets the prompt, then each step's tokens."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.puts = 0
+        self.at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            _sync(self.device)
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
 @torch.inference_mode()
 def run_hf(
     model: torch.nn.Module, prompts: list[list[int]], gen_len: int, device: torch.device, pad_token_id: int
@@ -150,25 +170,18 @@ def run_hf(
         setattr(model.generation_config, name, None)
     gen_config = copy.deepcopy(model.generation_config)
     gen_config.update(max_new_tokens=gen_len, min_new_tokens=None, do_sample=False, pad_token_id=pad_token_id)
-    one_config = copy.deepcopy(gen_config)
-    one_config.update(max_new_tokens=1)
     mask = torch.ones_like(ids)
-    # Prefill = generate() of one token (a forward over the prompts and one argmax); decode = the
-    # full generate() minus that, so both timings contain the same prefill and the difference is
-    # gen_len - 1 decode steps.
+    # One generate(), timed as our side is: prefill until every row's first new token, decode the
+    # gen_len - 1 steps after it. The streamer gets the prompt first, then each step's tokens.
+    clock = _FirstTokens(device)
     _sync(device)
     t0 = time.perf_counter()
-    model.generate(input_ids=ids, attention_mask=mask, generation_config=one_config)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config, streamer=clock)
     _sync(device)
-    prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
-    _sync(device)
-    gen_s = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    assert clock.at is not None
     b, length = ids.shape
-    # A noisy machine can make the difference negative: report NaN rather than an absurd rate.
-    decode_s = gen_s - prefill_s if gen_s > prefill_s else float("nan")
-    timing = Timing(prefill_s, decode_s, b * length, b * (gen_len - 1))
+    timing = Timing(clock.at - t0, t_end - clock.at, b * length, b * (gen_len - 1))
     return timing, out[:, length:].tolist()
 
 
