@@ -370,7 +370,12 @@ def run(app: FastAPI, cfg: ServerConfig, sockets: list[socket.socket] | None = N
     )
     freeze_startup_heap()
     shorten_gil_switch_interval()
-    DrainingServer(config, app.state.admission, cfg.shutdown_timeout).run(sockets=sockets)
+    try:
+        DrainingServer(config, app.state.admission, cfg.shutdown_timeout).run(sockets=sockets)
+    finally:
+        # The interpreter's last collection skips the permanent generation: frozen cycles would
+        # outlive it, and Triton's bindings print ~30 lines of "nanobind: leaked ..." at every exit.
+        gc.unfreeze()
 
 
 # How long a thread waiting for the GIL lets the holder run before asking it to let go (CPython's
@@ -398,7 +403,8 @@ def freeze_startup_heap() -> None:
     full collection scans only what serving allocated since. Without it each full collection walked
     them all: 0.5-0.7 s with the GIL held, three times in a 2,000-request burst, stalling the event
     loop and the engine thread alike (the p99 TTFT of other clients). The cost: a frozen object
-    that later becomes part of a reference cycle of garbage is not collected; what is alive once
-    the server is built (modules, the model, the app) lives as long as the process anyway."""
+    that later becomes part of a reference cycle of garbage is not collected while serving; what is
+    alive once the server is built (modules, the model, the app) lives that long anyway. ``run``
+    unfreezes once serving ends, so the interpreter's shutdown frees them as usual."""
     gc.collect()
     gc.freeze()

@@ -32,11 +32,30 @@ def test_run_freezes_the_startup_heap_before_serving(monkeypatch: pytest.MonkeyP
         # What run() reads of build_app's FastAPI app: admission, and the EdgeGuard uvicorn serves.
         app = SimpleNamespace(state=SimpleNamespace(admission=unbounded(), edge=edge))
         run_module.run(app, ServerConfig())  # type: ignore[arg-type]
+        frozen_after = gc.get_freeze_count()
     finally:
         gc.unfreeze()
     assert len(frozen_when_serving) == 1
     assert frozen_when_serving[0] > 0
     assert served == [edge]
+    # Unfrozen once serving ends, so the interpreter's shutdown frees the heap (tests/reliability/
+    # test_drain.py checks a real server's exit prints no binding's leak report).
+    assert frozen_after == 0
+
+
+def test_run_unfreezes_when_serving_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_run(self: run_module.DrainingServer, sockets: object = None) -> None:
+        raise OSError("address in use")
+
+    monkeypatch.setattr(run_module.DrainingServer, "run", failing_run)
+    app = SimpleNamespace(state=SimpleNamespace(admission=unbounded(), edge=object()))
+    try:
+        with pytest.raises(OSError, match="address in use"):
+            run_module.run(app, ServerConfig())  # type: ignore[arg-type]
+        frozen_after = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    assert frozen_after == 0
 
 
 def test_run_shortens_the_gil_switch_interval_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:
