@@ -10,7 +10,15 @@ import torch
 
 from rnnserve.config import KVCacheConfig
 from rnnserve.engine.kv_cache import KVCache
-from rnnserve.models.base import DecodeBatch, PagedKVMetadata, PrefillBatch, RecurrentLM, States, last_token_indices
+from rnnserve.models.base import (
+    DecodeBatch,
+    MixedBatch,
+    PagedKVMetadata,
+    PrefillBatch,
+    RecurrentLM,
+    States,
+    last_token_indices,
+)
 
 # Tokens a harness KV cache holds per sequence (models without a max_model_len of their own).
 KV_TOKENS_PER_SEQ = 1024
@@ -176,6 +184,48 @@ def check_chunked_prefill(
     step_logits = decode_one_by_one(model, states, prompt, 1)[-1]
     torch.testing.assert_close(step_logits, ref_logits, atol=atol, rtol=rtol)
     assert_states_close(snapshot(states, 1), ref, atol, rtol)
+
+
+def check_resumed_varlen_prefill(
+    fast: RecurrentLM,
+    ref: RecurrentLM,
+    prompts: Sequence[Sequence[int]],
+    slots: Sequence[int],
+    split: int,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> None:
+    """``fast`` == ``ref`` on a packed varlen batch (slots not 0..B-1) resumed from the states a first
+    chunk of ``split`` tokens (or the whole prompt) left: every token's logits, greedy tokens, states."""
+    got, want = alloc_states(fast, max(slots) + 1), alloc_states(ref, max(slots) + 1)
+    for states, model in ((got, fast), (want, ref)):
+        model.prefill(prefill_batch([p[:split] for p in prompts], slots, [0] * len(prompts), model.device), states)
+    rest = [(p[split:], s) for p, s in zip(prompts, slots) if len(p) > split]
+    seqs, rest_slots, starts = [r for r, _ in rest], [s for _, s in rest], [split] * len(rest)
+    a = fast.prefill(prefill_batch(seqs, rest_slots, starts, fast.device, all_logits=True), got)
+    b = ref.prefill(prefill_batch(seqs, rest_slots, starts, ref.device, all_logits=True), want)
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert_states_close(got, want, atol=atol, rtol=rtol)
+
+
+def check_mixed_step(
+    fast: RecurrentLM, ref: RecurrentLM, prompts: Sequence[Sequence[int]], atol: float = 1e-4, rtol: float = 1e-4
+) -> None:
+    """``fast`` == ``ref`` on one ``mixed`` pass: the first two prompts prefilled (slots 1, 4) then each
+    decoding a token, beside the last two prefilled from scratch (slots 2, 5): logits, greedy tokens and
+    states."""
+    out = []
+    for model in (fast, ref):
+        states = alloc_states(model, 6)
+        model.prefill(prefill_batch(prompts[:2], [1, 4], [0, 0], model.device), states)
+        dec = decode_batch([3, 8], [len(p) for p in prompts[:2]], [1, 4], model.device, states)
+        pre = prefill_batch(prompts[2:], [2, 5], [0, 0], model.device)
+        out.append((model.mixed(MixedBatch.pack(dec, pre), states), states))
+    (a, got), (b, want) = out
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert_states_close(got, want, atol=atol, rtol=rtol)
 
 
 def check_batch_equals_alone(

@@ -11,7 +11,6 @@ import transformers
 
 from rnnserve.config import ModelConfig
 from rnnserve.kernels.linear_recurrence import cpu as ssd_cpu
-from rnnserve.models.base import MixedBatch
 from rnnserve.models.loader import load_model
 from rnnserve.models.mamba2 import Mamba2LM
 from tests.models import harness
@@ -83,17 +82,7 @@ def test_one_prompt_equals_torch_scan(models, n: int) -> None:
 def test_varlen_resumed_prefill_equals_torch_scan(models) -> None:
     fast, ref = models
     prompts = [_prompt(n, seed=n) for n in (1, 63, 200, 7)]
-    slots = [5, 2, 7, 3]
-    got, want = harness.alloc_states(fast, 8), harness.alloc_states(ref, 8)
-    for states, model in ((got, fast), (want, ref)):
-        model.prefill(harness.prefill_batch([p[:40] for p in prompts], slots, [0] * 4, model.device), states)
-    rest = [(p[40:], s) for p, s in zip(prompts, slots) if len(p) > 40]
-    seqs, rest_slots = [r for r, _ in rest], [s for _, s in rest]
-    a = fast.prefill(harness.prefill_batch(seqs, rest_slots, [40] * len(seqs), fast.device, all_logits=True), got)
-    b = ref.prefill(harness.prefill_batch(seqs, rest_slots, [40] * len(seqs), ref.device, all_logits=True), want)
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
-    harness.assert_states_close(got, want, atol=1e-4, rtol=1e-4)
+    harness.check_resumed_varlen_prefill(fast, ref, prompts, slots=[5, 2, 7, 3], split=40)
 
 
 def test_greedy_tokens_equal(models) -> None:
@@ -106,13 +95,5 @@ def test_greedy_tokens_equal(models) -> None:
 @torch.no_grad()
 def test_mixed_step_equals_torch_scan(models) -> None:
     """2 decode rows and 2 prompt chunks in one pass: the prompt rows through the kernel."""
-    out = []
-    for model in models:
-        states = harness.alloc_states(model, 6)
-        model.prefill(harness.prefill_batch([_prompt(30, 1), _prompt(5, 2)], [1, 4], [0, 0], model.device), states)
-        dec = harness.decode_batch([3, 8], [30, 5], [1, 4], model.device, states)
-        pre = harness.prefill_batch([_prompt(70, 3), _prompt(2, 4)], [2, 5], [0, 0], model.device)
-        out.append((model.mixed(MixedBatch.pack(dec, pre), states), states))
-    (a, got), (b, want) = out
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    harness.assert_states_close(got, want, atol=1e-4, rtol=1e-4)
+    fast, ref = models
+    harness.check_mixed_step(fast, ref, [_prompt(30, 1), _prompt(5, 2), _prompt(70, 3), _prompt(2, 4)])

@@ -19,7 +19,7 @@ from rnnserve.kernels.cpu_decode import unavailable_reason
 from rnnserve.kernels.prefill_linear import cpu as gemm_cpu
 from rnnserve.kernels.selective_scan import chunk as scan_chunk
 from rnnserve.kernels.selective_scan import cpu as scan_cpu
-from rnnserve.models.base import MixedBatch, RecurrentLM
+from rnnserve.models.base import RecurrentLM
 from rnnserve.models.loader import load_model
 from tests.models import harness
 from tests.models.test_dense_mamba import dense_folder
@@ -80,18 +80,7 @@ def _prompt(n: int, seed: int) -> list[int]:
 def test_varlen_resumed_prefill_equals_torch_kernels(models) -> None:
     fast, ref = models
     prompts = [_prompt(n, seed=n) for n in (1, 63, 200, 7)]
-    slots = [5, 2, 7, 3]
-    got, want = harness.alloc_states(fast, 8), harness.alloc_states(ref, 8)
-    for states, model in ((got, fast), (want, ref)):
-        # First chunk: 40 tokens (or all) of each prompt, then the rest resumed from those states.
-        model.prefill(harness.prefill_batch([p[:40] for p in prompts], slots, [0] * 4, model.device), states)
-    rest = [(p[40:], s) for p, s in zip(prompts, slots) if len(p) > 40]
-    seqs, rest_slots = [r for r, _ in rest], [s for _, s in rest]
-    a = fast.prefill(harness.prefill_batch(seqs, rest_slots, [40] * len(seqs), fast.device, all_logits=True), got)
-    b = ref.prefill(harness.prefill_batch(seqs, rest_slots, [40] * len(seqs), ref.device, all_logits=True), want)
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
-    harness.assert_states_close(got, want, atol=1e-4, rtol=1e-4)
+    harness.check_resumed_varlen_prefill(fast, ref, prompts, slots=[5, 2, 7, 3], split=40)
 
 
 @pytest.mark.parametrize("models", ["mamba", "dense_mamba"], indirect=True)
@@ -111,17 +100,7 @@ def test_mixed_step_equals_torch_kernels(hf_model_dir) -> None:
     cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=72, num_hidden_layers=2, state_size=16)
     folder, _ = hf_model_dir(cfg, MambaForCausalLM, seed=1, jitter=0.05)
     fast, ref = _load(folder), _torch_kernels(_load(folder))
-    out = []
-    for model in (fast, ref):
-        states = harness.alloc_states(model, 6)
-        model.prefill(harness.prefill_batch([_prompt(30, 1), _prompt(5, 2)], [1, 4], [0, 0], model.device), states)
-        dec = harness.decode_batch([3, 8], [30, 5], [1, 4], model.device, states)
-        pre = harness.prefill_batch([_prompt(70, 3), _prompt(2, 4)], [2, 5], [0, 0], model.device)
-        out.append((model.mixed(MixedBatch.pack(dec, pre), states), states))
-    (a, got), (b, want) = out
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
-    harness.assert_states_close(got, want, atol=1e-4, rtol=1e-4)
+    harness.check_mixed_step(fast, ref, [_prompt(30, 1), _prompt(5, 2), _prompt(70, 3), _prompt(2, 4)])
 
 
 @torch.no_grad()
